@@ -1,0 +1,75 @@
+"""Argument checks shared by the public ops.
+
+Every check raises before tracing reaches JAX internals, and every message names
+the argument and the shape or value it got.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_degree(degree, *, name: str = "degree") -> int:
+  """An even positive integer: every weight (x·y)^p is then >= 0."""
+  if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {degree!r} ({type(degree).__name__})")
+  if degree <= 0 or degree % 2:
+    raise ValueError(f"{name} must be a positive even integer, got {degree}")
+  return int(degree)
+
+
+def check_block_size(block_size, *, name: str = "block_size") -> int:
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {block_size!r}")
+  if block_size <= 0 or block_size % 8:
+    raise ValueError(
+        f"{name} must be a positive multiple of 8 (the TPU sublane tile), "
+        f"got {block_size}")
+  return int(block_size)
+
+
+def check_float_dtype(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {x.dtype} (shape {x.shape})")
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+  if getattr(x, "ndim", None) != rank:
+    raise ValueError(
+        f"{name} must have rank {rank} ({layout}), got shape {getattr(x, 'shape', None)}")
+
+
+def check_qkv(q, k, v) -> None:
+  """q, k, v: [batch, seq, heads, head_dim], identical shapes and dtypes."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+    check_float_dtype(name, x)
+  if not q.shape == k.shape == v.shape:
+    raise ValueError(
+        "q, k and v must have the same [batch, seq, heads, head_dim] shape, got "
+        f"q {q.shape}, k {k.shape}, v {v.shape}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(
+        f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+
+
+def check_features(q, q_features, k_features) -> None:
+  """Features: [batch, seq, heads, sketch_dim], matching q on the first three axes."""
+  layout = "[batch, seq, heads, sketch_dim]"
+  for name, f in (("q_features", q_features), ("k_features", k_features)):
+    check_rank(name, f, 4, layout)
+    check_float_dtype(name, f)
+    if f.shape[:3] != q.shape[:3]:
+      raise ValueError(
+          f"{name} must match q on [batch, seq, heads]: q has {q.shape}, "
+          f"{name} has {f.shape}")
+  if q_features.shape != k_features.shape:
+    raise ValueError(
+        "q_features and k_features must have the same shape, got "
+        f"{q_features.shape} and {k_features.shape}")
+  if q_features.dtype != k_features.dtype:
+    raise TypeError(
+        "q_features and k_features must share one dtype, got "
+        f"{q_features.dtype} and {k_features.dtype}")
+  if q_features.shape[-1] == 0:
+    raise ValueError(f"sketch_dim must be positive, got features of shape {q_features.shape}")

@@ -1,0 +1,95 @@
+"""PolySketch attention (DESIGN §1.3): the public op and its dispatch."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_polysketch import _validation
+from pallas_polysketch._xla import polysketch_xla
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _pad_seq(x, seq_len):
+  pad = seq_len - x.shape[1]
+  if pad == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("degree", "block_size", "causal", "local_exact",
+                     "implementation", "interpret"))
+def _polysketch_attention(q, k, v, q_features, k_features, *, degree, block_size,
+                          causal, local_exact, implementation, interpret):
+  seq_len = q.shape[1]
+  padded_len = _round_up(seq_len, block_size)
+  # Zero padding is exact: a zero key has zero exact weight (degree > 0) and
+  # zero features, so padded keys add nothing; padded queries are sliced off.
+  q, k, v, q_features, k_features = (
+      _pad_seq(x, padded_len) for x in (q, k, v, q_features, k_features))
+  kwargs = dict(degree=degree, block_size=block_size, causal=causal,
+                local_exact=local_exact)
+  if implementation == "xla":
+    out = polysketch_xla(q, k, v, q_features, k_features, **kwargs)
+  else:
+    raise NotImplementedError(f"implementation={implementation!r}")
+  return out[:, :seq_len]
+
+
+def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
+                         block_size=256, causal=True, local_exact=True,
+                         implementation=None, interpret=False):
+  """Block-causal PolySketch attention, linear in the sequence length.
+
+  For query i and key j <= i (DESIGN §1.3):
+
+    w_ij = (q_i . k_j)^degree       if block(j) == block(i) and local_exact
+    w_ij = (f_q,i . f_k,j)^2        otherwise
+    o_i  = sum_j w_ij v_j / (1 + sum_j w_ij)
+
+  Non-causal attention uses w_ij = (f_q,i . f_k,j)^2 for all j (local_exact
+  has no effect there). The sketched weights come from prefix states of size
+  sketch_dim^2 x head_dim carried over blocks, so cost and memory grow linearly
+  in seq. The op does not normalise q and k: apply a LayerNorm first (the Flax
+  layer does), or (q . k)^degree overflows.
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim], one floating dtype.
+    q_features, k_features: [batch, seq, heads, sketch_dim], sketch features
+      f(q), f(k) (e.g. from `random_sketch_features` or
+      `learned_sketch_features`); one floating dtype.
+    degree: p, a positive even int, of the exact local weights.
+    block_size: b, a positive multiple of 8. seq need not be a multiple of it
+      (inputs are zero-padded internally); a block longer than seq is clamped.
+    causal: causal (block-causal) attention or full attention.
+    local_exact: exact (q.k)^p weights inside each diagonal block.
+    implementation: None (the fastest available for the platform), "xla"
+      (blocked pure JAX) or "pallas" (the fused TPU kernel).
+    interpret: for "pallas": run the kernel in interpret mode on any backend;
+      True or a `pltpu.InterpretParams`.
+
+  Returns:
+    [batch, seq, heads, head_dim] in the dtype of q. Accumulation is float32.
+  """
+  _validation.check_qkv(q, k, v)
+  _validation.check_features(q, q_features, k_features)
+  degree = _validation.check_degree(degree)
+  block_size = _validation.check_block_size(block_size)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation is None:
+    implementation = "xla"
+  block_size = min(block_size, _round_up(q.shape[1], 8))
+  return _polysketch_attention(
+      q, k, v, q_features, k_features, degree=degree, block_size=block_size,
+      causal=bool(causal), local_exact=bool(local_exact),
+      implementation=implementation, interpret=interpret)

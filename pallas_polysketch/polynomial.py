@@ -1,0 +1,61 @@
+"""Exact polynomial attention (DESIGN §1.1), O(T^2): the quality reference."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_polysketch import _validation
+
+
+def compute_dtype(x) -> jnp.dtype:
+  """float32, or float64 for float64 inputs (with x64 enabled)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def normalise_weights(weights, v, out_dtype):
+  """o_i = sum_j w_ij v_j / (1 + sum_j w_ij).
+
+  Args:
+    weights: [B, N, T, T] non-negative weights w_ij.
+    v: [B, T, N, H].
+  Returns:
+    [B, T, N, H] in out_dtype.
+  """
+  num = jnp.einsum("bnij,bjnh->binh", weights, v)
+  den = 1.0 + jnp.sum(weights, axis=-1)  # [B, N, T]
+  return (num / jnp.transpose(den, (0, 2, 1))[..., None]).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("degree", "causal"))
+def _polynomial_attention(q, k, v, *, degree, causal):
+  out_dtype, dt = q.dtype, compute_dtype(q)
+  q, k, v = (x.astype(dt) for x in (q, k, v))
+  s = jnp.einsum("binh,bjnh->bnij", q, k) ** degree
+  if causal:
+    t = q.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, 0.0)
+  return normalise_weights(s, v, out_dtype)
+
+
+def polynomial_attention(q, k, v, *, degree=4, causal=True):
+  """Exact polynomial attention: o_i = sum_j s_ij v_j / (1 + sum_j s_ij).
+
+  s_ij = (q_i . k_j)^degree over j <= i (causal) or all j, with no 1/sqrt(H)
+  scaling. degree must be even so every s_ij >= 0. Normalise q and k first
+  (e.g. LayerNorm) or the power overflows. Computes in float32 and
+  materialises the [B, N, T, T] weights: use it as a quality reference and for
+  short sequences.
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim], one floating dtype.
+    degree: p, a positive even int.
+    causal: attend to j <= i only.
+
+  Returns:
+    [batch, seq, heads, head_dim] in the dtype of q.
+  """
+  _validation.check_qkv(q, k, v)
+  degree = _validation.check_degree(degree)
+  return _polynomial_attention(q, k, v, degree=degree, causal=bool(causal))

@@ -1,0 +1,78 @@
+"""Reference PolySketch attention (DESIGN §1.3): materialised and block by block.
+
+Each function computes in float32 (float64 when given float64 inputs with x64
+enabled) and returns the dtype of q.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_polysketch.polynomial import compute_dtype, normalise_weights
+from pallas_polysketch.sketches import self_tensor
+
+
+def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256,
+                       causal=True, local_exact=True):
+  """The full T x T weight matrix w of DESIGN §1.3, built explicitly.
+
+  Returns w [B, N, T, T] in the compute dtype.
+  """
+  dt = compute_dtype(q)
+  exact = jnp.einsum("binh,bjnh->bnij", q.astype(dt), k.astype(dt)) ** degree
+  sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
+                        k_features.astype(dt)) ** 2
+  if not causal:
+    return sketched
+  t = q.shape[1]
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  same_block = (i // block_size) == (j // block_size)
+  w = jnp.where(same_block & local_exact, exact, sketched)
+  return jnp.where(j <= i, w, 0.0)
+
+
+def polysketch_attention_quadratic(q, k, v, q_features, k_features, *, degree=4,
+                                   block_size=256, causal=True, local_exact=True):
+  """DESIGN §1.3 from the materialised weight matrix. [B, T, N, H] -> [B, T, N, H]."""
+  w = polysketch_weights(q, k, q_features, k_features, degree=degree,
+                         block_size=block_size, causal=causal,
+                         local_exact=local_exact)
+  return normalise_weights(w, v.astype(w.dtype), q.dtype)
+
+
+def polysketch_attention_blocked(q, k, v, q_features, k_features, *, degree=4,
+                                 block_size=256, causal=True, local_exact=True):
+  """DESIGN §1.3 block by block, carrying the prefix state S_t and normaliser z_t.
+
+  A Python loop over blocks (the last one may be short), per (batch, head) via
+  einsum over the leading axes. [B, T, N, H] -> [B, T, N, H].
+  """
+  out_dtype, dt = q.dtype, compute_dtype(q)
+  q, k, v, fq, fk = (x.astype(dt) for x in (q, k, v, q_features, k_features))
+  if not causal:
+    phi_q, phi_k = self_tensor(fq), self_tensor(fk)
+    s = jnp.einsum("btnc,btnh->bnch", phi_k, v)
+    z = jnp.sum(phi_k, axis=1)  # [B, N, r^2]
+    num = jnp.einsum("btnc,bnch->btnh", phi_q, s)
+    den = 1.0 + jnp.einsum("btnc,bnc->btn", phi_q, z)
+    return (num / den[..., None]).astype(out_dtype)
+  b_, t, n, h = q.shape
+  r2 = fq.shape[-1] ** 2
+  state = jnp.zeros((b_, n, r2, h), dt)   # S_t = sum_{s<t} Phi_k_s^T V_s
+  norm = jnp.zeros((b_, n, r2), dt)       # z_t = sum_{s<t} Phi_k_s^T 1
+  outs = []
+  for start in range(0, t, block_size):
+    blk = slice(start, min(start + block_size, t))
+    qb, kb, vb = q[:, blk], k[:, blk], v[:, blk]
+    phi_q, phi_k = self_tensor(fq[:, blk]), self_tensor(fk[:, blk])
+    if local_exact:
+      local = jnp.einsum("binh,bjnh->bnij", qb, kb) ** degree
+    else:
+      local = jnp.einsum("binr,bjnr->bnij", fq[:, blk], fk[:, blk]) ** 2
+    local = jnp.tril(local)
+    num = jnp.einsum("bnij,bjnh->binh", local, vb) + jnp.einsum("binc,bnch->binh", phi_q, state)
+    den = 1.0 + jnp.sum(local, axis=-1).transpose(0, 2, 1) + jnp.einsum("binc,bnc->bin", phi_q, norm)
+    outs.append(num / den[..., None])
+    state = state + jnp.einsum("bjnc,bjnh->bnch", phi_k, vb)
+    norm = norm + jnp.sum(phi_k, axis=1)
+  return jnp.concatenate(outs, axis=1).astype(out_dtype)
