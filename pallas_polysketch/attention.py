@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_polysketch import _validation
+from pallas_polysketch import tpu_config
+from pallas_polysketch._pallas_forward import polysketch_forward
+from pallas_polysketch._platform import require_tpu
 from pallas_polysketch._xla import polysketch_xla
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -26,9 +29,9 @@ def _pad_seq(x, seq_len):
 @functools.partial(
     jax.jit,
     static_argnames=("degree", "block_size", "causal", "local_exact",
-                     "implementation", "interpret"))
+                     "implementation", "interpret", "tiles"))
 def _polysketch_attention(q, k, v, q_features, k_features, *, degree, block_size,
-                          causal, local_exact, implementation, interpret):
+                          causal, local_exact, implementation, interpret, tiles):
   seq_len = q.shape[1]
   padded_len = _round_up(seq_len, block_size)
   # Zero padding is exact: a zero key has zero exact weight (degree > 0) and
@@ -37,16 +40,30 @@ def _polysketch_attention(q, k, v, q_features, k_features, *, degree, block_size
       _pad_seq(x, padded_len) for x in (q, k, v, q_features, k_features))
   kwargs = dict(degree=degree, block_size=block_size, causal=causal,
                 local_exact=local_exact)
+
+  def xla_path(q, k, v, q_features, k_features):
+    return polysketch_xla(q, k, v, q_features, k_features, **kwargs)
+
+  def pallas_path(q, k, v, q_features, k_features):
+    if not interpret:
+      q = require_tpu(q)
+    o, _ = polysketch_forward(q, k, v, q_features, k_features, tiles=tiles,
+                              interpret=interpret, **kwargs)
+    return o
+
+  args = (q, k, v, q_features, k_features)
   if implementation == "xla":
-    out = polysketch_xla(q, k, v, q_features, k_features, **kwargs)
-  else:
-    raise NotImplementedError(f"implementation={implementation!r}")
+    out = xla_path(*args)
+  elif implementation == "pallas":
+    out = pallas_path(*args)
+  else:  # None: decided by the platform lowered for, not the default backend.
+    out = jax.lax.platform_dependent(*args, tpu=pallas_path, default=xla_path)
   return out[:, :seq_len]
 
 
 def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
                          block_size=256, causal=True, local_exact=True,
-                         implementation=None, interpret=False):
+                         implementation=None, interpret=False, tile_config=None):
   """Block-causal PolySketch attention, linear in the sequence length.
 
   For query i and key j <= i (DESIGN §1.3):
@@ -74,7 +91,10 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
     implementation: None (the fastest available for the platform), "xla"
       (blocked pure JAX) or "pallas" (the fused TPU kernel).
     interpret: for "pallas": run the kernel in interpret mode on any backend;
-      True or a `pltpu.InterpretParams`.
+      True or a `pltpu.InterpretParams`. Without it, "pallas" needs a TPU (or
+      a lowering for TPU, e.g. `jax.export` from a CPU host).
+    tile_config: a `TileConfig` (kernel tiling and target generation); None
+      uses the defaults of the local TPU generation.
 
   Returns:
     [batch, seq, heads, head_dim] in the dtype of q. Accumulation is float32.
@@ -86,10 +106,15 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation is None:
-    implementation = "xla"
+  if tile_config is not None and not isinstance(tile_config, tpu_config.TileConfig):
+    raise TypeError(f"tile_config must be a TileConfig, got {type(tile_config).__name__}")
   block_size = min(block_size, _round_up(q.shape[1], 8))
+  tiles = None
+  if implementation != "xla":
+    tiles = tpu_config.resolve_tiles(
+        tile_config, block_size=block_size, head_dim=q.shape[-1],
+        sketch_dim=q_features.shape[-1], dtype=q.dtype, feature_dtype=q_features.dtype)
   return _polysketch_attention(
       q, k, v, q_features, k_features, degree=degree, block_size=block_size,
       causal=bool(causal), local_exact=bool(local_exact),
-      implementation=implementation, interpret=interpret)
+      implementation=implementation, interpret=interpret, tiles=tiles)

@@ -1,0 +1,20 @@
+"""Version shims for the Pallas and JAX APIs that moved between jax 0.10 and 0.12.
+
+Everything version-dependent is imported from here, nowhere else.
+"""
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# Renamed from TPUCompilerParams in older releases.
+TPUCompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+
+# The TPU interpreter's parameters (random grid order, NaN-filled scratch,
+# bounds checks); absent in older releases.
+InterpretParams = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams", None)
+
+# pl.reciprocal (jax >= 0.10) vs pltpu.reciprocal (older).
+reciprocal = getattr(pl, "reciprocal", None) or getattr(pltpu, "reciprocal")
+
+CostEstimate = pl.CostEstimate

@@ -1,0 +1,39 @@
+"""`require_tpu`: an identity that only lowers for TPU.
+
+`implementation="pallas"` without interpret mode must fail clearly when lowered
+for another platform, and still lower when a CPU host exports or compiles for
+TPU; so the check lives in a lowering rule, not in `jax.default_backend()`.
+"""
+from __future__ import annotations
+
+from jax.extend import core
+from jax.interpreters import ad, batching, mlir
+
+_require_tpu_p = core.Primitive("polysketch_require_tpu")
+_require_tpu_p.def_impl(lambda x: x)
+_require_tpu_p.def_abstract_eval(lambda x: x)
+ad.deflinear2(_require_tpu_p, lambda ct, _: [ct])
+batching.primitive_batchers[_require_tpu_p] = (
+    lambda args, dims: (_require_tpu_p.bind(*args), dims[0]))
+
+
+def _lower_on_tpu(ctx, x):
+  return [x]
+
+
+def _lower_elsewhere(ctx, x):
+  platforms = getattr(ctx.module_context, "platforms", None) or ["non-TPU"]
+  raise ValueError(
+      "polysketch_attention(implementation='pallas') runs the Mosaic TPU kernel "
+      f"and cannot be lowered for {', '.join(platforms)}; pass interpret=True to "
+      "run the same kernel on this backend, or implementation=None / 'xla' for "
+      "the pure-JAX path")
+
+
+mlir.register_lowering(_require_tpu_p, _lower_elsewhere)
+mlir.register_lowering(_require_tpu_p, _lower_on_tpu, platform="tpu")
+
+
+def require_tpu(x):
+  """Returns x; lowering for any platform but TPU raises a ValueError."""
+  return _require_tpu_p.bind(x)

@@ -1,0 +1,165 @@
+"""Kernel tiling for the PolySketch Pallas TPU kernels, with per-generation defaults.
+
+`TileConfig` holds the knobs that change speed and VMEM use but never the
+math (the semantic block size b is an argument of the op itself). Defaults per
+generation come from each chip's VMEM size and MXU width.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+MiB = 1 << 20
+# Rows appended below V^T: one row of ones carries the normaliser z through the
+# same matmuls as the state S, padded to the 16-row bf16 sublane tile.
+NORMALISER_ROWS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  """Public figures of one TPU generation (per TensorCore unless noted).
+
+  Sources: Google Cloud TPU system-architecture pages for v4, v5e, v5p and
+  v6e (peak bf16 FLOP/s and HBM bandwidth per chip, TensorCores per chip);
+  VMEM sizes and default scoped limits as used by the XLA TPU compiler.
+  """
+  name: str
+  tensorcores_per_chip: int
+  peak_bf16_flops_per_chip: float
+  hbm_bytes_per_s_per_chip: float
+  clock_hz: float
+  mxu_width: int
+  vmem_bytes: int               # physical VMEM per TensorCore
+  default_scoped_vmem_bytes: int  # what a kernel may use without vmem_limit_bytes
+
+  @property
+  def peak_bf16_flops(self) -> float:
+    return self.peak_bf16_flops_per_chip / self.tensorcores_per_chip
+
+  @property
+  def hbm_bytes_per_s(self) -> float:
+    return self.hbm_bytes_per_s_per_chip / self.tensorcores_per_chip
+
+
+GENERATIONS = {
+    "v4": TpuGeneration("v4", 2, 275e12, 1228e9, 1050e6, 128, 32 * MiB, 16 * MiB),
+    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
+    "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 95 * MiB, 16 * MiB),
+    "v6e": TpuGeneration("v6e", 1, 918e12, 1640e9, 1750e6, 256, 128 * MiB, 32 * MiB),
+}
+DEFAULT_GENERATION = "v5e"
+
+
+def detect_generation() -> str | None:
+  """The generation of the first local TPU device, or None without a TPU."""
+  try:
+    devices = jax.devices("tpu")
+  except RuntimeError:
+    return None
+  kind = devices[0].device_kind.lower() if devices else ""
+  for needle, name in (("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
+                       ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4")):
+    if needle in kind:
+      return name
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """Tiling of the PolySketch kernels; none of it changes the result.
+
+  Attributes:
+    local_tile: side of the square tiles the exact diagonal block is computed
+      in; tiles above the diagonal are skipped, so a block of b = 2 * local_tile
+      does 3/4 of the b x b work. Must divide block_size and be a multiple of
+      128 (the lane width) or equal block_size. None: the MXU width, capped at
+      block_size.
+    vmem_limit_bytes: scoped VMEM the kernel may use. None: the generation's
+      default when the estimate fits in it, else the estimate plus headroom.
+    generation: the TPU generation the defaults and VMEM checks are for ("v4",
+      "v5e", "v5p", "v6e"). None: the local TPU's, or v5e without a TPU (e.g.
+      when exporting from a CPU host).
+  """
+  local_tile: int | None = None
+  vmem_limit_bytes: int | None = None
+  generation: str | None = None
+
+  def __post_init__(self):
+    if self.generation is not None and self.generation not in GENERATIONS:
+      raise ValueError(
+          f"unknown TPU generation {self.generation!r}; known: {sorted(GENERATIONS)}")
+    if self.local_tile is not None and (
+        isinstance(self.local_tile, bool) or not isinstance(self.local_tile, int)
+        or self.local_tile <= 0 or self.local_tile % 8):
+      raise ValueError(f"local_tile must be a positive multiple of 8, got {self.local_tile!r}")
+    if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
+      raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
+
+  @classmethod
+  def for_generation(cls, generation: str) -> "TileConfig":
+    """The default tiling for a generation ("v4", "v5e", "v5p", "v6e")."""
+    gen = get_generation(generation)
+    return cls(local_tile=gen.mxu_width, generation=gen.name)
+
+
+def get_generation(name: str | None) -> TpuGeneration:
+  if name is None:
+    name = detect_generation() or DEFAULT_GENERATION
+  if name not in GENERATIONS:
+    raise ValueError(f"unknown TPU generation {name!r}; known: {sorted(GENERATIONS)}")
+  return GENERATIONS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedTiles:
+  """A TileConfig checked against one problem: what the kernels actually use."""
+  local_tile: int
+  vmem_limit_bytes: int | None
+  vmem_estimate_bytes: int
+
+
+def forward_vmem_estimate(block_size: int, head_dim: int, sketch_dim: int,
+                          dtype, feature_dtype) -> int:
+  """Bytes of VMEM the causal forward kernel needs (blocks double-buffered)."""
+  item = jnp.dtype(dtype).itemsize
+  f_item = jnp.dtype(feature_dtype).itemsize
+  b, h, r2 = block_size, head_dim, sketch_dim * sketch_dim
+  rows = h + NORMALISER_ROWS
+  io = 2 * (3 * b * h * item + 2 * sketch_dim * b * f_item + h * b * item + 8 * b * 4)
+  scratch = rows * r2 * 4 + rows * b * 4
+  # Live temporaries: phi_q and phi_k in f32 and in the matmul dtype, one local
+  # score tile set, the augmented V^T.
+  temps = 2 * r2 * b * (4 + item) + 3 * b * b * 4 + rows * b * item
+  return io + scratch + temps
+
+
+def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
+                  sketch_dim: int, dtype, feature_dtype) -> ResolvedTiles:
+  """Fills defaults and checks the tiling fits; raises ValueError naming the limit."""
+  config = config or TileConfig()
+  gen = get_generation(config.generation)
+  local_tile = config.local_tile or gen.mxu_width
+  local_tile = min(local_tile, block_size)
+  if block_size % local_tile:
+    raise ValueError(
+        f"TileConfig.local_tile={local_tile} must divide block_size={block_size}")
+  if local_tile != block_size and local_tile % 128:
+    raise ValueError(
+        f"TileConfig.local_tile={local_tile} must be a multiple of 128 (the lane "
+        f"width) when smaller than block_size={block_size}")
+  estimate = forward_vmem_estimate(block_size, head_dim, sketch_dim, dtype, feature_dtype)
+  limit = config.vmem_limit_bytes
+  budget = limit or int(0.9 * gen.vmem_bytes)
+  if estimate > budget:
+    source = ("vmem_limit_bytes" if limit else
+              f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM (90% usable)")
+    raise ValueError(
+        f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim} "
+        f"({jnp.dtype(dtype).name}) needs about {estimate / MiB:.1f} MiB of VMEM, over "
+        f"{source} ({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
+  if limit is None and estimate > gen.default_scoped_vmem_bytes:
+    limit = min(int(1.25 * estimate) + 2 * MiB, int(0.9 * gen.vmem_bytes))
+  return ResolvedTiles(local_tile=local_tile, vmem_limit_bytes=limit,
+                       vmem_estimate_bytes=estimate)
