@@ -27,45 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
+from pallas_polysketch._pallas_common import (
+    NT_DIMS, augment_v_t, local_weights_t, nbytes, outer_sum, phi_t)
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
-
-NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
-TN_DIMS = (((0,), (0,)), ((), ()))   # a^T @ b
-
-
-def phi_t(f_t):
-  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], in float32."""
-  f_t = f_t.astype(jnp.float32)
-  r, b = f_t.shape
-  return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b)
-
-
-def augment_v_t(v_t):
-  """(H, b) -> (H + 16, b): V^T, a row of ones, zero rows."""
-  h, b = v_t.shape
-  ones = jnp.ones((1, b), v_t.dtype)
-  zeros = jnp.zeros((NORMALISER_ROWS - 1, b), v_t.dtype)
-  return jnp.concatenate([v_t, ones, zeros], axis=0)
-
-
-def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal):
-  """Transposed local weights L^T[j, i] of one (key tile, query tile) pair, f32.
-
-  q, k: (n, H) tiles; fq_t, fk_t: (r, n). `diagonal` masks j > i.
-  """
-  if local_exact:
-    s_t = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32)
-    w_t = jax.lax.integer_pow(s_t, degree)
-  else:
-    s_t = jax.lax.dot_general(fk_t, fq_t, TN_DIMS, preferred_element_type=jnp.float32)
-    w_t = s_t * s_t
-  if diagonal:
-    n = w_t.shape[0]
-    row = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    w_t = jnp.where(row <= col, w_t, 0.0)
-  return w_t
-
 
 def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
                            o_t_ref, den_ref, *rest,
@@ -117,17 +81,6 @@ def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
       state_out_ref[...] = state_ref[...]
 
 
-def _state_sum_kernel(v_t_ref, fk_t_ref, state_ref):
-  """Non-causal pass 1: state = sum over all blocks of V_aug^T phi_k^T."""
-  @pl.when(pl.program_id(2) == 0)
-  def _():
-    state_ref[...] = jnp.zeros_like(state_ref)
-  mm_dtype = v_t_ref.dtype
-  phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
-  state_ref[...] += jax.lax.dot_general(augment_v_t(v_t_ref[...]), phi_k, NT_DIMS,
-                                        preferred_element_type=jnp.float32)
-
-
 def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref):
   """Non-causal pass 2: o = S^T phi_q / (1 + z^T phi_q) for one block."""
   head_dim = o_t_ref.shape[0]
@@ -137,10 +90,6 @@ def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref):
   den = 1.0 + acc[head_dim:head_dim + 1, :]
   o_t_ref[...] = (acc[:head_dim, :] / den).astype(o_t_ref.dtype)
   den_ref[...] = den
-
-
-def _nbytes(*arrays) -> int:
-  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays)
 
 
 def forward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
@@ -211,25 +160,16 @@ def polysketch_forward(q, k, v, q_features, k_features, *, degree, block_size,
         interpret=interpret,
         cost_estimate=_compat.CostEstimate(
             flops=flops, transcendentals=0,
-            bytes_accessed=_nbytes(q, k, v, q_features, k_features, o_shape, den_shape)),
+            bytes_accessed=nbytes(q, k, v, q_features, k_features, o_shape, den_shape)),
         name="polysketch_causal_forward",
     )(q_bnth, k_bnth, v_t, fq_t, fk_t)
     o_t, den = outs[0], outs[1]
     state = outs[2] if return_state else None
   else:
-    state = pl.pallas_call(
-        _state_sum_kernel,
-        grid=(b_, n, nb),
-        in_specs=[col_spec(h), col_spec(r)],
-        out_specs=state_spec,
-        out_shape=state_shape,
-        compiler_params=params,
-        interpret=interpret,
-        cost_estimate=_compat.CostEstimate(
-            flops=flops // 2, transcendentals=0,
-            bytes_accessed=_nbytes(v, k_features, state_shape)),
-        name="polysketch_state_sum",
-    )(v_t, fk_t)
+    # Whole-sequence [S, z] (r^2, H + 16), transposed (small) for the read.
+    state = jnp.swapaxes(outer_sum(v_t, fk_t, block_size=block_size,
+                                   vmem_limit_bytes=tiles.vmem_limit_bytes,
+                                   interpret=interpret), -1, -2)
     o_t, den = pl.pallas_call(
         _state_apply_kernel,
         grid=(b_, n, nb),
@@ -242,7 +182,7 @@ def polysketch_forward(q, k, v, q_features, k_features, *, degree, block_size,
         interpret=interpret,
         cost_estimate=_compat.CostEstimate(
             flops=flops // 2, transcendentals=0,
-            bytes_accessed=_nbytes(q_features, state_shape, o_shape, den_shape)),
+            bytes_accessed=nbytes(q_features, state_shape, o_shape, den_shape)),
         name="polysketch_state_apply",
     )(state, fq_t)
   o = jnp.transpose(o_t, (0, 3, 1, 2))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_polysketch import _validation
 from pallas_polysketch import tpu_config
+from pallas_polysketch._pallas_backward import polysketch_backward
 from pallas_polysketch._pallas_forward import polysketch_forward
 from pallas_polysketch._platform import require_tpu
 from pallas_polysketch._xla import polysketch_xla
@@ -24,6 +25,36 @@ def _pad_seq(x, seq_len):
   if pad == 0:
     return x
   return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _pallas_attention(q, k, v, q_features, k_features, degree, block_size, causal,
+                      local_exact, tiles, interpret):
+  """The fused kernels with their custom VJP; T a multiple of block_size."""
+  o, _ = polysketch_forward(q, k, v, q_features, k_features, degree=degree,
+                            block_size=block_size, causal=causal,
+                            local_exact=local_exact, tiles=tiles, interpret=interpret)
+  return o
+
+
+def _pallas_attention_fwd(q, k, v, q_features, k_features, degree, block_size,
+                          causal, local_exact, tiles, interpret):
+  o, den = polysketch_forward(q, k, v, q_features, k_features, degree=degree,
+                              block_size=block_size, causal=causal,
+                              local_exact=local_exact, tiles=tiles, interpret=interpret)
+  # Residuals: inputs, output and the [B, N, 1, T] denominator; never states.
+  return o, (q, k, v, q_features, k_features, o, den)
+
+
+def _pallas_attention_bwd(degree, block_size, causal, local_exact, tiles,
+                          interpret, residuals, do):
+  q, k, v, q_features, k_features, o, den = residuals
+  return polysketch_backward(q, k, v, q_features, k_features, o, den, do,
+                             degree=degree, block_size=block_size, causal=causal,
+                             local_exact=local_exact, tiles=tiles, interpret=interpret)
+
+
+_pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
 
 
 @functools.partial(
@@ -47,9 +78,8 @@ def _polysketch_attention(q, k, v, q_features, k_features, *, degree, block_size
   def pallas_path(q, k, v, q_features, k_features):
     if not interpret:
       q = require_tpu(q)
-    o, _ = polysketch_forward(q, k, v, q_features, k_features, tiles=tiles,
-                              interpret=interpret, **kwargs)
-    return o
+    return _pallas_attention(q, k, v, q_features, k_features, degree, block_size,
+                             causal, local_exact, tiles, interpret)
 
   args = (q, k, v, q_features, k_features)
   if implementation == "xla":

@@ -1,0 +1,130 @@
+"""Pieces shared by the forward and backward PolySketch Pallas kernels.
+
+Conventions: a `_t` suffix means tokens on the lanes ((D, b) tiles); phi is
+the self-tensored feature f (x) f; "augmented" matrices carry the normaliser as
+extra rows (a row of ones below V^T, dden below dnum^T; see `_pallas_forward`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_polysketch import _compat
+from pallas_polysketch.tpu_config import NORMALISER_ROWS
+
+NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
+TN_DIMS = (((0,), (0,)), ((), ()))   # a^T @ b
+
+
+def phi_t(f_t):
+  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], in float32.
+
+  The reshape merges leading dims only (layout-free for r a multiple of 8).
+  """
+  f_t = f_t.astype(jnp.float32)
+  r, b = f_t.shape
+  return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b)
+
+
+def phi_t_vjp(dphi_t, f_t):
+  """Cotangent of phi_t: (r^2, b), (r, b) -> (r, b) float32; df = (M + M^T) f."""
+  r, b = f_t.shape
+  f = f_t.astype(jnp.float32)
+  m = dphi_t.reshape(r, r, b)
+  return jnp.sum(m * f[None, :, :], axis=1) + jnp.sum(m * f[:, None, :], axis=0)
+
+
+def augment_v_t(v_t):
+  """(H, b) -> (H + 16, b): [V^T; 1; 0]."""
+  h, b = v_t.shape
+  ones = jnp.ones((1, b), v_t.dtype)
+  zeros = jnp.zeros((NORMALISER_ROWS - 1, b), v_t.dtype)
+  return jnp.concatenate([v_t, ones, zeros], axis=0)
+
+
+def augment_g_t(dnum_t, dden_row):
+  """(H, b), (1, b) -> (H + 16, b): [dnum^T; dden^T; 0] in the dtype of dnum."""
+  h, b = dnum_t.shape
+  zeros = jnp.zeros((NORMALISER_ROWS - 1, b), dnum_t.dtype)
+  return jnp.concatenate([dnum_t, dden_row.astype(dnum_t.dtype), zeros], axis=0)
+
+
+def causal_mask(n, *, lower):
+  """(n, n) bool for a diagonal tile: row >= col (lower) or row <= col (upper)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return row >= col if lower else row <= col
+
+
+def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal):
+  """Transposed local weights L^T[j, i] of one (key tile, query tile) pair, f32.
+
+  q, k: (n, H) tiles; fq_t, fk_t: (r, n). `diagonal` zeroes j > i.
+  """
+  if local_exact:
+    s_t = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32)
+    w_t = jax.lax.integer_pow(s_t, degree)
+  else:
+    s_t = jax.lax.dot_general(fk_t, fq_t, TN_DIMS, preferred_element_type=jnp.float32)
+    w_t = s_t * s_t
+  if diagonal:
+    w_t = jnp.where(causal_mask(w_t.shape[0], lower=False), w_t, 0.0)
+  return w_t
+
+
+def _outer_sum_kernel(*refs, kind):
+  """Sum over all blocks of Phi^T X: (r^2, H + 16), X = [V, 1] or [dnum, dden]."""
+  *in_refs, f_t_ref, out_ref = refs
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    out_ref[...] = jnp.zeros_like(out_ref)
+
+  if kind == "v":
+    rows = augment_v_t(in_refs[0][...])
+  else:
+    rows = augment_g_t(in_refs[0][...], in_refs[1][...])
+  phi = phi_t(f_t_ref[...]).astype(rows.dtype)
+  out_ref[...] += jax.lax.dot_general(phi, rows, NT_DIMS,
+                                      preferred_element_type=jnp.float32)
+
+
+def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, interpret):
+  """Whole-sequence [S, z] (rows_t = V^T) or [R, rho] (rows_t = dnum^T, extra_row = dden).
+
+  Args:
+    rows_t: [B, N, H, T]; extra_row: [B, N, 1, T] or None; f_t: [B, N, r, T].
+  Returns:
+    [B, N, r^2, H + 16] float32.
+  """
+  b_, n, d, t = rows_t.shape
+  r = f_t.shape[2]
+  kind = "v" if extra_row is None else "g"
+  col = lambda dd: pl.BlockSpec((None, None, dd, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
+  out_shape = jax.ShapeDtypeStruct((b_, n, r * r, d + NORMALISER_ROWS), jnp.float32)
+  ins = (rows_t, f_t) if extra_row is None else (rows_t, extra_row, f_t)
+  in_specs = [col(d), col(r)] if extra_row is None else [col(d), col(1), col(r)]
+  return pl.pallas_call(
+      functools.partial(_outer_sum_kernel, kind=kind),
+      grid=(b_, n, t // block_size),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, r * r, d + NORMALISER_ROWS),
+                             lambda bi, ni, ti: (bi, ni, 0, 0)),
+      out_shape=out_shape,
+      compiler_params=_compat.TPUCompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary"),
+          vmem_limit_bytes=vmem_limit_bytes),
+      interpret=interpret,
+      cost_estimate=_compat.CostEstimate(
+          flops=b_ * n * t * (2 * r * r + 2 * r * r * (d + NORMALISER_ROWS)),
+          transcendentals=0,
+          bytes_accessed=nbytes(*ins, out_shape)),
+      name=f"polysketch_outer_sum_{kind}",
+  )(*ins)
+
+
+def nbytes(*arrays) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays)
