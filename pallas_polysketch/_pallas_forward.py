@@ -31,6 +31,10 @@ from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, local_weights_t, nbytes, outer_sum, phi_t)
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
+# The block axis carries the prefix state, so it must run in order. Tests flip
+# this to "parallel" to show that the TPU interpreter then catches the bug.
+BLOCK_AXIS_SEMANTICS = "arbitrary"
+
 def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
                            o_t_ref, den_ref, *rest,
                            degree, local_exact, local_tile, emit_state):
@@ -137,7 +141,7 @@ def polysketch_forward(q, k, v, q_features, k_features, *, degree, block_size,
   den_shape = jax.ShapeDtypeStruct((b_, n, 1, t), jnp.float32)
   state_shape = jax.ShapeDtypeStruct((b_, n, rows, r * r), jnp.float32)
   params = _compat.TPUCompilerParams(
-      dimension_semantics=("parallel", "parallel", "arbitrary"),
+      dimension_semantics=("parallel", "parallel", BLOCK_AXIS_SEMANTICS),
       vmem_limit_bytes=tiles.vmem_limit_bytes)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=causal,
                         local_tile=tiles.local_tile)

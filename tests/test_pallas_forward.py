@@ -1,0 +1,182 @@
+"""The fused forward kernel in interpret mode against the references (DESIGN §3.2)."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+import pallas_polysketch as ps
+from pallas_polysketch import _pallas_forward, ref, tpu_config
+from pallas_polysketch.sketches import self_tensor
+
+F32_RTOL = 1e-5
+# bf16 inputs: the kernel feeds the MXU bf16 operands (the local weights, the
+# state and phi are rounded to 8 mantissa bits, relative error <= 2^-8 each)
+# and accumulates in f32. The reference computes in f32 from the same bf16
+# inputs, so a few roundings of 0.4% bound the error: 3e-2 of the output scale.
+BF16_RTOL = 3e-2
+
+
+def _inputs(key, b, t, n, h, r, dtype=jnp.float32, scale=None):
+  ks = jax.random.split(key, 5)
+  scale = scale or 1.0 / np.sqrt(h)
+  q, k, v = (jax.random.normal(ks[i], (b, t, n, h)) * (scale if i < 2 else 1.0)
+             for i in range(3))
+  fq, fk = (jax.random.normal(ks[3 + i], (b, t, n, r)) / np.sqrt(r) for i in range(2))
+  return tuple(x.astype(dtype) for x in (q, k, v, fq, fk))
+
+
+def _rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+CASES = [
+    # (causal, local_exact, degree, head_dim, sketch_dim, seq, block, local_tile, dtype)
+    (True, True, 4, 64, 16, 300, 128, None, jnp.float32),
+    (True, True, 2, 64, 16, 256, 256, 128, jnp.float32),
+    (True, True, 8, 128, 32, 200, 128, None, jnp.float32),
+    (True, False, 4, 64, 16, 300, 128, None, jnp.float32),
+    (True, False, 4, 128, 16, 256, 256, 128, jnp.float32),
+    (False, True, 4, 64, 16, 300, 128, None, jnp.float32),
+    (False, False, 4, 128, 32, 130, 64, None, jnp.float32),
+    (True, True, 4, 64, 64, 128, 64, None, jnp.float32),
+    (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16),
+    (True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16),
+    (False, True, 4, 64, 16, 300, 128, None, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("causal,local_exact,degree,h,r,t,block,local_tile,dtype", CASES)
+def test_forward_matches_quadratic_reference(causal, local_exact, degree, h, r, t, block,
+                                             local_tile, dtype):
+  args = _inputs(jax.random.PRNGKey(t + h + r), 2, t, 2, h, r, dtype)
+  kw = dict(degree=degree, block_size=block, causal=causal, local_exact=local_exact)
+  got = ps.polysketch_attention(*args, implementation="pallas", interpret=True,
+                                tile_config=tpu_config.TileConfig(local_tile=local_tile), **kw)
+  want = ref.polysketch_attention_quadratic(*(x.astype(jnp.float32) for x in args), **kw)
+  assert got.shape == args[0].shape and got.dtype == dtype
+  tol = F32_RTOL if dtype == jnp.float32 else BF16_RTOL
+  assert _rel_err(got, want) < tol
+  if dtype == jnp.float32:
+    xla = ps.polysketch_attention(*args, implementation="xla", **kw)
+    assert _rel_err(got, xla) < F32_RTOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tpu_interpreter_matches_plain_interpret(causal):
+  args = _inputs(jax.random.PRNGKey(1), 2, 256, 2, 64, 16)
+  kw = dict(block_size=128, causal=causal, implementation="pallas")
+  plain = ps.polysketch_attention(*args, interpret=True, **kw)
+  tpu_sim = ps.polysketch_attention(*args, interpret=pltpu.InterpretParams(), **kw)
+  want = ref.polysketch_attention_quadratic(*args, block_size=128, causal=causal)
+  assert _rel_err(tpu_sim, want) < F32_RTOL
+  assert _rel_err(plain, want) < F32_RTOL
+
+
+def test_block_axis_marked_parallel_is_caught_by_tpu_interpreter(monkeypatch):
+  """The state-carrying block axis must be "arbitrary": with "parallel" the TPU
+  interpreter (fresh NaN scratch, parallel semantics) gives a wrong answer,
+  while plain interpret mode does not notice."""
+  q, k, v, fq, fk = _inputs(jax.random.PRNGKey(2), 2, 512, 2, 64, 16)
+  tiles = tpu_config.resolve_tiles(None, block_size=128, head_dim=64, sketch_dim=16,
+                                   dtype=q.dtype, feature_dtype=fq.dtype)
+  want = ref.polysketch_attention_quadratic(q, k, v, fq, fk, block_size=128)
+  kw = dict(degree=4, block_size=128, causal=True, local_exact=True, tiles=tiles)
+
+  def run(interpret):
+    o, _ = _pallas_forward.polysketch_forward(q, k, v, fq, fk, interpret=interpret, **kw)
+    return np.asarray(o)
+
+  assert _rel_err(run(pltpu.InterpretParams(random_seed=0)), want) < F32_RTOL
+  monkeypatch.setattr(_pallas_forward, "BLOCK_AXIS_SEMANTICS", "parallel")
+  assert _rel_err(run(True), want) < F32_RTOL  # plain interpret cannot tell
+  wrong = run(pltpu.InterpretParams(random_seed=0))
+  assert not np.allclose(wrong, np.asarray(want), rtol=1e-3, atol=1e-3)
+
+
+def test_final_state_is_sum_of_key_features_times_values():
+  q, k, v, fq, fk = _inputs(jax.random.PRNGKey(3), 1, 256, 2, 64, 16)
+  tiles = tpu_config.resolve_tiles(None, block_size=128, head_dim=64, sketch_dim=16,
+                                   dtype=q.dtype, feature_dtype=fq.dtype)
+  for causal in (True, False):
+    _, den, state = _pallas_forward.polysketch_forward(
+        q, k, v, fq, fk, degree=4, block_size=128, causal=causal, local_exact=True,
+        tiles=tiles, interpret=True, return_state=True)
+    phi_k = self_tensor(fk)                                   # [B, T, N, r^2]
+    s_want = jnp.einsum("btnc,btnh->bnhc", phi_k, v)          # S^T
+    z_want = jnp.sum(phi_k, axis=1)                           # [B, N, r^2]
+    if not causal:
+      state = jnp.swapaxes(state, -1, -2) if state.shape[-1] != 16 * 16 else state
+    assert den.shape == (1, 2, 1, 256)
+    np.testing.assert_allclose(state[:, :, :64, :], s_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state[:, :, 64, :], z_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(state[:, :, 65:, :], 0.0)
+
+
+def test_exact_features_make_pallas_equal_polynomial_attention():
+  """f(x) = x (x) x gives (f_q . f_k)^2 = (q . k)^4: the whole op is exact."""
+  q, k, v, _, _ = _inputs(jax.random.PRNGKey(4), 1, 200, 2, 8, 8)
+  fq, fk = self_tensor(q), self_tensor(k)                     # r = 64
+  got = ps.polysketch_attention(q, k, v, fq, fk, degree=4, block_size=64,
+                                implementation="pallas", interpret=True)
+  want = ps.polynomial_attention(q, k, v, degree=4)
+  assert _rel_err(got, want) < F32_RTOL
+
+
+def test_pallas_without_tpu_or_interpret_raises_clear_error():
+  args = _inputs(jax.random.PRNGKey(5), 1, 64, 1, 64, 16)
+  with pytest.raises(ValueError, match="interpret=True"):
+    ps.polysketch_attention(*args, implementation="pallas")
+
+
+def test_default_implementation_on_cpu_is_the_xla_path():
+  args = _inputs(jax.random.PRNGKey(6), 1, 100, 2, 64, 16)
+  got = ps.polysketch_attention(*args, block_size=64)
+  want = ps.polysketch_attention(*args, block_size=64, implementation="xla")
+  np.testing.assert_array_equal(got, want)
+
+
+def test_tile_config_errors():
+  args = _inputs(jax.random.PRNGKey(7), 1, 256, 1, 64, 16)
+  with pytest.raises(ValueError, match="local_tile=96 must divide block_size=256"):
+    ps.polysketch_attention(*args, implementation="pallas", interpret=True,
+                            tile_config=tpu_config.TileConfig(local_tile=96))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    ps.polysketch_attention(*args, block_size=128, implementation="pallas", interpret=True,
+                            tile_config=tpu_config.TileConfig(local_tile=64))
+  with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
+    tpu_config.TileConfig(generation="v9")
+  with pytest.raises(TypeError, match="tile_config must be a TileConfig"):
+    ps.polysketch_attention(*args, tile_config={"local_tile": 128})
+
+
+def test_vmem_budget_error_names_the_limit():
+  # b = 1024 with r = 64 needs phi tiles of 4096 x 1024 floats: too big for v4.
+  with pytest.raises(ValueError, match=r"over the v4's 32 MiB of VMEM"):
+    tpu_config.resolve_tiles(tpu_config.TileConfig(generation="v4"), block_size=1024,
+                             head_dim=128, sketch_dim=64, dtype=jnp.bfloat16,
+                             feature_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="over vmem_limit_bytes"):
+    tpu_config.resolve_tiles(tpu_config.TileConfig(vmem_limit_bytes=1 << 20), block_size=256,
+                             head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
+                             feature_dtype=jnp.bfloat16)
+
+
+def test_per_generation_defaults():
+  for name, gen in tpu_config.GENERATIONS.items():
+    tiles = tpu_config.resolve_tiles(tpu_config.TileConfig.for_generation(name),
+                                     block_size=256, head_dim=64, sketch_dim=32,
+                                     dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16)
+    assert tiles.local_tile == min(gen.mxu_width, 256)
+    # GPT-2 head shape fits the default scoped VMEM everywhere: no override.
+    assert tiles.vmem_limit_bytes is None
+  big = tpu_config.resolve_tiles(tpu_config.TileConfig(generation="v5e"), block_size=512,
+                                 head_dim=128, sketch_dim=64, dtype=jnp.bfloat16,
+                                 feature_dtype=jnp.bfloat16)
+  assert big.vmem_estimate_bytes > tpu_config.GENERATIONS["v5e"].default_scoped_vmem_bytes
+  assert big.vmem_limit_bytes > big.vmem_estimate_bytes
