@@ -19,11 +19,29 @@ NORMALISER_ROWS = 16
 
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:
-  """Public figures of one TPU generation (per TensorCore unless noted).
+  """Public figures of one TPU generation (per chip unless noted).
 
-  Sources: Google Cloud TPU system-architecture pages for v4, v5e, v5p and
-  v6e (peak bf16 FLOP/s and HBM bandwidth per chip, TensorCores per chip);
-  VMEM sizes and default scoped limits as used by the XLA TPU compiler.
+  Sources (checked for the roofline model, bench/ROOFLINE.md):
+  - peak bf16 FLOP/s, HBM bandwidth and TensorCores per chip: the Google Cloud
+    TPU system-architecture pages, https://cloud.google.com/tpu/docs/v4 (275
+    TFLOP/s, 1200 GBps, two TensorCores), .../docs/v5e (197 TFLOP/s, 819 GBps,
+    one TensorCore), .../docs/v5p (459 TFLOP/s, 2765 GBps; 8 cores on a 4-chip
+    2x2x1 slice: two TensorCores) and .../docs/v6e (918 TFLOP/s, 1638 GBps, one
+    TensorCore with two 256x256 MXUs).
+  - mxu_width: 128x128 MXUs up to v5p, 256x256 on v6e (same pages).
+  - vmem_bytes: per TensorCore, from JAX's own table of TPU facts
+    (`jax._src.pallas.mosaic.tpu_info`, rendered as the Pallas "TPU Hardware
+    Reference", https://docs.jax.dev/en/latest/pallas/tpu/hardware.html):
+    16 MiB on v4, 128 MiB on v5e, 64 MiB on v5p, 128 MiB on v6e. The Cloud
+    pages do not publish VMEM. (Earlier values here, 32 MiB for v4 and 95 MiB
+    for v5p, were wrong; the TPU compiler does not check vmem_limit_bytes
+    against them on a CPU host, so only real hardware would have caught it.)
+  - default_scoped_vmem_bytes: the compiler's default scoped-VMEM limit, 16 MiB
+    (32 MiB on v6e), as observed in compile failures (DESIGN §2).
+  - clock_hz: not on the Cloud pages; the value that makes peak = TensorCores x
+    MXUs x 128^2 MACs x 2 x clock for v4 (1050 MHz), v5e (1.5 GHz) and v5p
+    (1.75 GHz); v6e's is unpublished (1.75 GHz is an estimate; with the two
+    documented 256^2 MXUs the peak would need 3.5 GHz). Nothing depends on it.
   """
   name: str
   tensorcores_per_chip: int
@@ -44,10 +62,10 @@ class TpuGeneration:
 
 
 GENERATIONS = {
-    "v4": TpuGeneration("v4", 2, 275e12, 1228e9, 1050e6, 128, 32 * MiB, 16 * MiB),
+    "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB),
     "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
-    "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 95 * MiB, 16 * MiB),
-    "v6e": TpuGeneration("v6e", 1, 918e12, 1640e9, 1750e6, 256, 128 * MiB, 32 * MiB),
+    "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
+    "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB),
 }
 DEFAULT_GENERATION = "v5e"
 
