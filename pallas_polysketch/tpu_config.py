@@ -169,15 +169,15 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
         f"width) when smaller than block_size={block_size}")
   estimate = forward_vmem_estimate(block_size, head_dim, sketch_dim, dtype, feature_dtype)
   limit = config.vmem_limit_bytes
-  budget = limit or int(0.9 * gen.vmem_bytes)
+  budget = limit or gen.vmem_bytes
   if estimate > budget:
     source = ("vmem_limit_bytes" if limit else
-              f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM (90% usable)")
+              f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM")
     raise ValueError(
         f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim} "
         f"({jnp.dtype(dtype).name}) needs about {estimate / MiB:.1f} MiB of VMEM, over "
         f"{source} ({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
   if limit is None and estimate > gen.default_scoped_vmem_bytes:
-    limit = min(int(1.25 * estimate) + 2 * MiB, int(0.9 * gen.vmem_bytes))
+    limit = min(int(1.25 * estimate) + 2 * MiB, gen.vmem_bytes)
   return ResolvedTiles(local_tile=local_tile, vmem_limit_bytes=limit,
                        vmem_estimate_bytes=estimate)

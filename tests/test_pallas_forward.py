@@ -38,15 +38,15 @@ def _rel_err(got, want):
 CASES = [
     # (causal, local_exact, degree, head_dim, sketch_dim, seq, block, local_tile, dtype)
     (True, True, 4, 64, 16, 300, 128, None, jnp.float32),
-    (True, True, 2, 64, 16, 256, 256, 128, jnp.float32),
-    (True, True, 8, 128, 32, 200, 128, None, jnp.float32),
+    pytest.param(True, True, 2, 64, 16, 256, 256, 128, jnp.float32, marks=pytest.mark.slow),
+    pytest.param(True, True, 8, 128, 32, 200, 128, None, jnp.float32, marks=pytest.mark.slow),
     (True, False, 4, 64, 16, 300, 128, None, jnp.float32),
-    (True, False, 4, 128, 16, 256, 256, 128, jnp.float32),
+    pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.float32, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.float32),
     (False, False, 4, 128, 32, 130, 64, None, jnp.float32),
-    (True, True, 4, 64, 64, 128, 64, None, jnp.float32),
+    pytest.param(True, True, 4, 64, 64, 128, 64, None, jnp.float32, marks=pytest.mark.slow),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16),
-    (True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16),
+    pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.bfloat16),
 ]
 
@@ -157,7 +157,7 @@ def test_tile_config_errors():
 
 def test_vmem_budget_error_names_the_limit():
   # b = 1024 with r = 64 needs phi tiles of 4096 x 1024 floats: too big for v4.
-  with pytest.raises(ValueError, match=r"over the v4's 32 MiB of VMEM"):
+  with pytest.raises(ValueError, match=r"over the v4's 16 MiB of VMEM"):
     tpu_config.resolve_tiles(tpu_config.TileConfig(generation="v4"), block_size=1024,
                              head_dim=128, sketch_dim=64, dtype=jnp.bfloat16,
                              feature_dtype=jnp.bfloat16)

@@ -1,0 +1,147 @@
+"""The custom VJP and the two backward kernels in interpret mode (DESIGN §1.4)."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.test_util import check_grads
+
+import pallas_polysketch as ps
+from pallas_polysketch import ref, tpu_config
+
+# f32: the kernels and jax.grad of the materialised reference sum the same
+# terms in different orders; 1e-4 of each gradient's scale is far above that
+# rounding and far below any missing or mis-scaled term.
+F32_RTOL = 1e-4
+# bf16 inputs: MXU operands (weights, states, dnum, phi) are rounded to bf16
+# and gradients come back in bf16 (dq, dk, dv): several 2^-8 roundings.
+BF16_RTOL = 5e-2
+ARGNAMES = ("q", "k", "v", "q_features", "k_features")
+
+
+def _inputs(key, b, t, n, h, r, dtype=jnp.float32):
+  ks = jax.random.split(key, 6)
+  q, k = (jax.random.normal(ks[i], (b, t, n, h)) / np.sqrt(h) for i in range(2))
+  v = jax.random.normal(ks[2], (b, t, n, h))
+  fq, fk = (jax.random.normal(ks[3 + i], (b, t, n, r)) / np.sqrt(r) for i in range(2))
+  cotangent = jax.random.normal(ks[5], (b, t, n, h))
+  return tuple(x.astype(dtype) for x in (q, k, v, fq, fk)), cotangent
+
+
+def _grads(fn, args, cotangent):
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
+  return jax.grad(loss, argnums=tuple(range(5)))(*args)
+
+
+def _rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+
+
+CASES = [
+    # (causal, local_exact, degree, h, r, t, block, local_tile, dtype, interpret)
+    (True, True, 4, 64, 16, 300, 128, None, jnp.float32, True),
+    pytest.param(True, True, 2, 64, 16, 256, 256, 128, jnp.float32, "tpu", marks=pytest.mark.slow),
+    pytest.param(True, True, 8, 128, 32, 200, 128, None, jnp.float32, True, marks=pytest.mark.slow),
+    pytest.param(True, False, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
+    (True, False, 4, 64, 16, 256, 256, 128, jnp.float32, "tpu"),
+    pytest.param(False, True, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
+    (False, False, 4, 128, 32, 130, 64, None, jnp.float32, "tpu"),
+    (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16, True),
+    pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("causal,local_exact,degree,h,r,t,block,local_tile,dtype,interpret", CASES)
+def test_gradients_match_quadratic_reference(causal, local_exact, degree, h, r, t, block,
+                                             local_tile, dtype, interpret):
+  args, cotangent = _inputs(jax.random.PRNGKey(t + r), 1, t, 2, h, r, dtype)
+  kw = dict(degree=degree, block_size=block, causal=causal, local_exact=local_exact)
+  interpret = pltpu.InterpretParams() if interpret == "tpu" else interpret
+  got = _grads(lambda *a: ps.polysketch_attention(
+      *a, implementation="pallas", interpret=interpret,
+      tile_config=tpu_config.TileConfig(local_tile=local_tile), **kw), args, cotangent)
+  want = _grads(lambda *a: ref.polysketch_attention_quadratic(
+      *(x.astype(jnp.float32) for x in a), **kw), args, cotangent)
+  tol = F32_RTOL if dtype == jnp.float32 else BF16_RTOL
+  for name, g, w, x in zip(ARGNAMES, got, want, args):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    if not causal and name in ("q", "k"):
+      # Non-causal attention sees q and k only through their features.
+      np.testing.assert_array_equal(g, 0.0)
+      continue
+    assert _rel_err(g, w) < tol, (name, _rel_err(g, w))
+
+
+def test_check_grads_in_interpret_mode():
+  args, _ = _inputs(jax.random.PRNGKey(11), 1, 72, 1, 64, 8)
+  fn = lambda *a: ps.polysketch_attention(*a, block_size=64, implementation="pallas",
+                                          interpret=True)
+  check_grads(fn, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-3)
+
+
+def test_residuals_hold_no_per_block_state():
+  """At T = 32k the VJP saves inputs, O and den: nothing of size (T/b) r^2 H."""
+  b, t, n, h, r, block = 1, 32768, 2, 64, 32, 256
+  shapes = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)] * 3 + [
+      jax.ShapeDtypeStruct((b, t, n, r), jnp.bfloat16)] * 2
+  fn = lambda *a: ps.polysketch_attention(*a, block_size=block, implementation="pallas",
+                                          interpret=True)
+  residuals = jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *shapes))
+  per_block_states = b * n * (t // block) * r * r * h
+  assert residuals, "the VJP closed over nothing?"
+  # Every residual is at most the size of q ([B, T, N, H]); per-block states
+  # would be (r^2 / b) = 4x larger still.
+  assert max(x.size for x in residuals) <= b * t * n * h < per_block_states // 2
+  residual_bytes = sum(x.size * x.dtype.itemsize for x in residuals)
+  input_bytes = sum(x.size * x.dtype.itemsize for x in shapes)
+  # q, k, v, features, O (bf16) and den (f32): 2*(4H + 2r) + 4 bytes a token-head,
+  # plus the padded copies jit may keep: at most twice that.
+  per_token_head = residual_bytes / (b * t * n)
+  assert per_token_head <= 2 * (2 * (4 * h + 2 * r) + 4)
+  assert residual_bytes >= input_bytes
+
+
+def test_training_through_kernel_matches_quadratic_reference():
+  """A few AdamW steps of a tiny attention model: the same losses step for step."""
+  key = jax.random.PRNGKey(0)
+  b, t, d, n, h, r = 2, 96, 32, 2, 64, 8
+  ks = jax.random.split(key, 6)
+  x = jax.random.normal(ks[0], (b, t, d))
+  target = jax.random.normal(ks[1], (b, t, d))
+  params = {name: jax.random.normal(k_, shape) * 0.2 for name, k_, shape in (
+      ("wq", ks[2], (d, n * h)), ("wk", ks[3], (d, n * h)), ("wv", ks[4], (d, n * h)),
+      ("wo", ks[5], (n * h, d)))}
+  sketch = ps.random_sketch_init(jax.random.PRNGKey(1), h, r, degree=4)
+
+  def model(params, attention):
+    def heads(w):
+      y = (x @ w).reshape(b, t, n, h)
+      return y / jnp.linalg.norm(y, axis=-1, keepdims=True)  # keep (q.k)^4 tame
+    q, k, v = heads(params["wq"]), heads(params["wk"]), heads(params["wv"])
+    fq, fk = ps.random_sketch_features(sketch, q), ps.random_sketch_features(sketch, k)
+    o = attention(q, k, v, fq, fk)
+    return jnp.mean((o.reshape(b, t, n * h) @ params["wo"] - target) ** 2)
+
+  def train(attention):
+    opt = optax.adamw(3e-2)
+    state = opt.init(params)
+    p, losses = params, []
+    for _ in range(4):
+      loss, grads = jax.value_and_grad(model)(p, attention)
+      updates, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+      losses.append(float(loss))
+    return np.array(losses)
+
+  kw = dict(block_size=32)
+  kernel = train(lambda *a: ps.polysketch_attention(*a, implementation="pallas",
+                                                    interpret=True, **kw))
+  reference = train(lambda *a: ref.polysketch_attention_quadratic(*a, **kw))
+  assert reference[-1] < reference[0]  # it does train
+  np.testing.assert_allclose(kernel, reference, rtol=1e-4)
