@@ -96,3 +96,15 @@ def test_quadratic_weights_follow_definition(make_inputs):
       else:
         want = (fqn[i] @ fkn[j]) ** 2
       assert w[0, 0, i, j] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [True, False])
+def test_xla_matches_quadratic_large(make_inputs, causal):
+  """Realistic sizes: head_dim 64, sketch 16 (states 256 x 64), 9 blocks, padded."""
+  q, k, v, fq, fk = make_inputs(9, 2, 1100, 2, 64, 16)
+  kw = dict(degree=4, block_size=128, causal=causal)
+  out = ps.polysketch_attention(q, k, v, fq, fk, implementation="xla", **kw)
+  expected = ref.polysketch_attention_quadratic(q, k, v, fq, fk, **kw)
+  # f32 sums over ~1000 weights in a different order: allow 10x the small cases.
+  _assert_close(out, expected, rtol=1e-4, atol_scale=1e-5)
