@@ -1,0 +1,44 @@
+"""Shared test set-up: CPU only, small random inputs.
+
+The tests run on CPU. libtpu (the optional `tpu` extra) is installed for
+compile checks, and without JAX_PLATFORMS jax would try to open a TPU.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after JAX_PLATFORMS)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _make_qkv(seed, batch, seq, heads, head_dim, dtype=jnp.float32):
+  """q, k, v with q.k of order 1, so (q.k)^p stays O(1) and no weight dominates."""
+  rng = np.random.default_rng(seed)
+  scale = head_dim ** -0.25
+  q, k, v = (rng.standard_normal((batch, seq, heads, head_dim)) for _ in range(3))
+  return (jnp.asarray(q * scale, dtype), jnp.asarray(k * scale, dtype),
+          jnp.asarray(v, dtype))
+
+
+@pytest.fixture
+def make_qkv():
+  """make_qkv(seed, batch, seq, heads, head_dim, dtype=float32) -> (q, k, v)."""
+  return _make_qkv
+
+
+@pytest.fixture
+def make_inputs():
+  """make_inputs(seed, batch, seq, heads, head_dim, sketch_dim, dtype=float32)
+  -> (q, k, v, q_features, k_features) with degree-4 random-sketch features."""
+  import pallas_polysketch as ps
+
+  def make(seed, batch, seq, heads, head_dim, sketch_dim, dtype=jnp.float32):
+    q, k, v = _make_qkv(seed, batch, seq, heads, head_dim, dtype)
+    params = ps.random_sketch_init(jax.random.key(seed), head_dim, sketch_dim, degree=4)
+    fq = ps.random_sketch_features(params, q.astype(jnp.float32)).astype(dtype)
+    fk = ps.random_sketch_features(params, k.astype(jnp.float32)).astype(dtype)
+    return q, k, v, fq, fk
+
+  return make

@@ -1,0 +1,196 @@
+"""Bad arguments raise ValueError / TypeError naming the argument and what it got,
+before tracing reaches JAX internals."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_polysketch as ps
+
+B, T, N, H, R = 2, 16, 3, 8, 4
+
+
+def _arrays(dtype=jnp.float32):
+  q = jnp.ones((B, T, N, H), dtype)
+  f = jnp.ones((B, T, N, R), dtype)
+  return q, q, q, f, f
+
+
+def _shape(*dims):
+  return re.escape(str(tuple(dims)))
+
+
+def attention(q=None, k=None, v=None, fq=None, fk=None, **kwargs):
+  dq, dk, dv, dfq, dfk = _arrays()
+  return ps.polysketch_attention(
+      dq if q is None else q, dk if k is None else k, dv if v is None else v,
+      dfq if fq is None else fq, dfk if fk is None else fk, **kwargs)
+
+
+def test_valid_arguments_pass():
+  """The baseline the error tests perturb one argument of."""
+  assert attention(block_size=8).shape == (B, T, N, H)
+
+
+# --- rank ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg", ["q", "k", "v"])
+def test_qkv_wrong_rank(arg):
+  bad = jnp.ones((B, T, N * H))
+  with pytest.raises(ValueError, match=rf"{arg} must have rank 4 .*got shape {_shape(B, T, N * H)}"):
+    attention(**{arg: bad})
+  with pytest.raises(ValueError, match=rf"q must have rank 4"):
+    ps.polynomial_attention(bad, bad, bad)
+
+
+@pytest.mark.parametrize("arg,name", [("fq", "q_features"), ("fk", "k_features")])
+def test_features_wrong_rank(arg, name):
+  bad = jnp.ones((B, T, N, R, 1))
+  with pytest.raises(ValueError, match=rf"{name} must have rank 4 .*got shape {_shape(B, T, N, R, 1)}"):
+    attention(**{arg: bad})
+
+
+# --- mismatched shapes --------------------------------------------------------
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3], ids=["batch", "seq", "heads", "head_dim"])
+@pytest.mark.parametrize("arg", ["k", "v"])
+def test_qkv_shape_mismatch(axis, arg):
+  shape = [B, T, N, H]
+  shape[axis] += 1
+  with pytest.raises(ValueError, match=rf"q, k and v must have the same .*{arg} {_shape(*shape)}"):
+    attention(**{arg: jnp.ones(shape)})
+  with pytest.raises(ValueError, match=r"q, k and v must have the same"):
+    ps.polynomial_attention(*[jnp.ones(shape) if a == arg else jnp.ones((B, T, N, H))
+                              for a in "qkv"])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["batch", "seq", "heads"])
+@pytest.mark.parametrize("arg,name", [("fq", "q_features"), ("fk", "k_features")])
+def test_features_mismatch_q(axis, arg, name):
+  shape = [B, T, N, R]
+  shape[axis] += 1
+  with pytest.raises(ValueError, match=rf"{name} must match q on \[batch, seq, heads\]: "
+                                       rf"q has {_shape(B, T, N, H)}, {name} has {_shape(*shape)}"):
+    attention(**{arg: jnp.ones(shape)})
+
+
+def test_features_sketch_dim_mismatch():
+  with pytest.raises(ValueError, match=rf"q_features and k_features must have the same shape, "
+                                       rf"got {_shape(B, T, N, R)} and {_shape(B, T, N, R + 1)}"):
+    attention(fk=jnp.ones((B, T, N, R + 1)))
+
+
+def test_features_empty_sketch_dim():
+  empty = jnp.ones((B, T, N, 0))
+  with pytest.raises(ValueError, match=r"sketch_dim must be positive"):
+    attention(fq=empty, fk=empty)
+
+
+# --- degree -------------------------------------------------------------------
+
+@pytest.mark.parametrize("degree", [3, 1, 0, -2])
+def test_bad_degree(degree):
+  msg = rf"degree must be a positive even integer, got {degree}"
+  with pytest.raises(ValueError, match=msg):
+    attention(degree=degree)
+  with pytest.raises(ValueError, match=msg):
+    ps.polynomial_attention(*_arrays()[:3], degree=degree)
+  with pytest.raises(ValueError, match=msg):
+    ps.random_sketch_init(jax.random.key(0), H, degree=degree)
+
+
+@pytest.mark.parametrize("degree", [4.0, "4", True])
+def test_degree_not_int(degree):
+  with pytest.raises(TypeError, match=r"degree must be an int"):
+    attention(degree=degree)
+  with pytest.raises(TypeError, match=r"degree must be an int"):
+    ps.polynomial_attention(*_arrays()[:3], degree=degree)
+
+
+@pytest.mark.parametrize("degree", [6, 10, 12])
+def test_random_sketch_unsupported_degree(degree):
+  with pytest.raises(ValueError, match=rf"powers of two .*got degree={degree}"):
+    ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R, degree=degree)
+
+
+@pytest.mark.parametrize("arg,value", [("head_dim", 0), ("head_dim", 8.0), ("sketch_dim", -1)])
+def test_sketch_init_bad_sizes(arg, value):
+  kwargs = dict(head_dim=H, sketch_dim=R)
+  kwargs[arg] = value
+  for init in (ps.random_sketch_init, ps.learned_sketch_init):
+    with pytest.raises(ValueError, match=rf"{arg} must be a positive int, got {value!r}"):
+      init(jax.random.key(0), **kwargs)
+
+
+def test_sketch_features_wrong_head_dim():
+  x = jnp.ones((B, T, N, H + 1))
+  params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R, degree=8)
+  with pytest.raises(ValueError, match=rf"x has last dim {H + 1}, the sketch was drawn for head_dim {H}"):
+    ps.random_sketch_features(params, x)
+  learned = ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=R)
+  with pytest.raises(ValueError, match=rf"x has last dim {H + 1}, the sketch was built for head_dim {H}"):
+    ps.learned_sketch_features(learned, x)
+
+
+# --- block_size ---------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [0, -8, 4, 12, 100])
+def test_bad_block_size(block_size):
+  with pytest.raises(ValueError, match=rf"block_size must be a positive multiple of 8.*got {block_size}"):
+    attention(block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size", [8.0, None])
+def test_block_size_not_int(block_size):
+  with pytest.raises(TypeError, match=r"block_size must be an int"):
+    attention(block_size=block_size)
+
+
+# --- dtypes -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+@pytest.mark.parametrize("arg,name", [("q", "q"), ("k", "k"), ("v", "v"),
+                                      ("fq", "q_features"), ("fk", "k_features")])
+def test_non_float_dtype(dtype, arg, name):
+  shape = (B, T, N, R) if arg.startswith("f") else (B, T, N, H)
+  bad = jnp.ones(shape, dtype)
+  with pytest.raises(TypeError, match=rf"{name} must have a floating dtype, got "
+                                      rf"{jnp.dtype(dtype).name} \(shape {_shape(*shape)}\)"):
+    attention(**{arg: bad})
+  if arg in ("q", "k", "v"):
+    qkv = {a: (bad if a == arg else jnp.ones((B, T, N, H))) for a in "qkv"}
+    with pytest.raises(TypeError, match=rf"{name} must have a floating dtype"):
+      ps.polynomial_attention(qkv["q"], qkv["k"], qkv["v"])
+
+
+def test_mixed_float_dtypes():
+  with pytest.raises(TypeError, match=r"q, k and v must share one dtype, got q float32, "
+                                      r"k bfloat16, v float32"):
+    attention(k=jnp.ones((B, T, N, H), jnp.bfloat16))
+  with pytest.raises(TypeError, match=r"q_features and k_features must share one dtype"):
+    attention(fk=jnp.ones((B, T, N, R), jnp.bfloat16))
+
+
+# --- implementation -----------------------------------------------------------
+
+@pytest.mark.parametrize("implementation", ["cuda", "XLA", "triton", 0])
+def test_unknown_implementation(implementation):
+  with pytest.raises(ValueError, match=rf"implementation must be one of .*'xla'.*got {implementation!r}"):
+    attention(implementation=implementation)
+
+
+def test_errors_raised_under_jit():
+  """The checks run on tracers too: a bad argument fails with the same message
+  when the op is called inside a user's jit."""
+  args = _arrays()
+
+  @jax.jit
+  def f(q, k, v, fq, fk):
+    return ps.polysketch_attention(q, k, v, fq, fk, degree=3)
+
+  with pytest.raises(ValueError, match=r"degree must be a positive even integer, got 3"):
+    f(*args)
+  with pytest.raises(ValueError, match=r"k_features must match q"):
+    jax.jit(ps.polysketch_attention)(*args[:4], jnp.ones((B, T + 1, N, R)))
