@@ -6,6 +6,7 @@ Public tensors use the `jax.nn.dot_product_attention` layout
 from pallas_polysketch._version import __version__
 from pallas_polysketch.attention import polysketch_attention
 from pallas_polysketch.polynomial import polynomial_attention
+from pallas_polysketch.tpu_config import TileConfig
 from pallas_polysketch.sketches import (
     learned_sketch_features,
     learned_sketch_init,
@@ -18,6 +19,7 @@ __all__ = [
     "__version__",
     "polynomial_attention",
     "polysketch_attention",
+    "TileConfig",
     "random_sketch_init",
     "random_sketch_features",
     "learned_sketch_init",
