@@ -7,9 +7,10 @@ exact polynomial attention and against softmax attention
 (`jax.nn.dot_product_attention`), and the time of each, all causal.
 
 Relative error is ||a - b|| / ||b|| over the whole output (Frobenius norm).
-Times are the median of a few calls after a warm-up call (which compiles),
-each ended by `block_until_ready`; PolySketch's time includes computing the
-sketch features.
+Times are the median of up to `--repeats` calls (fewer once they have taken
+a second) after a warm-up call that compiles, each ended by
+`block_until_ready`; PolySketch's time includes computing the sketch
+features.
 
     polysketch-demo                       # lengths 512 1024 2048 4096
     polysketch-demo --lengths 8192 --heads 8
@@ -44,10 +45,12 @@ def _relative_error(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _time_ms(fn, *args, repeats: int) -> tuple[float, jax.Array]:
+def _time_ms(fn, *args, repeats: int, budget_s: float = 1.0) -> tuple[float, jax.Array]:
+  """Median of up to `repeats` calls after a warm-up call; stops once the
+  timed calls have taken `budget_s` (always at least one)."""
   out = jax.block_until_ready(fn(*args))  # warm-up: compiles
   times = []
-  for _ in range(repeats):
+  while len(times) < max(repeats, 1) and sum(times) < budget_s:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
@@ -120,7 +123,7 @@ def _parse(argv):
   parser.add_argument("--degree", type=int, default=4,
                       help="p, a power of two; 2 makes the features exact (default 4)")
   parser.add_argument("--block-size", type=int, default=256)
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+  parser.add_argument("--repeats", type=int, default=3, help="at most this many timed calls per measurement (default 3)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -133,8 +136,8 @@ def main(argv=None) -> int:
   print(f"batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, "
         f"random sketch r={args.sketch_dim} degree {args.degree}, "
         f"block {args.block_size}, causal, float32")
-  print("errors: ||a - b|| / ||b||; times: median of "
-        f"{args.repeats} calls after warm-up", flush=True)
+  print("errors: ||a - b|| / ||b||; times: median of up to "
+        f"{args.repeats} calls (at most ~1 s of calls) after warm-up", flush=True)
   rows = run(args.lengths, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
              sketch_dim=args.sketch_dim, degree=args.degree, block_size=args.block_size,
              repeats=args.repeats, seed=args.seed)

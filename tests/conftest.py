@@ -7,10 +7,23 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
+
 import jax  # noqa: E402  (after JAX_PLATFORMS)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+if importlib.util.find_spec("pallas_polysketch.ref") is None:
+  # `ref/` is installed as pallas_polysketch.ref; a source directory that comes
+  # first on sys.path (e.g. `python -m pytest` from the root with a
+  # non-editable install) has no such subpackage.
+  import pallas_polysketch
+
+  pytest.exit(
+      f"pallas_polysketch was imported from {pallas_polysketch.__path__[0]}, which has "
+      "no `ref` subpackage: run the installed package's tests with `.venv/bin/pytest` "
+      "(not `python -m pytest` from the source root), or `pip install -e .`", returncode=4)
 
 
 def _make_qkv(seed, batch, seq, heads, head_dim, dtype=jnp.float32):
