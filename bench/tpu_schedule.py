@@ -45,6 +45,7 @@ TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6
 SEQS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 SHAPES = {64: dict(B=1, N=12, H=64, r=32), 128: dict(B=1, N=12, H=128, r=64)}
 BLOCK = 256
+TILE = None   # TileConfig overrides used (None: the generation's defaults)
 OUR_COMPILE_SEQS = (2048, 16384)   # direct compiles (fusion interpolation, scaling check)
 FLASH_COMPILE_SEQS = (8192,)       # flash kernels are structural; its XLA ops scale as T
 FLASH_BLOCKS = (128, 256, 512, 1024)
@@ -332,6 +333,20 @@ def flops(op, mode, B, N, T, H, r, block, local_tile=None):
   return f + sum(backward_flops(B, N, T, H, r, block, causal=True, local_tile=local_tile))
 
 
+def layout_bytes(mode, B, N, T, H, r):
+  """HBM bytes of our XLA layout changes [B,T,N,D] <-> [B,N,T,D]/[B,N,D,T] (read + write).
+
+  Part of these run as DMA copies (copy-start/copy-done), which issue no
+  bundles; so they are charged here at HBM bandwidth instead. Forward: q, k,
+  v, o (H each) and f_q, f_k (r each), bf16. Backward adds v, dnum (two
+  layouts), f_q, f_k (row layout), dq, dk, dv, the f32 df_q, df_k, and the
+  reads of dO and O that form dnum.
+  """
+  fwd = 4 * (4 * H + 2 * r)
+  bwd = 4 * (6 * H + 2 * r) + 6 * 2 * r + 2 * 2 * H
+  return B * N * T * (fwd if mode == "fwd" else fwd + bwd)
+
+
 def libtpu_version():
   try:
     from importlib.metadata import version
@@ -382,8 +397,16 @@ def report(all_results, seqs):
             c = ours["per_T"][T]["total"]
             row.update(ours_cycles=c, ours_ms=c / g.clock_hz * 1e3,
                        ours_transpose_cycles=ours["per_T"][T]["other"],
-                       ours_mxu_util=flops("polysketch", mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK)
+                       ours_mxu_util=flops("polysketch", mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK,
+                                           local_tile=(TILE or {}).get("local_tile")
+                                           or min(g.mxu_width, BLOCK))
                        / (c * fpc))
+            lb = layout_bytes(mode, sh["B"], sh["N"], T, hd, sh["r"])
+            hbm = lb / g.hbm_bytes_per_s * g.clock_hz
+            kern = sum(ours["per_T"][T]["kernels"].values())
+            cons = kern + max(ours["per_T"][T]["other"], hbm)
+            row.update(ours_layout_hbm_cycles=hbm, ours_cycles_conservative=cons,
+                       ours_ms_conservative=cons / g.clock_hz * 1e3)
           else:
             row["ours_error"] = ours.get("error", "not run")
           # Flash: fastest block size per kernel (BlockSizes sets fwd, dkv, dq apart).
@@ -404,6 +427,7 @@ def report(all_results, seqs):
                        / (fc * fpc))
             if "ours_cycles" in row:
               row["speedup"] = fc / row["ours_cycles"]
+              row["speedup_conservative"] = fc / row["ours_cycles_conservative"]
           rows.append(row)
   return rows
 
@@ -434,6 +458,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
+  global BLOCK, TILE
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
   p.add_argument("--gens", nargs="+", default=list(TOPOLOGIES))
@@ -442,6 +467,9 @@ def main(argv=None):
   p.add_argument("--tag", default="tpu_schedule")
   p.add_argument("--no-flash", action="store_true")
   p.add_argument("--local-tile", type=int, default=None)
+  p.add_argument("--block", type=int, default=BLOCK, help="PolySketch block size b")
+  p.add_argument("--from-json", nargs="+", metavar="JSON",
+                 help="re-report (and merge) earlier results instead of compiling")
   p.add_argument("--write-test-data", metavar="PATH",
                  help="compile a tiny kernel and save its final bundles to PATH")
   args = p.parse_args(argv)
@@ -456,11 +484,14 @@ def main(argv=None):
     print("libtpu is not installed: no TPU schedule can be produced; skipping.")
     return 1
   tile = {"local_tile": args.local_tile} if args.local_tile else None
+  BLOCK, TILE = args.block, tile
   all_results = {}
   os.makedirs(RESULTS, exist_ok=True)
+  if args.from_json:
+    return _rereport(args)
   for gen in args.gens:
     t0 = time.time()
-    all_results[gen] = run_generation(gen, args.shapes, args.seqs, tile=tile,
+    all_results[gen] = run_generation(gen, args.shapes, args.seqs, tile=tile, block=BLOCK,
                                       flash_blocks=() if args.no_flash else FLASH_BLOCKS)
     print(f"{gen}: {time.time() - t0:.0f}s", file=sys.stderr)
     rows = report(all_results, args.seqs)  # written after each generation
@@ -475,10 +506,33 @@ def main(argv=None):
   return 0
 
 
+def _rereport(args):
+  merged, ver, jaxver = {}, None, None
+  for path in args.from_json:
+    doc = json.load(open(path))
+    ver, jaxver = doc["libtpu"], doc["jax"]
+    for gen, res in doc["raw"].items():
+      for key, v in res.items():
+        if "per_T" in v:
+          v["per_T"] = {int(t): x for t, x in v["per_T"].items()}
+        old = merged.setdefault(gen, {}).get(key)
+        if old is None or "error" in old or "error" not in v:
+          merged[gen][key] = v
+  rows = report(merged, args.seqs)
+  doc = dict(libtpu=ver, jax=jaxver, block_size=BLOCK, shapes=SHAPES, tile=TILE,
+             note="static cycles = lower bound (no DMA waits/stalls); per TensorCore",
+             merged_from=[os.path.basename(p) for p in args.from_json], rows=rows, raw=merged)
+  json.dump(doc, open(os.path.join(RESULTS, f"{args.tag}.json"), "w"), indent=1, default=str)
+  if any("speedup" in r for r in rows):
+    plot(rows, os.path.join(RESULTS, f"{args.tag}.png"))
+  print_table(rows, ver)
+  return 0
+
+
 def print_table(rows, ver):
   print(f"libtpu {ver}: static cycles (lower bound), per TensorCore")
   print(f"{'gen':4} {'H':>4} {'mode':4} {'T':>7} {'ours Mcyc':>10} {'ours ms':>9} {'util':>5} "
-        f"{'flash Mcyc':>11} {'flash ms':>9} {'util':>5} {'speedup':>8}")
+        f"{'flash Mcyc':>11} {'flash ms':>9} {'util':>5} {'speedup':>8} {'+layout':>8} {'x(cons)':>8}")
   for r in rows:
     if "ours_cycles" not in r or "flash_cycles" not in r:
       print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7}  skipped: "
@@ -486,7 +540,8 @@ def print_table(rows, ver):
       continue
     print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7} {r['ours_cycles'] / 1e6:10.3f} "
           f"{r['ours_ms']:9.3f} {r['ours_mxu_util']:5.2f} {r['flash_cycles'] / 1e6:11.3f} "
-          f"{r['flash_ms']:9.3f} {r['flash_mxu_util']:5.2f} {r['speedup']:8.2f}")
+          f"{r['flash_ms']:9.3f} {r['flash_mxu_util']:5.2f} {r['speedup']:8.2f} "
+          f"{r['ours_cycles_conservative'] / 1e6:8.3f} {r['speedup_conservative']:8.2f}")
 
 
 if __name__ == "__main__":
