@@ -237,35 +237,43 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
   ok = [r for r in records if "error" not in r]
   if not ok:
     return {"error": "; ".join(r.get("error", "") for r in records)[:600]}
-  out = {"kernels": {}, "compiled": {}, "scaling_check": []}
-  # Kernel structure from the first compile; stages from its trip count.
-  base = ok[0]
-  for s in base["schedules"]:
-    if "format_error" in s:
-      if s["name"] and (s["name"].startswith("polysketch") or "flash" in s["name"]):
-        return {"error": f"format not recognised: {s['format_error']}"}
-      continue
-    sched = bundles.Schedule.from_json(s)
-    model = kernel_model(sched.name, base["job"], base["job"]["T"])
-    if model is None:
-      continue
-    steps, frac = model
-    trips = sched.loops[0].trips if sched.loops else 0
-    if trips - steps >= 0 and trips - steps <= 4:
-      per_core, split = steps, False
-    elif trips - steps // 2 >= 0 and trips - steps // 2 <= 4:
-      per_core, split = steps // 2, True
-    else:
-      return {"error": f"{sched.name}: trip count {trips} does not match grid {steps}"}
-    stages = trips - per_core
-    out["kernels"][sched.name] = dict(schedule=s, stages=stages, megacore_split=split,
-                                      grid_steps_per_core=per_core)
+  out = {"kernels": {}, "compiled": {}, "scaling_check": [], "bases": {}}
+  # Kernel structure per compiled T; stages from each trip count.
+  for rec in ok:
+    kern = {}
+    for s in rec["schedules"]:
+      if "format_error" in s:
+        if s["name"] and (s["name"].startswith("polysketch") or "flash" in s["name"]):
+          return {"error": f"format not recognised: {s['format_error']}"}
+        continue
+      sched = bundles.Schedule.from_json(s)
+      model = kernel_model(sched.name, rec["job"], rec["job"]["T"])
+      if model is None:
+        continue
+      steps, frac = model
+      trips = sched.loops[0].trips if sched.loops else 0
+      if 0 <= trips - steps <= 4:
+        per_core, split = steps, False
+      elif 0 <= trips - steps // 2 <= 4:
+        per_core, split = steps // 2, True
+      else:
+        return {"error": f"{sched.name}: trip count {trips} does not match grid {steps}"}
+      kern[sched.name] = dict(schedule=s, stages=trips - per_core, megacore_split=split,
+                              grid_steps_per_core=per_core)
+    out["bases"][rec["job"]["T"]] = kern
+  base_Ts = sorted(out["bases"])
+  out["kernels"] = out["bases"][base_Ts[-1]]
   if not out["kernels"]:
     return {"error": "no Pallas kernel schedule found in the dump"}
+  job0 = ok[0]["job"]
 
-  def kernel_cycles(name, T):
-    k = out["kernels"][name]
-    steps, frac = kernel_model(name, base["job"], T)
+  def kernel_cycles(name, T, base_T=None):
+    """From the compile at base_T, default: the largest compiled T <= T (else the smallest)."""
+    if base_T is None:
+      below = [t for t in base_Ts if t <= T]
+      base_T = below[-1] if below else base_Ts[0]
+    k = out["bases"][base_T][name]
+    steps, frac = kernel_model(name, job0, T)
     if k["megacore_split"]:
       steps //= 2
     return bundles.grid_kernel_cycles(bundles.Schedule.from_json(k["schedule"]),
@@ -294,10 +302,11 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
         total += sched.static_cycles()
     fus[T] = total
     for name, direct in kern_direct.items():
-      if T != base["job"]["T"]:
-        pred = kernel_cycles(name, T)
-        out["scaling_check"].append(dict(kernel=name, T=T, direct=direct, from_T=base["job"]["T"],
-                                         predicted=pred, rel_err=(pred - direct) / direct))
+      for bT in base_Ts:
+        if bT != T and name in out["bases"][bT]:
+          pred = kernel_cycles(name, T, base_T=bT)
+          out["scaling_check"].append(dict(kernel=name, T=T, direct=direct, from_T=bT,
+                                           predicted=pred, rel_err=(pred - direct) / direct))
     out["compiled"][T] = dict(kernels=kern_direct, other=total)
   Ts = sorted(fus)
 
@@ -384,15 +393,19 @@ def report(all_results, seqs):
   rows = []
   for gen, res in all_results.items():
     g = GENERATIONS[gen]
-    fpc = g.peak_bf16_flops / g.clock_hz
     for hd in sorted({int(k.split("|")[0]) for k in res}):
       sh = SHAPES[hd]
       for mode in ("fwd", "vjp"):
         ours = res.get(f"{hd}|polysketch|{mode}|{BLOCK}", {})
         flash = {int(k.split("|")[3]): v for k, v in res.items()
                  if k.startswith(f"{hd}|flash|{mode}|") and "per_T" in v}
+        split = any(k.get("megacore_split") for v in res.values()
+                    for k in v.get("kernels", {}).values())
+        cores = 2 if split else 1
+        fpc = cores * g.peak_bf16_flops / g.clock_hz   # flops per cycle of the cores used
         for T in seqs:
-          row = dict(gen=gen, H=hd, r=sh["r"], mode=mode, T=T, clock_hz=g.clock_hz)
+          row = dict(gen=gen, H=hd, r=sh["r"], mode=mode, T=T, clock_hz=g.clock_hz,
+                     megacore_split=split)
           if "per_T" in ours:
             c = ours["per_T"][T]["total"]
             row.update(ours_cycles=c, ours_ms=c / g.clock_hz * 1e3,
@@ -503,7 +516,36 @@ def main(argv=None):
   if any("speedup" in r for r in rows):
     plot(rows, os.path.join(RESULTS, f"{args.tag}.png"))
   print_table(rows, ver)
+  with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
+    f.write(markdown(rows, ver))
   return 0
+
+
+def _rebase(v):
+  """Kernel cycles at each T from the nearest compile at or below T.
+
+  Results written before `summarise` chose the nearest base extended every T
+  from the smallest compile; rescale by direct / predicted at the nearest
+  compiled T (a no-op for results that already use it).
+  """
+  comp = {int(t): c for t, c in v.get("compiled", {}).items()}
+  Ts = sorted(comp)
+  if len(Ts) < 2:
+    return
+  for T, row in v["per_T"].items():
+    below = [t for t in Ts if t <= T]
+    bT = below[-1] if below else Ts[0]
+    if bT not in v["per_T"]:
+      continue
+    for name in row["kernels"]:
+      direct = comp[bT]["kernels"].get(name)
+      pred = v["per_T"][bT]["kernels"][name]
+      if direct and pred:
+        row.setdefault("rescaled", {})[name] = direct / pred
+  for row in v["per_T"].values():
+    for name, ratio in row.pop("rescaled", {}).items():
+      row["kernels"][name] *= ratio
+    row["total"] = sum(row["kernels"].values()) + row["other"]
 
 
 def _rereport(args):
@@ -515,6 +557,7 @@ def _rereport(args):
       for key, v in res.items():
         if "per_T" in v:
           v["per_T"] = {int(t): x for t, x in v["per_T"].items()}
+          _rebase(v)
         old = merged.setdefault(gen, {}).get(key)
         if old is None or "error" in old or "error" not in v:
           merged[gen][key] = v
@@ -526,7 +569,35 @@ def _rereport(args):
   if any("speedup" in r for r in rows):
     plot(rows, os.path.join(RESULTS, f"{args.tag}.png"))
   print_table(rows, ver)
+  with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
+    f.write(markdown(rows, ver))
   return 0
+
+
+def markdown(rows, ver) -> str:
+  """Per-generation markdown tables (for TPU_SCHEDULE.md)."""
+  out = []
+  for gen in TOPOLOGIES:
+    rs = [r for r in rows if r["gen"] == gen]
+    if not rs:
+      continue
+    g = GENERATIONS[gen]
+    out.append(f"\n#### {gen} ({g.clock_hz / 1e9:.2f} GHz, libtpu {ver})\n")
+    out.append("| H, r | pass | T | PolySketch Mcyc (ms) | MXU util | + layout copies at HBM bw, Mcyc | "
+               "flash Mcyc (ms) | flash blocks | flash MXU util | speed-up | speed-up (cons.) |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in rs:
+      if "speedup" not in r:
+        out.append(f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | skipped: "
+                   f"{str(r.get('ours_error', 'flash missing'))[:80]} | | | | | | | |")
+        continue
+      blocks = "/".join(str(v) for v in r["flash_blocks"].values())
+      out.append(
+          f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | {r['ours_cycles'] / 1e6:.3f} "
+          f"({r['ours_ms']:.3f}) | {r['ours_mxu_util']:.2f} | {r['ours_cycles_conservative'] / 1e6:.3f} | "
+          f"{r['flash_cycles'] / 1e6:.2f} ({r['flash_ms']:.2f}) | {blocks} | {r['flash_mxu_util']:.2f} | "
+          f"{r['speedup']:.2f} | {r['speedup_conservative']:.2f} |")
+  return "\n".join(out) + "\n"
 
 
 def print_table(rows, ver):
