@@ -1,0 +1,215 @@
+"""Parser of the TPU compiler's `*-final_bundles.txt` schedule dumps (no jax needed).
+
+`LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR` makes libtpu write, per Pallas kernel
+and per XLA fusion, the final VLIW bundle schedule. One bundle issues in one
+cycle, so the static cycle count of a kernel is
+
+  straight-line bundles + sum over loops of (loop body bundles x trip count)
+  - bundles of predicated regions on the iterations that branch over them.
+
+DMA waits and pipeline stalls are not in the static schedule: the count is a
+lower bound on time. Format checked against libtpu 0.0.42.1 (jax 0.10.2).
+
+Format, as seen:
+  `  0xb LB: > { op ;; op ;; ... } /* Start region 232 :: End region 7 */`
+  address (decimal `0`, then hex), an optional tag (LB: loop body start, PF:
+  predicated-region fallthrough, ...), `>` per loop nesting level, the bundle.
+  The grid loop runs from the `LB:` bundle to its backward `sbr.rel` (plus the
+  branch delay slots); its trip count is the constant in the compare marked
+  `/* loop exit test */`. A `pl.when` region is a forward conditional
+  `sbr.rel (%p) target = $regionN` over the region to the bundle where region
+  N starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# Bundles issued after a branch before it takes effect (seen on v4, v5e, v5p
+# and v6e with libtpu 0.0.42.1: the loop's back-branch is followed by four
+# bundles that still belong to the loop body).
+BRANCH_DELAY_SLOTS = 4
+
+_BUNDLE_START_RE = re.compile(r"^\s*(?:0x[0-9a-fA-F]+|\d+)\s+(?:[A-Z]{2})?:\s*>*\s*\{")
+_BUNDLE_RE = re.compile(
+    r"^\s*(0x[0-9a-fA-F]+|\d+)\s+(?:([A-Z]{2}))?:\s*(>*)\s*\{(.*)\}(.*)$", re.DOTALL)
+_BRANCH_RE = re.compile(r"sbr\.rel\s*(\(([^)]*)\))?\s*target\s*=\s*\$region(\d+)")
+_REGION_START_RE = re.compile(r"Start(?:/End empty)? region (\d+)")
+_EXIT_TEST_RE = re.compile(
+    r"scmp\.(\w+)\.s32\.totalorder\s+%\w+,\s*(-?\d+)\s*/\*\s*loop exit test")
+_FILE_RE = re.compile(r"^(\d+)-(.*)-(\d+)-final_bundles\.txt$")
+
+
+class ScheduleFormatError(ValueError):
+  """The dump is not in the format this parser was checked against."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """A forward conditional branch: when taken, `skipped` bundles do not issue."""
+  branch: int      # address of the sbr.rel bundle
+  target: int      # address of the first bundle of the target region
+  predicate: str
+
+  @property
+  def skipped(self) -> int:
+    return max(0, self.target - (self.branch + 1 + BRANCH_DELAY_SLOTS))
+
+  def contains(self, other: "Span") -> bool:
+    return self.branch < other.branch and other.target <= self.target
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  start: int       # LB bundle
+  end: int         # last bundle of the body (back-branch + delay slots)
+  trips: int
+  spans: tuple[Span, ...]  # forward conditional branches inside the body
+
+  @property
+  def body(self) -> int:
+    return self.end - self.start + 1
+
+  def guard(self) -> Span | None:
+    """The largest span: the pipeline's guard around the kernel body."""
+    return max(self.spans, key=lambda s: s.skipped, default=None)
+
+  def when_regions(self) -> list[Span]:
+    """Spans directly inside the guard: the kernel's `pl.when` regions."""
+    g = self.guard()
+    if g is None:
+      return []
+    inner = [s for s in self.spans if g.contains(s)]
+    return [s for s in inner if not any(o.contains(s) for o in inner if o is not s)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  name: str
+  bundles: int
+  loops: tuple[Loop, ...]
+
+  @property
+  def straight_line(self) -> int:
+    return self.bundles - sum(l.body for l in self.loops)
+
+  def static_cycles(self) -> int:
+    """All bundles of every loop iteration issue (no region skipped)."""
+    return self.straight_line + sum(l.body * l.trips for l in self.loops)
+
+  def to_json(self) -> dict:
+    return {
+        "name": self.name, "bundles": self.bundles,
+        "loops": [{"start": l.start, "end": l.end, "trips": l.trips,
+                   "spans": [[s.branch, s.target, s.predicate] for s in l.spans]}
+                  for l in self.loops]}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Schedule":
+    return cls(d["name"], d["bundles"], tuple(
+        Loop(l["start"], l["end"], l["trips"], tuple(Span(*s) for s in l["spans"]))
+        for l in d["loops"]))
+
+
+def kernel_name(filename: str) -> str | None:
+  """`<id>-<name>-<pass>-final_bundles.txt` -> name; None for other files."""
+  m = _FILE_RE.match(filename.rsplit("/", 1)[-1])
+  return m.group(2) if m else None
+
+
+def parse(text: str, name: str = "") -> Schedule:
+  """Parses one `*-final_bundles.txt`; raises ScheduleFormatError if unrecognised."""
+  # A bundle may span lines (DMA descriptors in comments): join until the next.
+  chunks: list[str] = []
+  for line in text.splitlines():
+    if _BUNDLE_START_RE.match(line):
+      chunks.append(line)
+    elif chunks and not line.startswith("= control target"):
+      chunks[-1] += "\n" + line
+  bundles = []  # (addr, tag, depth, body, comment)
+  for chunk in chunks:
+    m = _BUNDLE_RE.match(chunk)
+    if not m:
+      raise ScheduleFormatError(f"{name}: unrecognised bundle {chunk[:80]!r}")
+    else:
+      addr = int(m.group(1), 0)
+      bundles.append((addr, m.group(2) or "", len(m.group(3)), m.group(4), m.group(5)))
+  if not bundles:
+    raise ScheduleFormatError(f"{name}: no bundle lines recognised")
+  addrs = [b[0] for b in bundles]
+  if addrs != list(range(len(addrs))):
+    raise ScheduleFormatError(f"{name}: bundle addresses are not 0, 1, 2, ...")
+  region_start: dict[int, int] = {}
+  for addr, _, _, _, comment in bundles:
+    for r in _REGION_START_RE.findall(comment):
+      region_start.setdefault(int(r), addr)
+
+  branches = []  # (addr, predicate or None, target addr)
+  for addr, _, _, body, _ in bundles:
+    for m in _BRANCH_RE.finditer(body):
+      region = int(m.group(3))
+      if region not in region_start:
+        raise ScheduleFormatError(f"{name}: branch at {addr:#x} to unknown region {region}")
+      branches.append((addr, m.group(2), region_start[region]))
+
+  loops = []
+  for addr, tag, depth, body, _ in bundles:
+    if tag != "LB":
+      continue
+    if depth != 1:
+      raise ScheduleFormatError(f"{name}: nested loop at {addr:#x} (depth {depth})")
+    backs = [b for b in branches if b[2] == addr and b[0] > addr]
+    if len(backs) != 1:
+      raise ScheduleFormatError(f"{name}: loop at {addr:#x} has {len(backs)} back-branches")
+    back = backs[0][0]
+    tests = [(a, _EXIT_TEST_RE.search(bd)) for a, _, _, bd, _ in bundles[addr:back + 1]
+             if "loop exit test" in bd]
+    if len(tests) != 1 or tests[0][1] is None:
+      raise ScheduleFormatError(f"{name}: loop at {addr:#x}: no constant loop exit test")
+    cmp, bound = tests[0][1].group(1), int(tests[0][1].group(2))
+    if cmp not in ("ge", "eq"):
+      raise ScheduleFormatError(f"{name}: loop exit test scmp.{cmp} not recognised")
+    spans = tuple(Span(a, t, p) for a, p, t in branches
+                  if addr <= a <= back and t > a and p is not None)
+    if any(p is None and addr <= a <= back and t > a for a, p, t in branches):
+      raise ScheduleFormatError(f"{name}: unconditional forward branch in loop at {addr:#x}")
+    loops.append(Loop(addr, back + BRANCH_DELAY_SLOTS, bound, spans))
+  for l1, l2 in zip(loops, loops[1:]):
+    if l2.start <= l1.end:
+      raise ScheduleFormatError(f"{name}: overlapping loops")
+  return Schedule(name, len(bundles), tuple(loops))
+
+
+def grid_kernel_cycles(sched: Schedule, *, steps: int, when_fractions,
+                       stages: int | None = None) -> dict:
+  """Static cycles of a Pallas grid kernel run for `steps` grid steps (one core).
+
+  The kernel has one loop, the grid loop, whose trip count in the dump is its
+  compiled steps plus pipeline stages; `steps` may differ from the compiled
+  count (the body does not depend on the grid size), which is how one compile
+  gives the count at any sequence length.
+
+  The guard (largest span) is skipped on the `stages` pipeline-only trips. The
+  regions directly inside it are the kernel's `pl.when`s; `when_fractions(spans)`
+  returns, per region, the fraction of grid steps on which it runs.
+  """
+  if len(sched.loops) != 1:
+    raise ScheduleFormatError(f"{sched.name}: {len(sched.loops)} loops, expected 1")
+  loop = sched.loops[0]
+  guard = loop.guard()
+  if guard is None:
+    raise ScheduleFormatError(f"{sched.name}: no guard region in the grid loop")
+  if stages is None:
+    raise ValueError("stages is required")
+  whens = loop.when_regions()
+  fractions = when_fractions(whens)
+  trips = steps + stages
+  cycles = sched.straight_line + loop.body * trips
+  cycles -= guard.skipped * stages
+  skipped = 0.0
+  for span, frac in zip(whens, fractions):
+    skipped += span.skipped * (1.0 - frac) * steps
+  cycles -= skipped
+  return {"cycles": cycles, "body": loop.body, "trips": trips,
+          "guard_skipped": guard.skipped,
+          "when_regions": [[s.skipped, f] for s, f in zip(whens, fractions)]}
