@@ -97,8 +97,8 @@ class RecallData:
   log(V) and the task needs attention across the whole context.
   """
 
-  def __init__(self, num_keys: int = 32, num_values: int = 32, num_noise: int = 16,
-               num_pairs: int = 16, num_queries: int = 32, seed: int = 1234):
+  def __init__(self, num_keys: int = 16, num_values: int = 16, num_noise: int = 16,
+               num_pairs: int = 8, num_queries: int = 16, seed: int = 1234):
     self.num_keys, self.num_values, self.num_noise = num_keys, num_values, num_noise
     self.num_pairs, self.num_queries = num_pairs, num_queries
     self.vocab_size = 1 + num_keys + num_values + num_noise
@@ -334,20 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
                  "default: the synthetic recall task")
   p.add_argument("--attention", default="polysketch", choices=["polysketch", "polynomial", "softmax"])
   p.add_argument("--sketch", default="learned", choices=["learned", "random"])
-  p.add_argument("--sketch-dim", type=int, default=32)
+  p.add_argument("--sketch-dim", type=int, default=16,
+                 help="sketch size r (default 16 keeps the demo to minutes on 2 CPU cores; "
+                      "the layer's default and the paper's is 32)")
   p.add_argument("--degree", type=int, default=4)
   p.add_argument("--block-size", type=int, default=None,
                  help="polysketch block size (default: context/4, at least 8)")
   p.add_argument("--local-exact", type=_bool, default=True)
   p.add_argument("--implementation", default=None, choices=[None, "xla", "pallas"])
   p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--heads", type=int, default=2)
   p.add_argument("--dim", type=int, default=64)
   p.add_argument("--context", type=int, default=256)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--steps", type=int, default=400)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--steps", type=int, default=300)
   p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--warmup", type=int, default=40)
+  p.add_argument("--warmup", type=int, default=30)
   p.add_argument("--weight-decay", type=float, default=0.1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-every", type=int, default=100)
