@@ -1,9 +1,9 @@
-"""The demo runs and prints one row per length with sensible numbers."""
+"""`polysketch-compare` runs and prints one row per length with sensible numbers."""
 import math
 
 import pytest
 
-from pallas_polysketch import demo
+from pallas_polysketch import compare as demo
 
 SMALL = ["--lengths", "48", "96", "--heads", "2", "--head-dim", "16", "--sketch-dim", "8",
          "--block-size", "16", "--repeats", "1"]

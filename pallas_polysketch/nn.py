@@ -1,0 +1,276 @@
+"""Flax layers: PolySketch / polynomial / softmax self-attention (DESIGN §1).
+
+`PolySketchAttention` is a Flax NNX module; `PolySketchAttentionLinen` wraps
+it for Linen code through `flax.nnx.bridge`.
+
+Per layer, as in the paper (Kacham, Mirrokni & Zhong, ICML 2024):
+
+  q, k, v = x Wq, x Wk, x Wv                       (k, v repeated for GQA)
+  q, k    = rope(q), rope(k)                        (if rope)
+  q, k    = LN(q), LN(k)                            one LayerNorm shared by q, k,
+                                                    eps 1e-5 (polynomial,
+                                                    polysketch only)
+  f_q, f_k = f(q), f(k)                             one sketch shared by q, k
+  o       = polysketch_attention(q, k, v, f_q, f_k) (or the exact / softmax op)
+  y       = o Wo
+
+Softmax uses no LayerNorm and the usual 1/sqrt(head_dim) scaling.
+The random sketch is drawn once per layer from the module's `rngs` and stored
+in a `SketchVariable`, not an `nnx.Param`: `nnx.Optimizer(..., wrt=nnx.Param)`
+never updates it. The learned sketch's parameters are `nnx.Param`s.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+from flax import nnx
+
+from pallas_polysketch.attention import IMPLEMENTATIONS, polysketch_attention
+from pallas_polysketch.polynomial import polynomial_attention
+from pallas_polysketch.sketches import (
+    LAYER_NORM_EPS,
+    learned_sketch_features,
+    learned_sketch_init,
+    random_sketch_features,
+    random_sketch_init,
+)
+
+ATTENTIONS = ("polysketch", "polynomial", "softmax")
+SKETCHES = ("learned", "random")
+ROPE_BASE = 10_000.0
+
+
+class SketchVariable(nnx.Variable):
+  """A fixed (non-trainable) random sketch matrix; optimizers on nnx.Param skip it."""
+
+
+# Linen collection name for the bridge (`variables["sketch"]`).
+nnx.register_variable_name("sketch", SketchVariable, overwrite=True)
+
+
+def rotary_embedding(x: jax.Array, base: float = ROPE_BASE) -> jax.Array:
+  """Rotary position embedding on [batch, seq, heads, head_dim] (half-split pairs).
+
+  Dimension i of the first half is rotated with dimension i + head_dim/2 by the
+  angle t * base^(-2i/head_dim) at position t. Computed in float32.
+  """
+  _, t, _, h = x.shape
+  half = h // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / h)
+  angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _check_positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _variables_to_arrays(tree):
+  return jax.tree.map(lambda v: v[...], tree,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class PolySketchAttention(nnx.Module):
+  """Multi-head self-attention with PolySketch, exact polynomial or softmax weights.
+
+  Args:
+    in_features: model width; input and output are [batch, seq, in_features].
+    num_heads: number of query heads.
+    attention: "polysketch" (linear time, DESIGN §1.3), "polynomial" (exact
+      (q.k)^degree, O(T^2)) or "softmax".
+    head_dim: per-head size; default in_features // num_heads.
+    num_kv_heads: key/value heads (grouped-query attention); must divide
+      num_heads; default num_heads. k and v heads are repeated.
+    sketch: "learned" (paper §4, trainable, shared by q and k) or "random"
+      (Gaussian, drawn once from `rngs`, fixed). Used by "polysketch" only.
+    sketch_dim: r, the sketch feature size.
+    degree: p, even; the random sketch needs a power of two.
+    block_size: b of `polysketch_attention`.
+    local_exact: exact (q.k)^p weights inside each diagonal block.
+    causal: causal attention.
+    rope: rotary position embedding on q and k (head_dim must be even).
+    dtype: computation dtype (None: from inputs and params).
+    param_dtype: dtype of the parameters.
+    implementation: passed through to `polysketch_attention`.
+    rngs: `nnx.Rngs` for initialisation (and the random sketch).
+  """
+
+  def __init__(self, in_features: int, num_heads: int, *,
+               attention: str = "polysketch", head_dim: int | None = None,
+               num_kv_heads: int | None = None, sketch: str = "learned",
+               sketch_dim: int = 32, degree: int = 4, block_size: int = 256,
+               local_exact: bool = True, causal: bool = True, rope: bool = True,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
+               implementation: str | None = None, rngs: nnx.Rngs):
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("num_heads", num_heads)
+    if attention not in ATTENTIONS:
+      raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if sketch not in SKETCHES:
+      raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+    if head_dim is None:
+      if in_features % num_heads:
+        raise ValueError(
+            f"in_features ({in_features}) must be divisible by num_heads "
+            f"({num_heads}) when head_dim is not given")
+      head_dim = in_features // num_heads
+    _check_positive_int("head_dim", head_dim)
+    if num_kv_heads is None:
+      num_kv_heads = num_heads
+    _check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+      raise ValueError(
+          f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    _check_positive_int("sketch_dim", sketch_dim)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree <= 0 or degree % 2:
+      raise ValueError(f"degree must be a positive even int, got {degree!r}")
+    if attention == "polysketch" and sketch == "random" and degree & (degree - 1):
+      raise ValueError(
+          f"the random sketch needs a degree that is a power of two, got {degree}")
+    if (isinstance(block_size, bool) or not isinstance(block_size, int)
+        or block_size <= 0 or block_size % 8):
+      raise ValueError(f"block_size must be a positive multiple of 8, got {block_size!r}")
+    if rope and head_dim % 2:
+      raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+          f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+    self.in_features = in_features
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.attention = attention
+    self.sketch_kind = sketch
+    self.sketch_dim = sketch_dim
+    self.degree = degree
+    self.block_size = block_size
+    self.local_exact = bool(local_exact)
+    self.causal = bool(causal)
+    self.rope = bool(rope)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.implementation = implementation
+
+    def linear(d_in, d_out):
+      return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
+
+    self.query = linear(in_features, num_heads * head_dim)
+    self.key = linear(in_features, num_kv_heads * head_dim)
+    self.value = linear(in_features, num_kv_heads * head_dim)
+    self.out = linear(num_heads * head_dim, in_features)
+    if attention in ("polysketch", "polynomial"):
+      self.qk_norm = nnx.LayerNorm(head_dim, epsilon=LAYER_NORM_EPS, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.qk_norm = None
+    if attention == "polysketch":
+      key = rngs.params()
+      if sketch == "learned":
+        params = learned_sketch_init(key, head_dim, sketch_dim)
+        self.sketch = nnx.data(jax.tree.map(
+            lambda a: nnx.Param(a.astype(param_dtype)), params))
+      else:
+        params = random_sketch_init(key, head_dim, sketch_dim, degree)
+        self.sketch = nnx.data(jax.tree.map(SketchVariable, params))
+    else:
+      self.sketch = None
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """Sketch features f(x): [..., head_dim] -> [..., sketch_dim] (polysketch only)."""
+    if self.attention != "polysketch":
+      raise ValueError(f"attention={self.attention!r} has no sketch features")
+    params = _variables_to_arrays(self.sketch)
+    if self.sketch_kind == "learned":
+      return learned_sketch_features(params, x)
+    params = jax.tree.map(lambda a: a.astype(x.dtype), params)
+    return random_sketch_features(params, x).astype(x.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(
+          f"x must be [batch, seq, {self.in_features}], got shape {x.shape}")
+    b, t, _ = x.shape
+    q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    groups = self.num_heads // self.num_kv_heads
+    if groups > 1:
+      k = jnp.repeat(k, groups, axis=2)
+      v = jnp.repeat(v, groups, axis=2)
+    if self.rope:
+      q, k = rotary_embedding(q), rotary_embedding(k)
+    if self.attention == "softmax":
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+                                       scale=1.0 / math.sqrt(self.head_dim))
+    else:
+      q, k = self.qk_norm(q), self.qk_norm(k)
+      if self.attention == "polynomial":
+        o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal)
+      else:
+        fq, fk = self.features(q), self.features(k)
+        o = polysketch_attention(
+            q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
+            causal=self.causal, local_exact=self.local_exact,
+            implementation=self.implementation)
+    return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class PolySketchAttentionLinen(linen.Module):
+  """Linen version of `PolySketchAttention` (same fields; built with nnx.bridge).
+
+  Parameters live in the "params" collection, the fixed random sketch in the
+  "sketch" collection, both under the submodule name "attention":
+
+    layer = PolySketchAttentionLinen(in_features=128, num_heads=4)
+    variables = layer.init(jax.random.key(0), x)
+    y = layer.apply(variables, x)
+  """
+  in_features: int
+  num_heads: int
+  attention: str = "polysketch"
+  head_dim: int | None = None
+  num_kv_heads: int | None = None
+  sketch: str = "learned"
+  sketch_dim: int = 32
+  degree: int = 4
+  block_size: int = 256
+  local_exact: bool = True
+  causal: bool = True
+  rope: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  implementation: str | None = None
+
+  @linen.compact
+  def __call__(self, x):
+    return nnx.bridge.to_linen(
+        PolySketchAttention, self.in_features, self.num_heads,
+        attention=self.attention, head_dim=self.head_dim,
+        num_kv_heads=self.num_kv_heads, sketch=self.sketch,
+        sketch_dim=self.sketch_dim, degree=self.degree,
+        block_size=self.block_size, local_exact=self.local_exact,
+        causal=self.causal, rope=self.rope, dtype=self.dtype,
+        param_dtype=self.param_dtype, implementation=self.implementation,
+        name="attention")(x)
+
+
+__all__ = [
+    "ATTENTIONS",
+    "SKETCHES",
+    "PolySketchAttention",
+    "PolySketchAttentionLinen",
+    "SketchVariable",
+    "rotary_embedding",
+]

@@ -1,0 +1,234 @@
+"""Flax layers: shapes, dtypes, GQA, sketches under training, equality with the op."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import pallas_polysketch as ps
+from pallas_polysketch import ref
+from pallas_polysketch.nn import (
+    PolySketchAttention,
+    PolySketchAttentionLinen,
+    SketchVariable,
+    rotary_embedding,
+)
+
+D, N, T, B = 32, 4, 24, 2  # in_features, heads, seq (not a block multiple), batch
+
+
+def _x(dtype=jnp.float32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (B, T, D), dtype)
+
+
+def _layer(**kw):
+  kw.setdefault("block_size", 8)
+  return PolySketchAttention(D, N, rngs=nnx.Rngs(kw.pop("seed", 0)), **kw)
+
+
+OPTIONS = [
+    dict(attention="polysketch", sketch="learned"),
+    dict(attention="polysketch", sketch="random"),
+    dict(attention="polysketch", sketch="learned", local_exact=False),
+    dict(attention="polysketch", sketch="random", causal=False),
+    dict(attention="polysketch", sketch="random", degree=8, sketch_dim=16),
+    dict(attention="polysketch", sketch="learned", rope=False, head_dim=12),
+    dict(attention="polynomial"),
+    dict(attention="polynomial", degree=2, causal=False),
+    dict(attention="softmax"),
+    dict(attention="softmax", causal=False, rope=False),
+]
+
+
+@pytest.mark.parametrize("i", range(len(OPTIONS)),
+                         ids=["-".join(f"{k}={v}" for k, v in o.items()) for o in OPTIONS])
+def test_shapes_and_dtype_float32(i):
+  # every other option set also runs grouped-query attention (2 kv heads)
+  layer = _layer(num_kv_heads=2 if i % 2 else None, **OPTIONS[i])
+  y = layer(_x())
+  assert y.shape == (B, T, D) and y.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("attention,sketch", [("polysketch", "learned"), ("polysketch", "random"),
+                                              ("polynomial", "learned"), ("softmax", "learned")])
+def test_bfloat16_compute(attention, sketch):
+  layer = _layer(attention=attention, sketch=sketch, dtype=jnp.bfloat16)
+  y = layer(_x(jnp.bfloat16))
+  assert y.shape == (B, T, D) and y.dtype == jnp.bfloat16
+  assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  # param_dtype stays float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+
+
+def test_param_dtype():
+  layer = _layer(param_dtype=jnp.bfloat16)
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(layer, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("attention,sketch", [("polysketch", "learned"), ("polysketch", "random"),
+                                              ("polynomial", "learned"), ("softmax", "learned")])
+def test_gqa_equals_full_heads_with_repeated_kv(attention, sketch):
+  gqa = _layer(attention=attention, sketch=sketch, num_kv_heads=2)
+  full = _layer(attention=attention, sketch=sketch, seed=1)
+  assert gqa.key.kernel.shape == (D, 2 * (D // N))
+  hd = D // N
+
+  def tile(kernel):  # [D, 2*hd] -> [D, 4*hd], each kv head repeated for its 2 q heads
+    return jnp.repeat(kernel.reshape(D, 2, hd), 2, axis=1).reshape(D, N * hd)
+
+  state = nnx.state(gqa)
+  pure = nnx.to_pure_dict(state)
+  pure["key"]["kernel"] = tile(pure["key"]["kernel"])
+  pure["value"]["kernel"] = tile(pure["value"]["kernel"])
+  full_state = nnx.state(full)
+  nnx.replace_by_pure_dict(full_state, pure)
+  nnx.update(full, full_state)
+  x = _x()
+  np.testing.assert_allclose(gqa(x), full(x), rtol=1e-5, atol=1e-5)
+  # and the kv heads really are shared: a model with untied copies differs
+  pure["key"]["kernel"] = pure["key"]["kernel"].at[:, :hd].add(1.0)
+  nnx.replace_by_pure_dict(full_state, pure)
+  nnx.update(full, full_state)
+  assert not np.allclose(gqa(x), full(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attention="flash"), "attention must be one of"),
+    (dict(sketch="gaussian"), "sketch must be one of"),
+    (dict(num_kv_heads=3), "must divide num_heads"),
+    (dict(degree=3), "positive even"),
+    (dict(degree=6, sketch="random"), "power of two"),
+    (dict(block_size=12), "multiple of 8"),
+    (dict(head_dim=7), "even head_dim"),
+    (dict(sketch_dim=0), "sketch_dim"),
+    (dict(implementation="cuda"), "implementation must be one of"),
+])
+def test_bad_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _layer(**kwargs)
+
+
+def test_bad_in_features_and_input():
+  with pytest.raises(ValueError, match="divisible by num_heads"):
+    PolySketchAttention(30, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\[batch, seq, 32\]"):
+    _layer()(jnp.ones((2, 5, 16)))
+
+
+def test_random_sketch_fixed_and_learned_sketch_trains():
+  x = _x()
+
+  def loss(model):
+    return jnp.mean(model(x) ** 2)
+
+  for sketch in ("random", "learned"):
+    model = _layer(sketch=sketch)
+    before = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model)))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    grads = nnx.grad(loss)(model)
+    opt.update(model, grads)
+    after = nnx.to_pure_dict(nnx.state(model))
+    changed = lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b))
+    sketch_changed = jax.tree.leaves(jax.tree.map(changed, before["sketch"], after["sketch"]))
+    if sketch == "random":
+      assert isinstance(jax.tree.leaves(model.sketch, is_leaf=lambda v: isinstance(v, nnx.Variable))[0],
+                        SketchVariable)
+      assert not nnx.state(model, nnx.Param).get("sketch")
+      assert not any(sketch_changed)
+    else:
+      assert all(sketch_changed), "every learned-sketch param should move in one Adam step"
+    assert changed(before["query"]["kernel"], after["query"]["kernel"])
+
+
+def test_random_sketch_differs_per_layer_seed():
+  a, b = _layer(sketch="random", seed=0), _layer(sketch="random", seed=1)
+  assert not np.allclose(a.sketch["g1"][...], b.sketch["g1"][...])
+
+
+def _manual(layer, x):
+  """The layer by hand: projections, rotary, shared LayerNorm, features, the op."""
+  hd, n, kv = layer.head_dim, layer.num_heads, layer.num_kv_heads
+  b, t, _ = x.shape
+  q = (x @ layer.query.kernel[...]).reshape(b, t, n, hd)
+  k = (x @ layer.key.kernel[...]).reshape(b, t, kv, hd)
+  v = (x @ layer.value.kernel[...]).reshape(b, t, kv, hd)
+  k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+  q, k = rotary_embedding(q), rotary_embedding(k)
+  if layer.attention == "softmax":
+    s = jnp.einsum("bind,bjnd->bnij", q, k) / math.sqrt(hd)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    o = jnp.einsum("bnij,bjnd->bind", jax.nn.softmax(s, axis=-1), v)
+  else:
+    scale, bias = layer.qk_norm.scale[...], layer.qk_norm.bias[...]
+
+    def ln(z):
+      mu = z.mean(-1, keepdims=True)
+      var = ((z - mu) ** 2).mean(-1, keepdims=True)
+      return (z - mu) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    q, k = ln(q), ln(k)
+    if layer.attention == "polynomial":
+      o = ref.polynomial_attention(q, k, v, degree=layer.degree)
+    else:
+      params = jax.tree.map(lambda a: a[...], layer.sketch,
+                            is_leaf=lambda a: isinstance(a, nnx.Variable))
+      feat = (ps.learned_sketch_features if layer.sketch_kind == "learned"
+              else ps.random_sketch_features)
+      o = ref.polysketch_attention_quadratic(
+          q, k, v, feat(params, q), feat(params, k), degree=layer.degree,
+          block_size=layer.block_size, local_exact=layer.local_exact)
+  return o.reshape(b, t, n * hd) @ layer.out.kernel[...]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(attention="polysketch", sketch="learned"),
+    dict(attention="polysketch", sketch="random", num_kv_heads=2),
+    dict(attention="polysketch", sketch="learned", local_exact=False),
+    dict(attention="polynomial"),
+    dict(attention="softmax"),
+], ids=str)
+def test_layer_equals_op_by_hand(opts):
+  layer = _layer(**opts)
+  # non-trivial LayerNorm params, so a wrong placement or a missing share shows
+  layer.qk_norm and layer.qk_norm.scale.set_value(
+      1.0 + 0.3 * jax.random.normal(jax.random.key(5), (layer.head_dim,)))
+  layer.qk_norm and layer.qk_norm.bias.set_value(
+      0.1 * jax.random.normal(jax.random.key(6), (layer.head_dim,)))
+  x = _x() * 0.5
+  got = layer(x)
+  want = _manual(layer, x)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_rotary_is_relative():
+  x = jax.random.normal(jax.random.key(0), (1, 16, 1, 8))
+  q = jnp.broadcast_to(x[:, :1], x.shape)
+  k = jnp.broadcast_to(x[:, 1:2], x.shape)
+  rq, rk = rotary_embedding(q), rotary_embedding(k)
+  np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+  dots = jnp.einsum("btnh,btnh->t", rq[:, 3:], rk[:, :-3])  # offset 3 at every position
+  np.testing.assert_allclose(dots, jnp.full_like(dots, dots[0]), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(rq[0, 0], rq[0, 5])
+
+
+@pytest.mark.parametrize("sketch", ["random", "learned"])
+def test_linen_matches_nnx(sketch):
+  kw = dict(attention="polysketch", sketch=sketch, num_kv_heads=2, block_size=8)
+  lin = PolySketchAttentionLinen(in_features=D, num_heads=N, **kw)
+  x = _x()
+  variables = lin.init(jax.random.key(0), x)
+  y = lin.apply(variables, x)
+  assert y.shape == (B, T, D) and y.dtype == jnp.float32
+  if sketch == "random":
+    assert "sketch" in variables and "sketch" not in variables["params"]["attention"]
+  layer = PolySketchAttention(D, N, rngs=nnx.Rngs(123), **kw)
+  pure = dict(variables["params"]["attention"])
+  pure.update(variables.get("sketch", {}).get("attention", {}))
+  state = nnx.state(layer)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: getattr(a, "value", a), pure))
+  nnx.update(layer, state)
+  np.testing.assert_allclose(y, layer(x), rtol=1e-6, atol=1e-6)
