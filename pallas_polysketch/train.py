@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="polysketch block size (default: context/4, at least 8)")
   p.add_argument("--local-exact", type=_bool, default=True)
   p.add_argument("--implementation", default=None, choices=[None, "xla", "pallas"])
+  p.add_argument("--pairs", type=int, default=8,
+                 help="synthetic task: key/value pairs at the start of each sequence")
+  p.add_argument("--queries", type=int, default=16,
+                 help="synthetic task: queries at the end of each sequence")
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--dim", type=int, default=64)
@@ -370,7 +374,7 @@ def main(argv=None) -> dict:
     print(f"data: {args.data}: {len(data.train_ids):,} train / {len(data.val_ids):,} val chars, "
           f"vocab {data.vocab_size}")
   else:
-    data = RecallData()
+    data = RecallData(num_pairs=args.pairs, num_queries=args.queries)
     tokenizer = None
     print(f"data: synthetic associative recall, {data.num_pairs} key/value pairs at the start, "
           f"{data.num_queries} queries at the end of each {args.context}-token sequence; "
