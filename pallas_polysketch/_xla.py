@@ -24,9 +24,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_polysketch.polynomial import compute_dtype
-from pallas_polysketch.sketches import self_tensor
 
 # Tokens per chunk of the causal scan: large enough for large batched matmuls,
 # small enough that a chunk's r^2-wide features stay small (at r = 32 and 12
@@ -62,54 +62,65 @@ def _strict_lower(n, dtype):
   return jnp.tril(jnp.ones((n, n), dtype), -1)
 
 
-def _chunk_states(state, norm, phi_k, vc):
+def symmetric_features(f):
+  """psi(f) [..., r(r+1)/2] with psi(f) . psi(g) = (f . g)^2 = phi(f) . phi(g).
+
+  phi = f (x) f is symmetric, so its r^2 entries hold r(r+1)/2 distinct
+  products: psi = (f_a f_c for a <= c), the off-diagonal ones scaled by sqrt 2.
+  The prefix states then hold r(r+1)/2 x H numbers instead of r^2 x H, which
+  halves the state reads and updates (the bulk of the work) exactly, up to
+  float rounding.
+  """
+  r = f.shape[-1]
+  pieces = [f[..., a:a + 1] * f[..., a:] for a in range(r)]
+  coef = np.concatenate([np.r_[1.0, np.full(r - a - 1, np.sqrt(2.0))] for a in range(r)])
+  return jnp.concatenate(pieces, axis=-1) * coef.astype(f.dtype)
+
+
+def _with_ones(v):
+  """[..., H] -> [..., H + 1]: the ones column turns the normaliser z into the
+  last row of the state, so one matmul serves numerator and denominator."""
+  return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+
+
+def _chunk_states(state, psi_k, v1):
   """Per-block prefix states of one chunk, from the state at its start.
 
-  The state is kept transposed, S^T [B, N, H, r^2]: then the update V^T Phi_k
-  and every other product below are matmuls whose operands need no r^2-sized
-  transpose (on CPU, Phi_k^T V with the contraction on Phi_k's rows ran 2.5x
-  slower than V^T Phi_k).
+  The state is kept transposed and augmented, [S | z]^T [B, N, H + 1, d] with
+  d = r(r+1)/2: then the update V1^T Psi_k and every other product below are
+  matmuls whose operands need no d-sized transpose (on CPU, Phi_k^T V with the
+  contraction on Phi_k's rows ran 2.5x slower than V^T Phi_k).
 
-  Args: state [B, N, H, r^2], norm [B, N, r^2], phi_k [B, N, cb, b, r^2],
-    vc [B, N, cb, b, H].
-  Returns: (S_t^T [B, N, cb, H, r^2], z_t [B, N, cb, r^2], the state and norm
-    after the chunk).
+  Args: state [B, N, H + 1, d], psi_k [B, N, cb, b, d], v1 [B, N, cb, b, H + 1].
+  Returns: (per-block states [B, N, cb, H + 1, d], the state after the chunk).
   """
-  upd = jnp.einsum("gnsjh,gnsjc->gnshc", vc, phi_k)
-  upd_z = jnp.sum(phi_k, axis=-2)
-  excl = _strict_lower(phi_k.shape[2], phi_k.dtype)
+  upd = jnp.einsum("gnsjh,gnsjc->gnshc", v1, psi_k)
+  excl = _strict_lower(psi_k.shape[2], psi_k.dtype)
   s_t = state[:, :, None] + jnp.einsum("ts,gnshc->gnthc", excl, upd)
-  z_t = norm[:, :, None] + jnp.einsum("ts,gnsc->gntc", excl, upd_z)
-  return s_t, z_t, s_t[:, :, -1] + upd[:, :, -1], z_t[:, :, -1] + upd_z[:, :, -1]
+  return s_t, s_t[:, :, -1] + upd[:, :, -1]
 
 
-def _chunk_forward(carry, xs, *, degree, local_exact, dt):
-  state, norm = carry
+def _chunk_forward(state, xs, *, degree, local_exact, dt):
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in xs)
+  v1 = _with_ones(vc)
   local = local_weights(qc, kc, fqc, fkc, degree=degree, local_exact=local_exact)
-  phi_q, phi_k = self_tensor(fqc), self_tensor(fkc)
-  s_t, z_t, state, norm = _chunk_states(state, norm, phi_k, vc)
-  num = (jnp.einsum("gntij,gntjh->gntih", local, vc)
-         + jnp.einsum("gntic,gnthc->gntih", phi_q, s_t))
-  den = (1.0 + jnp.sum(local, axis=-1)
-         + jnp.einsum("gntic,gntc->gnti", phi_q, z_t))
-  return (state, norm), (num / den[..., None], den)
-
-
-def _self_tensor_grad(dphi, f):
-  """Cotangent of f for phi = f (x) f: df = (M + M^T) f with M = dphi as r x r."""
-  r = f.shape[-1]
-  m = dphi.reshape(*dphi.shape[:-1], r, r)
-  return jnp.einsum("...ac,...c->...a", m, f) + jnp.einsum("...ca,...c->...a", m, f)
+  psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
+  s_t, state = _chunk_states(state, psi_k, v1)
+  acc = (jnp.einsum("gntij,gntjh->gntih", local, v1)
+         + jnp.einsum("gntic,gnthc->gntih", psi_q, s_t))  # [num | den - 1]
+  den = 1.0 + acc[..., -1]
+  return state, (acc[..., :-1] / den[..., None], den)
 
 
 def _chunk_backward(carry, xs, *, degree, local_exact, dt):
-  r_state, r_norm = carry  # sums over later blocks of Phi_q^T dnum, Phi_q^T dden
-  (qc, kc, vc, fqc, fkc), out, den, state, norm, g = xs
+  # carry: R = sum over later blocks of Psi_q^T [dnum | dden], as [B, N, H+1, d].
+  (qc, kc, vc, fqc, fkc), out, den, state, g = xs
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in (qc, kc, vc, fqc, fkc))
+  v1 = _with_ones(vc)
   g = g.astype(dt)
   dnum = g / den[..., None]
   dden = -jnp.sum(g * out, axis=-1) / den
+  dacc = jnp.concatenate([dnum, dden[..., None]], axis=-1)
 
   # Local block: w = tril(s^p) with s = q k^T (or f_q f_k^T, p = 2).
   if local_exact:
@@ -121,25 +132,21 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   blk = s.shape[-1]
   mask = jnp.tril(jnp.ones((blk, blk), bool))
   w = jnp.where(mask, s ** p, 0.0)
-  dv = jnp.einsum("gntij,gntih->gntjh", w, dnum)
-  dw = jnp.einsum("gntih,gntjh->gntij", dnum, vc) + dden[..., None]
+  dv1 = jnp.einsum("gntij,gntih->gntjh", w, dacc)
+  dw = jnp.einsum("gntih,gntjh->gntij", dacc, v1)
   ds = jnp.where(mask, dw * (p * s ** (p - 1)), 0.0)
 
   # Prefix reads and updates.
-  phi_q, phi_k = self_tensor(fqc), self_tensor(fkc)
-  s_t, z_t, _, _ = _chunk_states(state, norm, phi_k, vc)
-  dphi_q = (jnp.einsum("gntih,gnthc->gntic", dnum, s_t)
-            + dden[..., None] * z_t[:, :, :, None, :])
-  ds_t = jnp.einsum("gntih,gntic->gnthc", dnum, phi_q)
-  dz_t = jnp.einsum("gntic,gnti->gntc", phi_q, dden)
+  psi_q, psi_q_vjp = jax.vjp(symmetric_features, fqc)
+  psi_k, psi_k_vjp = jax.vjp(symmetric_features, fkc)
+  s_t, _ = _chunk_states(state, psi_k, v1)
+  dpsi_q = jnp.einsum("gntih,gnthc->gntic", dacc, s_t)
+  ds_t = jnp.einsum("gntih,gntic->gnthc", dacc, psi_q)
   later = _strict_lower(ds_t.shape[2], dt)  # later[s, t] = 1 where s > t
-  r_t = r_state[:, :, None] + jnp.einsum("st,gnshc->gnthc", later, ds_t)
-  rho_t = r_norm[:, :, None] + jnp.einsum("st,gnsc->gntc", later, dz_t)
-  dv = dv + jnp.einsum("gntjc,gnthc->gntjh", phi_k, r_t)
-  dphi_k = (jnp.einsum("gntjh,gnthc->gntjc", vc, r_t)
-            + rho_t[:, :, :, None, :])
-  dfq = _self_tensor_grad(dphi_q, fqc)
-  dfk = _self_tensor_grad(dphi_k, fkc)
+  r_t = carry[:, :, None] + jnp.einsum("st,gnshc->gnthc", later, ds_t)
+  dv1 = dv1 + jnp.einsum("gntjc,gnthc->gntjh", psi_k, r_t)
+  dpsi_k = jnp.einsum("gntjh,gnthc->gntjc", v1, r_t)
+  (dfq,), (dfk,) = psi_q_vjp(dpsi_q), psi_k_vjp(dpsi_k)
   if local_exact:
     dq = jnp.einsum("gntij,gntjh->gntih", ds, kc)
     dk = jnp.einsum("gntij,gntih->gntjh", ds, qc)
@@ -147,13 +154,12 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
     dq, dk = jnp.zeros_like(qc), jnp.zeros_like(kc)
     dfq = dfq + jnp.einsum("gntij,gntjr->gntir", ds, fkc)
     dfk = dfk + jnp.einsum("gntij,gntir->gntjr", ds, fqc)
-  carry = (r_t[:, :, 0] + ds_t[:, :, 0], rho_t[:, :, 0] + dz_t[:, :, 0])
-  return carry, (dq, dk, dv, dfq, dfk)
+  return r_t[:, :, 0] + ds_t[:, :, 0], (dq, dk, dv1[..., :-1], dfq, dfk)
 
 
 def _init_state(x, r, h, dt):
   b_, n = x.shape[1], x.shape[2]
-  return jnp.zeros((b_, n, h, r * r), dt), jnp.zeros((b_, n, r * r), dt)
+  return jnp.zeros((b_, n, h + 1, r * (r + 1) // 2), dt)
 
 
 def _scan_forward(xs, degree, local_exact, save_states):
@@ -161,9 +167,9 @@ def _scan_forward(xs, degree, local_exact, save_states):
   dt = compute_dtype(qc)
   body = functools.partial(_chunk_forward, degree=degree, local_exact=local_exact, dt=dt)
 
-  def step(carry, chunk):
-    new_carry, (out, den) = body(carry, chunk)
-    return new_carry, ((out, den, *carry) if save_states else out)
+  def step(state, chunk):
+    new_state, (out, den) = body(state, chunk)
+    return new_state, ((out, den, state) if save_states else out)
 
   init = _init_state(qc, fqc.shape[-1], vc.shape[-1], dt)
   return jax.lax.scan(step, init, xs)[1]
@@ -176,17 +182,17 @@ def _causal_chunks(xs, degree, local_exact):
 
 
 def _causal_chunks_fwd(xs, degree, local_exact):
-  out, den, states, norms = _scan_forward(xs, degree, local_exact, save_states=True)
-  return out, (xs, out, den, states, norms)
+  out, den, states = _scan_forward(xs, degree, local_exact, save_states=True)
+  return out, (xs, out, den, states)
 
 
 def _causal_chunks_bwd(degree, local_exact, residuals, g):
-  xs, out, den, states, norms = residuals
+  xs, out, den, states = residuals
   qc, _, vc, fqc, _ = xs
   dt = compute_dtype(qc)
   body = functools.partial(_chunk_backward, degree=degree, local_exact=local_exact, dt=dt)
   init = _init_state(qc, fqc.shape[-1], vc.shape[-1], dt)
-  _, grads = jax.lax.scan(body, init, (xs, out, den, states, norms, g), reverse=True)
+  _, grads = jax.lax.scan(body, init, (xs, out, den, states, g), reverse=True)
   return (tuple(d.astype(x.dtype) for d, x in zip(grads, xs)),)
 
 
@@ -207,10 +213,10 @@ def polysketch_xla(q, k, v, q_features, k_features, *, degree, block_size,
   out_dtype, dt = q.dtype, compute_dtype(q)
   if not causal:
     q, v, fq, fk = (x.astype(dt) for x in (q, v, q_features, k_features))
-    phi_k = self_tensor(fk)
+    phi_k = symmetric_features(fk)
     state = jnp.einsum("btnc,btnh->bnch", phi_k, v)
     norm = jnp.sum(phi_k, axis=1)
-    phi_q = self_tensor(fq)
+    phi_q = symmetric_features(fq)
     num = jnp.einsum("btnc,bnch->btnh", phi_q, state)
     den = 1.0 + jnp.einsum("btnc,bnc->btn", phi_q, norm)
     return (num / den[..., None]).astype(out_dtype)
