@@ -62,6 +62,16 @@ def _strict_lower(n, dtype):
   return jnp.tril(jnp.ones((n, n), dtype), -1)
 
 
+def _pairs(r):
+  """Index maps of psi: its entries (a, c), a <= c, and, for each (a, c) of the
+  full r x r product, the position of its pair in psi."""
+  ia, ic = np.triu_indices(r)
+  pos = np.zeros((r, r), np.int32)
+  pos[ia, ic] = pos[ic, ia] = np.arange(ia.size)
+  return ia, ic, pos.reshape(-1)
+
+
+@jax.custom_vjp
 def symmetric_features(f):
   """psi(f) [..., r(r+1)/2] with psi(f) . psi(g) = (f . g)^2 = phi(f) . phi(g).
 
@@ -69,12 +79,48 @@ def symmetric_features(f):
   products: psi = (f_a f_c for a <= c), the off-diagonal ones scaled by sqrt 2.
   The prefix states then hold r(r+1)/2 x H numbers instead of r^2 x H, which
   halves the state reads and updates (the bulk of the work) exactly, up to
-  float rounding.
+  float rounding. Built by a gather with constant indices (on CPU 3x faster
+  than concatenating r slices); the custom VJP avoids a scatter-add.
+  """
+  ia, ic, _ = _pairs(f.shape[-1])
+  coef = np.where(ia == ic, 1.0, np.sqrt(2.0)).astype(f.dtype)
+  return jnp.take(f, ia, axis=-1) * jnp.take(f, ic, axis=-1) * coef
+
+
+def _symmetric_features_fwd(f):
+  return symmetric_features(f), f
+
+
+def _symmetric_features_bwd(f, dpsi):
+  # df_a = sum_c D_ac f_c with D_ac = sqrt2 dpsi_(a,c) off the diagonal and
+  # 2 dpsi_(a,a) on it: gather dpsi into the full symmetric r x r matrix.
+  r = f.shape[-1]
+  ia, ic, pos = _pairs(r)
+  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(f.dtype)
+  d = jnp.take(dpsi * coef, pos, axis=-1).reshape(*f.shape, r)
+  return (jnp.sum(d * f[..., None, :], axis=-1),)
+
+
+symmetric_features.defvjp(_symmetric_features_fwd, _symmetric_features_bwd)
+
+
+def _features_grad(x, state, f):
+  """Cotangent of f for the product x @ state^T . psi(f), per token.
+
+  The gradient of psi(f) . X with respect to f is D f, D the symmetric r x r
+  matrix of X (sqrt2 X off the diagonal, 2 X on it). Expanding the small
+  per-block state to that r^2 form first turns the whole thing into one matmul
+  and a contiguous multiply-reduce; gathering the per-token psi cotangent into
+  r x r instead ran 4x slower on CPU.
+
+  Args: x [..., b, H + 1], state [..., H + 1, d], f [..., b, r].
   """
   r = f.shape[-1]
-  pieces = [f[..., a:a + 1] * f[..., a:] for a in range(r)]
-  coef = np.concatenate([np.r_[1.0, np.full(r - a - 1, np.sqrt(2.0))] for a in range(r)])
-  return jnp.concatenate(pieces, axis=-1) * coef.astype(f.dtype)
+  ia, ic, pos = _pairs(r)
+  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(f.dtype)
+  full = jnp.take(state * coef, pos, axis=-1)  # [..., H + 1, r^2]
+  d = jnp.einsum("...ih,...hc->...ic", x, full).reshape(*f.shape, r)
+  return jnp.sum(d * f[..., None, :], axis=-1)
 
 
 def _with_ones(v):
@@ -137,16 +183,14 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   ds = jnp.where(mask, dw * (p * s ** (p - 1)), 0.0)
 
   # Prefix reads and updates.
-  psi_q, psi_q_vjp = jax.vjp(symmetric_features, fqc)
-  psi_k, psi_k_vjp = jax.vjp(symmetric_features, fkc)
+  psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
   s_t, _ = _chunk_states(state, psi_k, v1)
-  dpsi_q = jnp.einsum("gntih,gnthc->gntic", dacc, s_t)
   ds_t = jnp.einsum("gntih,gntic->gnthc", dacc, psi_q)
   later = _strict_lower(ds_t.shape[2], dt)  # later[s, t] = 1 where s > t
   r_t = carry[:, :, None] + jnp.einsum("st,gnshc->gnthc", later, ds_t)
   dv1 = dv1 + jnp.einsum("gntjc,gnthc->gntjh", psi_k, r_t)
-  dpsi_k = jnp.einsum("gntjh,gnthc->gntjc", v1, r_t)
-  (dfq,), (dfk,) = psi_q_vjp(dpsi_q), psi_k_vjp(dpsi_k)
+  dfq = _features_grad(dacc, s_t, fqc)
+  dfk = _features_grad(v1, r_t, fkc)
   if local_exact:
     dq = jnp.einsum("gntij,gntjh->gntih", ds, kc)
     dk = jnp.einsum("gntij,gntih->gntjh", ds, qc)

@@ -71,3 +71,15 @@ def test_xla_bfloat16_close_to_reference():
   for a, b in zip(g, rg):
     assert a.dtype == jnp.bfloat16
     assert _rel(a, b) < 3e-2
+
+
+def test_symmetric_features_inner_products_and_gradient():
+  f = jax.random.normal(jax.random.key(1), (5, 6))
+  g = jax.random.normal(jax.random.key(2), (5, 6))
+  psi = _xla.symmetric_features
+  assert psi(f).shape == (5, 21)
+  np.testing.assert_allclose(jnp.sum(psi(f) * psi(g), -1), jnp.sum(f * g, -1) ** 2, rtol=1e-5, atol=1e-5)
+  from pallas_polysketch.sketches import self_tensor
+  w = jax.random.normal(jax.random.key(3), (5,))
+  loss = lambda fn: lambda f: jnp.sum(w * jnp.sum(fn(f) * fn(g), -1) ** 1.5)
+  np.testing.assert_allclose(jax.grad(loss(psi))(f), jax.grad(loss(self_tensor))(f), rtol=1e-4)
