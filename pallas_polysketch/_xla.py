@@ -1,26 +1,33 @@
 """The blocked pure-JAX path of PolySketch attention (DESIGN §1.3), linear in T.
 
-Causal attention walks the sequence in chunks of `chunk_blocks` blocks with a
-`lax.scan` that carries the prefix state S (as S^T [B, N, H, r^2]) and the normaliser
-z [B, N, r^2] in float32. Inside a chunk every block is computed at once as
-batched matmuls: the block updates U_t = Phi_k_t^T V_t, their exclusive prefix
-sum over the chunk's blocks (plus the carried state) gives every block's S_t,
-then the reads Phi_q_t S_t and the exact local blocks. Chunks bound the
-memory: only one chunk's r^2-wide features exist at a time, so memory is
-linear in T with a small constant, and the matmuls stay large.
+Causal attention walks the sequence in chunks of about CHUNK_TOKENS tokens with
+a `lax.scan` whose carry is the float32 prefix state. Inside a chunk every block
+is computed at once as batched matmuls: the block updates, their exclusive
+prefix sum over the chunk's blocks (plus the carried state) gives every
+block's state, then the reads and the exact local blocks. Only one chunk's
+wide features exist at a time, so memory is linear in T with a small constant,
+and the matmuls stay large. Three exact rewrites of §1.3 make it cheaper:
+
+- symmetric features: phi = f (x) f has r(r+1)/2 distinct entries, so
+  psi = (f_a f_c, a <= c, off-diagonal scaled by sqrt 2) has the same inner
+  products, (f . g)^2, at 528 instead of 1024 numbers for r = 32; the state
+  and its reads and updates halve;
+- a ones column appended to V, so the normaliser z is the state's last row and
+  one matmul gives numerator and denominator (in the kernel z stays separate:
+  H + 1 lanes break the TPU tiling; on CPU it saves passes over psi);
+- the state is stored transposed, [S | z]^T [B, N, H + 1, d], so no product
+  needs a d-sized transpose.
 
 The backward is a `jax.custom_vjp` following DESIGN §1.4: residuals are the
-inputs, the output O, the denominator and the state at each chunk start (r^2 H
-floats per chunk and head, never per block). One reverse scan over chunks
-recomputes each chunk's block states from its start state, and carries
-R = sum over later blocks of Phi_q^T dnum (and rho for the normaliser) for the
-gradients of V and Phi_k; Phi gradients fold back into the r-dim features
-through df = (M + M^T) f.
+inputs, O, the denominator and the state at each chunk start (d (H + 1) floats
+per chunk and head, never per block). One reverse scan over chunks recomputes
+each chunk's block states from its start state and carries
+R = sum over later blocks of Psi_q^T [dnum | dden] for the gradients of V and
+the key features.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +36,10 @@ import numpy as np
 from pallas_polysketch.polynomial import compute_dtype
 
 # Tokens per chunk of the causal scan: large enough for large batched matmuls,
-# small enough that a chunk's r^2-wide features stay small (at r = 32 and 12
-# heads one chunk's Phi is 2048 * 12 * 1024 floats = 96 MiB).
-CHUNK_TOKENS = int(os.environ.get("POLYSKETCH_XLA_CHUNK_TOKENS", 2048))
+# small enough that a chunk's wide features stay small (at r = 32 and 12 heads
+# one chunk's psi is 2048 * 12 * 528 floats = 50 MiB). On CPU, 256 to 4096 ran
+# within noise of each other at 8k tokens; memory grows with the chunk.
+CHUNK_TOKENS = 2048
 
 
 def local_weights(qb, kb, fqb, fkb, *, degree, local_exact):
