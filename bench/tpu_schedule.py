@@ -474,6 +474,19 @@ def plot(rows, path):
   fig.savefig(path, dpi=120)
 
 
+
+def _write_outputs(doc, rows, ver, tag) -> int:
+  """<tag>.json (all rows and raw schedules), <tag>.png, <tag>.md; prints the table."""
+  with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
+    json.dump(doc, f, indent=1, default=str)
+  if any("speedup" in r for r in rows):
+    plot(rows, os.path.join(RESULTS, f"{tag}.png"))
+  print_table(rows, ver)
+  with open(os.path.join(RESULTS, f"{tag}.md"), "w") as f:
+    f.write(markdown(rows, ver))
+  return 0
+
+
 def main(argv=None):
   global BLOCK, TILE
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -515,14 +528,7 @@ def main(argv=None):
     doc = dict(libtpu=ver, jax=__import__("jax").__version__, block_size=BLOCK,
                shapes=SHAPES, tile=tile, note="static cycles = lower bound (no DMA "
                "waits/stalls); per TensorCore", rows=rows, raw=all_results)
-    json.dump(doc, open(os.path.join(RESULTS, f"{args.tag}.json"), "w"), indent=1,
-              default=str)
-  if any("speedup" in r for r in rows):
-    plot(rows, os.path.join(RESULTS, f"{args.tag}.png"))
-  print_table(rows, ver)
-  with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
-    f.write(markdown(rows, ver))
-  return 0
+    return _write_outputs(doc, rows, ver, args.tag)
 
 
 def _rebase(v):
@@ -569,13 +575,7 @@ def _rereport(args):
   doc = dict(libtpu=ver, jax=jaxver, block_size=BLOCK, shapes=SHAPES, tile=TILE,
              note="static cycles = lower bound (no DMA waits/stalls); per TensorCore",
              merged_from=[os.path.basename(p) for p in args.from_json], rows=rows, raw=merged)
-  json.dump(doc, open(os.path.join(RESULTS, f"{args.tag}.json"), "w"), indent=1, default=str)
-  if any("speedup" in r for r in rows):
-    plot(rows, os.path.join(RESULTS, f"{args.tag}.png"))
-  print_table(rows, ver)
-  with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
-    f.write(markdown(rows, ver))
-  return 0
+  return _write_outputs(doc, rows, ver, args.tag)
 
 
 def markdown(rows, ver) -> str:
