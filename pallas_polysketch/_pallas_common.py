@@ -19,14 +19,19 @@ NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
 TN_DIMS = (((0,), (0,)), ((), ()))   # a^T @ b
 
 
-def phi_t(f_t):
-  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], in float32.
+def phi_t(f_t, mm_dtype=jnp.float32, *, narrow=False):
+  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], returned in mm_dtype.
 
   The reshape merges leading dims only (layout-free for r a multiple of 8).
+  Formed in float32 unless `narrow` and the features already are in mm_dtype:
+  the product of two bf16 numbers is exact in f32, so forming it in bf16
+  gives the same bits with half the vregs, a win where the VPU has bf16 (v6e;
+  `TileConfig.bf16_phi`).
   """
-  f_t = f_t.astype(jnp.float32)
+  dtype = mm_dtype if narrow and f_t.dtype == mm_dtype else jnp.float32
+  f_t = f_t.astype(dtype)
   r, b = f_t.shape
-  return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b)
+  return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b).astype(mm_dtype)
 
 
 def phi_t_vjp(dphi_t, f_t):

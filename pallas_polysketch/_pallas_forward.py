@@ -37,7 +37,7 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
                            o_t_ref, den_ref, *rest,
-                           degree, local_exact, local_tile, emit_state):
+                           degree, local_exact, local_tile, emit_state, bf16_phi):
   if emit_state:
     state_out_ref, state_ref, acc_ref = rest
   else:
@@ -67,7 +67,7 @@ def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
     acc_ref[:, qs] = acc
 
   # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
-  phi_q = phi_t(fq_t_ref[...]).astype(mm_dtype)
+  phi_q = phi_t(fq_t_ref[...], mm_dtype, narrow=bf16_phi)
   acc = acc_ref[...] + jnp.dot(state_ref[...].astype(mm_dtype), phi_q,
                                preferred_element_type=jnp.float32)
   den = 1.0 + acc[head_dim:head_dim + 1, :]
@@ -75,7 +75,7 @@ def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
   den_ref[...] = den
 
   # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
-  phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
+  phi_k = phi_t(fk_t_ref[...], mm_dtype, narrow=bf16_phi)
   state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
                                         preferred_element_type=jnp.float32)
 
@@ -85,11 +85,11 @@ def _causal_forward_kernel(q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref,
       state_out_ref[...] = state_ref[...]
 
 
-def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref):
+def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref, *, bf16_phi):
   """Non-causal pass 2: o = S^T phi_q / (1 + z^T phi_q) for one block."""
   head_dim = o_t_ref.shape[0]
   mm_dtype = o_t_ref.dtype
-  phi_q = phi_t(fq_t_ref[...]).astype(mm_dtype)
+  phi_q = phi_t(fq_t_ref[...], mm_dtype, narrow=bf16_phi)
   acc = jnp.dot(state_ref[...].astype(mm_dtype), phi_q, preferred_element_type=jnp.float32)
   den = 1.0 + acc[head_dim:head_dim + 1, :]
   o_t_ref[...] = (acc[:head_dim, :] / den).astype(o_t_ref.dtype)
@@ -149,7 +149,7 @@ def polysketch_forward(q, k, v, q_features, k_features, *, degree, block_size,
   if causal:
     kernel = functools.partial(
         _causal_forward_kernel, degree=degree, local_exact=local_exact,
-        local_tile=tiles.local_tile, emit_state=return_state)
+        local_tile=tiles.local_tile, emit_state=return_state, bf16_phi=tiles.bf16_phi)
     out_specs = [col_spec(h), col_spec(1)] + ([state_spec] if return_state else [])
     out_shape = [o_shape, den_shape] + ([state_shape] if return_state else [])
     outs = pl.pallas_call(
@@ -175,7 +175,7 @@ def polysketch_forward(q, k, v, q_features, k_features, *, degree, block_size,
                                    vmem_limit_bytes=tiles.vmem_limit_bytes,
                                    interpret=interpret), -1, -2)
     o_t, den = pl.pallas_call(
-        _state_apply_kernel,
+        functools.partial(_state_apply_kernel, bf16_phi=tiles.bf16_phi),
         grid=(b_, n, nb),
         in_specs=[state_spec, col_spec(r)],
         out_specs=[col_spec(h), col_spec(1)],

@@ -51,6 +51,7 @@ class TpuGeneration:
   mxu_width: int
   vmem_bytes: int               # physical VMEM per TensorCore
   default_scoped_vmem_bytes: int  # what a kernel may use without vmem_limit_bytes
+  bf16_vpu: bool = False          # the vector unit computes in bf16 natively
 
   @property
   def peak_bf16_flops(self) -> float:
@@ -65,7 +66,8 @@ GENERATIONS = {
     "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB),
     "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
     "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
-    "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB),
+    "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
+                         bf16_vpu=True),
 }
 DEFAULT_GENERATION = "v5e"
 
@@ -99,10 +101,15 @@ class TileConfig:
     generation: the TPU generation the defaults and VMEM checks are for ("v4",
       "v5e", "v5p", "v6e"). None: the local TPU's, or v5e without a TPU (e.g.
       when exporting from a CPU host).
+    bf16_phi: in the forward kernels, form phi = f (x) f of bf16 features in
+      bf16 (bit-identical to forming it in f32 and rounding). None: where the
+      VPU has bf16 (v6e: 4% fewer forward cycles in the static schedule; on
+      v5e it costs 11% more).
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
   generation: str | None = None
+  bf16_phi: bool | None = None
 
   def __post_init__(self):
     if self.generation is not None and self.generation not in GENERATIONS:
@@ -136,6 +143,7 @@ class ResolvedTiles:
   local_tile: int
   vmem_limit_bytes: int | None
   vmem_estimate_bytes: int
+  bf16_phi: bool = False
 
 
 def forward_vmem_estimate(block_size: int, head_dim: int, sketch_dim: int,
@@ -179,5 +187,6 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
         f"{source} ({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
   if limit is None and estimate > gen.default_scoped_vmem_bytes:
     limit = min(int(1.25 * estimate) + 2 * MiB, gen.vmem_bytes)
+  bf16_phi = gen.bf16_vpu if config.bf16_phi is None else bool(config.bf16_phi)
   return ResolvedTiles(local_tile=local_tile, vmem_limit_bytes=limit,
-                       vmem_estimate_bytes=estimate)
+                       vmem_estimate_bytes=estimate, bf16_phi=bf16_phi)

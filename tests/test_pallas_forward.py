@@ -180,3 +180,19 @@ def test_per_generation_defaults():
                                  feature_dtype=jnp.bfloat16)
   assert big.vmem_estimate_bytes > tpu_config.GENERATIONS["v5e"].default_scoped_vmem_bytes
   assert big.vmem_limit_bytes > big.vmem_estimate_bytes
+
+
+def test_bf16_phi_is_bit_identical_and_on_by_default_only_on_v6e():
+  """Forming phi in bf16 (v6e's default) gives exactly the bits of the f32 route."""
+  args = _inputs(jax.random.PRNGKey(8), 1, 256, 2, 64, 32, jnp.bfloat16)
+  outs = [ps.polysketch_attention(*args, block_size=128, causal=causal, implementation="pallas",
+                                  interpret=True,
+                                  tile_config=tpu_config.TileConfig(bf16_phi=flag))
+          for causal in (True, False) for flag in (False, True)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_array_equal(outs[2], outs[3])
+  for name in tpu_config.GENERATIONS:
+    tiles = tpu_config.resolve_tiles(tpu_config.TileConfig(generation=name), block_size=256,
+                                     head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
+                                     feature_dtype=jnp.bfloat16)
+    assert tiles.bf16_phi == (name == "v6e")
