@@ -21,10 +21,12 @@ DEMO_DEFAULTS = ["--pairs", "1", "--queries", "8", "--context", "512", "--steps"
                  "--eval-every", "50"]
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+  """Runs the demo; returns 0 (the console script's exit status)."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  return train.main(DEMO_DEFAULTS + argv)
+  train.main(DEMO_DEFAULTS + argv)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -144,3 +144,11 @@ def test_cli_rejects_bad_flags():
     train_mod.build_parser().parse_args(["--attention", "flash"])
   with pytest.raises(SystemExit):
     train_mod.build_parser().parse_args(["--local-exact", "maybe"])
+
+
+def test_demo_console_entry_exits_zero(capsys):
+  """`polysketch-demo` is `sys.exit(demo.main())`: it must return 0, not a dict."""
+  from pallas_polysketch import demo
+  assert demo.main(["--steps", "2", "--eval-every", "2", "--eval-batches", "1",
+                    "--batch-size", "2", "--context", "128", "--no-progress"]) == 0
+  assert "final val loss" in capsys.readouterr().out
