@@ -103,7 +103,7 @@ class TileConfig:
       when exporting from a CPU host).
     bf16_phi: in the forward kernels, form phi = f (x) f of bf16 features in
       bf16 (bit-identical to forming it in f32 and rounding). None: where the
-      VPU has bf16 (v6e: 4% fewer forward cycles in the static schedule; on
+      VPU has bf16 (v6e: 6% fewer forward cycles in the static schedule; on
       v5e it costs 11% more).
   """
   local_tile: int | None = None
