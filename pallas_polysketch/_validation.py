@@ -18,6 +18,12 @@ def check_degree(degree, *, name: str = "degree") -> int:
   return int(degree)
 
 
+def check_positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
 def check_block_size(block_size, *, name: str = "block_size") -> int:
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {block_size!r}")

@@ -29,10 +29,12 @@ import jax.numpy as jnp
 from flax import linen
 from flax import nnx
 
+from pallas_polysketch import _validation
 from pallas_polysketch.attention import IMPLEMENTATIONS, polysketch_attention
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.sketches import (
     LAYER_NORM_EPS,
+    check_random_degree,
     learned_sketch_features,
     learned_sketch_init,
     random_sketch_features,
@@ -68,11 +70,6 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE) -> jax.Array:
   x1, x2 = x32[..., :half], x32[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def _check_positive_int(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _variables_to_arrays(tree):
@@ -112,8 +109,8 @@ class PolySketchAttention(nnx.Module):
                local_exact: bool = True, causal: bool = True, rope: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
                implementation: str | None = None, rngs: nnx.Rngs):
-    _check_positive_int("in_features", in_features)
-    _check_positive_int("num_heads", num_heads)
+    _validation.check_positive_int("in_features", in_features)
+    _validation.check_positive_int("num_heads", num_heads)
     if attention not in ATTENTIONS:
       raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if sketch not in SKETCHES:
@@ -124,22 +121,18 @@ class PolySketchAttention(nnx.Module):
             f"in_features ({in_features}) must be divisible by num_heads "
             f"({num_heads}) when head_dim is not given")
       head_dim = in_features // num_heads
-    _check_positive_int("head_dim", head_dim)
+    _validation.check_positive_int("head_dim", head_dim)
     if num_kv_heads is None:
       num_kv_heads = num_heads
-    _check_positive_int("num_kv_heads", num_kv_heads)
+    _validation.check_positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
       raise ValueError(
           f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
-    _check_positive_int("sketch_dim", sketch_dim)
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree <= 0 or degree % 2:
-      raise ValueError(f"degree must be a positive even int, got {degree!r}")
-    if attention == "polysketch" and sketch == "random" and degree & (degree - 1):
-      raise ValueError(
-          f"the random sketch needs a degree that is a power of two, got {degree}")
-    if (isinstance(block_size, bool) or not isinstance(block_size, int)
-        or block_size <= 0 or block_size % 8):
-      raise ValueError(f"block_size must be a positive multiple of 8, got {block_size!r}")
+    _validation.check_positive_int("sketch_dim", sketch_dim)
+    _validation.check_degree(degree)
+    if attention == "polysketch" and sketch == "random":
+      check_random_degree(degree)
+    _validation.check_block_size(block_size)
     if rope and head_dim % 2:
       raise ValueError(f"rope needs an even head_dim, got {head_dim}")
     if implementation not in IMPLEMENTATIONS:

@@ -27,12 +27,13 @@ def self_tensor(features: jax.Array) -> jax.Array:
 # Random sketch (paper, Algorithm 1).
 # ----------------------------------------------------------------------------
 
-def _check_random_degree(degree) -> int:
+def check_random_degree(degree) -> int:
+  """A degree the random sketch supports: a power of two >= 2."""
   degree = _validation.check_degree(degree)
   if degree & (degree - 1):
     raise ValueError(
-        f"the random sketch supports degrees that are powers of two (2, 4, 8, ...), "
-        f"got degree={degree}")
+        f"the random sketch needs a degree that is a power of two; it supports "
+        f"powers of two (2, 4, 8, ...), got degree={degree}")
   return degree
 
 
@@ -56,10 +57,9 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     {"g1": [d_in, r], "g2": [d_in, r], "left": ..., "right": ...} with d_in =
     head_dim at the innermost level and r above it.
   """
-  degree = _check_random_degree(degree)
-  for name, value in (("head_dim", head_dim), ("sketch_dim", sketch_dim)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  degree = check_random_degree(degree)
+  _validation.check_positive_int("head_dim", head_dim)
+  _validation.check_positive_int("sketch_dim", sketch_dim)
 
   def init(key, level):  # parameters of S_level
     if level == 1:
@@ -122,9 +122,8 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> 
     {"branch1": [block, block], "branch2": [block, block]} with each block
     {"ln_scale": [d_in], "ln_bias": [d_in], "w_in": [d_in, 8r], "w_out": [8r, r]}.
   """
-  for name, value in (("head_dim", head_dim), ("sketch_dim", sketch_dim)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  _validation.check_positive_int("head_dim", head_dim)
+  _validation.check_positive_int("sketch_dim", sketch_dim)
   hidden = 8 * sketch_dim
 
   def block(key, d_in):
