@@ -1,24 +1,35 @@
 """Backward Pallas TPU kernels of PolySketch attention (DESIGN §1.4).
 
 No per-block state is saved by the forward; both kernels recompute what they
-need, as FlashAttention recomputes P. With g = dO (computed in XLA beforehand):
+need, as FlashAttention recomputes P. With g = dO (in XLA beforehand):
 
   dnum = g / den,   dden = -(g . O) / den           per query row
   G^T  = [dnum^T; dden^T; 0]    (H + 16, b)         tokens on lanes
   V^T  = [v^T; 1; 0]            (H + 16, b)         as in the forward
 
 Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
-[S, z] (r^2, H + 16) in float32 VMEM; dPhi_q^T = [S, z] G^T is one NN matmul,
-then df_q = (M + M^T) f_q. It also produces the local dQ (or df_q when the
-diagonal block is sketched).
+[S, z] (r^2, H + 16) in float32 VMEM from the initial state;
+dPhi_q^T = [S, z] G^T is one NN matmul, then df_q = (M + M^T) f_q. It also
+produces the local dQ (or df_q when the diagonal block is sketched).
 
 Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
-[R, rho] = sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t'] (r^2, H + 16):
-dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R, then the local dK, dV (df_k).
+[R, rho] = d(final state) + sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t']
+(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R, then the local dK,
+dV (df_k). After the first block the carry is the initial state's cotangent.
 
-Non-causal attention uses the same kernels with the full-sequence [S, z] or
-[R, rho] passed in (one reduction pass each, `_outer_sum_kernel`) and no
-local block or update.
+Both grids run over kv heads; the G query heads of a group are handled inside
+the kernel, so the state is rebuilt once per kv head and dK, dV, df_k are
+summed over the group in VMEM (no race, no repeated K or V in HBM).
+
+Precision. [S, z] G^T and [R, rho] V^T cancel: S^T dnum + z dden =
+(S^T g - z (g . O)) / den is small where O is close to what the state predicts.
+So those products take float32 operands at full precision (dnum, dden in f32,
+never rounded to bf16), and the local dL = (g v^T) / den + dden is formed from
+the bf16 cotangent g itself (exact bf16 products, f32 accumulation) rather
+than from a rounded dnum.
+
+Non-causal attention is `state_sum` then `apply_state` (see `_pallas`); their
+backward passes reuse the same kernels without a local block or an update.
 """
 from __future__ import annotations
 
@@ -30,9 +41,11 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, nbytes, outer_sum,
-    phi_t, phi_t_vjp)
+    HIGHEST, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
+    outer_sum, phi_t, phi_t_vjp, precision_for)
+from pallas_polysketch._pallas_forward import to_kernel_layout
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
+
 
 def _local_grad_scores(s, dl, *, degree, local_exact):
   """ds = dL * dw/ds for w = s^p (exact) or w = s^2 (sketched)."""
@@ -41,93 +54,119 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _dq_kernel(*refs, degree, causal, local_exact, local_tile):
+def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial):
   """Forward walk: dQ (local) and df_q (prefix; local too when sketched)."""
   refs = list(refs)
   if causal:
     (q_ref, k_ref, v_ref, v_t_ref, fq_t_ref, fk_t_ref, fq_ref, fk_ref,
-     dnum_ref, dnum_t_ref, dden_row_ref, dden_col_ref) = refs[:12]
-    local_out_ref, dfq_t_ref, state_ref = refs[12:]
+     g_ref, dnum_t_ref, dden_row_ref, scal_ref) = refs[:12]
+    refs = refs[12:]
+    init_ref = refs.pop(0) if has_initial else None
+    local_out_ref, dfq_t_ref, state_ref = refs
+    group = q_ref.shape[0]
   else:
     state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
-  mm_dtype = dnum_t_ref.dtype
+    group = 1
 
   if causal:
     @pl.when(pl.program_id(2) == 0)
     def _():
-      state_ref[...] = jnp.zeros_like(state_ref)
-
-  # Prefix: dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
-  g_aug = augment_g_t(dnum_t_ref[...], dden_row_ref[...])
-  dphi_q = jnp.dot(state_ref[...].astype(mm_dtype), g_aug,
-                   preferred_element_type=jnp.float32)
-  dfq_t = phi_t_vjp(dphi_q, fq_t_ref[...])
-  dfq_t_ref[...] = dfq_t.astype(dfq_t_ref.dtype)
-  if not causal:
-    return
-
-  # Local block: ds = (dnum V^T + dden 1^T) * dw/ds, dQ = ds K (or df_q = ds f_k).
-  block = q_ref.shape[0]
-  for i in range(block // local_tile):
-    qs = pl.ds(i * local_tile, local_tile)
-    width = q_ref.shape[1] if local_exact else fq_ref.shape[1]
-    acc = jnp.zeros((local_tile, width), jnp.float32)
-    for j in range(i + 1):
-      ks = pl.ds(j * local_tile, local_tile)
-      if local_exact:
-        s = jax.lax.dot_general(q_ref[qs, :], k_ref[ks, :], NT_DIMS,
-                                preferred_element_type=jnp.float32)
+      if has_initial:
+        state_ref[...] = init_ref[...]
       else:
-        s = jax.lax.dot_general(fq_ref[qs, :], fk_ref[ks, :], NT_DIMS,
-                                preferred_element_type=jnp.float32)
-      dl = jax.lax.dot_general(dnum_ref[qs, :], v_ref[ks, :], NT_DIMS,
-                               preferred_element_type=jnp.float32)
-      dl = dl + dden_col_ref[qs, :]
-      ds = _local_grad_scores(s, dl, degree=degree, local_exact=local_exact)
-      if i == j:
-        ds = jnp.where(causal_mask(local_tile, lower=True), ds, 0.0)
-      rhs = k_ref[ks, :] if local_exact else fk_ref[ks, :]
-      acc += jnp.dot(ds.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32)
-    local_out_ref[qs, :] = acc.astype(local_out_ref.dtype)
+        state_ref[...] = jnp.zeros_like(state_ref)
 
-  # Update: [S, z] += Phi_k^T [V, 1].
+  state = state_ref[...]
+  for gi in range(group):
+    sel = (gi,) if causal else (...,)
+    # Prefix: dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
+    g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
+    dphi_q = jnp.dot(state, g_aug, preferred_element_type=jnp.float32, precision=HIGHEST)
+    dfq_t_ref[sel] = phi_t_vjp(dphi_q, fq_t_ref[sel]).astype(dfq_t_ref.dtype)
+    if not causal:
+      return
+
+    # Local block: dL = g v^T / den + dden, ds = dL * dw/ds, dQ = ds K (or df_q = ds f_k).
+    block = q_ref.shape[1]
+    width = q_ref.shape[2] if local_exact else fq_ref.shape[2]
+    for i in range(block // local_tile):
+      qs = pl.ds(i * local_tile, local_tile)
+      acc = jnp.zeros((local_tile, width), jnp.float32)
+      inv_den = scal_ref[gi, qs, 0:1]
+      dden = scal_ref[gi, qs, 1:2]
+      for j in range(i + 1):
+        ks = pl.ds(j * local_tile, local_tile)
+        if local_exact:
+          lhs, rhs = q_ref[gi, qs, :], k_ref[ks, :]
+        else:
+          lhs, rhs = fq_ref[gi, qs, :], fk_ref[ks, :]
+        s = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
+                                precision=precision_for(lhs.dtype))
+        gv = jax.lax.dot_general(g_ref[gi, qs, :], v_ref[ks, :], NT_DIMS,
+                                 preferred_element_type=jnp.float32,
+                                 precision=precision_for(v_ref.dtype))
+        ds = _local_grad_scores(s, gv * inv_den + dden, degree=degree,
+                                local_exact=local_exact)
+        if i == j:
+          ds = jnp.where(causal_mask(local_tile, lower=True), ds, 0.0)
+        acc += jnp.dot(ds.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
+                       precision=precision_for(rhs.dtype))
+      local_out_ref[gi, qs, :] = acc.astype(local_out_ref.dtype)
+
+  # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
+  mm_dtype = v_t_ref.dtype
   phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
   state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t_ref[...]), NT_DIMS,
-                                        preferred_element_type=jnp.float32)
+                                        preferred_element_type=jnp.float32,
+                                        precision=precision_for(mm_dtype))
 
 
-def _dkv_kernel(*refs, degree, causal, local_exact, local_tile):
+def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
+                emit_initial):
   """Reverse walk: dV, df_k (prefix); dK, dV (local; df_k when sketched)."""
   refs = list(refs)
   if causal:
     (q_ref, k_ref, v_ref, v_t_ref, fq_t_ref, fk_t_ref, fq_ref, fk_ref,
-     dnum_ref, dnum_t_ref, dden_row_ref) = refs[:11]
-    local_out_ref, dv_ref, dfk_t_ref, carry_ref = refs[11:]
+     g_ref, dnum_ref, dnum_t_ref, scal_t_ref) = refs[:12]
+    refs = refs[12:]
+    init_ref = refs.pop(0) if has_initial else None
+    local_out_ref, dv_ref, dfk_t_ref = refs[:3]
+    refs = refs[3:]
+    d_initial_ref = refs.pop(0) if emit_initial else None
+    (carry_ref,) = refs
   else:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
   head_dim = v_t_ref.shape[0]
   mm_dtype = v_t_ref.dtype
+  prec = precision_for(mm_dtype)
 
   if causal:
     @pl.when(pl.program_id(2) == 0)
     def _():
-      carry_ref[...] = jnp.zeros_like(carry_ref)
+      if has_initial:
+        carry_ref[...] = init_ref[...]
+      else:
+        carry_ref[...] = jnp.zeros_like(carry_ref)
 
   # Prefix, with [R, rho] of the blocks after this one:
-  # dPhi_k^T = [R, rho] [V^T; 1], dV = Phi_k R.
-  carry = carry_ref[...].astype(mm_dtype)
+  # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
+  carry = carry_ref[...]
+  v_aug = augment_v_t(v_t_ref[...])
+  dphi_k = jnp.dot(carry, v_aug.astype(jnp.float32), preferred_element_type=jnp.float32,
+                   precision=HIGHEST)
+  dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
   phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
-  dphi_k = jnp.dot(carry, augment_v_t(v_t_ref[...]), preferred_element_type=jnp.float32)
-  dfk_t_ref[...] = phi_t_vjp(dphi_k, fk_t_ref[...]).astype(dfk_t_ref.dtype)
-  dv = jax.lax.dot_general(phi_k, carry[:, :head_dim], TN_DIMS,
-                           preferred_element_type=jnp.float32)
+  dv = jax.lax.dot_general(phi_k, carry[:, :head_dim].astype(mm_dtype), TN_DIMS,
+                           preferred_element_type=jnp.float32, precision=prec)
   if not causal:
     dv_ref[...] = dv.astype(dv_ref.dtype)
+    dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
     return
 
   # Local block, transposed (keys on rows): L^T = w(k q^T),
-  # dL^T = v dnum^T + 1 dden^T, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum.
-  block = k_ref.shape[0]
+  # dL^T = v g^T / den + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum,
+  # summed over the group's query heads.
+  group, block = q_ref.shape[0], k_ref.shape[0]
   h_or_r = k_ref.shape[1] if local_exact else fk_ref.shape[1]
   num_tiles = block // local_tile
   dv_tiles = []
@@ -135,184 +174,263 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile):
     ks = pl.ds(j * local_tile, local_tile)
     dk_acc = jnp.zeros((local_tile, h_or_r), jnp.float32)
     dv_acc = dv[j * local_tile:(j + 1) * local_tile, :]
-    for i in range(j, num_tiles):
-      qs = pl.ds(i * local_tile, local_tile)
-      if local_exact:
-        s_t = jax.lax.dot_general(k_ref[ks, :], q_ref[qs, :], NT_DIMS,
-                                  preferred_element_type=jnp.float32)
-        w_t = jax.lax.integer_pow(s_t, degree)
-      else:
-        s_t = jax.lax.dot_general(fk_ref[ks, :], fq_ref[qs, :], NT_DIMS,
-                                  preferred_element_type=jnp.float32)
-        w_t = s_t * s_t
-      dl_t = jax.lax.dot_general(v_ref[ks, :], dnum_ref[qs, :], NT_DIMS,
-                                 preferred_element_type=jnp.float32)
-      dl_t = dl_t + dden_row_ref[:, qs]
-      ds_t = _local_grad_scores(s_t, dl_t, degree=degree, local_exact=local_exact)
-      if i == j:
-        upper = causal_mask(local_tile, lower=False)
-        ds_t = jnp.where(upper, ds_t, 0.0)
-        w_t = jnp.where(upper, w_t, 0.0)
-      rhs = q_ref[qs, :] if local_exact else fq_ref[qs, :]
-      dk_acc += jnp.dot(ds_t.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32)
-      dv_acc += jnp.dot(w_t.astype(mm_dtype), dnum_ref[qs, :],
-                        preferred_element_type=jnp.float32)
+    for gi in range(group):
+      for i in range(j, num_tiles):
+        qs = pl.ds(i * local_tile, local_tile)
+        if local_exact:
+          lhs, rhs = k_ref[ks, :], q_ref[gi, qs, :]
+        else:
+          lhs, rhs = fk_ref[ks, :], fq_ref[gi, qs, :]
+        s_t = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
+                                  precision=precision_for(lhs.dtype))
+        w_t = jax.lax.integer_pow(s_t, degree) if local_exact else s_t * s_t
+        vg = jax.lax.dot_general(v_ref[ks, :], g_ref[gi, qs, :], NT_DIMS,
+                                 preferred_element_type=jnp.float32, precision=prec)
+        dl_t = vg * scal_t_ref[gi, 0:1, qs] + scal_t_ref[gi, 1:2, qs]
+        ds_t = _local_grad_scores(s_t, dl_t, degree=degree, local_exact=local_exact)
+        if i == j:
+          upper = causal_mask(local_tile, lower=False)
+          ds_t = jnp.where(upper, ds_t, 0.0)
+          w_t = jnp.where(upper, w_t, 0.0)
+        dk_acc += jnp.dot(ds_t.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
+                          precision=precision_for(rhs.dtype))
+        dv_acc += jnp.dot(w_t.astype(mm_dtype), dnum_ref[gi, qs, :],
+                          preferred_element_type=jnp.float32, precision=prec)
     local_out_ref[ks, :] = dk_acc.astype(local_out_ref.dtype)
     dv_tiles.append(dv_acc)
   dv_ref[...] = jnp.concatenate(dv_tiles, axis=0).astype(dv_ref.dtype)
+  dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
 
-  # Update: [R, rho] += Phi_q^T [dnum, dden].
-  phi_q = phi_t(fq_t_ref[...]).astype(mm_dtype)
-  g_aug = augment_g_t(dnum_t_ref[...], dden_row_ref[...])
-  carry_ref[...] += jax.lax.dot_general(phi_q, g_aug, NT_DIMS,
-                                        preferred_element_type=jnp.float32)
+  # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
+  for gi in range(group):
+    g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
+    carry_ref[...] += jax.lax.dot_general(phi_t(fq_t_ref[gi]), g_aug, NT_DIMS,
+                                          preferred_element_type=jnp.float32,
+                                          precision=HIGHEST)
+
+  if emit_initial:
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+      d_initial_ref[...] = carry_ref[...]
 
 
 def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
-                   causal, local_tile=None) -> tuple[int, int]:
+                   causal, local_tile=None, kv_heads=None) -> tuple[int, int]:
   """Flops of (kernel 1, kernel 2) for CostEstimate and the roofline."""
+  kv_heads = kv_heads or heads
   r2 = sketch_dim * sketch_dim
   rows = head_dim + NORMALISER_ROWS
   nb = seq // block_size
   phi = 2 * r2 * block_size
-  k1 = phi + 2 * r2 * rows * block_size + 4 * r2 * block_size  # read + phi vjp
-  k2 = phi + 2 * r2 * rows * block_size + 2 * r2 * head_dim * block_size + 4 * r2 * block_size
+  # Per query head: the state (or carry) product and the phi vjp.
+  k1_q = phi + 2 * r2 * rows * block_size + 4 * r2 * block_size
+  k2_kv = phi + 2 * r2 * rows * block_size + 2 * r2 * head_dim * block_size + 4 * r2 * block_size
+  k1_kv = k2_q = 0
   if causal:
     lt = local_tile or block_size
     n = block_size // lt
     tiles = n * (n + 1) // 2
-    k1 += phi + 2 * r2 * rows * block_size + tiles * 3 * (2 * lt * lt * head_dim)
-    k2 += phi + 2 * r2 * rows * block_size + tiles * 4 * (2 * lt * lt * head_dim)
-  return batch * heads * nb * k1, batch * heads * nb * k2
+    k1_kv = phi + 2 * r2 * rows * block_size                       # state update
+    k1_q += tiles * 3 * (2 * lt * lt * head_dim)                   # s, g v^T, ds k
+    k2_q = phi + 2 * r2 * rows * block_size + tiles * 4 * (2 * lt * lt * head_dim)
+  return (batch * nb * (heads * k1_q + kv_heads * k1_kv),
+          batch * nb * (heads * k2_q + kv_heads * k2_kv))
 
 
-def polysketch_backward(q, k, v, q_features, k_features, o, den, do, *, degree,
-                        block_size, causal, local_exact, tiles: ResolvedTiles,
-                        interpret=False):
-  """Gradients of the forward for cotangent do.
+def _row_terms(o, den, do):
+  """g (input dtype), dnum (input dtype and f32), and per-row (1/den, dden), all
+  [B, T, N, ...], from do [B, T, N, H] and den [B, N, 1, T]."""
+  den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
+  do32 = do.astype(jnp.float32)
+  inv_den = 1.0 / den_btn
+  dnum32 = do32 * inv_den[..., None]
+  dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
+  return dnum32, jnp.stack([inv_den, dden], axis=-1)             # [B, T, N, 2]
+
+
+def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, block_size,
+                    local_exact, tiles: ResolvedTiles, interpret=False,
+                    initial_state=None, d_final_state=None):
+  """Gradients of the causal forward for cotangents do (and the final state's).
 
   Args:
-    q, k, v, do, o: [B, T, N, H]; q_features, k_features: [B, T, N, r];
-    den: [B, N, 1, T] float32 from the forward.
+    q, do, o [B, T, N, H]; k, v [B, T, K, H]; q_features [B, T, N, r],
+    k_features [B, T, K, r]; den [B, N, 1, T] float32 from the forward;
+    initial_state, d_final_state: None or [B, K, r^2, H + 16] float32 ([S, z]).
   Returns:
-    dq, dk, dv, dq_features, dk_features in the input shapes and dtypes.
+    dq, dk, dv, dq_features, dk_features in the input shapes and dtypes, and the
+    initial state's cotangent [B, K, r^2, H + 16] (None without initial_state).
   """
   b_, t, n, h = q.shape
+  kv = k.shape[2]
+  group = n // kv
   r = q_features.shape[-1]
   nb = t // block_size
   mm_dtype = q.dtype
   rows = h + NORMALISER_ROWS
-
-  # dnum = g / den, dden = -(g . O) / den, in XLA (fused with the transposes).
-  den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))          # [B, T, N]
-  do32 = do.astype(jnp.float32)
-  dnum = (do32 / den_btn[..., None]).astype(mm_dtype)           # [B, T, N, H]
-  dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) / den_btn  # [B, T, N]
-
-  to_bnth = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, T, N, D] -> [B, N, T, D]
-  to_bndt = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # [B, T, N, D] -> [B, N, D, T]
-  v_t, fq_t, fk_t, dnum_t = map(to_bndt, (v, q_features, k_features, dnum))
-  dden_row = jnp.transpose(dden, (0, 2, 1))[:, :, None, :]     # [B, N, 1, T]
-  params = _compat.TPUCompilerParams(
-      dimension_semantics=("parallel", "parallel", "arbitrary"),
-      vmem_limit_bytes=tiles.vmem_limit_bytes)
-  col = lambda d, rev=False: pl.BlockSpec(
-      (None, None, d, block_size),
-      (lambda bi, ni, ti: (bi, ni, 0, nb - 1 - ti)) if rev else
-      (lambda bi, ni, ti: (bi, ni, 0, ti)))
-  row = lambda d, rev=False: pl.BlockSpec(
-      (None, None, block_size, d),
-      (lambda bi, ni, ti: (bi, ni, nb - 1 - ti, 0)) if rev else
-      (lambda bi, ni, ti: (bi, ni, ti, 0)))
-  whole = pl.BlockSpec((None, None, r * r, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
-  flops1, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=causal,
-                                  local_tile=tiles.local_tile)
 
-  if causal:
-    q_r, k_r, v_r, fq_r, fk_r, dnum_r = map(to_bnth, (q, k, v, q_features, k_features, dnum))
-    dden_col = jnp.transpose(dden, (0, 2, 1))[..., None]        # [B, N, T, 1]
-    kw = dict(degree=degree, causal=True, local_exact=local_exact,
-              local_tile=tiles.local_tile)
-    ins1 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, dnum_r, dnum_t, dden_row, dden_col)
-    # The local block feeds dQ (exact) or df_q (sketched): one output either way.
-    local_width, local_dtype = (h, q.dtype) if local_exact else (r, f32)
-    dlocal_q, dfq_t = pl.pallas_call(
-        functools.partial(_dq_kernel, **kw),
-        grid=(b_, n, nb),
-        in_specs=[row(h), row(h), row(h), col(h), col(r), col(r), row(r), row(r),
-                  row(h), col(h), col(1), row(1)],
-        out_specs=[row(local_width), col(r)],
-        out_shape=[sds((b_, n, t, local_width), local_dtype), sds((b_, n, r, t), f32)],
-        scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
-        compiler_params=params, interpret=interpret,
-        cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
-                                           bytes_accessed=nbytes(*ins1) + nbytes(q, q_features)),
-        name="polysketch_bwd_dq",
-    )(*ins1)
-    ins2 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, dnum_r, dnum_t, dden_row)
-    dlocal_k, dv_r, dfk_t = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kw),
-        grid=(b_, n, nb),
-        in_specs=[row(h, True), row(h, True), row(h, True), col(h, True), col(r, True),
-                  col(r, True), row(r, True), row(r, True), row(h, True), col(h, True),
-                  col(1, True)],
-        out_specs=[row(local_width, True), row(h, True), col(r, True)],
-        out_shape=[sds((b_, n, t, local_width), local_dtype), sds((b_, n, t, h), q.dtype),
-                   sds((b_, n, r, t), f32)],
-        scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
-        compiler_params=params, interpret=interpret,
-        cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
-                                           bytes_accessed=nbytes(*ins2) + nbytes(k, v, k_features)),
-        name="polysketch_bwd_dkv",
-    )(*ins2)
-    back = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, N, T, D] -> [B, T, N, D]
-    dv = back(dv_r)
-    dfq = jnp.transpose(dfq_t, (0, 3, 1, 2))
-    dfk = jnp.transpose(dfk_t, (0, 3, 1, 2))
-    if local_exact:
-      dq, dk = back(dlocal_q), back(dlocal_k)
-    else:
-      dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
-      dfq, dfk = dfq + back(dlocal_q), dfk + back(dlocal_k)
+  dnum32, scal = _row_terms(o, den, do)
+  q_r, k_r, v_t, fq_t, fk_t = to_kernel_layout(q, k, v, q_features, k_features)
+  rows_g = lambda x: group_view(jnp.transpose(x, (0, 2, 1, 3)), kv)   # -> [B, K, G, T, D]
+  cols_g = lambda x: group_view(jnp.transpose(x, (0, 2, 3, 1)), kv)   # -> [B, K, G, D, T]
+  k_rows = lambda x: jnp.transpose(x, (0, 2, 1, 3))                   # -> [B, K, T, D]
+  v_r, fk_r = k_rows(v), k_rows(k_features)
+  fq_r, g_r = rows_g(q_features), rows_g(do.astype(mm_dtype))
+  dnum_r = rows_g(dnum32.astype(mm_dtype))
+  dnum_t = cols_g(dnum32)
+  scal_r, scal_t = rows_g(scal), cols_g(scal)
+  dden_row = scal_t[:, :, :, 1:2, :]
+
+  def spec(shape, grouped, rev):
+    """Block (G?, shape) of the block walked at step ti (reversed: nb - 1 - ti);
+    shape is (b, D) (tokens on rows) or (D, b) given as ("t", D) / (D, "t")."""
+    lead = (None, None) + ((group,) if grouped else ())
+    tok_axis = shape.index("t")
+    shape = tuple(block_size if d == "t" else d for d in shape)
+    def index(bi, ni, ti):
+      blk = nb - 1 - ti if rev else ti
+      idx = [0, 0]
+      idx[tok_axis] = blk
+      return (bi, ni) + ((0,) if grouped else ()) + tuple(idx)
+    return pl.BlockSpec(lead + tuple(shape), index)
+
+  whole = pl.BlockSpec((None, None, r * r, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
+  params = _compat.TPUCompilerParams(
+      dimension_semantics=("parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=tiles.backward_vmem_limit_bytes)
+  flops1, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=True,
+                                  local_tile=tiles.local_tile, kv_heads=kv)
+  b, lw = "t", (h if local_exact else r)
+  local_dtype = q.dtype if local_exact else f32
+  has_initial = initial_state is not None
+  kw = dict(degree=degree, causal=True, local_exact=local_exact, local_tile=tiles.local_tile)
+
+  def specs(rev):
+    return [spec((b, h), True, rev), spec((b, h), False, rev), spec((b, h), False, rev),
+            spec((h, b), False, rev), spec((r, b), True, rev), spec((r, b), False, rev),
+            spec((b, r), True, rev), spec((b, r), False, rev), spec((b, h), True, rev)]
+
+  ins1 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_t, dden_row, scal_r)
+  ins1 += (initial_state,) if has_initial else ()
+  dlocal_q, dfq_t = pl.pallas_call(
+      functools.partial(_dq_kernel, has_initial=has_initial, **kw),
+      grid=(b_, kv, nb),
+      in_specs=specs(False) + [spec((h, b), True, False), spec((1, b), True, False),
+                               spec((b, 2), True, False)] + ([whole] if has_initial else []),
+      out_specs=[spec((b, lw), True, False), spec((r, b), True, False)],
+      out_shape=[sds((b_, kv, group, t, lw), local_dtype), sds((b_, kv, group, r, t), f32)],
+      scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
+      compiler_params=params, interpret=interpret,
+      cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
+                                         bytes_accessed=nbytes(*ins1) + nbytes(q, q_features)),
+      name="polysketch_bwd_dq",
+  )(*ins1)
+
+  emit_initial = has_initial
+  has_carry = d_final_state is not None
+  ins2 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_r, dnum_t, scal_t)
+  ins2 += (d_final_state,) if has_carry else ()
+  outs = pl.pallas_call(
+      functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial, **kw),
+      grid=(b_, kv, nb),
+      in_specs=specs(True) + [spec((b, h), True, True), spec((h, b), True, True),
+                              spec((2, b), True, True)] + ([whole] if has_carry else []),
+      out_specs=[spec((b, lw), False, True), spec((b, h), False, True),
+                 spec((r, b), False, True)] + ([whole] if emit_initial else []),
+      out_shape=[sds((b_, kv, t, lw), local_dtype), sds((b_, kv, t, h), k.dtype),
+                 sds((b_, kv, r, t), f32)] + (
+                     [sds((b_, kv, r * r, rows), f32)] if emit_initial else []),
+      scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
+      compiler_params=params, interpret=interpret,
+      cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
+                                         bytes_accessed=nbytes(*ins2) + nbytes(k, v, k_features)),
+      name="polysketch_bwd_dkv",
+  )(*ins2)
+  dlocal_k, dv_r, dfk_t = outs[:3]
+  d_initial = outs[3] if emit_initial else None
+
+  q_back = lambda x: jnp.transpose(x.reshape(b_, n, t, -1), (0, 2, 1, 3))
+  kv_back = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  dv = kv_back(dv_r)
+  dfq = jnp.transpose(dfq_t.reshape(b_, n, r, t), (0, 3, 1, 2))
+  dfk = jnp.transpose(dfk_t, (0, 3, 1, 2))
+  if local_exact:
+    dq, dk = q_back(dlocal_q), kv_back(dlocal_k)
   else:
-    sums = dict(block_size=block_size, vmem_limit_bytes=tiles.vmem_limit_bytes,
-                interpret=interpret)
-    state = outer_sum(v_t, fk_t, **sums)
-    carry = outer_sum(dnum_t, fq_t, dden_row, **sums)
-    parallel = _compat.TPUCompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel"),
-        vmem_limit_bytes=tiles.vmem_limit_bytes)
-    kw = dict(degree=degree, causal=False, local_exact=local_exact,
-              local_tile=tiles.local_tile)
-    dfq_t = pl.pallas_call(
-        functools.partial(_dq_kernel, **kw),
-        grid=(b_, n, nb),
-        in_specs=[whole, col(r), col(h), col(1)],
-        out_specs=col(r),
-        out_shape=sds((b_, n, r, t), f32),
-        compiler_params=parallel, interpret=interpret,
-        cost_estimate=_compat.CostEstimate(
-            flops=flops1, transcendentals=0,
-            bytes_accessed=nbytes(state, q_features, dnum_t, dden_row, q_features)),
-        name="polysketch_bwd_dq",
-    )(state, fq_t, dnum_t, dden_row)
-    dv_r, dfk_t = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kw),
-        grid=(b_, n, nb),
-        in_specs=[whole, col(h), col(r)],
-        out_specs=[row(h), col(r)],
-        out_shape=[sds((b_, n, t, h), q.dtype), sds((b_, n, r, t), f32)],
-        compiler_params=parallel, interpret=interpret,
-        cost_estimate=_compat.CostEstimate(
-            flops=flops2, transcendentals=0,
-            bytes_accessed=nbytes(carry, v, k_features, v, k_features)),
-        name="polysketch_bwd_dkv",
-    )(carry, v_t, fk_t)
-    dq = jnp.zeros_like(q)
-    dk = jnp.zeros_like(k)
-    dv = jnp.transpose(dv_r, (0, 2, 1, 3))
-    dfq = jnp.transpose(dfq_t, (0, 3, 1, 2))
-    dfk = jnp.transpose(dfk_t, (0, 3, 1, 2))
-  return (dq, dk, dv, dfq.astype(q_features.dtype), dfk.astype(k_features.dtype))
+    dq, dk = jnp.zeros_like(q), jnp.zeros_like(k)
+    dfq, dfk = dfq + q_back(dlocal_q), dfk + kv_back(dlocal_k)
+  grads = (dq, dk, dv, dfq.astype(q_features.dtype), dfk.astype(k_features.dtype))
+  return grads, d_initial
+
+
+def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=False):
+  """VJP of `state_sum`: d_state [B, K, r^2, H + 16] -> (dv, dk_features)."""
+  b_, t, kv, h = v.shape
+  r = k_features.shape[-1]
+  nb = t // block_size
+  v_t = jnp.transpose(v, (0, 2, 3, 1))
+  fk_t = jnp.transpose(k_features, (0, 2, 3, 1))
+  col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
+  row = pl.BlockSpec((None, None, block_size, h), lambda bi, ni, ti: (bi, ni, ti, 0))
+  _, flops2 = backward_flops(b_, kv, t, h, r, block_size, causal=False)
+  dv_r, dfk_t = pl.pallas_call(
+      functools.partial(_dkv_kernel, degree=2, causal=False, local_exact=False,
+                        local_tile=tiles.local_tile, has_initial=False, emit_initial=False),
+      grid=(b_, kv, nb),
+      in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
+                             lambda bi, ni, ti: (bi, ni, 0, 0)), col(h), col(r)],
+      out_specs=[row, col(r)],
+      out_shape=[jax.ShapeDtypeStruct((b_, kv, t, h), v.dtype),
+                 jax.ShapeDtypeStruct((b_, kv, r, t), jnp.float32)],
+      compiler_params=_compat.TPUCompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel"),
+          vmem_limit_bytes=tiles.backward_vmem_limit_bytes),
+      interpret=interpret,
+      cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
+                                         bytes_accessed=2 * nbytes(v, k_features, d_state)),
+      name="polysketch_bwd_state_sum",
+  )(d_state, v_t, fk_t)
+  return (jnp.transpose(dv_r, (0, 2, 1, 3)),
+          jnp.transpose(dfk_t, (0, 3, 1, 2)).astype(k_features.dtype))
+
+
+def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
+                         interpret=False):
+  """VJP of `apply_state`: -> (dq_features [B, T, N, r], d_state [B, K, r^2, H + 16]).
+
+  state: [B, K, r^2, H + 16] float32 ([S, z]); o, do [B, T, N, H]; den [B, N, 1, T]."""
+  b_, t, n, r = q_features.shape
+  kv = state.shape[1]
+  group = n // kv
+  h = o.shape[-1]
+  nb = t // block_size
+  dnum32, scal = _row_terms(o, den, do)
+  dnum_t = jnp.transpose(dnum32, (0, 2, 3, 1))                     # [B, N, H, T]
+  dden_row = jnp.transpose(scal[..., 1:2], (0, 2, 3, 1))           # [B, N, 1, T]
+  fq_t = jnp.transpose(q_features, (0, 2, 3, 1))                   # [B, N, r, T]
+  col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
+  flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
+  dfq_t = pl.pallas_call(
+      functools.partial(_dq_kernel, degree=2, causal=False, local_exact=False,
+                        local_tile=tiles.local_tile, has_initial=False),
+      grid=(b_, n, nb),
+      in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
+                             lambda bi, ni, ti: (bi, ni // group, 0, 0)),
+                col(r), col(h), col(1)],
+      out_specs=col(r),
+      out_shape=jax.ShapeDtypeStruct((b_, n, r, t), jnp.float32),
+      compiler_params=_compat.TPUCompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel"),
+          vmem_limit_bytes=tiles.backward_vmem_limit_bytes),
+      interpret=interpret,
+      cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
+                                         bytes_accessed=nbytes(state, q_features, dnum_t)),
+      name="polysketch_bwd_apply_state",
+  )(state, fq_t, dnum_t, dden_row)
+  d_state = outer_sum(group_view(dnum_t, kv), group_view(fq_t, kv), group_view(dden_row, kv),
+                      block_size=block_size, vmem_limit_bytes=tiles.backward_vmem_limit_bytes,
+                      interpret=interpret)
+  dfq = jnp.transpose(dfq_t, (0, 3, 1, 2)).astype(q_features.dtype)
+  return dfq, d_state

@@ -3,6 +3,10 @@
 Conventions: a `_t` suffix means tokens on the lanes ((D, b) tiles); phi is
 the self-tensored feature f (x) f; "augmented" matrices carry the normaliser as
 extra rows (a row of ones below V^T, dden below dnum^T; see `_pallas_forward`).
+
+Grouped-query attention: the kernels run on a grid over kv heads; query-side
+blocks carry the G query heads of the group as a leading block axis, viewed
+for free from [B, N, ...] as [B, K, G, ...] (query head n = kv head n // G).
 """
 from __future__ import annotations
 
@@ -17,6 +21,12 @@ from pallas_polysketch.tpu_config import NORMALISER_ROWS
 
 NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
 TN_DIMS = (((0,), (0,)), ((), ()))   # a^T @ b
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def precision_for(dtype):
+  """Full f32 products for f32 operands (Mosaic's default may use bf16 passes)."""
+  return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def phi_t(f_t, mm_dtype=jnp.float32, *, narrow=False):
@@ -70,10 +80,12 @@ def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal):
   q, k: (n, H) tiles; fq_t, fk_t: (r, n). `diagonal` zeroes j > i.
   """
   if local_exact:
-    s_t = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32)
+    s_t = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32,
+                              precision=precision_for(q.dtype))
     w_t = jax.lax.integer_pow(s_t, degree)
   else:
-    s_t = jax.lax.dot_general(fk_t, fq_t, TN_DIMS, preferred_element_type=jnp.float32)
+    s_t = jax.lax.dot_general(fk_t, fq_t, TN_DIMS, preferred_element_type=jnp.float32,
+                              precision=precision_for(fq_t.dtype))
     w_t = s_t * s_t
   if diagonal:
     w_t = jnp.where(causal_mask(w_t.shape[0], lower=False), w_t, 0.0)
@@ -81,7 +93,9 @@ def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal):
 
 
 def _outer_sum_kernel(*refs, kind):
-  """Sum over all blocks of Phi^T X: (r^2, H + 16), X = [V, 1] or [dnum, dden]."""
+  """Sum over all blocks of Phi^T X: (r^2, H + 16), X = [V, 1] or [dnum, dden].
+
+  kind "g": the query-side blocks hold the G heads of the group, summed too."""
   *in_refs, f_t_ref, out_ref = refs
 
   @pl.when(pl.program_id(2) == 0)
@@ -89,32 +103,42 @@ def _outer_sum_kernel(*refs, kind):
     out_ref[...] = jnp.zeros_like(out_ref)
 
   if kind == "v":
-    rows = augment_v_t(in_refs[0][...])
+    pairs = [(augment_v_t(in_refs[0][...]), f_t_ref[...])]
   else:
-    rows = augment_g_t(in_refs[0][...], in_refs[1][...])
-  phi = phi_t(f_t_ref[...]).astype(rows.dtype)
-  out_ref[...] += jax.lax.dot_general(phi, rows, NT_DIMS,
-                                      preferred_element_type=jnp.float32)
+    pairs = [(augment_g_t(in_refs[0][g], in_refs[1][g]), f_t_ref[g])
+             for g in range(f_t_ref.shape[0])]
+  for rows, f_t in pairs:
+    rows = rows.astype(jnp.float32) if kind == "g" else rows
+    phi = phi_t(f_t).astype(rows.dtype)
+    out_ref[...] += jax.lax.dot_general(phi, rows, NT_DIMS,
+                                        preferred_element_type=jnp.float32,
+                                        precision=precision_for(rows.dtype))
 
 
 def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, interpret):
   """Whole-sequence [S, z] (rows_t = V^T) or [R, rho] (rows_t = dnum^T, extra_row = dden).
 
   Args:
-    rows_t: [B, N, H, T]; extra_row: [B, N, 1, T] or None; f_t: [B, N, r, T].
+    rows_t: [B, K, H, T] (kind v) or [B, K, G, H, T] (kind g);
+    extra_row: None or [B, K, G, 1, T]; f_t: [B, K, r, T] or [B, K, G, r, T].
   Returns:
-    [B, N, r^2, H + 16] float32.
+    [B, K, r^2, H + 16] float32 (kind g: summed over the group). Kind g runs
+    its products in float32: [R, rho] later meets V in a sum that cancels.
   """
-  b_, n, d, t = rows_t.shape
-  r = f_t.shape[2]
   kind = "v" if extra_row is None else "g"
-  col = lambda dd: pl.BlockSpec((None, None, dd, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
-  out_shape = jax.ShapeDtypeStruct((b_, n, r * r, d + NORMALISER_ROWS), jnp.float32)
+  b_, kv = rows_t.shape[:2]
+  d, t = rows_t.shape[-2:]
+  r = f_t.shape[-2]
+  lead = () if kind == "v" else (rows_t.shape[2],)
+  col = lambda dd: pl.BlockSpec((None, None, *lead, dd, block_size),
+                                lambda bi, ni, ti: (bi, ni, *(0,) * len(lead), 0, ti))
+  out_shape = jax.ShapeDtypeStruct((b_, kv, r * r, d + NORMALISER_ROWS), jnp.float32)
   ins = (rows_t, f_t) if extra_row is None else (rows_t, extra_row, f_t)
   in_specs = [col(d), col(r)] if extra_row is None else [col(d), col(1), col(r)]
+  group = lead[0] if lead else 1
   return pl.pallas_call(
       functools.partial(_outer_sum_kernel, kind=kind),
-      grid=(b_, n, t // block_size),
+      grid=(b_, kv, t // block_size),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, r * r, d + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, ni, 0, 0)),
@@ -124,7 +148,7 @@ def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, inte
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(
-          flops=b_ * n * t * (2 * r * r + 2 * r * r * (d + NORMALISER_ROWS)),
+          flops=b_ * kv * group * t * (2 * r * r + 2 * r * r * (d + NORMALISER_ROWS)),
           transcendentals=0,
           bytes_accessed=nbytes(*ins, out_shape)),
       name=f"polysketch_outer_sum_{kind}",
@@ -133,3 +157,8 @@ def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, inte
 
 def nbytes(*arrays) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays)
+
+
+def group_view(x, num_kv_heads):
+  """[B, N, ...] -> [B, K, G, ...] (free: query head n = kv head n // G)."""
+  return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])

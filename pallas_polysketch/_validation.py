@@ -45,33 +45,56 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
         f"{name} must have rank {rank} ({layout}), got shape {getattr(x, 'shape', None)}")
 
 
+def check_normalization_bias(value, *, name: str = "normalization_bias") -> float:
+  """A positive finite number: the constant that keeps the denominator > 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{name} must be a positive float, got {value!r} ({type(value).__name__})")
+  if not np.isfinite(value) or value <= 0:
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  return float(value)
+
+
 def check_qkv(q, k, v) -> None:
-  """q, k, v: [batch, seq, heads, head_dim], identical shapes and dtypes."""
+  """q [batch, seq, num_heads, head_dim]; k, v [batch, seq, num_kv_heads, head_dim]
+  with num_kv_heads dividing num_heads; one dtype."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     check_rank(name, x, 4, "[batch, seq, heads, head_dim]")
     check_float_dtype(name, x)
-  if not q.shape == k.shape == v.shape:
+  if k.shape != v.shape:
     raise ValueError(
-        "q, k and v must have the same [batch, seq, heads, head_dim] shape, got "
+        f"k and v must have the same [batch, seq, num_kv_heads, head_dim] shape, got "
+        f"k {k.shape}, v {v.shape}")
+  if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    raise ValueError(
+        "q and k, v must agree on [batch, seq, ., head_dim], got "
         f"q {q.shape}, k {k.shape}, v {v.shape}")
+  check_head_groups(q.shape[2], k.shape[2])
   if not q.dtype == k.dtype == v.dtype:
     raise TypeError(
         f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
 
 
-def check_features(q, q_features, k_features) -> None:
-  """Features: [batch, seq, heads, sketch_dim], matching q on the first three axes."""
-  layout = "[batch, seq, heads, sketch_dim]"
-  for name, f in (("q_features", q_features), ("k_features", k_features)):
-    check_rank(name, f, 4, layout)
-    check_float_dtype(name, f)
-    if f.shape[:3] != q.shape[:3]:
-      raise ValueError(
-          f"{name} must match q on [batch, seq, heads]: q has {q.shape}, "
-          f"{name} has {f.shape}")
-  if q_features.shape != k_features.shape:
+def check_head_groups(num_heads: int, num_kv_heads: int) -> None:
+  if num_kv_heads <= 0 or num_heads % num_kv_heads:
     raise ValueError(
-        "q_features and k_features must have the same shape, got "
+        f"num_kv_heads={num_kv_heads} (heads of k and v) must divide "
+        f"num_heads={num_heads} (heads of q) for grouped-query attention")
+
+
+def check_features(q, k, q_features, k_features) -> None:
+  """q_features [batch, seq, num_heads, sketch_dim] (as q), k_features
+  [batch, seq, num_kv_heads, sketch_dim] (as k)."""
+  for name, f, x, xname in (("q_features", q_features, q, "q"),
+                            ("k_features", k_features, k, "k")):
+    check_rank(name, f, 4, "[batch, seq, heads, sketch_dim]")
+    check_float_dtype(name, f)
+    if f.shape[:3] != x.shape[:3]:
+      raise ValueError(
+          f"{name} must match {xname} on [batch, seq, heads]: {xname} has {x.shape}, "
+          f"{name} has {f.shape}")
+  if q_features.shape[-1] != k_features.shape[-1]:
+    raise ValueError(
+        "q_features and k_features must have the same sketch_dim, got "
         f"{q_features.shape} and {k_features.shape}")
   if q_features.dtype != k_features.dtype:
     raise TypeError(
@@ -79,3 +102,8 @@ def check_features(q, q_features, k_features) -> None:
         f"{q_features.dtype} and {k_features.dtype}")
   if q_features.shape[-1] == 0:
     raise ValueError(f"sketch_dim must be positive, got features of shape {q_features.shape}")
+
+
+def check_attention_inputs(q, k, v, q_features, k_features) -> None:
+  check_qkv(q, k, v)
+  check_features(q, k, q_features, k_features)

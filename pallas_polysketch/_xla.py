@@ -15,15 +15,25 @@ and the matmuls stay large. Three exact rewrites of §1.3 make it cheaper:
 - a ones column appended to V, so the normaliser z is the state's last row and
   one matmul gives numerator and denominator (in the kernel z stays separate:
   H + 1 lanes break the TPU tiling; on CPU it saves passes over psi);
-- the state is stored transposed, [S | z]^T [B, N, H + 1, d], so no product
+- the state is stored transposed, [S | z]^T [B, K, H + 1, d], so no product
   needs a d-sized transpose.
+
+Grouped-query attention: arrays on the query side carry a group axis,
+[..., K, G, ...] (query head n = kv head n // G, group member n % G), arrays on
+the key side do not; the state is per kv head, its update is done once per kv
+head and read by the G query heads of the group.
 
 The backward is a `jax.custom_vjp` following DESIGN §1.4: residuals are the
 inputs, O, the denominator and the state at each chunk start (d (H + 1) floats
 per chunk and head, never per block). One reverse scan over chunks recomputes
 each chunk's block states from its start state and carries
 R = sum over later blocks of Psi_q^T [dnum | dden] for the gradients of V and
-the key features.
+the key features. The scan starts from a given state and returns the final one
+(prefill, context parallelism); their cotangents flow through the same carries.
+
+Every product runs at `Precision.HIGHEST` in float32: on GPU a default f32
+matmul is TF32 and on TPU bf16 passes, and (q.k)^p multiplies the relative
+error of q.k by p.
 """
 from __future__ import annotations
 
@@ -41,28 +51,30 @@ from pallas_polysketch.polynomial import compute_dtype
 # within noise of each other at 8k tokens; memory grows with the chunk.
 CHUNK_TOKENS = 2048
 
-
-def local_weights(qb, kb, fqb, fkb, *, degree, local_exact):
-  """Causal weights inside one diagonal block: [..., b, b], lower triangular."""
-  if local_exact:
-    s = jnp.einsum("...ih,...jh->...ij", qb, kb) ** degree
-  else:
-    s = jnp.einsum("...ir,...jr->...ij", fqb, fkb) ** 2
-  blk = s.shape[-1]
-  return jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), s, 0.0)
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _to_chunks(x, num_chunks, chunk_blocks, block_size):
-  """[B, T, N, D] -> [num_chunks, B, N, chunk_blocks, b, D]."""
+def einsum(spec, *operands):
+  """jnp.einsum at full float32 precision on every backend."""
+  return jnp.einsum(spec, *operands, precision=HIGHEST)
+
+
+def _to_chunks(x, num_chunks, chunk_blocks, block_size, group):
+  """[B, T, N, D] -> [num_chunks, B, K, G, cb, b, D] (group=G) or
+  [num_chunks, B, K, cb, b, D] (group=None, key side)."""
   b_, _, n, d = x.shape
   x = x.reshape(b_, num_chunks, chunk_blocks, block_size, n, d)
-  return jnp.transpose(x, (1, 0, 4, 2, 3, 5))
+  x = jnp.transpose(x, (1, 0, 4, 2, 3, 5))
+  if group is None:
+    return x
+  return x.reshape(num_chunks, b_, n // group, group, chunk_blocks, block_size, d)
 
 
 def _from_chunks(x):
-  """[num_chunks, B, N, chunk_blocks, b, D] -> [B, T, N, D]."""
-  nc, b_, n, cb, blk, d = x.shape
-  return jnp.transpose(x, (1, 0, 3, 4, 2, 5)).reshape(b_, nc * cb * blk, n, d)
+  """[num_chunks, B, K, G, cb, b, D] -> [B, T, K * G, D]."""
+  nc, b_, k, g, cb, blk, d = x.shape
+  x = x.reshape(nc, b_, k * g, cb, blk, d)
+  return jnp.transpose(x, (1, 0, 3, 4, 2, 5)).reshape(b_, nc * cb * blk, k * g, d)
 
 
 def _strict_lower(n, dtype):
@@ -112,7 +124,26 @@ def _symmetric_features_bwd(f, dpsi):
 symmetric_features.defvjp(_symmetric_features_fwd, _symmetric_features_bwd)
 
 
-def _features_grad(x, state, f):
+def state_to_psi(s, z):
+  """Public state (S [B, K, r^2, H], z [B, K, r^2]) -> [S | z]^T over psi,
+  [B, K, H + 1, r(r+1)/2]. Exact: S is symmetric in the pair (a, c)."""
+  r = int(round(s.shape[2] ** 0.5))
+  ia, ic, _ = _pairs(r)
+  coef = np.where(ia == ic, 1.0, np.sqrt(2.0)).astype(s.dtype)
+  full = jnp.concatenate([s, z[..., None]], axis=-1)       # [B, K, r^2, H + 1]
+  psi = jnp.take(full, ia * r + ic, axis=2) * coef[:, None]
+  return jnp.swapaxes(psi, -1, -2)
+
+
+def state_from_psi(state, sketch_dim):
+  """Inverse of `state_to_psi`: -> (S [B, K, r^2, H], z [B, K, r^2])."""
+  ia, ic, pos = _pairs(sketch_dim)
+  coef = np.where(ia == ic, 1.0, np.sqrt(0.5)).astype(state.dtype)
+  full = jnp.take(jnp.swapaxes(state, -1, -2) * coef[:, None], pos, axis=2)
+  return full[..., :-1], full[..., -1]
+
+
+def _features_grad(spec, x, state, f):
   """Cotangent of f for the product x @ state^T . psi(f), per token.
 
   The gradient of psi(f) . X with respect to f is D f, D the symmetric r x r
@@ -121,13 +152,14 @@ def _features_grad(x, state, f):
   and a contiguous multiply-reduce; gathering the per-token psi cotangent into
   r x r instead ran 4x slower on CPU.
 
-  Args: x [..., b, H + 1], state [..., H + 1, d], f [..., b, r].
+  Args: spec, the einsum of x [..., b, H + 1] and the expanded state
+    [..., H + 1, r^2]; f [..., b, r].
   """
   r = f.shape[-1]
   ia, ic, pos = _pairs(r)
   coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(f.dtype)
-  full = jnp.take(state * coef, pos, axis=-1)  # [..., H + 1, r^2]
-  d = jnp.einsum("...ih,...hc->...ic", x, full).reshape(*f.shape, r)
+  full = jnp.take(state * coef, pos, axis=-1)
+  d = einsum(spec, x, full).reshape(*f.shape, r)
   return jnp.sum(d * f[..., None, :], axis=-1)
 
 
@@ -140,34 +172,44 @@ def _with_ones(v):
 def _chunk_states(state, psi_k, v1):
   """Per-block prefix states of one chunk, from the state at its start.
 
-  The state is kept transposed and augmented, [S | z]^T [B, N, H + 1, d] with
+  The state is kept transposed and augmented, [S | z]^T [B, K, H + 1, d] with
   d = r(r+1)/2: then the update V1^T Psi_k and every other product below are
   matmuls whose operands need no d-sized transpose (on CPU, Phi_k^T V with the
   contraction on Phi_k's rows ran 2.5x slower than V^T Phi_k).
 
-  Args: state [B, N, H + 1, d], psi_k [B, N, cb, b, d], v1 [B, N, cb, b, H + 1].
-  Returns: (per-block states [B, N, cb, H + 1, d], the state after the chunk).
+  Args: state [B, K, H + 1, d], psi_k [B, K, cb, b, d], v1 [B, K, cb, b, H + 1].
+  Returns: (per-block states [B, K, cb, H + 1, d], the state after the chunk).
   """
-  upd = jnp.einsum("gnsjh,gnsjc->gnshc", v1, psi_k)
+  upd = einsum("gnsjh,gnsjc->gnshc", v1, psi_k)
   excl = _strict_lower(psi_k.shape[2], psi_k.dtype)
-  s_t = state[:, :, None] + jnp.einsum("ts,gnshc->gnthc", excl, upd)
+  s_t = state[:, :, None] + einsum("ts,gnshc->gnthc", excl, upd)
   return s_t, s_t[:, :, -1] + upd[:, :, -1]
 
 
-def _chunk_forward(state, xs, *, degree, local_exact, dt):
+def _local_scores(qc, kc, fqc, fkc, local_exact, degree):
+  """(s, p): scores [B, K, G, cb, b, b] of the diagonal blocks and their power."""
+  if local_exact:
+    return einsum("gnetih,gntjh->gnetij", qc, kc), degree
+  return einsum("gnetir,gntjr->gnetij", fqc, fkc), 2
+
+
+def _chunk_forward(state, xs, *, degree, local_exact, bias, dt):
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in xs)
   v1 = _with_ones(vc)
-  local = local_weights(qc, kc, fqc, fkc, degree=degree, local_exact=local_exact)
+  s, p = _local_scores(qc, kc, fqc, fkc, local_exact, degree)
+  blk = s.shape[-1]
+  local = jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), s ** p, 0.0)
   psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
-  s_t, state = _chunk_states(state, psi_k, v1)
-  acc = (jnp.einsum("gntij,gntjh->gntih", local, v1)
-         + jnp.einsum("gntic,gnthc->gntih", psi_q, s_t))  # [num | den - 1]
-  den = 1.0 + acc[..., -1]
-  return state, (acc[..., :-1] / den[..., None], den)
+  s_t, new_state = _chunk_states(state, psi_k, v1)
+  acc = (einsum("gnetij,gntjh->gnetih", local, v1)
+         + einsum("gnetic,gnthc->gnetih", psi_q, s_t))  # [num | den - bias]
+  den = bias + acc[..., -1]
+  return new_state, (acc[..., :-1] / den[..., None], den, s_t)
 
 
 def _chunk_backward(carry, xs, *, degree, local_exact, dt):
-  # carry: R = sum over later blocks of Psi_q^T [dnum | dden], as [B, N, H+1, d].
+  # carry: R = sum over later blocks of Psi_q^T [dnum | dden] (+ the final
+  # state's cotangent), as [B, K, H+1, d].
   (qc, kc, vc, fqc, fkc), out, den, state, g = xs
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in (qc, kc, vc, fqc, fkc))
   v1 = _with_ones(vc)
@@ -177,75 +219,85 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   dacc = jnp.concatenate([dnum, dden[..., None]], axis=-1)
 
   # Local block: w = tril(s^p) with s = q k^T (or f_q f_k^T, p = 2).
-  if local_exact:
-    s = jnp.einsum("gntih,gntjh->gntij", qc, kc)
-    p = degree
-  else:
-    s = jnp.einsum("gntir,gntjr->gntij", fqc, fkc)
-    p = 2
+  s, p = _local_scores(qc, kc, fqc, fkc, local_exact, degree)
   blk = s.shape[-1]
   mask = jnp.tril(jnp.ones((blk, blk), bool))
   w = jnp.where(mask, s ** p, 0.0)
-  dv1 = jnp.einsum("gntij,gntih->gntjh", w, dacc)
-  dw = jnp.einsum("gntih,gntjh->gntij", dacc, v1)
+  dv1 = einsum("gnetij,gnetih->gntjh", w, dacc)
+  dw = einsum("gnetih,gntjh->gnetij", dacc, v1)
   ds = jnp.where(mask, dw * (p * s ** (p - 1)), 0.0)
 
   # Prefix reads and updates.
   psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
   s_t, _ = _chunk_states(state, psi_k, v1)
-  ds_t = jnp.einsum("gntih,gntic->gnthc", dacc, psi_q)
+  ds_t = einsum("gnetih,gnetic->gnthc", dacc, psi_q)
   later = _strict_lower(ds_t.shape[2], dt)  # later[s, t] = 1 where s > t
-  r_t = carry[:, :, None] + jnp.einsum("st,gnshc->gnthc", later, ds_t)
-  dv1 = dv1 + jnp.einsum("gntjc,gnthc->gntjh", psi_k, r_t)
-  dfq = _features_grad(dacc, s_t, fqc)
-  dfk = _features_grad(v1, r_t, fkc)
+  r_t = carry[:, :, None] + einsum("st,gnshc->gnthc", later, ds_t)
+  dv1 = dv1 + einsum("gntjc,gnthc->gntjh", psi_k, r_t)
+  dfq = _features_grad("gnetih,gnthc->gnetic", dacc, s_t, fqc)
+  dfk = _features_grad("gntih,gnthc->gntic", v1, r_t, fkc)
   if local_exact:
-    dq = jnp.einsum("gntij,gntjh->gntih", ds, kc)
-    dk = jnp.einsum("gntij,gntih->gntjh", ds, qc)
+    dq = einsum("gnetij,gntjh->gnetih", ds, kc)
+    dk = einsum("gnetij,gnetih->gntjh", ds, qc)
   else:
     dq, dk = jnp.zeros_like(qc), jnp.zeros_like(kc)
-    dfq = dfq + jnp.einsum("gntij,gntjr->gntir", ds, fkc)
-    dfk = dfk + jnp.einsum("gntij,gntir->gntjr", ds, fqc)
+    dfq = dfq + einsum("gnetij,gntjr->gnetir", ds, fkc)
+    dfk = dfk + einsum("gnetij,gnetir->gntjr", ds, fqc)
   return r_t[:, :, 0] + ds_t[:, :, 0], (dq, dk, dv1[..., :-1], dfq, dfk)
 
 
-def _init_state(x, r, h, dt):
-  b_, n = x.shape[1], x.shape[2]
-  return jnp.zeros((b_, n, h + 1, r * (r + 1) // 2), dt)
+def _scan_forward(xs, initial_state, degree, local_exact, bias, save_states,
+                  state_block=None):
+  """The forward scan. state_block: None, or int32 [B]: also return the state
+  at the start of that block (counted over all chunks)."""
+  dt = initial_state.dtype
+  body = functools.partial(_chunk_forward, degree=degree, local_exact=local_exact,
+                           bias=bias, dt=dt)
+  chunk_blocks = xs[0].shape[4]
+
+  def step(carry, chunk):
+    state, emitted, first_block = carry
+    new_state, (out, den, s_t) = body(state, chunk)
+    if state_block is not None:
+      # One-hot over the chunk's block starts (and the chunk's end, which is the
+      # start of the next chunk's first block: counted there, or below).
+      hit = (state_block[:, None] - first_block) == jnp.arange(chunk_blocks)
+      emitted = emitted + einsum("gt,gnthc->gnhc", hit.astype(dt), s_t)
+    carry = (new_state, emitted, first_block + chunk_blocks)
+    return carry, ((out, den, state) if save_states else out)
+
+  init = (initial_state, jnp.zeros_like(initial_state), 0)
+  (final, emitted, total_blocks), ys = jax.lax.scan(step, init, xs)
+  if state_block is not None:
+    at_end = (state_block >= total_blocks).astype(dt)[:, None, None, None]
+    emitted = emitted + at_end * final
+  return final, emitted, ys
 
 
-def _scan_forward(xs, degree, local_exact, save_states):
-  qc, _, vc, fqc, _ = xs
-  dt = compute_dtype(qc)
-  body = functools.partial(_chunk_forward, degree=degree, local_exact=local_exact, dt=dt)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _causal_chunks(xs, initial_state, degree, local_exact, bias):
+  """xs: q-side [nc, B, K, G, cb, b, D], k-side [nc, B, K, cb, b, D].
 
-  def step(state, chunk):
-    new_state, (out, den) = body(state, chunk)
-    return new_state, ((out, den, state) if save_states else out)
-
-  init = _init_state(qc, fqc.shape[-1], vc.shape[-1], dt)
-  return jax.lax.scan(step, init, xs)[1]
+  Returns O (compute dtype, chunked like q) and the final state."""
+  final, _, out = _scan_forward(xs, initial_state, degree, local_exact, bias, False)
+  return out, final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _causal_chunks(xs, degree, local_exact):
-  """xs: 5 arrays [num_chunks, B, N, cb, b, D]. Returns O (compute dtype)."""
-  return _scan_forward(xs, degree, local_exact, save_states=False)
+def _causal_chunks_fwd(xs, initial_state, degree, local_exact, bias):
+  final, _, (out, den, states) = _scan_forward(xs, initial_state, degree, local_exact,
+                                               bias, True)
+  return (out, final), (xs, out, den, states)
 
 
-def _causal_chunks_fwd(xs, degree, local_exact):
-  out, den, states = _scan_forward(xs, degree, local_exact, save_states=True)
-  return out, (xs, out, den, states)
-
-
-def _causal_chunks_bwd(degree, local_exact, residuals, g):
+def _causal_chunks_bwd(degree, local_exact, bias, residuals, cotangents):
+  del bias  # den already holds it
   xs, out, den, states = residuals
-  qc, _, vc, fqc, _ = xs
-  dt = compute_dtype(qc)
+  g, d_final = cotangents
+  dt = states.dtype
   body = functools.partial(_chunk_backward, degree=degree, local_exact=local_exact, dt=dt)
-  init = _init_state(qc, fqc.shape[-1], vc.shape[-1], dt)
-  _, grads = jax.lax.scan(body, init, (xs, out, den, states, g), reverse=True)
-  return (tuple(d.astype(x.dtype) for d, x in zip(grads, xs)),)
+  d_initial, grads = jax.lax.scan(body, d_final.astype(dt), (xs, out, den, states, g),
+                                  reverse=True)
+  return tuple(d.astype(x.dtype) for d, x in zip(grads, xs)), d_initial
 
 
 _causal_chunks.defvjp(_causal_chunks_fwd, _causal_chunks_bwd)
@@ -259,30 +311,70 @@ def _chunking(num_blocks, block_size, chunk_tokens):
   return num_chunks, chunk_blocks
 
 
-def polysketch_xla(q, k, v, q_features, k_features, *, degree, block_size,
-                   causal, local_exact, chunk_tokens=None):
-  """Inputs already validated; T is a multiple of block_size. Returns [B, T, N, H]."""
-  out_dtype, dt = q.dtype, compute_dtype(q)
-  if not causal:
-    q, v, fq, fk = (x.astype(dt) for x in (q, v, q_features, k_features))
-    phi_k = symmetric_features(fk)
-    state = jnp.einsum("btnc,btnh->bnch", phi_k, v)
-    norm = jnp.sum(phi_k, axis=1)
-    phi_q = symmetric_features(fq)
-    num = jnp.einsum("btnc,bnch->btnh", phi_q, state)
-    den = 1.0 + jnp.einsum("btnc,bnc->btn", phi_q, norm)
-    return (num / den[..., None]).astype(out_dtype)
+def zero_state(q, k, sketch_dim):
+  """A zero xla-path state for these inputs: [B, K, H + 1, r(r+1)/2]."""
+  dt = compute_dtype(q)
+  return jnp.zeros((k.shape[0], k.shape[2], k.shape[3] + 1,
+                    sketch_dim * (sketch_dim + 1) // 2), dt)
 
+
+def causal_xla(q, k, v, q_features, k_features, initial_state, *, degree, block_size,
+               local_exact, bias, state_block=None):
+  """Causal attention from a given state, T a multiple of block_size.
+
+  Args:
+    q [B, T, N, H], k, v [B, T, K, H], q_features [B, T, N, r],
+    k_features [B, T, K, r]; initial_state [B, K, H + 1, d] (`state_to_psi`);
+    state_block: None or int32 [B] (see returns).
+  Returns:
+    (o [B, T, N, H] in q's dtype, state): the final state, or with state_block
+    the state at the start of block state_block[b] of each row (not
+    differentiable then).
+  """
+  out_dtype = q.dtype
   t = q.shape[1]
+  group = q.shape[2] // k.shape[2]
   num_blocks = t // block_size
-  num_chunks, chunk_blocks = _chunking(num_blocks, block_size,
-                                       chunk_tokens or CHUNK_TOKENS)
+  num_chunks, chunk_blocks = _chunking(num_blocks, block_size, CHUNK_TOKENS)
   padded = num_chunks * chunk_blocks * block_size
   # Zero blocks at the end are exact: causal queries never see later keys, and
-  # the padded queries are sliced off.
-  xs = tuple(
-      _to_chunks(jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))),
-                 num_chunks, chunk_blocks, block_size)
-      for x in (q, k, v, q_features, k_features))
-  out = _causal_chunks(xs, degree, local_exact)
-  return _from_chunks(out)[:, :t].astype(out_dtype)
+  # the padded queries are sliced off; zero keys leave the state unchanged.
+  chunk = lambda x, g: _to_chunks(jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))),
+                                  num_chunks, chunk_blocks, block_size, g)
+  xs = (chunk(q, group), chunk(k, None), chunk(v, None), chunk(q_features, group),
+        chunk(k_features, None))
+  if state_block is None:
+    out, state = _causal_chunks(xs, initial_state, degree, local_exact, bias)
+  else:
+    _, state, out = _scan_forward(xs, initial_state, degree, local_exact, bias, False,
+                                  state_block=state_block)
+  return _from_chunks(out)[:, :t].astype(out_dtype), state
+
+
+def state_sum_xla(k, v, k_features):
+  """sum over all tokens of psi(f_k)^T [v, 1]: [B, K, H + 1, d] (compute dtype)."""
+  dt = compute_dtype(k)
+  psi = symmetric_features(k_features.astype(dt))
+  return einsum("btnh,btnc->bnhc", _with_ones(v.astype(dt)), psi)
+
+
+def apply_state_xla(q, q_features, state, *, bias):
+  """Non-causal read of a whole-sequence state: q [B, T, N, H] (for its shape
+  and dtype), q_features [B, T, N, r], state [B, K, H + 1, d] -> [B, T, N, H]."""
+  dt = state.dtype
+  b_, t, n, h = q.shape
+  kv = state.shape[1]
+  psi = symmetric_features(q_features.astype(dt)).reshape(b_, t, kv, n // kv, -1)
+  acc = einsum("btnec,bnhc->btneh", psi, state).reshape(b_, t, n, h + 1)
+  den = bias + acc[..., -1]
+  return (acc[..., :-1] / den[..., None]).astype(q.dtype)
+
+
+def local_weights(qb, kb, fqb, fkb, *, degree, local_exact):
+  """Causal weights inside one diagonal block: [..., b, b], lower triangular."""
+  if local_exact:
+    s = einsum("...ih,...jh->...ij", qb, kb) ** degree
+  else:
+    s = einsum("...ir,...jr->...ij", fqb, fkb) ** 2
+  blk = s.shape[-1]
+  return jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), s, 0.0)

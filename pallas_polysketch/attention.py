@@ -1,98 +1,218 @@
-"""PolySketch attention (DESIGN §1.3): the public op and its dispatch."""
+"""PolySketch attention (DESIGN §1.3): the public op and its dispatch.
+
+Two backends compute the same three things, each in its own state format:
+causal attention from a given prefix state, the whole-sequence state sum, and
+the non-causal read of a state. Everything else composes them: non-causal
+attention is a read of the state sum; context parallelism feeds causal
+attention the exclusive prefix sum, over the devices of a mesh axis, of the
+shards' state sums (a `psum` of them when non-causal); chunked prefill and
+decoding (`decode.py`) start from a state and keep one.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_polysketch import _validation
+from pallas_polysketch import _pallas, _validation, _xla
 from pallas_polysketch import tpu_config
-from pallas_polysketch._pallas_backward import polysketch_backward
-from pallas_polysketch._pallas_forward import polysketch_forward
 from pallas_polysketch._platform import require_tpu
-from pallas_polysketch._xla import polysketch_xla
+from pallas_polysketch.polynomial import compute_dtype
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
-def _round_up(x: int, multiple: int) -> int:
+def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _pad_seq(x, seq_len):
+def pad_seq(x, seq_len):
   pad = seq_len - x.shape[1]
   if pad == 0:
     return x
-  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _pallas_attention(q, k, v, q_features, k_features, degree, block_size, causal,
-                      local_exact, tiles, interpret):
-  """The fused kernels with their custom VJP; T a multiple of block_size."""
-  o, _ = polysketch_forward(q, k, v, q_features, k_features, degree=degree,
-                            block_size=block_size, causal=causal,
-                            local_exact=local_exact, tiles=tiles, interpret=interpret)
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The static arguments of one call (hashable: a jit static argument)."""
+  degree: int
+  block_size: int
+  local_exact: bool
+  bias: float
+  interpret: object = False
+  tiles: tpu_config.ResolvedTiles | None = None
+
+
+class XlaBackend:
+  """The blocked pure-JAX path. State: [S | z]^T over psi, [B, K, H + 1, d]."""
+
+  def __init__(self, config: Config):
+    self.c = config
+
+  def zero_state(self, q, k, k_features):
+    return _xla.zero_state(q, k, k_features.shape[-1])
+
+  def causal(self, q, k, v, fq, fk, state, state_block=None):
+    c = self.c
+    if state is None:
+      state = self.zero_state(q, k, fk)
+    return _xla.causal_xla(q, k, v, fq, fk, state, degree=c.degree, block_size=c.block_size,
+                           local_exact=c.local_exact, bias=c.bias, state_block=state_block)
+
+  def state_sum(self, k, v, fk):
+    return _xla.state_sum_xla(k, v, fk)
+
+  def apply_state(self, q, fq, state):
+    return _xla.apply_state_xla(q, fq, state, bias=self.c.bias)
+
+  def to_native(self, s, z):
+    return _xla.state_to_psi(s, z)
+
+  def from_native(self, state, head_dim, sketch_dim):
+    return _xla.state_from_psi(state, sketch_dim)
+
+
+class PallasBackend:
+  """The fused TPU kernels. State: [S, z, 0] [B, K, r^2, H + 16] float32."""
+
+  def __init__(self, config: Config):
+    self.c = config
+
+  def _static(self):
+    c = self.c
+    return (c.degree, c.block_size, c.local_exact, c.bias, c.tiles, c.interpret)
+
+  def zero_state(self, q, k, k_features):
+    r = k_features.shape[-1]
+    return jnp.zeros((k.shape[0], k.shape[2], r * r, k.shape[3] + 16), jnp.float32)
+
+  def causal(self, q, k, v, fq, fk, state, state_block=None):
+    if state_block is None:
+      return _pallas.causal(q, k, v, fq, fk, state, self._static()), None
+    if state is None:
+      state = self.zero_state(q, k, fk)
+    return _pallas.causal_with_state(q, k, v, fq, fk, state, state_block, self._static())
+
+  def state_sum(self, k, v, fk):
+    c = self.c
+    return _pallas.state_sum(v, fk, (c.block_size, c.tiles, c.interpret))
+
+  def apply_state(self, q, fq, state):
+    c = self.c
+    return _pallas.apply_state(fq, state, (q.shape[-1], q.dtype),
+                               (c.block_size, c.bias, c.tiles, c.interpret))
+
+  def to_native(self, s, z):
+    return _pallas.to_rz(s, z)
+
+  def from_native(self, state, head_dim, sketch_dim):
+    return _pallas.from_rz(state, head_dim)
+
+
+def _exclusive_prefix_over_devices(state, axis_name):
+  """sum of `state` over the devices before this one on mesh axis axis_name.
+
+  An all-gather of the (small, T-independent) states and a cumulative sum:
+  one collective, log-depth, whose transpose autodiff turns into a
+  reduce-scatter of the incoming-state cotangents."""
+  gathered = jax.lax.all_gather(state, axis_name)          # [D, ...]
+  index = jax.lax.axis_index(axis_name)
+  before = jnp.arange(gathered.shape[0]) < index
+  return jnp.tensordot(before.astype(state.dtype), gathered, axes=1)
+
+
+def run_backend(backend, q, k, v, fq, fk, *, causal, initial_state=None,
+                context_axis_name=None):
+  """Attention on one backend; T a multiple of block_size. Returns o."""
+  if not causal:
+    state = backend.state_sum(k, v, fk)
+    if context_axis_name is not None:
+      state = jax.lax.psum(state, context_axis_name)
+    return backend.apply_state(q, fq, state)
+  if context_axis_name is not None:
+    total = backend.state_sum(k, v, fk)
+    before = _exclusive_prefix_over_devices(total, context_axis_name)
+    initial_state = before if initial_state is None else initial_state + before
+  o, _ = backend.causal(q, k, v, fq, fk, initial_state)
   return o
 
 
-def _pallas_attention_fwd(q, k, v, q_features, k_features, degree, block_size,
-                          causal, local_exact, tiles, interpret):
-  o, den = polysketch_forward(q, k, v, q_features, k_features, degree=degree,
-                              block_size=block_size, causal=causal,
-                              local_exact=local_exact, tiles=tiles, interpret=interpret)
-  # Residuals: inputs, output and the [B, N, 1, T] denominator; never states.
-  return o, (q, k, v, q_features, k_features, o, den)
+def dispatch(implementation, config: Config, fn, *args):
+  """fn(backend, *args) on the backend the implementation names; None picks the
+  Pallas kernels when lowering for TPU (and the kernel can tile the block) and
+  the xla path on every other platform."""
+  xla = lambda *a: fn(XlaBackend(config), *a)
+
+  def pallas(*a):
+    if not config.interpret:
+      a = (require_tpu(a[0]),) + tuple(a[1:])
+    return fn(PallasBackend(config), *a)
+
+  if implementation == "xla" or (implementation is None and config.tiles is None):
+    return xla(*args)
+  if implementation == "pallas":
+    return pallas(*args)
+  return jax.lax.platform_dependent(*args, tpu=pallas, default=xla)
 
 
-def _pallas_attention_bwd(degree, block_size, causal, local_exact, tiles,
-                          interpret, residuals, do):
-  q, k, v, q_features, k_features, o, den = residuals
-  return polysketch_backward(q, k, v, q_features, k_features, o, den, do,
-                             degree=degree, block_size=block_size, causal=causal,
-                             local_exact=local_exact, tiles=tiles, interpret=interpret)
-
-
-_pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("degree", "block_size", "causal", "local_exact",
-                     "implementation", "interpret", "tiles"))
-def _polysketch_attention(q, k, v, q_features, k_features, *, degree, block_size,
-                          causal, local_exact, implementation, interpret, tiles):
+@functools.partial(jax.jit, static_argnames=("config", "causal", "implementation",
+                                             "context_axis_name"))
+def _polysketch_attention(q, k, v, q_features, k_features, *, config, causal,
+                          implementation, context_axis_name):
   seq_len = q.shape[1]
-  padded_len = _round_up(seq_len, block_size)
+  padded_len = round_up(seq_len, config.block_size)
   # Zero padding is exact: a zero key has zero exact weight (degree > 0) and
   # zero features, so padded keys add nothing; padded queries are sliced off.
-  q, k, v, q_features, k_features = (
-      _pad_seq(x, padded_len) for x in (q, k, v, q_features, k_features))
-  kwargs = dict(degree=degree, block_size=block_size, causal=causal,
-                local_exact=local_exact)
+  args = tuple(pad_seq(x, padded_len) for x in (q, k, v, q_features, k_features))
+  fn = functools.partial(run_backend, causal=causal, context_axis_name=context_axis_name)
+  return dispatch(implementation, config, fn, *args)[:, :seq_len]
 
-  def xla_path(q, k, v, q_features, k_features):
-    return polysketch_xla(q, k, v, q_features, k_features, **kwargs)
 
-  def pallas_path(q, k, v, q_features, k_features):
-    if not interpret:
-      q = require_tpu(q)
-    return _pallas_attention(q, k, v, q_features, k_features, degree, block_size,
-                             causal, local_exact, tiles, interpret)
+def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
+                   normalization_bias, implementation, interpret, tile_config,
+                   padded_len=None):
+  """Checks the static arguments and fixes the block and the kernel tiling.
 
-  args = (q, k, v, q_features, k_features)
-  if implementation == "xla":
-    out = xla_path(*args)
-  elif implementation == "pallas":
-    out = pallas_path(*args)
-  else:  # None: decided by the platform lowered for, not the default backend.
-    out = jax.lax.platform_dependent(*args, tpu=pallas_path, default=xla_path)
-  return out[:, :seq_len]
+  The block is clamped to the 8-rounded sequence; the kernel tiling is resolved
+  only where the Pallas kernels may run. Returns (Config, implementation)."""
+  degree = _validation.check_degree(degree)
+  block_size = _validation.check_block_size(block_size)
+  bias = _validation.check_normalization_bias(normalization_bias)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if tile_config is not None and not isinstance(tile_config, tpu_config.TileConfig):
+    raise TypeError(f"tile_config must be a TileConfig, got {type(tile_config).__name__}")
+  if padded_len is None:
+    padded_len = round_up(q.shape[1], 8)
+    block_size = min(block_size, padded_len)
+  tiles = None
+  if implementation != "xla":
+    problem = tpu_config.kernel_block_error(block_size, padded_len)
+    if problem and implementation == "pallas":
+      raise ValueError(problem)
+    if not problem:
+      tiles = tpu_config.resolve_tiles(
+          tile_config, block_size=block_size, head_dim=q.shape[-1],
+          sketch_dim=q_features.shape[-1], dtype=_kernel_dtype(q.dtype),
+          feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2])
+  config = Config(degree=degree, block_size=block_size, local_exact=bool(local_exact),
+                  bias=bias, interpret=interpret, tiles=tiles)
+  return config, implementation
+
+
+def _kernel_dtype(dtype):
+  """float16 runs the kernels in float32: (q.k)^p and the weights overflow
+  float16's range (65504) long before float32's."""
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
 def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
                          block_size=256, causal=True, local_exact=True,
+                         normalization_bias=1.0, context_axis_name=None,
                          implementation=None, interpret=False, tile_config=None):
   """Block-causal PolySketch attention, linear in the sequence length.
 
@@ -100,7 +220,7 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
 
     w_ij = (q_i . k_j)^degree       if block(j) == block(i) and local_exact
     w_ij = (f_q,i . f_k,j)^2        otherwise
-    o_i  = sum_j w_ij v_j / (1 + sum_j w_ij)
+    o_i  = sum_j w_ij v_j / (normalization_bias + sum_j w_ij)
 
   Non-causal attention uses w_ij = (f_q,i . f_k,j)^2 for all j (local_exact
   has no effect there). The sketched weights come from prefix states of size
@@ -108,16 +228,31 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   in seq. The op does not normalise q and k: apply a LayerNorm first (the Flax
   layer does), or (q . k)^degree overflows.
 
+  Grouped-query attention: k, v and k_features may have fewer heads
+  (num_kv_heads, dividing num_heads); query head n uses kv head
+  n // (num_heads // num_kv_heads), as in `jax.nn.dot_product_attention`. The
+  prefix state is kept once per kv head; nothing is repeated in memory.
+
   Args:
-    q, k, v: [batch, seq, heads, head_dim], one floating dtype.
-    q_features, k_features: [batch, seq, heads, sketch_dim], sketch features
-      f(q), f(k) (e.g. from `random_sketch_features` or
-      `learned_sketch_features`); one floating dtype.
+    q: [batch, seq, num_heads, head_dim].
+    k, v: [batch, seq, num_kv_heads, head_dim]; one floating dtype with q.
+    q_features: [batch, seq, num_heads, sketch_dim], sketch features f(q)
+      (e.g. from `random_sketch_features` or `learned_sketch_features`).
+    k_features: [batch, seq, num_kv_heads, sketch_dim], f(k); one floating
+      dtype with q_features.
     degree: p, a positive even int, of the exact local weights.
     block_size: b, a positive multiple of 8. seq need not be a multiple of it
       (inputs are zero-padded internally); a block longer than seq is clamped.
+      The Pallas kernels need a multiple of 128 (or one block covering seq):
+      `implementation="pallas"` raises for other sizes, `None` then runs the
+      xla path on every platform.
     causal: causal (block-causal) attention or full attention.
     local_exact: exact (q.k)^p weights inside each diagonal block.
+    normalization_bias: the positive constant in the denominator.
+    context_axis_name: inside `shard_map` with seq sharded contiguously over
+      this mesh axis: every device holds a block-aligned shard (its length a
+      multiple of block_size) and the result is that of the whole sequence.
+      Only the states cross devices: r^2 (H + 1) floats per kv head.
     implementation: None (the fastest available for the platform), "xla"
       (blocked pure JAX) or "pallas" (the fused TPU kernel).
     interpret: for "pallas": run the kernel in interpret mode on any backend;
@@ -127,24 +262,30 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       uses the defaults of the local TPU generation.
 
   Returns:
-    [batch, seq, heads, head_dim] in the dtype of q. Accumulation is float32.
+    [batch, seq, num_heads, head_dim] in the dtype of q.
+
+  Precision: states and accumulators are float32 on every path. The xla path
+  computes in float32 at full precision (`Precision.HIGHEST`: no TF32 or bf16
+  passes on GPU/TPU). The kernels feed the MXU the input dtype (bf16 inputs:
+  bf16 operands, f32 accumulation; f32 inputs: f32 at full precision), and keep
+  the backward's cancelling state products in float32. float16 inputs are
+  computed in float32 on both paths.
   """
-  _validation.check_qkv(q, k, v)
-  _validation.check_features(q, q_features, k_features)
-  degree = _validation.check_degree(degree)
-  block_size = _validation.check_block_size(block_size)
-  if implementation not in IMPLEMENTATIONS:
+  _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  config, implementation = resolve_config(
+      q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
+      normalization_bias=normalization_bias, implementation=implementation,
+      interpret=interpret, tile_config=tile_config,
+      padded_len=q.shape[1] if context_axis_name is not None else None)
+  if context_axis_name is not None and q.shape[1] % config.block_size:
     raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if tile_config is not None and not isinstance(tile_config, tpu_config.TileConfig):
-    raise TypeError(f"tile_config must be a TileConfig, got {type(tile_config).__name__}")
-  block_size = min(block_size, _round_up(q.shape[1], 8))
-  tiles = None
-  if implementation != "xla":
-    tiles = tpu_config.resolve_tiles(
-        tile_config, block_size=block_size, head_dim=q.shape[-1],
-        sketch_dim=q_features.shape[-1], dtype=q.dtype, feature_dtype=q_features.dtype)
-  return _polysketch_attention(
-      q, k, v, q_features, k_features, degree=degree, block_size=block_size,
-      causal=bool(causal), local_exact=bool(local_exact),
-      implementation=implementation, interpret=interpret, tiles=tiles)
+        f"with context_axis_name={context_axis_name!r} each device's shard of seq must be a "
+        f"multiple of block_size={config.block_size}; this shard has seq={q.shape[1]}")
+  upcast = q.dtype == jnp.float16
+  args = (q, k, v, q_features, k_features)
+  if upcast:
+    args = tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in args)
+  out = _polysketch_attention(*args, config=config, causal=bool(causal),
+                              implementation=implementation,
+                              context_axis_name=context_axis_name)
+  return out.astype(q.dtype)

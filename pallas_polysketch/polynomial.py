@@ -14,8 +14,13 @@ def compute_dtype(x) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def normalise_weights(weights, v, out_dtype):
-  """o_i = sum_j w_ij v_j / (1 + sum_j w_ij).
+def repeat_kv(x, num_heads):
+  """[B, T, K, D] -> [B, T, N, D]: query head n uses kv head n // (N / K)."""
+  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def normalise_weights(weights, v, out_dtype, normalization_bias=1.0):
+  """o_i = sum_j w_ij v_j / (normalization_bias + sum_j w_ij).
 
   Args:
     weights: [B, N, T, T] non-negative weights w_ij.
@@ -23,24 +28,25 @@ def normalise_weights(weights, v, out_dtype):
   Returns:
     [B, T, N, H] in out_dtype.
   """
-  num = jnp.einsum("bnij,bjnh->binh", weights, v)
-  den = 1.0 + jnp.sum(weights, axis=-1)  # [B, N, T]
+  num = jnp.einsum("bnij,bjnh->binh", weights, v, precision=jax.lax.Precision.HIGHEST)
+  den = normalization_bias + jnp.sum(weights, axis=-1)  # [B, N, T]
   return (num / jnp.transpose(den, (0, 2, 1))[..., None]).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("degree", "causal"))
-def _polynomial_attention(q, k, v, *, degree, causal):
+@functools.partial(jax.jit, static_argnames=("degree", "causal", "normalization_bias"))
+def _polynomial_attention(q, k, v, *, degree, causal, normalization_bias):
   out_dtype, dt = q.dtype, compute_dtype(q)
   q, k, v = (x.astype(dt) for x in (q, k, v))
-  s = jnp.einsum("binh,bjnh->bnij", q, k) ** degree
+  k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+  s = jnp.einsum("binh,bjnh->bnij", q, k, precision=jax.lax.Precision.HIGHEST) ** degree
   if causal:
     t = q.shape[1]
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, 0.0)
-  return normalise_weights(s, v, out_dtype)
+  return normalise_weights(s, v, out_dtype, normalization_bias)
 
 
-def polynomial_attention(q, k, v, *, degree=4, causal=True):
-  """Exact polynomial attention: o_i = sum_j s_ij v_j / (1 + sum_j s_ij).
+def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1.0):
+  """Exact polynomial attention: o_i = sum_j s_ij v_j / (bias + sum_j s_ij).
 
   s_ij = (q_i . k_j)^degree over j <= i (causal) or all j, with no 1/sqrt(H)
   scaling. degree must be even so every s_ij >= 0. Normalise q and k first
@@ -49,13 +55,18 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True):
   short sequences.
 
   Args:
-    q, k, v: [batch, seq, heads, head_dim], one floating dtype.
+    q: [batch, seq, num_heads, head_dim].
+    k, v: [batch, seq, num_kv_heads, head_dim] (num_kv_heads divides
+      num_heads: grouped-query attention), one floating dtype with q.
     degree: p, a positive even int.
     causal: attend to j <= i only.
+    normalization_bias: the positive constant in the denominator.
 
   Returns:
     [batch, seq, heads, head_dim] in the dtype of q.
   """
   _validation.check_qkv(q, k, v)
   degree = _validation.check_degree(degree)
-  return _polynomial_attention(q, k, v, degree=degree, causal=bool(causal))
+  bias = _validation.check_normalization_bias(normalization_bias)
+  return _polynomial_attention(q, k, v, degree=degree, causal=bool(causal),
+                               normalization_bias=bias)

@@ -141,52 +141,120 @@ def get_generation(name: str | None) -> TpuGeneration:
 class ResolvedTiles:
   """A TileConfig checked against one problem: what the kernels actually use."""
   local_tile: int
-  vmem_limit_bytes: int | None
-  vmem_estimate_bytes: int
+  vmem_limit_bytes: int | None            # the forward kernel
+  vmem_estimate_bytes: int                # the forward kernel
   bf16_phi: bool = False
+  backward_vmem_limit_bytes: int | None = None    # both backward kernels
+  backward_vmem_estimate_bytes: int = 0           # the larger of the two
 
 
-def forward_vmem_estimate(block_size: int, head_dim: int, sketch_dim: int,
-                          dtype, feature_dtype) -> int:
-  """Bytes of VMEM the causal forward kernel needs (blocks double-buffered)."""
+def kernel_block_error(block_size: int, padded_len: int) -> str | None:
+  """Why the TPU kernels cannot tile this block, or None if they can.
+
+  Feature and value blocks put the b tokens on the 128 lanes, and Mosaic needs
+  a block's last dim to be a multiple of 128 or the whole array dim: so b must
+  be a multiple of 128, or one block must cover the (8-padded) sequence.
+  """
+  if block_size % 128 == 0 or block_size >= padded_len:
+    return None
+  return (f"block_size={block_size} cannot be tiled by the TPU kernel: it must be a "
+          f"multiple of 128 (the lane width), or cover the whole sequence "
+          f"(>= {padded_len}); use implementation='xla' for other multiples of 8")
+
+
+def _tile_bytes(shape, dtype) -> int:
+  """VMEM bytes of one tile: last dim padded to 128 lanes, the one before to the
+  sublane tile (8 rows of 32 bits, so 16 for bf16)."""
   item = jnp.dtype(dtype).itemsize
-  f_item = jnp.dtype(feature_dtype).itemsize
-  b, h, r2 = block_size, head_dim, sketch_dim * sketch_dim
-  rows = h + NORMALISER_ROWS
-  io = 2 * (3 * b * h * item + 2 * sketch_dim * b * f_item + h * b * item + 8 * b * 4)
-  scratch = rows * r2 * 4 + rows * b * 4
-  # Live temporaries: phi_q and phi_k in f32 and in the matmul dtype, one local
-  # score tile set, the augmented V^T.
-  temps = 2 * r2 * b * (4 + item) + 3 * b * b * 4 + rows * b * item
-  return io + scratch + temps
+  *lead, rows, cols = (1,) * (2 - len(shape)) + tuple(shape)
+  sub = 8 * (4 // item)
+  count = 1
+  for d in lead:
+    count *= d
+  return count * (-(-rows // sub) * sub) * (-(-cols // 128) * 128) * item
+
+
+def _buffers(*tiles) -> int:
+  """Pipelined blocks are double-buffered."""
+  return 2 * sum(_tile_bytes(shape, dtype) for shape, dtype in tiles)
+
+
+def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
+                   *, group: int = 1, local_tile: int | None = None) -> dict[str, int]:
+  """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
+
+  Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
+  scratch state, and the largest live temporaries (phi in f32 and the matmul
+  dtype, the (r, r, b) products of the phi cotangent, the local tiles).
+  """
+  b, h, r, g = block_size, head_dim, sketch_dim, group
+  r2, rows = sketch_dim * sketch_dim, head_dim + NORMALISER_ROWS
+  lt = local_tile or block_size
+  f32, mm, ft = jnp.float32, dtype, feature_dtype
+  item = jnp.dtype(dtype).itemsize
+  state = _tile_bytes((rows, r2), f32)
+  local = 4 * _tile_bytes((lt, lt), f32)
+  forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
+                      ((r, b), ft), ((g, h, b), mm), ((g, 1, b), f32), ((rows, r2), f32))
+             + 2 * state + _tile_bytes((rows, b), f32)
+             + 2 * r2 * b * (4 + item) + local + _tile_bytes((rows, b), mm)
+             + _tile_bytes((rows, r2), mm))
+  common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
+               ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
+               ((g, h, b), f32), ((r2, rows), f32))
+  temps = (_tile_bytes((rows, b), f32) + 2 * _tile_bytes((r2, b), f32)
+           + 2 * r2 * b * 4 + _tile_bytes((r2, b), mm) + local)
+  dq = (_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
+                 ((g, r, b), f32))
+        + state + temps)
+  dkv = (_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
+                  ((b, h), mm), ((r, b), f32), ((r2, rows), f32))
+         + state + temps)
+  return {"forward": forward, "dq": dq, "dkv": dkv}
 
 
 def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
-                  sketch_dim: int, dtype, feature_dtype) -> ResolvedTiles:
-  """Fills defaults and checks the tiling fits; raises ValueError naming the limit."""
+                  sketch_dim: int, dtype, feature_dtype, group: int = 1) -> ResolvedTiles:
+  """Fills defaults and checks the tiling fits; raises ValueError naming the limit.
+
+  The default local tile (the MXU width) shrinks to the block when it does not
+  divide it (e.g. a single short block); an explicit `local_tile` must divide it.
+  """
   config = config or TileConfig()
   gen = get_generation(config.generation)
-  local_tile = config.local_tile or gen.mxu_width
-  local_tile = min(local_tile, block_size)
+  local_tile = min(config.local_tile or gen.mxu_width, block_size)
   if block_size % local_tile:
-    raise ValueError(
-        f"TileConfig.local_tile={local_tile} must divide block_size={block_size}")
+    if config.local_tile is not None:
+      raise ValueError(
+          f"TileConfig.local_tile={local_tile} must divide block_size={block_size}")
+    local_tile = block_size
   if local_tile != block_size and local_tile % 128:
     raise ValueError(
         f"TileConfig.local_tile={local_tile} must be a multiple of 128 (the lane "
         f"width) when smaller than block_size={block_size}")
-  estimate = forward_vmem_estimate(block_size, head_dim, sketch_dim, dtype, feature_dtype)
+  estimates = vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
+                             group=group, local_tile=local_tile)
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
-  if estimate > budget:
-    source = ("vmem_limit_bytes" if limit else
-              f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM")
-    raise ValueError(
-        f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim} "
-        f"({jnp.dtype(dtype).name}) needs about {estimate / MiB:.1f} MiB of VMEM, over "
-        f"{source} ({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
-  if limit is None and estimate > gen.default_scoped_vmem_bytes:
-    limit = min(int(1.25 * estimate) + 2 * MiB, gen.vmem_bytes)
+  for kernel, estimate in estimates.items():
+    if estimate > budget:
+      source = ("vmem_limit_bytes" if limit else
+                f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM")
+      raise ValueError(
+          f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim}, "
+          f"{group} query head(s) per kv head ({jnp.dtype(dtype).name}): the {kernel} "
+          f"kernel needs about {estimate / MiB:.1f} MiB of VMEM, over {source} "
+          f"({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
+
+  def limit_for(estimate):
+    if limit is not None or estimate <= gen.default_scoped_vmem_bytes:
+      return limit
+    return min(int(1.25 * estimate) + 2 * MiB, gen.vmem_bytes)
+
+  backward = max(estimates["dq"], estimates["dkv"])
   bf16_phi = gen.bf16_vpu if config.bf16_phi is None else bool(config.bf16_phi)
-  return ResolvedTiles(local_tile=local_tile, vmem_limit_bytes=limit,
-                       vmem_estimate_bytes=estimate, bf16_phi=bf16_phi)
+  return ResolvedTiles(local_tile=local_tile,
+                       vmem_limit_bytes=limit_for(estimates["forward"]),
+                       vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
+                       backward_vmem_limit_bytes=limit_for(backward),
+                       backward_vmem_estimate_bytes=backward)

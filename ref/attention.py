@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_polysketch.polynomial import compute_dtype, normalise_weights
+from pallas_polysketch.polynomial import compute_dtype, normalise_weights, repeat_kv
 from pallas_polysketch.sketches import self_tensor
 
 
@@ -15,9 +15,11 @@ def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256
                        causal=True, local_exact=True):
   """The full T x T weight matrix w of DESIGN §1.3, built explicitly.
 
+  k and k_features may have fewer (kv) heads, repeated for the query heads.
   Returns w [B, N, T, T] in the compute dtype.
   """
   dt = compute_dtype(q)
+  k, k_features = repeat_kv(k, q.shape[2]), repeat_kv(k_features, q.shape[2])
   exact = jnp.einsum("binh,bjnh->bnij", q.astype(dt), k.astype(dt)) ** degree
   sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
                         k_features.astype(dt)) ** 2
@@ -32,29 +34,33 @@ def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256
 
 
 def polysketch_attention_quadratic(q, k, v, q_features, k_features, *, degree=4,
-                                   block_size=256, causal=True, local_exact=True):
+                                   block_size=256, causal=True, local_exact=True,
+                                   normalization_bias=1.0):
   """DESIGN §1.3 from the materialised weight matrix. [B, T, N, H] -> [B, T, N, H]."""
   w = polysketch_weights(q, k, q_features, k_features, degree=degree,
                          block_size=block_size, causal=causal,
                          local_exact=local_exact)
-  return normalise_weights(w, v.astype(w.dtype), q.dtype)
+  v = repeat_kv(v, q.shape[2])
+  return normalise_weights(w, v.astype(w.dtype), q.dtype, normalization_bias)
 
 
 def polysketch_attention_blocked(q, k, v, q_features, k_features, *, degree=4,
-                                 block_size=256, causal=True, local_exact=True):
+                                 block_size=256, causal=True, local_exact=True,
+                                 normalization_bias=1.0):
   """DESIGN §1.3 block by block, carrying the prefix state S_t and normaliser z_t.
 
   A Python loop over blocks (the last one may be short), per (batch, head) via
   einsum over the leading axes. [B, T, N, H] -> [B, T, N, H].
   """
   out_dtype, dt = q.dtype, compute_dtype(q)
+  k, v, k_features = (repeat_kv(x, q.shape[2]) for x in (k, v, k_features))
   q, k, v, fq, fk = (x.astype(dt) for x in (q, k, v, q_features, k_features))
   if not causal:
     phi_q, phi_k = self_tensor(fq), self_tensor(fk)
     s = jnp.einsum("btnc,btnh->bnch", phi_k, v)
     z = jnp.sum(phi_k, axis=1)  # [B, N, r^2]
     num = jnp.einsum("btnc,bnch->btnh", phi_q, s)
-    den = 1.0 + jnp.einsum("btnc,bnc->btn", phi_q, z)
+    den = normalization_bias + jnp.einsum("btnc,bnc->btn", phi_q, z)
     return (num / den[..., None]).astype(out_dtype)
   b_, t, n, h = q.shape
   r2 = fq.shape[-1] ** 2
@@ -71,7 +77,7 @@ def polysketch_attention_blocked(q, k, v, q_features, k_features, *, degree=4,
       local = jnp.einsum("binr,bjnr->bnij", fq[:, blk], fk[:, blk]) ** 2
     local = jnp.tril(local)
     num = jnp.einsum("bnij,bjnh->binh", local, vb) + jnp.einsum("binc,bnch->binh", phi_q, state)
-    den = 1.0 + jnp.sum(local, axis=-1).transpose(0, 2, 1) + jnp.einsum("binc,bnc->bin", phi_q, norm)
+    den = normalization_bias + jnp.sum(local, axis=-1).transpose(0, 2, 1) + jnp.einsum("binc,bnc->bin", phi_q, norm)
     outs.append(num / den[..., None])
     state = state + jnp.einsum("bjnc,bjnh->bnch", phi_k, vb)
     norm = norm + jnp.sum(phi_k, axis=1)

@@ -1,0 +1,130 @@
+"""The Pallas path as differentiable ops: each a `jax.custom_vjp` around the
+forward kernels, with the backward kernels as its VJP (DESIGN §1.4, §2).
+
+States cross these functions in the backward kernels' orientation,
+[S, z, 0] [B, K, r^2, H + 16] float32 ("rz"), and are transposed (a few KiB)
+where the forward kernels want [S^T; z^T; 0].
+
+- `causal(..., initial_state)`: causal attention from a given state; its VJP
+  also returns the initial state's cotangent (context parallelism).
+- `causal_with_state(..., state_block)`: forward only, also returns the state at
+  the start of a block chosen per row (chunked prefill).
+- `state_sum(v, k_features)`: the whole-sequence state, and `apply_state`:
+  the non-causal read of one; non-causal attention is their composition.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_polysketch._pallas_backward import (
+    apply_state_backward, causal_backward, state_sum_backward)
+from pallas_polysketch._pallas_common import outer_sum
+from pallas_polysketch._pallas_forward import apply_state_forward, causal_forward
+
+
+def _fwd_layout(state_rz):
+  return None if state_rz is None else jnp.swapaxes(state_rz, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def causal(q, k, v, q_features, k_features, initial_state, static):
+  """static: (degree, block_size, local_exact, bias, tiles, interpret)."""
+  return _causal_fwd(q, k, v, q_features, k_features, initial_state, static)[0]
+
+
+def _causal_fwd(q, k, v, q_features, k_features, initial_state, static):
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  o, den = causal_forward(q, k, v, q_features, k_features, degree=degree,
+                          block_size=block_size, local_exact=local_exact, bias=bias,
+                          tiles=tiles, interpret=interpret,
+                          initial_state=_fwd_layout(initial_state))
+  # Residuals: inputs, output and the [B, N, 1, T] denominator; never states.
+  return o, (q, k, v, q_features, k_features, initial_state, o, den)
+
+
+def _causal_bwd(static, residuals, do):
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  q, k, v, q_features, k_features, initial_state, o, den = residuals
+  grads, d_initial = causal_backward(
+      q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
+      local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state)
+  return grads + (d_initial,)
+
+
+causal.defvjp(_causal_fwd, _causal_bwd)
+
+
+def causal_with_state(q, k, v, q_features, k_features, initial_state, state_block, static):
+  """Forward only: (o, the rz state at the start of block state_block[b])."""
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  o, _, state = causal_forward(q, k, v, q_features, k_features, degree=degree,
+                               block_size=block_size, local_exact=local_exact, bias=bias,
+                               tiles=tiles, interpret=interpret,
+                               initial_state=_fwd_layout(initial_state),
+                               state_block=state_block)
+  return o, jnp.swapaxes(state, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def state_sum(v, k_features, static):
+  """sum over tokens of Phi_k^T [V, 1]: rz [B, K, r^2, H + 16]. static: (block_size, tiles, interpret)."""
+  block_size, tiles, interpret = static
+  v_t = jnp.transpose(v, (0, 2, 3, 1))
+  fk_t = jnp.transpose(k_features, (0, 2, 3, 1))
+  return outer_sum(v_t, fk_t, block_size=block_size, vmem_limit_bytes=tiles.vmem_limit_bytes,
+                   interpret=interpret)
+
+
+def _state_sum_fwd(v, k_features, static):
+  return state_sum(v, k_features, static), (v, k_features)
+
+
+def _state_sum_bwd(static, residuals, d_state):
+  block_size, tiles, interpret = static
+  v, k_features = residuals
+  return state_sum_backward(v, k_features, d_state, block_size=block_size, tiles=tiles,
+                            interpret=interpret)
+
+
+state_sum.defvjp(_state_sum_fwd, _state_sum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def apply_state(q_features, state, out_spec, static):
+  """o [B, T, N, H] from q_features [B, T, N, r] and an rz state.
+
+  out_spec: (head_dim, out_dtype); static: (block_size, bias, tiles, interpret)."""
+  return _apply_state_fwd(q_features, state, out_spec, static)[0]
+
+
+def _apply_state_fwd(q_features, state, out_spec, static):
+  head_dim, out_dtype = out_spec
+  block_size, bias, tiles, interpret = static
+  o, den = apply_state_forward(q_features, _fwd_layout(state), head_dim=head_dim,
+                               out_dtype=out_dtype, block_size=block_size, bias=bias,
+                               tiles=tiles, interpret=interpret)
+  return o, (q_features, state, o, den)
+
+
+def _apply_state_bwd(out_spec, static, residuals, do):
+  block_size, bias, tiles, interpret = static
+  q_features, state, o, den = residuals
+  return apply_state_backward(q_features, state, o, den, do, block_size=block_size,
+                              tiles=tiles, interpret=interpret)
+
+
+apply_state.defvjp(_apply_state_fwd, _apply_state_bwd)
+
+
+def to_rz(s, z):
+  """Public (S [B, K, r^2, H], z [B, K, r^2]) -> rz [B, K, r^2, H + 16]."""
+  pad = jnp.zeros((*z.shape, 15), jnp.float32)
+  return jnp.concatenate([s.astype(jnp.float32), z[..., None].astype(jnp.float32), pad], -1)
+
+
+def from_rz(state, head_dim):
+  """rz [B, K, r^2, H + 16] -> public (S, z)."""
+  return state[..., :head_dim], state[..., head_dim]
