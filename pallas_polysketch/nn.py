@@ -5,7 +5,7 @@ it for Linen code through `flax.nnx.bridge`.
 
 Per layer, as in the paper (Kacham, Mirrokni & Zhong, ICML 2024):
 
-  q, k, v = x Wq, x Wk, x Wv                       (k, v repeated for GQA)
+  q, k, v = x Wq, x Wk, x Wv                       (k, v with num_kv_heads heads)
   q, k    = rope(q), rope(k)                        (if rope)
   q, k    = LN(q), LN(k)                            one LayerNorm shared by q, k,
                                                     eps 1e-5 (polynomial,
@@ -14,7 +14,18 @@ Per layer, as in the paper (Kacham, Mirrokni & Zhong, ICML 2024):
   o       = polysketch_attention(q, k, v, f_q, f_k) (or the exact / softmax op)
   y       = o Wo
 
-Softmax uses no LayerNorm and the usual 1/sqrt(head_dim) scaling.
+Softmax uses no LayerNorm and the usual 1/sqrt(head_dim) scaling. Grouped-query
+attention never repeats k or v: the LayerNorm and the sketch run once per kv
+head, and the op keeps one prefix state per kv head.
+
+Padding: `key_mask` [batch, seq] (True for real tokens) zeroes the masked
+keys, values and key features after the LayerNorm and the sketch (whose
+outputs at a zero input are not zero), so padding adds nothing to any sum.
+
+Decoding follows `flax.nnx.MultiHeadAttention`: `init_cache(input_shape)`
+allocates a `DecodeState` (constant size) in `nnx.Cache` variables, and
+`layer(x, decode=True)` continues it by x's tokens (a chunked prefill, or one
+decode step when x holds one token), with rotary positions counted on.
 The random sketch is drawn once per layer from the module's `rngs` and stored
 in a `SketchVariable`, not an `nnx.Param`: `nnx.Optimizer(..., wrt=nnx.Param)`
 never updates it. The learned sketch's parameters are `nnx.Param`s.
@@ -31,6 +42,7 @@ from flax import nnx
 
 from pallas_polysketch import _validation
 from pallas_polysketch.attention import IMPLEMENTATIONS, polysketch_attention
+from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.sketches import (
     LAYER_NORM_EPS,
@@ -54,18 +66,21 @@ class SketchVariable(nnx.Variable):
 nnx.register_variable_name("sketch", SketchVariable, overwrite=True)
 
 
-def rotary_embedding(x: jax.Array, base: float = ROPE_BASE) -> jax.Array:
+def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0) -> jax.Array:
   """Rotary position embedding on [batch, seq, heads, head_dim] (half-split pairs).
 
   Dimension i of the first half is rotated with dimension i + head_dim/2 by the
-  angle t * base^(-2i/head_dim) at position t. Computed in float32.
+  angle t * base^(-2i/head_dim) at position t = offset + index. offset: an int
+  or int32 [batch] (decoding: the tokens already seen). Computed in float32.
   """
-  _, t, _, h = x.shape
+  b, t, _, h = x.shape
   half = h // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / h)
-  angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-  cos = jnp.cos(angles)[None, :, None, :]
-  sin = jnp.sin(angles)[None, :, None, :]
+  pos = jnp.arange(t, dtype=jnp.float32)[None, :] + jnp.reshape(
+      jnp.asarray(offset, jnp.float32), (-1, 1))                          # [B|1, T]
+  angles = pos[..., None] * inv_freq                                      # [B|1, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -87,7 +102,8 @@ class PolySketchAttention(nnx.Module):
       (q.k)^degree, O(T^2)) or "softmax".
     head_dim: per-head size; default in_features // num_heads.
     num_kv_heads: key/value heads (grouped-query attention); must divide
-      num_heads; default num_heads. k and v heads are repeated.
+      num_heads; default num_heads. Nothing is repeated: the op reads one
+      state per kv head.
     sketch: "learned" (paper §4, trainable, shared by q and k) or "random"
       (Gaussian, drawn once from `rngs`, fixed). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
@@ -190,34 +206,98 @@ class PolySketchAttention(nnx.Module):
     params = jax.tree.map(lambda a: a.astype(x.dtype), params)
     return random_sketch_features(params, x).astype(x.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 3 or x.shape[-1] != self.in_features:
-      raise ValueError(
-          f"x must be [batch, seq, {self.in_features}], got shape {x.shape}")
+  def _project(self, x, offset):
+    """q [B, T, N, H], k, v [B, T, K, H] after rope and the q/k LayerNorm."""
     b, t, _ = x.shape
     q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    groups = self.num_heads // self.num_kv_heads
-    if groups > 1:
-      k = jnp.repeat(k, groups, axis=2)
-      v = jnp.repeat(v, groups, axis=2)
     if self.rope:
-      q, k = rotary_embedding(q), rotary_embedding(k)
+      q, k = rotary_embedding(q, offset=offset), rotary_embedding(k, offset=offset)
+    if self.qk_norm is not None:
+      q, k = self.qk_norm(q), self.qk_norm(k)
+    return q, k, v
+
+  def _check_x(self, x, key_mask):
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(
+          f"x must be [batch, seq, {self.in_features}], got shape {x.shape}")
+    if key_mask is not None and tuple(key_mask.shape) != tuple(x.shape[:2]):
+      raise ValueError(
+          f"key_mask must be [batch, seq] = {tuple(x.shape[:2])}, got shape {key_mask.shape}")
+
+  def __call__(self, x: jax.Array, *, key_mask: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    """[batch, seq, in_features] -> [batch, seq, in_features].
+
+    key_mask: None or bool [batch, seq], False for padding keys (never seen).
+    decode: continue the cache from `init_cache` by x's tokens (causal
+      "polysketch" only); positions continue from the tokens already cached.
+    """
+    self._check_x(x, key_mask)
+    if decode:
+      return self._decode(x)
+    b, t, _ = x.shape
+    q, k, v = self._project(x, 0)
     if self.attention == "softmax":
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
+      mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, mask=mask,
                                        scale=1.0 / math.sqrt(self.head_dim))
     else:
-      q, k = self.qk_norm(q), self.qk_norm(k)
+      keep = None if key_mask is None else key_mask[:, :, None, None].astype(bool)
+      if keep is not None:
+        k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
       if self.attention == "polynomial":
         o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal)
       else:
         fq, fk = self.features(q), self.features(k)
+        if keep is not None:
+          fk = jnp.where(keep, fk, 0)
         o = polysketch_attention(
             q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
             causal=self.causal, local_exact=self.local_exact,
             implementation=self.implementation)
     return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
+
+  def init_cache(self, input_shape, dtype: Any = jnp.float32) -> None:
+    """Allocates an empty decoding cache for inputs of shape [batch, ., in_features].
+
+    The cache is a `DecodeState` (r^2 H + b (2H + r) numbers per sequence and
+    kv head, whatever the context) and the count of tokens seen, in
+    `nnx.Cache` variables; dtype is that of the cached block of k, v."""
+    if self.attention != "polysketch" or not self.causal:
+      raise ValueError(
+          "decoding with a cache needs attention='polysketch' and causal=True, got "
+          f"attention={self.attention!r}, causal={self.causal}")
+    batch = input_shape[0]
+    state = init_decode_state(batch, self.num_kv_heads, self.head_dim, self.sketch_dim,
+                              degree=self.degree, block_size=self.block_size,
+                              local_exact=self.local_exact, dtype=dtype)
+    self.cache = nnx.data({name: nnx.Cache(getattr(state, name)) for name in _STATE_FIELDS})
+    self.cache_index = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+
+  def _decode(self, x):
+    if getattr(self, "cache_index", None) is None:
+      raise ValueError("call init_cache(input_shape) before decode=True")
+    b, t, _ = x.shape
+    fields = {name: var[...] for name, var in self.cache.items()}
+    state = DecodeState(**fields, degree=self.degree, block_size=self.block_size,
+                        local_exact=self.local_exact)
+    q, k, v = self._project(x, self.cache_index[...])
+    fq, fk = self.features(q), self.features(k)
+    if t == 1:
+      o, state = decode_step(state, q, k, v, fq, fk)
+    else:
+      o, state = prefill(q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
+                         local_exact=self.local_exact, state=state,
+                         implementation=self.implementation)
+    for name, var in self.cache.items():
+      var[...] = getattr(state, name)
+    self.cache_index[...] = self.cache_index[...] + t
+    return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
+
+
+_STATE_FIELDS = ("prefix_state", "normalizer", "tail_k", "tail_v", "tail_k_features", "fill")
 
 
 class PolySketchAttentionLinen(linen.Module):
@@ -247,7 +327,7 @@ class PolySketchAttentionLinen(linen.Module):
   implementation: str | None = None
 
   @linen.compact
-  def __call__(self, x):
+  def __call__(self, x, key_mask=None):
     return nnx.bridge.to_linen(
         PolySketchAttention, self.in_features, self.num_heads,
         attention=self.attention, head_dim=self.head_dim,
@@ -256,7 +336,7 @@ class PolySketchAttentionLinen(linen.Module):
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,
-        name="attention")(x)
+        name="attention")(x, key_mask=key_mask)
 
 
 __all__ = [

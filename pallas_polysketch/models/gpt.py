@@ -70,8 +70,8 @@ class Block(nnx.Module):
     self.ln2 = nnx.LayerNorm(c.embed_dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(c.embed_dim, c.mlp_ratio * c.embed_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attn(self.ln1(x))
+  def __call__(self, x, *, key_mask=None, decode=False):
+    x = x + self.attn(self.ln1(x), key_mask=key_mask, decode=decode)
     return x + self.mlp(self.ln2(x))
 
 
@@ -86,12 +86,23 @@ class GPT(nnx.Module):
                             for _ in range(config.num_layers)])
     self.ln_f = nnx.LayerNorm(config.embed_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, key_mask: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
+    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32.
+
+    key_mask: None or bool [batch, seq], False for padding tokens.
+    decode: continue every layer's cache (`init_cache`) by these tokens.
+    """
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, key_mask=key_mask, decode=decode)
     x = self.ln_f(x)
     return self.embed.attend(x).astype(jnp.float32)  # tied output embedding
+
+  def init_cache(self, batch: int, dtype=jnp.float32) -> None:
+    """Empty decoding caches in every layer (constant size in the context)."""
+    for block in self.blocks:
+      block.attn.init_cache((batch, 1, self.config.embed_dim), dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -138,31 +149,78 @@ def param_count(model: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array,
-             temperature: float = 1.0, context: int = 256) -> np.ndarray:
-  """Samples num_tokens after prompt [seq] with a sliding window of `context` tokens.
+def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = None,
+             temperature: float = 1.0, use_cache: bool | None = None,
+             context: int = 256) -> np.ndarray:
+  """Generates num_tokens tokens after prompt ([seq] or [batch, seq] ints).
 
-  The window is right-padded to a fixed length (the model is causal, so padding
-  after the last token changes nothing), so it compiles once. A demo, not fast:
-  it recomputes the whole window for every token.
+  temperature 0 is greedy (argmax); above 0 samples from softmax(logits / T)
+  and needs `key`. With the cache (the default for PolySketch models) the
+  prompt is prefilled once and each new token is one `decode_step` per layer:
+  constant time and memory per token, one compilation. Without it (softmax or
+  polynomial models, or use_cache=False) every token recomputes a window of the
+  last `context` tokens, right-padded to a fixed length so it compiles once.
+
+  Returns:
+    [num_tokens] (or [batch, num_tokens]) int32.
   """
-  tokens = np.asarray(prompt, np.int32).reshape(-1).tolist()
-  if not tokens:
-    raise ValueError("prompt must hold at least one token")
+  prompt = np.asarray(prompt, np.int32)
+  squeeze = prompt.ndim == 1
+  prompt = prompt.reshape(1, -1) if squeeze else prompt
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be [seq] or [batch, seq] with seq >= 1, got {prompt.shape}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling with temperature > 0 needs key")
+  key = jax.random.key(0) if key is None else key
+  cfg = model.config
+  if use_cache is None:
+    use_cache = cfg.attention == "polysketch"
   graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def next_token(state, window, pos, key):
-    logits = nnx.merge(graphdef, state)(window[None])[0, pos]
-    return jax.random.categorical(key, logits / temperature)
+  def pick(logits, key):
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
 
-  for _ in range(num_tokens):
-    window = tokens[-context:]
-    buf = np.zeros((context,), np.int32)
-    buf[:len(window)] = window
+  batch = prompt.shape[0]
+  out = []
+  if use_cache:
+    model.init_cache(batch)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, key):
+      m = nnx.merge(graphdef, state)
+      logits = m(tokens, decode=True)[:, -1]
+      return pick(logits, key), nnx.state(m)
+
     key, sub = jax.random.split(key)
-    tokens.append(int(next_token(state, jnp.asarray(buf), len(window) - 1, sub)))
-  return np.asarray(tokens[len(tokens) - num_tokens:], np.int32)
+    token, state = step(state, jnp.asarray(prompt), sub)
+    out.append(token)
+    for _ in range(num_tokens - 1):
+      key, sub = jax.random.split(key)
+      token, state = step(state, token[:, None], sub)
+      out.append(token)
+  else:
+    tokens = prompt
+
+    @jax.jit
+    def next_token(state, window, pos, key):
+      logits = nnx.merge(graphdef, state)(window)[:, pos]
+      return pick(logits, key)
+
+    for _ in range(num_tokens):
+      window = tokens[:, -context:]
+      buf = np.zeros((batch, context), np.int32)
+      buf[:, :window.shape[1]] = window
+      key, sub = jax.random.split(key)
+      token = np.asarray(next_token(state, jnp.asarray(buf), window.shape[1] - 1, sub))
+      tokens = np.concatenate([tokens, token[:, None]], axis=1)
+      out.append(token)
+  result = np.stack([np.asarray(t) for t in out[:num_tokens]], axis=1).astype(np.int32)
+  return result[0] if squeeze else result
 
 
 __all__ = ["GPTConfig", "GPT", "Block", "MLP", "CharTokenizer", "param_count", "generate"]
