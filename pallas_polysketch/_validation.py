@@ -79,3 +79,14 @@ def check_features(q, q_features, k_features) -> None:
         f"{q_features.dtype} and {k_features.dtype}")
   if q_features.shape[-1] == 0:
     raise ValueError(f"sketch_dim must be positive, got features of shape {q_features.shape}")
+
+
+def check_choice(name: str, value, allowed: tuple) -> str:
+  """One of a few allowed strings; the error lists them."""
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  return value
+
+
+def is_power_of_two(n: int) -> bool:
+  return n > 0 and not n & (n - 1)
