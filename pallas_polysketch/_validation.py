@@ -107,3 +107,14 @@ def check_features(q, k, q_features, k_features) -> None:
 def check_attention_inputs(q, k, v, q_features, k_features) -> None:
   check_qkv(q, k, v)
   check_features(q, k, q_features, k_features)
+
+
+def check_choice(name: str, value, allowed: tuple) -> str:
+  """One of a few allowed strings; the error lists them."""
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  return value
+
+
+def is_power_of_two(n: int) -> bool:
+  return n > 0 and not n & (n - 1)

@@ -46,7 +46,10 @@ from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.sketches import (
     LAYER_NORM_EPS,
+    SKETCH_SCALINGS,
+    SKETCH_TYPES,
     check_random_degree,
+    check_sketch_type,
     learned_sketch_features,
     learned_sketch_init,
     random_sketch_features,
@@ -105,8 +108,15 @@ class PolySketchAttention(nnx.Module):
       num_heads; default num_heads. Nothing is repeated: the op reads one
       state per kv head.
     sketch: "learned" (paper §4, trainable, shared by q and k) or "random"
-      (Gaussian, drawn once from `rngs`, fixed). Used by "polysketch" only.
+      (Algorithm 1, drawn once from `rngs`, fixed). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
+    sketch_type: the random sketch's matrices, "gaussian" or "hadamard"
+      (random signs and sampled Hadamard columns, as the paper's official
+      code; head_dim, and from degree 8 on sketch_dim, must be powers of two).
+      See `random_sketch_init`. Used with sketch="random" only.
+    sketch_scaling: "unbiased" (1/sqrt(r) per level) or "official" (the
+      official code's 1/r, to reproduce its checkpoints). See
+      `random_sketch_features`. Used with sketch="random" only.
     degree: p, even; the random sketch needs a power of two.
     block_size: b of `polysketch_attention`.
     local_exact: exact (q.k)^p weights inside each diagonal block.
@@ -121,7 +131,9 @@ class PolySketchAttention(nnx.Module):
   def __init__(self, in_features: int, num_heads: int, *,
                attention: str = "polysketch", head_dim: int | None = None,
                num_kv_heads: int | None = None, sketch: str = "learned",
-               sketch_dim: int = 32, degree: int = 4, block_size: int = 256,
+               sketch_dim: int = 32, sketch_type: str = "gaussian",
+               sketch_scaling: str = "unbiased", degree: int = 4,
+               block_size: int = 256,
                local_exact: bool = True, causal: bool = True, rope: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
                implementation: str | None = None, rngs: nnx.Rngs):
@@ -146,8 +158,11 @@ class PolySketchAttention(nnx.Module):
           f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
     _validation.check_positive_int("sketch_dim", sketch_dim)
     _validation.check_degree(degree)
+    _validation.check_choice("sketch_type", sketch_type, SKETCH_TYPES)
+    _validation.check_choice("sketch_scaling", sketch_scaling, SKETCH_SCALINGS)
     if attention == "polysketch" and sketch == "random":
       check_random_degree(degree)
+      check_sketch_type(sketch_type, head_dim, sketch_dim, degree)  # powers of two
     _validation.check_block_size(block_size)
     if rope and head_dim % 2:
       raise ValueError(f"rope needs an even head_dim, got {head_dim}")
@@ -162,6 +177,8 @@ class PolySketchAttention(nnx.Module):
     self.attention = attention
     self.sketch_kind = sketch
     self.sketch_dim = sketch_dim
+    self.sketch_type = sketch_type
+    self.sketch_scaling = sketch_scaling
     self.degree = degree
     self.block_size = block_size
     self.local_exact = bool(local_exact)
@@ -191,7 +208,8 @@ class PolySketchAttention(nnx.Module):
         self.sketch = nnx.data(jax.tree.map(
             lambda a: nnx.Param(a.astype(param_dtype)), params))
       else:
-        params = random_sketch_init(key, head_dim, sketch_dim, degree)
+        params = random_sketch_init(key, head_dim, sketch_dim, degree,
+                                    sketch_type=sketch_type)
         self.sketch = nnx.data(jax.tree.map(SketchVariable, params))
     else:
       self.sketch = None
@@ -203,8 +221,10 @@ class PolySketchAttention(nnx.Module):
     params = _variables_to_arrays(self.sketch)
     if self.sketch_kind == "learned":
       return learned_sketch_features(params, x)
-    params = jax.tree.map(lambda a: a.astype(x.dtype), params)
-    return random_sketch_features(params, x).astype(x.dtype)
+    # float matrices and signs in the compute dtype; hadamard column indices stay int32
+    params = jax.tree.map(
+        lambda a: a.astype(x.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    return random_sketch_features(params, x, scaling=self.sketch_scaling).astype(x.dtype)
 
   def _project(self, x, offset):
     """q [B, T, N, H], k, v [B, T, K, H] after rope and the q/k LayerNorm."""
@@ -325,6 +345,8 @@ class PolySketchAttentionLinen(linen.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   implementation: str | None = None
+  sketch_type: str = "gaussian"  # last, so positional construction keeps working
+  sketch_scaling: str = "unbiased"
 
   @linen.compact
   def __call__(self, x, key_mask=None):
@@ -332,7 +354,8 @@ class PolySketchAttentionLinen(linen.Module):
         PolySketchAttention, self.in_features, self.num_heads,
         attention=self.attention, head_dim=self.head_dim,
         num_kv_heads=self.num_kv_heads, sketch=self.sketch,
-        sketch_dim=self.sketch_dim, degree=self.degree,
+        sketch_dim=self.sketch_dim, sketch_type=self.sketch_type,
+        sketch_scaling=self.sketch_scaling, degree=self.degree,
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,

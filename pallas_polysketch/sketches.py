@@ -6,6 +6,7 @@ All functions here are pure JAX; the attention op takes their r-dim output.
 """
 from __future__ import annotations
 
+import collections.abc
 import math
 
 import jax
@@ -37,13 +38,58 @@ def check_random_degree(degree) -> int:
   return degree
 
 
-def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
-                       degree: int = 4) -> dict:
-  """Draws the Gaussian matrices of the random sketch f = S_(degree/2).
+SKETCH_TYPES = ("gaussian", "hadamard")
+SKETCH_SCALINGS = ("unbiased", "official")
 
-  S_1(x) = x, and S_2m(x) = (S_m'(x) G1 * S_m''(x) G2) / sqrt(sketch_dim) with
-  S_m', S_m'' independent copies. The result is unbiased:
-  E <f(x), f(y)> = <x, y>^(degree/2).
+
+def check_sketch_type(sketch_type, head_dim: int, sketch_dim: int, degree: int) -> str:
+  """A random sketch type that fits these (already checked) sizes.
+
+  "hadamard" maps d_in -> sketch_dim with sampled columns of the d_in x d_in
+  Hadamard matrix at every level, so d_in must be a power of two: head_dim at
+  the first level and, from degree 8 on, sketch_dim above it. Degree 2 draws
+  no matrix and has no constraint.
+  """
+  sketch_type = _validation.check_choice("sketch_type", sketch_type, SKETCH_TYPES)
+  if sketch_type == "hadamard" and degree > 2:
+    if not _validation.is_power_of_two(head_dim):
+      raise ValueError(
+          f"sketch_type='hadamard' needs a head_dim that is a power of two (it "
+          f"samples columns of the head_dim x head_dim Hadamard matrix), got "
+          f"head_dim={head_dim}; use sketch_type='gaussian' for other sizes")
+    if degree >= 8 and not _validation.is_power_of_two(sketch_dim):
+      raise ValueError(
+          f"sketch_type='hadamard' at degree >= 8 needs a sketch_dim that is a "
+          f"power of two (the levels above the first map sketch_dim -> "
+          f"sketch_dim with a Hadamard matrix), got sketch_dim={sketch_dim} "
+          f"with degree={degree}")
+  return sketch_type
+
+
+def check_sketch_scaling(scaling) -> str:
+  """The scaling of each sketch level: one of SKETCH_SCALINGS."""
+  return _validation.check_choice("scaling", scaling, SKETCH_SCALINGS)
+
+
+def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
+                       degree: int = 4, *, sketch_type: str = "gaussian") -> dict:
+  """Draws the random matrices of the sketch f = S_(degree/2) (Algorithm 1).
+
+  S_1(x) = x, and S_2m(x) = (S_m'(x) M1 * S_m''(x) M2) / sqrt(sketch_dim) with
+  S_m', S_m'' independent copies and M1, M2 independent [d_in, sketch_dim]
+  matrices whose columns have i.i.d. mean-zero, unit-variance entries. Then
+  E <f(x), f(y)> = <x, y>^(degree/2) (unbiased; see `random_sketch_features`
+  for the official code's 1/r scaling).
+
+  sketch_type picks M:
+    "gaussian": i.i.d. N(0, 1) entries.
+    "hadamard": M = D H[:, c], the SRHT-style sketch of the paper's official
+      code: D diagonal with i.i.d. random signs, H the d_in x d_in Sylvester
+      Hadamard matrix (entries +-1, unnormalised) and c sketch_dim column
+      indices drawn uniformly with replacement. Every column of M is then a
+      vector of i.i.d. random signs. Stored as the signs and the indices, not
+      as M. Used at every level, so d_in (head_dim at the first level,
+      sketch_dim above it, i.e. from degree 8 on) must be a power of two.
 
   Args:
     key: a PRNG key.
@@ -51,15 +97,32 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     sketch_dim: r, the feature size (ignored for degree 2).
     degree: p, a power of two >= 2. degree=2 gives the identity map f(x) = x
       (exact features of size head_dim).
+    sketch_type: "gaussian" (default) or "hadamard".
 
   Returns:
-    A pytree of float32 matrices: {} for degree 2, else
-    {"g1": [d_in, r], "g2": [d_in, r], "left": ..., "right": ...} with d_in =
+    A pytree of arrays: {} for degree 2; else, per level, for "gaussian"
+    {"g1": f32[d_in, r], "g2": f32[d_in, r], "left": ..., "right": ...} and
+    for "hadamard" {"signs1": f32[d_in] (+-1), "cols1": i32[r], "signs2":
+    f32[d_in], "cols2": i32[r], "left": ..., "right": ...}, with d_in =
     head_dim at the innermost level and r above it.
   """
   degree = check_random_degree(degree)
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
+  sketch_type = check_sketch_type(sketch_type, head_dim, sketch_dim, degree)
+
+  def matrices(k1, k2, d_in):
+    if sketch_type == "gaussian":
+      return {
+          "g1": jax.random.normal(k1, (d_in, sketch_dim), jnp.float32),
+          "g2": jax.random.normal(k2, (d_in, sketch_dim), jnp.float32),
+      }
+    out = {}
+    for i, k in (("1", k1), ("2", k2)):
+      k_signs, k_cols = jax.random.split(k)
+      out["signs" + i] = jax.random.rademacher(k_signs, (d_in,), jnp.float32)
+      out["cols" + i] = jax.random.randint(k_cols, (sketch_dim,), 0, d_in, jnp.int32)
+    return out
 
   def init(key, level):  # parameters of S_level
     if level == 1:
@@ -67,8 +130,7 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     k1, k2, k_left, k_right = jax.random.split(key, 4)
     d_in = head_dim if level == 2 else sketch_dim
     return {
-        "g1": jax.random.normal(k1, (d_in, sketch_dim), jnp.float32),
-        "g2": jax.random.normal(k2, (d_in, sketch_dim), jnp.float32),
+        **matrices(k1, k2, d_in),
         "left": init(k_left, level // 2),
         "right": init(k_right, level // 2),
     }
@@ -76,27 +138,89 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
   return init(key, degree // 2)
 
 
-def random_sketch_features(params: dict, x: jax.Array) -> jax.Array:
+def _hadamard_columns(signs: jax.Array, cols: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """The sampled, sign-flipped Hadamard matrix D H[:, cols]: [d] x [r] -> [d, r].
+
+  H is the Sylvester Hadamard matrix of size d = len(signs) (a power of two),
+  H[i, j] = (-1)^popcount(i & j) (= scipy.linalg.hadamard(d)), unnormalised.
+  """
+  rows = jnp.arange(signs.shape[0], dtype=jnp.int32)
+  parity = jax.lax.population_count(rows[:, None] & cols[None, :].astype(jnp.int32)) & 1
+  h = (1 - 2 * parity).astype(dtype)
+  return signs.astype(dtype)[:, None] * h
+
+
+_GAUSSIAN_KEYS = {"g1", "g2", "left", "right"}
+_HADAMARD_KEYS = {"signs1", "cols1", "signs2", "cols2", "left", "right"}
+
+
+def _check_level(params) -> None:
+  keys = set(params) if isinstance(params, collections.abc.Mapping) else None
+  if keys not in (_GAUSSIAN_KEYS, _HADAMARD_KEYS):
+    raise ValueError(
+        f"params is not a random sketch from random_sketch_init: a level has "
+        f"keys {sorted(keys) if keys is not None else type(params).__name__}, "
+        f"expected {sorted(_GAUSSIAN_KEYS)} (gaussian) or "
+        f"{sorted(_HADAMARD_KEYS)} (hadamard)")
+
+
+def _level_matrices(params: dict, x_dtype):
+  if "g1" in params:
+    return params["g1"], params["g2"]
+  dtype = jnp.result_type(x_dtype, params["signs1"].dtype)  # as x @ g1 would
+  return (_hadamard_columns(params["signs1"], params["cols1"], dtype),
+          _hadamard_columns(params["signs2"], params["cols2"], dtype))
+
+
+def random_sketch_features(params: dict, x: jax.Array, *,
+                           scaling: str = "unbiased") -> jax.Array:
   """Applies the random sketch: [..., head_dim] -> [..., sketch_dim].
 
-  For degree-2 params ({}), returns x itself ([..., head_dim]).
+  Dispatches on the structure of params (gaussian or hadamard levels, see
+  `random_sketch_init`). For degree-2 params ({}), returns x itself
+  ([..., head_dim]).
+
+  Args:
+    params: from `random_sketch_init`.
+    x: [..., head_dim].
+    scaling: the factor of each level S_2m = c (S_m' M1 * S_m'' M2).
+      "unbiased" (default): c = 1/sqrt(r), E <f(x), f(y)> = <x, y>^(degree/2).
+      "official": c = 1/r, as the paper's official code (which scales each
+      [d_in, r] matrix by 1/sqrt(r)); to reproduce its checkpoints. Then
+      f_official = r^(-(degree/2 - 1)/2) f_unbiased, so every sketched weight
+      <f(q), f(k)>^2 is r^-(degree - 2) times the unbiased one (1/r^2 at
+      degree 4, 1/r^6 at degree 8).
+
+  Returns:
+    [..., sketch_dim] features in the promoted dtype of x and the matrices.
   """
-  if not params:
-    return x
-  left = random_sketch_features(params["left"], x)
-  right = random_sketch_features(params["right"], x)
-  if left.shape[-1] != params["g1"].shape[0]:
+  check_sketch_scaling(scaling)
+  if params and x.shape[-1] != _sketch_head_dim(params):
     raise ValueError(
         f"x has last dim {x.shape[-1]}, the sketch was drawn for head_dim "
         f"{_sketch_head_dim(params)}")
-  sketch_dim = params["g1"].shape[1]
-  return (left @ params["g1"]) * (right @ params["g2"]) / math.sqrt(sketch_dim)
+  return _apply_random_sketch(params, x, scaling)
+
+
+def _apply_random_sketch(params: dict, x: jax.Array, scaling: str) -> jax.Array:
+  if not params:
+    return x
+  _check_level(params)
+  left = _apply_random_sketch(params["left"], x, scaling)
+  right = _apply_random_sketch(params["right"], x, scaling)
+  m1, m2 = _level_matrices(params, left.dtype)
+  sketch_dim = m1.shape[1]
+  divisor = math.sqrt(sketch_dim) if scaling == "unbiased" else sketch_dim
+  return (left @ m1) * (right @ m2) / divisor
 
 
 def _sketch_head_dim(params: dict) -> int:
+  """The input size of the innermost level; checks the structure on the way."""
+  _check_level(params)
   while params["left"]:
     params = params["left"]
-  return params["g1"].shape[0]
+    _check_level(params)
+  return params["g1"].shape[0] if "g1" in params else params["signs1"].shape[0]
 
 
 # ----------------------------------------------------------------------------

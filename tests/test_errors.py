@@ -124,11 +124,57 @@ def test_sketch_init_bad_sizes(arg, value):
       init(jax.random.key(0), **kwargs)
 
 
+@pytest.mark.parametrize("sketch_type", ["srht", "Hadamard", None, 1])
+def test_random_sketch_unknown_type(sketch_type):
+  with pytest.raises(ValueError, match=re.escape(
+      f"sketch_type must be one of ('gaussian', 'hadamard'), got {sketch_type!r}")):
+    ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R, sketch_type=sketch_type)
+
+
+@pytest.mark.parametrize("degree", [4, 8])
+def test_hadamard_head_dim_not_power_of_two(degree):
+  with pytest.raises(ValueError, match=r"sketch_type='hadamard' needs a head_dim that is a "
+                                       r"power of two .*got head_dim=12"):
+    ps.random_sketch_init(jax.random.key(0), 12, sketch_dim=R, degree=degree,
+                          sketch_type="hadamard")
+  # degree 2 draws no matrix (f(x) = x): any head_dim
+  assert ps.random_sketch_init(jax.random.key(0), 12, degree=2, sketch_type="hadamard") == {}
+
+
+def test_hadamard_sketch_dim_not_power_of_two():
+  with pytest.raises(ValueError, match=r"sketch_type='hadamard' at degree >= 8 needs a sketch_dim "
+                                       r"that is a power of two .*got sketch_dim=12 with degree=8"):
+    ps.random_sketch_init(jax.random.key(0), H, sketch_dim=12, degree=8, sketch_type="hadamard")
+  # at degree 4 sketch_dim only counts sampled columns
+  params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=12, degree=4,
+                                 sketch_type="hadamard")
+  assert ps.random_sketch_features(params, jnp.ones((3, H))).shape == (3, 12)
+
+
+@pytest.mark.parametrize("scaling", ["paper", "Official", None, 1.0])
+def test_random_sketch_bad_scaling(scaling):
+  params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R)
+  with pytest.raises(ValueError, match=re.escape(
+      f"scaling must be one of ('unbiased', 'official'), got {scaling!r}")):
+    ps.random_sketch_features(params, jnp.ones((3, H)), scaling=scaling)
+  with pytest.raises(ValueError, match="scaling must be one of"):  # even for degree 2
+    ps.random_sketch_features({}, jnp.ones((3, H)), scaling=scaling)
+
+
+def test_random_sketch_features_bad_params():
+  with pytest.raises(ValueError, match=r"params is not a random sketch from random_sketch_init: "
+                                       r"a level has keys \['branch1', 'branch2'\]"):
+    ps.random_sketch_features(ps.learned_sketch_init(jax.random.key(0), H, R),
+                              jnp.ones((3, H)))
+
+
 def test_sketch_features_wrong_head_dim():
   x = jnp.ones((B, T, N, H + 1))
-  params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R, degree=8)
-  with pytest.raises(ValueError, match=rf"x has last dim {H + 1}, the sketch was drawn for head_dim {H}"):
-    ps.random_sketch_features(params, x)
+  for sketch_type in ("gaussian", "hadamard"):
+    params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=R, degree=8,
+                                   sketch_type=sketch_type)
+    with pytest.raises(ValueError, match=rf"x has last dim {H + 1}, the sketch was drawn for head_dim {H}"):
+      ps.random_sketch_features(params, x)
   learned = ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=R)
   with pytest.raises(ValueError, match=rf"x has last dim {H + 1}, the sketch was built for head_dim {H}"):
     ps.learned_sketch_features(learned, x)

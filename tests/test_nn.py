@@ -1,4 +1,5 @@
 """Flax layers: shapes, dtypes, GQA, sketches under training, equality with the op."""
+import functools
 import math
 
 import jax
@@ -40,6 +41,9 @@ OPTIONS = [
     dict(attention="polynomial", degree=2, causal=False),
     dict(attention="softmax"),
     dict(attention="softmax", causal=False, rope=False),
+    dict(attention="polysketch", sketch="random", sketch_type="hadamard"),
+    dict(attention="polysketch", sketch="random", sketch_type="hadamard", degree=8,
+         sketch_dim=16, sketch_scaling="official"),
 ]
 
 
@@ -106,6 +110,14 @@ def test_gqa_equals_full_heads_with_repeated_kv(attention, sketch):
     (dict(head_dim=7), "even head_dim"),
     (dict(sketch_dim=0), "sketch_dim"),
     (dict(implementation="cuda"), "implementation must be one of"),
+    (dict(sketch_type="srht"), r"sketch_type must be one of \('gaussian', 'hadamard'\), got 'srht'"),
+    (dict(sketch_type="srht", attention="softmax"), "sketch_type must be one of"),
+    (dict(sketch_scaling="paper"),
+     r"sketch_scaling must be one of \('unbiased', 'official'\), got 'paper'"),
+    (dict(sketch="random", sketch_type="hadamard", head_dim=12),
+     "needs a head_dim that is a power of two.*got head_dim=12"),
+    (dict(sketch="random", sketch_type="hadamard", degree=8, sketch_dim=12),
+     "needs a sketch_dim that is a power of two.*got sketch_dim=12 with degree=8"),
 ])
 def test_bad_options_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -149,6 +161,37 @@ def test_random_sketch_differs_per_layer_seed():
   assert not np.allclose(a.sketch["g1"][...], b.sketch["g1"][...])
 
 
+def test_sketch_type_and_scaling_options():
+  """hadamard and gaussian layers run and differ; "official" changes the output."""
+  x = _x()
+  gauss = _layer(sketch="random")
+  had = _layer(sketch="random", sketch_type="hadamard")
+  assert (gauss.sketch_type, gauss.sketch_scaling) == ("gaussian", "unbiased")
+  assert set(had.sketch) == {"signs1", "cols1", "signs2", "cols2", "left", "right"}
+  assert all(isinstance(v, SketchVariable) for v in jax.tree.leaves(
+      had.sketch, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+  y_gauss, y_had = gauss(x), had(x)
+  assert y_had.shape == y_gauss.shape == (B, T, D)
+  assert bool(jnp.all(jnp.isfinite(y_had)))
+  assert not np.allclose(y_gauss, y_had, atol=1e-4)
+  # Same weights, official scaling: features r^-1/2 times the unbiased ones
+  # (degree 4), so the sketched weights shrink by 1/r^2 and the output moves.
+  off = _layer(sketch="random", sketch_type="hadamard", sketch_scaling="official")
+  nnx.update(off, nnx.state(had))
+  q = jax.random.normal(jax.random.key(3), (B, T, N, D // N))
+  np.testing.assert_allclose(off.features(q), had.features(q) / math.sqrt(32), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(off(x), y_had, atol=1e-4)
+  # bf16 compute: signs follow x's dtype, the column indices stay int32
+  bf = _layer(sketch="random", sketch_type="hadamard", dtype=jnp.bfloat16)
+  assert bf.sketch["cols1"][...].dtype == jnp.int32
+  f = bf.features(q.astype(jnp.bfloat16))
+  assert f.dtype == jnp.bfloat16 and f.shape == (B, T, N, 32)
+  y = bf(x.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  # the random sketch stays fixed under an optimizer on nnx.Param
+  assert not nnx.state(had, nnx.Param).get("sketch")
+
+
 def _manual(layer, x):
   """The layer by hand: projections, rotary, shared LayerNorm, features, the op."""
   hd, n, kv = layer.head_dim, layer.num_heads, layer.num_kv_heads
@@ -177,7 +220,8 @@ def _manual(layer, x):
       params = jax.tree.map(lambda a: a[...], layer.sketch,
                             is_leaf=lambda a: isinstance(a, nnx.Variable))
       feat = (ps.learned_sketch_features if layer.sketch_kind == "learned"
-              else ps.random_sketch_features)
+              else functools.partial(ps.random_sketch_features,
+                                     scaling=layer.sketch_scaling))
       o = ref.polysketch_attention_quadratic(
           q, k, v, feat(params, q), feat(params, k), degree=layer.degree,
           block_size=layer.block_size, local_exact=layer.local_exact)
@@ -187,6 +231,10 @@ def _manual(layer, x):
 @pytest.mark.parametrize("opts", [
     dict(attention="polysketch", sketch="learned"),
     dict(attention="polysketch", sketch="random", num_kv_heads=2),
+    dict(attention="polysketch", sketch="random", sketch_type="hadamard",
+         sketch_scaling="official"),
+    dict(attention="polysketch", sketch="random", sketch_type="hadamard", degree=8,
+         sketch_dim=8),
     dict(attention="polysketch", sketch="learned", local_exact=False),
     dict(attention="polynomial"),
     dict(attention="softmax"),
@@ -215,9 +263,12 @@ def test_rotary_is_relative():
   assert not np.allclose(rq[0, 0], rq[0, 5])
 
 
-@pytest.mark.parametrize("sketch", ["random", "learned"])
-def test_linen_matches_nnx(sketch):
-  kw = dict(attention="polysketch", sketch=sketch, num_kv_heads=2, block_size=8)
+@pytest.mark.parametrize("sketch,extra", [
+    ("random", {}), ("learned", {}),
+    ("random", dict(sketch_type="hadamard", sketch_scaling="official")),
+], ids=str)
+def test_linen_matches_nnx(sketch, extra):
+  kw = dict(attention="polysketch", sketch=sketch, num_kv_heads=2, block_size=8, **extra)
   lin = PolySketchAttentionLinen(in_features=D, num_heads=N, **kw)
   x = _x()
   variables = lin.init(jax.random.key(0), x)

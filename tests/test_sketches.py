@@ -25,14 +25,17 @@ def _unit_pairs():
   return x, ys, dots
 
 
+@pytest.mark.parametrize("sketch_type", ["gaussian", "hadamard"])
 @pytest.mark.parametrize("degree", [4, 8])
-def test_random_sketch_is_unbiased(degree):
+def test_random_sketch_is_unbiased(degree, sketch_type):
   """Averaged over independent sketches, <f(x), f(y)> -> <x, y>^(degree/2).
 
   The sample mean of n i.i.d. draws is within 5 standard errors of its
   expectation (a 5-sigma bound: the seed is fixed, so the test is
   deterministic, and a biased sketch such as the 1/r scaling, G1 = G2, or one
-  S_m shared by both branches lands tens of standard errors away).
+  S_m shared by both branches lands tens of standard errors away). The
+  hadamard sketch (H = 8 and r = 8 are powers of two) is hadamard at both
+  levels of degree 8.
   """
   r, n = 8, 20000
   x, ys, dots = _unit_pairs()
@@ -41,7 +44,8 @@ def test_random_sketch_is_unbiased(degree):
   @jax.jit
   @jax.vmap
   def inner_products(key):
-    params = ps.random_sketch_init(key, H, sketch_dim=r, degree=degree)
+    params = ps.random_sketch_init(key, H, sketch_dim=r, degree=degree,
+                                   sketch_type=sketch_type)
     f = ps.random_sketch_features(params, points)  # [4, r]
     return f[1:] @ f[0]  # [3]
 
@@ -158,3 +162,105 @@ def test_learned_sketch_formula():
                                 / math.sqrt(r))
   got = jax.jit(ps.learned_sketch_features)(params, jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Hadamard sketch and the official scaling.
+# ----------------------------------------------------------------------------
+
+def _sylvester(d):
+  """The d x d Sylvester Hadamard matrix (= scipy.linalg.hadamard(d))."""
+  h = np.ones((1, 1))
+  while h.shape[0] < d:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+@pytest.mark.parametrize("degree,r", [(4, 8), (8, 8), (8, 4), (16, 4)])
+def test_hadamard_sketch_shapes(degree, r):
+  params = ps.random_sketch_init(jax.random.key(0), H, sketch_dim=r, degree=degree,
+                                 sketch_type="hadamard")
+
+  def check(level, d_in):  # a pytree of arrays: +-1 float32 signs, int32 indices
+    assert set(level) == {"signs1", "cols1", "signs2", "cols2", "left", "right"}
+    for i in "12":
+      signs, cols = np.asarray(level["signs" + i]), np.asarray(level["cols" + i])
+      assert signs.dtype == np.float32 and signs.shape == (d_in,)
+      assert set(np.unique(signs)) <= {-1.0, 1.0}
+      assert cols.dtype == np.int32 and cols.shape == (r,)
+      assert 0 <= cols.min() and cols.max() < d_in
+    for child in (level["left"], level["right"]):
+      if child:
+        check(child, H if not child["left"] else r)
+
+  check(params, H if degree == 4 else r)
+  assert len(jax.tree_util.tree_leaves(params)) == 4 * (degree // 2 - 1)
+  x = jnp.ones((2, 5, 3, H))
+  f = jax.jit(ps.random_sketch_features)(params, x)
+  assert f.shape == (2, 5, 3, r) and f.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(f)))
+
+
+def test_hadamard_sketch_degree4_formula():
+  """f(x) = (x D1 H[:, c1] * x D2 H[:, c2]) / sqrt(r), H the Sylvester matrix."""
+  r, d = 8, 16
+  params = ps.random_sketch_init(jax.random.key(3), d, sketch_dim=r, degree=4,
+                                 sketch_type="hadamard")
+  x = np.random.default_rng(4).standard_normal((6, d))
+  h = _sylvester(d)
+  m1, m2 = (np.asarray(params["signs" + i], np.float64)[:, None]
+            * h[:, np.asarray(params["cols" + i])] for i in "12")
+  assert not np.array_equal(m1, m2)
+  want = (x @ m1) * (x @ m2) / math.sqrt(r)
+  got = ps.random_sketch_features(params, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # scaling="official": the paper's code, (x M1 / sqrt(r)) * (x M2 / sqrt(r))
+  got = ps.random_sketch_features(params, jnp.asarray(x, jnp.float32), scaling="official")
+  np.testing.assert_allclose(got, (x @ m1 / math.sqrt(r)) * (x @ m2 / math.sqrt(r)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_sylvester_is_scipy_hadamard():
+  scipy_linalg = pytest.importorskip("scipy.linalg")
+  np.testing.assert_array_equal(_sylvester(16), scipy_linalg.hadamard(16))
+
+
+def test_hadamard_signs_and_columns_vary():
+  a = ps.random_sketch_init(jax.random.key(0), 64, sketch_dim=32, degree=8,
+                            sketch_type="hadamard")
+  b = ps.random_sketch_init(jax.random.key(1), 64, sketch_dim=32, degree=8,
+                            sketch_type="hadamard")
+  assert not np.array_equal(a["left"]["signs1"], b["left"]["signs1"])
+  assert not np.array_equal(a["left"]["cols1"], b["left"]["cols1"])
+  for level in (a, a["left"]):  # independent branches and matrices
+    assert not np.array_equal(level["signs1"], level["signs2"])
+    assert not np.array_equal(level["cols1"], level["cols2"])
+  assert not np.array_equal(a["left"]["cols1"], a["right"]["cols1"])
+  # both signs occur, and the columns are drawn from all of range(d_in)
+  assert set(np.unique(a["left"]["signs1"])) == {-1.0, 1.0}
+  assert np.asarray(a["left"]["cols1"]).max() >= 32
+
+
+@pytest.mark.parametrize("sketch_type", ["gaussian", "hadamard"])
+@pytest.mark.parametrize("degree", [2, 4, 8, 16])
+def test_official_scaling_constant(degree, sketch_type):
+  """scaling="official" divides by r instead of sqrt(r) at every level, so
+
+    S_2^off = r^(-1/2) S_2,   S_2m^off = c_m^2 r^(-1/2) S_2m  (c_m: S_m^off = c_m S_m)
+
+  and f = S_(p/2) gets c = r^(-(p/2 - 1)/2): r^-1/2 at degree 4, r^-3/2 at 8,
+  r^-7/2 at 16, and 1 at degree 2 (no level).
+  """
+  r = 4
+  params = ps.random_sketch_init(jax.random.key(7), H, sketch_dim=r, degree=degree,
+                                 sketch_type=sketch_type)
+  x = _normal(8, (5, H))
+  unbiased = np.asarray(ps.random_sketch_features(params, x), np.float64)
+  official = np.asarray(ps.random_sketch_features(params, x, scaling="official"), np.float64)
+  c = {2: 1.0, 4: r ** -0.5, 8: r ** -1.5, 16: r ** -3.5}[degree]
+  assert c == r ** (-(degree // 2 - 1) / 2)
+  np.testing.assert_allclose(official, c * unbiased, rtol=1e-5, atol=1e-7 * np.abs(unbiased).max())
+  if degree > 2:
+    assert not np.allclose(official, unbiased)
+  explicit = ps.random_sketch_features(params, x, scaling="unbiased")
+  np.testing.assert_array_equal(explicit, unbiased.astype(np.float32))
