@@ -56,28 +56,51 @@ def test_features_wrong_rank(arg, name):
 
 @pytest.mark.parametrize("axis", [0, 1, 2, 3], ids=["batch", "seq", "heads", "head_dim"])
 @pytest.mark.parametrize("arg", ["k", "v"])
-def test_qkv_shape_mismatch(axis, arg):
+def test_kv_shape_mismatch(axis, arg):
   shape = [B, T, N, H]
   shape[axis] += 1
-  with pytest.raises(ValueError, match=rf"q, k and v must have the same .*{arg} {_shape(*shape)}"):
+  other = _shape(B, T, N, H)
+  got = f"k {_shape(*shape)}, v {other}" if arg == "k" else f"k {other}, v {_shape(*shape)}"
+  with pytest.raises(ValueError, match=rf"k and v must have the same .*got {got}"):
     attention(**{arg: jnp.ones(shape)})
-  with pytest.raises(ValueError, match=r"q, k and v must have the same"):
+  with pytest.raises(ValueError, match=r"k and v must have the same"):
     ps.polynomial_attention(*[jnp.ones(shape) if a == arg else jnp.ones((B, T, N, H))
                               for a in "qkv"])
 
 
+@pytest.mark.parametrize("axis", [0, 1, 3], ids=["batch", "seq", "head_dim"])
+def test_q_and_kv_disagree(axis):
+  shape = [B, T, N, H]
+  shape[axis] += 1
+  kv = jnp.ones(shape)
+  with pytest.raises(ValueError, match=rf"q and k, v must agree on \[batch, seq, ., head_dim\], "
+                                       rf"got q {_shape(B, T, N, H)}, k {_shape(*shape)}"):
+    attention(k=kv, v=kv)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_kv_heads_must_divide_heads(kv_heads):
+  kv = jnp.ones((B, T, kv_heads, H))
+  fk = jnp.ones((B, T, kv_heads, R))
+  msg = rf"num_kv_heads={kv_heads} \(heads of k and v\) must divide num_heads={N}"
+  with pytest.raises(ValueError, match=msg):
+    attention(k=kv, v=kv, fk=fk)
+  with pytest.raises(ValueError, match=msg):
+    ps.polynomial_attention(jnp.ones((B, T, N, H)), kv, kv)
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2], ids=["batch", "seq", "heads"])
-@pytest.mark.parametrize("arg,name", [("fq", "q_features"), ("fk", "k_features")])
-def test_features_mismatch_q(axis, arg, name):
+@pytest.mark.parametrize("arg,name,like", [("fq", "q_features", "q"), ("fk", "k_features", "k")])
+def test_features_mismatch(axis, arg, name, like):
   shape = [B, T, N, R]
   shape[axis] += 1
-  with pytest.raises(ValueError, match=rf"{name} must match q on \[batch, seq, heads\]: "
-                                       rf"q has {_shape(B, T, N, H)}, {name} has {_shape(*shape)}"):
+  with pytest.raises(ValueError, match=rf"{name} must match {like} on \[batch, seq, heads\]: "
+                                       rf"{like} has {_shape(B, T, N, H)}, {name} has {_shape(*shape)}"):
     attention(**{arg: jnp.ones(shape)})
 
 
 def test_features_sketch_dim_mismatch():
-  with pytest.raises(ValueError, match=rf"q_features and k_features must have the same shape, "
+  with pytest.raises(ValueError, match=rf"q_features and k_features must have the same sketch_dim, "
                                        rf"got {_shape(B, T, N, R)} and {_shape(B, T, N, R + 1)}"):
     attention(fk=jnp.ones((B, T, N, R + 1)))
 
@@ -238,5 +261,34 @@ def test_errors_raised_under_jit():
 
   with pytest.raises(ValueError, match=r"degree must be a positive even integer, got 3"):
     f(*args)
-  with pytest.raises(ValueError, match=r"k_features must match q"):
+  with pytest.raises(ValueError, match=r"k_features must match k"):
     jax.jit(ps.polysketch_attention)(*args[:4], jnp.ones((B, T + 1, N, R)))
+
+
+# --- normalization_bias -------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_normalization_bias(bias):
+  msg = rf"normalization_bias must be a positive finite number, got {re.escape(repr(bias))}"
+  with pytest.raises(ValueError, match=msg):
+    attention(normalization_bias=bias)
+  with pytest.raises(ValueError, match=msg):
+    ps.polynomial_attention(*_arrays()[:3], normalization_bias=bias)
+
+
+@pytest.mark.parametrize("bias", ["1", None, True])
+def test_normalization_bias_not_a_number(bias):
+  with pytest.raises(TypeError, match=r"normalization_bias must be a positive float"):
+    attention(normalization_bias=bias)
+
+
+# --- blocks the TPU kernel cannot tile ---------------------------------------
+
+@pytest.mark.parametrize("block_size", [8, 64, 136])
+def test_pallas_rejects_blocks_it_cannot_tile(block_size):
+  """Block 64 used to pass interpret mode and fail in Mosaic lowering."""
+  q, k, v, fq, fk = (jnp.ones((1, 300, 2, 64)),) * 3 + (jnp.ones((1, 300, 2, 16)),) * 2
+  with pytest.raises(ValueError, match=rf"block_size={block_size} cannot be tiled by the TPU "
+                                       rf"kernel: it must be a multiple of 128 .* \(>= 304\)"):
+    ps.polysketch_attention(q, k, v, fq, fk, block_size=block_size, implementation="pallas",
+                            interpret=True)

@@ -51,7 +51,7 @@ CASES = [
     pytest.param(True, False, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
     (True, False, 4, 64, 16, 256, 256, 128, jnp.float32, "tpu"),
     pytest.param(False, True, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
-    (False, False, 4, 128, 32, 130, 64, None, jnp.float32, "tpu"),
+    (False, False, 4, 128, 32, 130, 128, None, jnp.float32, "tpu"),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16, True),
     pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
 ]
@@ -79,8 +79,8 @@ def test_gradients_match_quadratic_reference(causal, local_exact, degree, h, r, 
 
 
 def test_check_grads_in_interpret_mode():
-  args, _ = _inputs(jax.random.PRNGKey(11), 1, 72, 1, 64, 8)
-  fn = lambda *a: ps.polysketch_attention(*a, block_size=64, implementation="pallas",
+  args, _ = _inputs(jax.random.PRNGKey(11), 1, 136, 1, 64, 8)
+  fn = lambda *a: ps.polysketch_attention(*a, block_size=128, implementation="pallas",
                                           interpret=True)
   check_grads(fn, args, order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-3)
 
@@ -110,7 +110,7 @@ def test_residuals_hold_no_per_block_state():
 def test_training_through_kernel_matches_quadratic_reference():
   """A few AdamW steps of a tiny attention model: the same losses step for step."""
   key = jax.random.PRNGKey(0)
-  b, t, d, n, h, r = 2, 96, 32, 2, 64, 8
+  b, t, d, n, h, r = 2, 160, 32, 2, 64, 8
   ks = jax.random.split(key, 6)
   x = jax.random.normal(ks[0], (b, t, d))
   target = jax.random.normal(ks[1], (b, t, d))
@@ -139,7 +139,7 @@ def test_training_through_kernel_matches_quadratic_reference():
       losses.append(float(loss))
     return np.array(losses)
 
-  kw = dict(block_size=32)
+  kw = dict(block_size=128)
   kernel = train(lambda *a: ps.polysketch_attention(*a, implementation="pallas",
                                                     interpret=True, **kw))
   reference = train(lambda *a: ref.polysketch_attention_quadratic(*a, **kw))

@@ -10,7 +10,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_polysketch as ps
-from pallas_polysketch import _pallas_forward, ref, tpu_config
+from pallas_polysketch import _pallas, _pallas_forward, ref, tpu_config
 from pallas_polysketch.sketches import self_tensor
 
 F32_RTOL = 1e-5
@@ -43,7 +43,7 @@ CASES = [
     (True, False, 4, 64, 16, 300, 128, None, jnp.float32),
     pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.float32, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.float32),
-    (False, False, 4, 128, 32, 130, 64, None, jnp.float32),
+    (False, False, 4, 128, 32, 130, 128, None, jnp.float32),
     pytest.param(True, True, 4, 64, 64, 128, 64, None, jnp.float32, marks=pytest.mark.slow),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16),
     pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16, marks=pytest.mark.slow),
@@ -86,10 +86,10 @@ def test_block_axis_marked_parallel_is_caught_by_tpu_interpreter(monkeypatch):
   tiles = tpu_config.resolve_tiles(None, block_size=128, head_dim=64, sketch_dim=16,
                                    dtype=q.dtype, feature_dtype=fq.dtype)
   want = ref.polysketch_attention_quadratic(q, k, v, fq, fk, block_size=128)
-  kw = dict(degree=4, block_size=128, causal=True, local_exact=True, tiles=tiles)
+  kw = dict(degree=4, block_size=128, local_exact=True, bias=1.0, tiles=tiles)
 
   def run(interpret):
-    o, _ = _pallas_forward.polysketch_forward(q, k, v, fq, fk, interpret=interpret, **kw)
+    o, _ = _pallas_forward.causal_forward(q, k, v, fq, fk, interpret=interpret, **kw)
     return np.asarray(o)
 
   assert _rel_err(run(pltpu.InterpretParams(random_seed=0)), want) < F32_RTOL
@@ -103,26 +103,31 @@ def test_final_state_is_sum_of_key_features_times_values():
   q, k, v, fq, fk = _inputs(jax.random.PRNGKey(3), 1, 256, 2, 64, 16)
   tiles = tpu_config.resolve_tiles(None, block_size=128, head_dim=64, sketch_dim=16,
                                    dtype=q.dtype, feature_dtype=fq.dtype)
-  for causal in (True, False):
-    _, den, state = _pallas_forward.polysketch_forward(
-        q, k, v, fq, fk, degree=4, block_size=128, causal=causal, local_exact=True,
-        tiles=tiles, interpret=True, return_state=True)
-    phi_k = self_tensor(fk)                                   # [B, T, N, r^2]
-    s_want = jnp.einsum("btnc,btnh->bnhc", phi_k, v)          # S^T
-    z_want = jnp.sum(phi_k, axis=1)                           # [B, N, r^2]
-    if not causal:
-      state = jnp.swapaxes(state, -1, -2) if state.shape[-1] != 16 * 16 else state
-    assert den.shape == (1, 2, 1, 256)
-    np.testing.assert_allclose(state[:, :, :64, :], s_want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(state[:, :, 64, :], z_want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(state[:, :, 65:, :], 0.0)
+  phi_k = self_tensor(fk)                                   # [B, T, N, r^2]
+  s_want = jnp.einsum("btnc,btnh->bnhc", phi_k, v)          # S^T
+  z_want = jnp.sum(phi_k, axis=1)                           # [B, N, r^2]
+  _, den, state = _pallas_forward.causal_forward(
+      q, k, v, fq, fk, degree=4, block_size=128, local_exact=True, bias=1.0, tiles=tiles,
+      interpret=True, state_block=jnp.array([2]))           # after both blocks
+  summed = jnp.swapaxes(_pallas.state_sum(v, fk, (128, tiles, True)), -1, -2)
+  assert den.shape == (1, 2, 1, 256)
+  for got in (state, summed):
+    np.testing.assert_allclose(got[:, :, :64, :], s_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, :, 64, :], z_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, :, 65:, :], 0.0)
+  # The state at the start of block 1: the first block's keys only.
+  _, _, first = _pallas_forward.causal_forward(
+      q, k, v, fq, fk, degree=4, block_size=128, local_exact=True, bias=1.0, tiles=tiles,
+      interpret=True, state_block=jnp.array([1]))
+  s_first = jnp.einsum("btnc,btnh->bnhc", phi_k[:, :128], v[:, :128])
+  np.testing.assert_allclose(first[:, :, :64, :], s_first, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_features_make_pallas_equal_polynomial_attention():
   """f(x) = x (x) x gives (f_q . f_k)^2 = (q . k)^4: the whole op is exact."""
   q, k, v, _, _ = _inputs(jax.random.PRNGKey(4), 1, 200, 2, 8, 8)
   fq, fk = self_tensor(q), self_tensor(k)                     # r = 64
-  got = ps.polysketch_attention(q, k, v, fq, fk, degree=4, block_size=64,
+  got = ps.polysketch_attention(q, k, v, fq, fk, degree=4, block_size=128,
                                 implementation="pallas", interpret=True)
   want = ps.polynomial_attention(q, k, v, degree=4)
   assert _rel_err(got, want) < F32_RTOL
