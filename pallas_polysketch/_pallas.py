@@ -40,9 +40,11 @@ def _causal_fwd(q, k, v, q_features, k_features, initial_state, static):
   o, den = causal_forward(q, k, v, q_features, k_features, degree=degree,
                           block_size=block_size, local_exact=local_exact, bias=bias,
                           tiles=tiles, interpret=interpret,
-                          initial_state=_fwd_layout(initial_state))
-  # Residuals: inputs, output and the [B, N, 1, T] denominator; never states.
-  return o, (q, k, v, q_features, k_features, initial_state, o, den)
+                          initial_state=_fwd_layout(initial_state), out_dtype=jnp.float32)
+  # Residuals: inputs, the float32 output (the backward's dden = -(g . O) / den
+  # cancels against the state terms: a bf16 O costs 20x in the gradient where
+  # v varies little around its mean) and the [B, N, 1, T] denominator; never states.
+  return o.astype(q.dtype), (q, k, v, q_features, k_features, initial_state, o, den)
 
 
 def _causal_bwd(static, residuals, do):
@@ -104,9 +106,10 @@ def _apply_state_fwd(q_features, state, out_spec, static):
   head_dim, out_dtype = out_spec
   block_size, bias, tiles, interpret = static
   o, den = apply_state_forward(q_features, _fwd_layout(state), head_dim=head_dim,
-                               out_dtype=out_dtype, block_size=block_size, bias=bias,
-                               tiles=tiles, interpret=interpret)
-  return o, (q_features, state, o, den)
+                               out_dtype=jnp.float32, mm_dtype=out_dtype,
+                               block_size=block_size, bias=bias, tiles=tiles,
+                               interpret=interpret)
+  return o.astype(out_dtype), (q_features, state, o, den)
 
 
 def _apply_state_bwd(out_spec, static, residuals, do):

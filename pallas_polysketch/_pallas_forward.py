@@ -114,10 +114,9 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       state_out_ref[...] = state_ref[...]
 
 
-def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref, *, bias, bf16_phi):
+def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref, *, bias, bf16_phi, mm_dtype):
   """Non-causal: o = S^T phi_q / (bias + z^T phi_q) for one block of one query head."""
   head_dim = o_t_ref.shape[0]
-  mm_dtype = o_t_ref.dtype
   phi_q = phi_t(fq_t_ref[...], mm_dtype, narrow=bf16_phi)
   acc = jnp.dot(state_ref[...].astype(mm_dtype), phi_q, preferred_element_type=jnp.float32,
                 precision=precision_for(mm_dtype))
@@ -157,7 +156,7 @@ def to_kernel_layout(q, k, v, q_features, k_features):
 
 def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local_exact,
                    bias, tiles: ResolvedTiles, interpret=False, initial_state=None,
-                   state_block=None):
+                   state_block=None, out_dtype=None):
   """Runs the causal forward kernel.
 
   Args:
@@ -167,6 +166,8 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
       row H: z^T).
     state_block: None or int32 [B]: also return the state at the start of that
       block (T / block_size: after the last block).
+    out_dtype: dtype of o (default q's); the VJP keeps a float32 o as its
+      residual, since dden = -(g . O) / den cancels against the state terms.
   Returns:
     o [B, T, N, H], den [B, N, 1, T] float32, and with state_block the state
     [B, K, H + 16, r^2] float32.
@@ -178,7 +179,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   nb = t // block_size
   rows = h + NORMALISER_ROWS
   q_r, k_r, v_t, fq_t, fk_t = to_kernel_layout(q, k, v, q_features, k_features)
-  o_shape = jax.ShapeDtypeStruct((b_, kv, group, h, t), q.dtype)
+  o_shape = jax.ShapeDtypeStruct((b_, kv, group, h, t), out_dtype or q.dtype)
   den_shape = jax.ShapeDtypeStruct((b_, kv, group, 1, t), jnp.float32)
   state_shape = jax.ShapeDtypeStruct((b_, kv, rows, r * r), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
@@ -227,11 +228,12 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
 
 
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,
-                        tiles: ResolvedTiles, interpret=False):
+                        tiles: ResolvedTiles, interpret=False, mm_dtype=None):
   """Non-causal read of a whole-sequence state.
 
   Args:
-    q_features [B, T, N, r]; state [B, K, H + 16, r^2] float32.
+    q_features [B, T, N, r]; state [B, K, H + 16, r^2] float32; mm_dtype: the
+    MXU operand dtype (default out_dtype).
   Returns:
     o [B, T, N, H] in out_dtype, den [B, N, 1, T] float32.
   """
@@ -241,15 +243,17 @@ def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, b
   h, nb = head_dim, t // block_size
   rows = h + NORMALISER_ROWS
   fq_t = jnp.transpose(q_features, (0, 2, 3, 1))                   # [B, N, r, T]
+  mm_dtype = mm_dtype or out_dtype
   o_shape = jax.ShapeDtypeStruct((b_, n, h, t), out_dtype)
   den_shape = jax.ShapeDtypeStruct((b_, n, 1, t), jnp.float32)
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   o_t, den = pl.pallas_call(
-      functools.partial(_state_apply_kernel, bias=bias, bf16_phi=tiles.bf16_phi),
+      functools.partial(_state_apply_kernel, bias=bias, bf16_phi=tiles.bf16_phi,
+                        mm_dtype=jnp.dtype(mm_dtype)),
       grid=(b_, n, nb),
       # Grid over query heads; the index map picks the kv head's state.
       in_specs=[pl.BlockSpec((None, None, rows, r * r),
-                             lambda bi, ni, ti: (bi, ni // group, 0, 0)), col(r)],
+                             lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)), col(r)],
       out_specs=[col(h), col(1)],
       out_shape=[o_shape, den_shape],
       compiler_params=_compat.TPUCompilerParams(

@@ -180,36 +180,45 @@ def _buffers(*tiles) -> int:
 
 
 def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
-                   *, group: int = 1, local_tile: int | None = None) -> dict[str, int]:
+                   *, group: int = 1, local_tile: int | None = None,
+                   state_io: bool = False) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
-  scratch state, and the largest live temporaries (phi in f32 and the matmul
-  dtype, the (r, r, b) products of the phi cotangent, the local tiles).
+  scratch state, and the largest live temporaries: phi in f32 and the matmul
+  dtype, the phi cotangent and its (r, r, b) products, the local tiles.
+  state_io: a state block passed in or out (prefill, context parallelism).
   """
   b, h, r, g = block_size, head_dim, sketch_dim, group
   r2, rows = sketch_dim * sketch_dim, head_dim + NORMALISER_ROWS
   lt = local_tile or block_size
   f32, mm, ft = jnp.float32, dtype, feature_dtype
   item = jnp.dtype(dtype).itemsize
-  state = _tile_bytes((rows, r2), f32)
   local = 4 * _tile_bytes((lt, lt), f32)
+  state_fwd = _tile_bytes((rows, r2), f32)     # [S^T; z^T]
+  state_bwd = _tile_bytes((r2, rows), f32)     # [S, z]: rows on the lanes
   forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-                      ((r, b), ft), ((g, h, b), mm), ((g, 1, b), f32), ((rows, r2), f32))
-             + 2 * state + _tile_bytes((rows, b), f32)
-             + 2 * r2 * b * (4 + item) + local + _tile_bytes((rows, b), mm)
-             + _tile_bytes((rows, r2), mm))
+                      ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
+             + (4 * state_fwd if state_io else 0)
+             + state_fwd + _tile_bytes((rows, b), f32)                 # scratch
+             + r2 * b * (4 + 2 * item) + local + _tile_bytes((rows, r2), mm))
   common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
                ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
-               ((g, h, b), f32), ((r2, rows), f32))
-  temps = (_tile_bytes((rows, b), f32) + 2 * _tile_bytes((r2, b), f32)
-           + 2 * r2 * b * 4 + _tile_bytes((r2, b), mm) + local)
-  dq = (_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
-                 ((g, r, b), f32))
-        + state + temps)
-  dkv = (_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
-                  ((b, h), mm), ((r, b), f32), ((r2, rows), f32))
-         + state + temps)
+               ((g, h, b), f32))
+  # The float32 state products run at full precision: Mosaic splits the f32
+  # operands into bf16 parts, several state-sized temporaries. Fitted as an
+  # upper bound to what libtpu 0.0.42.1 reported for v5e (dq kernel, bf16):
+  # 4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G) = (64, 32, 256, 1),
+  # (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1), (128, 64, 128, 1),
+  # (64, 32, 256, 4); see BUILD_NOTES.
+  temps = 5.5 * state_bwd + 1.5 * g * r2 * b * 4 + local
+  state_in = 2 * state_bwd if state_io else 0
+  dq = int(_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
+                    ((g, r, b), f32))
+           + state_in + temps)
+  dkv = int(_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
+                     ((b, h), mm), ((r, b), f32))
+            + 2 * state_in + temps)
   return {"forward": forward, "dq": dq, "dkv": dkv}
 
 
