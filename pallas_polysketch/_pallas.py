@@ -50,6 +50,7 @@ def _causal_fwd(q, k, v, q_features, k_features, initial_state, static):
 def _causal_bwd(static, residuals, do):
   degree, block_size, local_exact, bias, tiles, interpret = static
   q, k, v, q_features, k_features, initial_state, o, den = residuals
+  tiles.check_backward()
   grads, d_initial = causal_backward(
       q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
       local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state)
@@ -87,6 +88,7 @@ def _state_sum_fwd(v, k_features, static):
 def _state_sum_bwd(static, residuals, d_state):
   block_size, tiles, interpret = static
   v, k_features = residuals
+  tiles.check_backward()
   return state_sum_backward(v, k_features, d_state, block_size=block_size, tiles=tiles,
                             interpret=interpret)
 
@@ -115,6 +117,7 @@ def _apply_state_fwd(q_features, state, out_spec, static):
 def _apply_state_bwd(out_spec, static, residuals, do):
   block_size, bias, tiles, interpret = static
   q_features, state, o, den = residuals
+  tiles.check_backward()
   return apply_state_backward(q_features, state, o, den, do, block_size=block_size,
                               tiles=tiles, interpret=interpret)
 

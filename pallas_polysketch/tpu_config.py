@@ -146,6 +146,13 @@ class ResolvedTiles:
   bf16_phi: bool = False
   backward_vmem_limit_bytes: int | None = None    # both backward kernels
   backward_vmem_estimate_bytes: int = 0           # the larger of the two
+  # Why the backward kernels do not fit, raised when a gradient is traced (a
+  # forward-only call, e.g. inference, may still run this tiling).
+  backward_error: str | None = None
+
+  def check_backward(self) -> None:
+    if self.backward_error:
+      raise ValueError(self.backward_error)
 
 
 def kernel_block_error(block_size: int, padded_len: int) -> str | None:
@@ -245,15 +252,18 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                              group=group, local_tile=local_tile)
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
+  errors = {}
   for kernel, estimate in estimates.items():
     if estimate > budget:
       source = ("vmem_limit_bytes" if limit else
                 f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM")
-      raise ValueError(
+      errors[kernel] = (
           f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim}, "
           f"{group} query head(s) per kv head ({jnp.dtype(dtype).name}): the {kernel} "
           f"kernel needs about {estimate / MiB:.1f} MiB of VMEM, over {source} "
           f"({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
+  if "forward" in errors:
+    raise ValueError(errors["forward"])
 
   def limit_for(estimate):
     if limit is not None or estimate <= gen.default_scoped_vmem_bytes:
@@ -266,4 +276,5 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        vmem_limit_bytes=limit_for(estimates["forward"]),
                        vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
                        backward_vmem_limit_bytes=limit_for(backward),
-                       backward_vmem_estimate_bytes=backward)
+                       backward_vmem_estimate_bytes=backward,
+                       backward_error=errors.get("dq") or errors.get("dkv"))

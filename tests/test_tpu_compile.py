@@ -22,15 +22,18 @@ from pallas_polysketch.tpu_config import TileConfig
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
-def _shapes(b, t, n, h, r, dtype, sharding=None):
+def _shapes(b, t, n, h, r, dtype, sharding=None, kv_heads=None):
   kw = {} if sharding is None else {"sharding": sharding}
-  return ([jax.ShapeDtypeStruct((b, t, n, h), dtype, **kw)] * 3
-          + [jax.ShapeDtypeStruct((b, t, n, r), dtype, **kw)] * 2)
+  kv = kv_heads or n
+  sds = lambda heads, d: jax.ShapeDtypeStruct((b, t, heads, d), dtype, **kw)
+  return [sds(n, h), sds(kv, h), sds(kv, h), sds(n, r), sds(kv, r)]
 
 
-def _forward(*args, causal=True, local_exact=True, implementation="pallas", tile_config=None):
-  return ps.polysketch_attention(*args, block_size=256, causal=causal, local_exact=local_exact,
-                                 implementation=implementation, tile_config=tile_config)
+def _forward(*args, causal=True, local_exact=True, implementation="pallas", tile_config=None,
+             block_size=256):
+  return ps.polysketch_attention(*args, block_size=block_size, causal=causal,
+                                 local_exact=local_exact, implementation=implementation,
+                                 tile_config=tile_config)
 
 
 def _grad(*args, **kw):
@@ -67,6 +70,37 @@ def test_default_implementation_exports_kernel_for_tpu_and_xla_for_cpu():
   assert "tpu_custom_call" not in cpu_text
 
 
+# Every (seq, block_size, local_tile) a test runs the kernels on in interpret mode
+# (tests/test_pallas_*.py, test_hardening.py, test_inference.py, test_properties.py),
+# lowered for TPU here: interpret mode accepts blocks Mosaic rejects.
+INTERPRET_CONFIGS = [
+    (300, 128, None), (256, 256, 128), (200, 128, None), (130, 128, None), (136, 128, None),
+    (160, 128, None), (72, 128, None), (512, 128, None), (1024, 128, None), (512, 256, None),
+    (1, 256, None), (129, 256, None), (255, 256, None), (513, 256, None), (200, 256, None),
+    (384, 128, None), (64, 64, None), (128, 128, None),
+]
+
+
+@pytest.mark.parametrize("seq,block,local_tile", INTERPRET_CONFIGS)
+def test_every_interpret_block_lowers_for_tpu(seq, block, local_tile):
+  config = TileConfig(local_tile=local_tile)
+  fn = functools.partial(_grad, block_size=block, tile_config=config)
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+      *_shapes(1, seq, 2, 64, 16, jnp.float32))
+  assert exported.mlir_module().count("tpu_custom_call") >= 3
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_and_prefill_lower_for_tpu(kv_heads):
+  shapes = _shapes(1, 512, 4, 64, 32, jnp.bfloat16, kv_heads=kv_heads)
+  exported = jax.export.export(jax.jit(_grad), platforms=["tpu"])(*shapes)
+  assert exported.mlir_module().count("tpu_custom_call") >= 3
+  prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas")
+  exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*shapes)
+  assert "tpu_custom_call" in exported.mlir_module()
+  assert exported.out_avals[0].shape == (1, 512, 4, 64)
+
+
 def _topology_device(generation):
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install 'pallas_polysketch[tpu]')")
@@ -93,6 +127,21 @@ def test_libtpu_compiles_forward_and_gradient(generation):
   flops = grad.cost_analysis()
   flops = flops[0] if isinstance(flops, (list, tuple)) else flops
   assert flops["flops"] > 0
-  # The largest supported tile set also fits this generation's VMEM.
+  # The largest supported tile set: the forward fits every generation's VMEM.
   big = _shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding)
   jax.jit(functools.partial(_forward, tile_config=config)).lower(*big).compile()
+  # Its backward holds float32 state products (about 23 MiB, libtpu's figure):
+  # it compiles where VMEM allows and says why where it does not (v4: 16 MiB).
+  big_grad = jax.jit(functools.partial(_grad, tile_config=config))
+  if generation == "v4":
+    with pytest.raises(ValueError, match=r"the dq kernel needs about .* MiB of VMEM, over "
+                                         r"the v4's 16 MiB"):
+      big_grad.lower(*big)
+  else:
+    big_grad.lower(*big).compile()
+  # GQA (4 query heads per kv head) and a prefill, which passes states in and out.
+  gqa = _shapes(1, 1024, 8, 64, 32, jnp.bfloat16, sharding, kv_heads=2)
+  jax.jit(functools.partial(_grad, tile_config=config)).lower(*gqa).compile()
+  prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas",
+                                  tile_config=config)
+  jax.jit(prefill).lower(*gqa).compile()
