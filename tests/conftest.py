@@ -57,42 +57,10 @@ def make_inputs():
   return make
 
 
-# Both backends of the op, for tests parametrised over them (tokamax style).
-BACKENDS = {
-    "xla": dict(implementation="xla"),
-    "pallas": dict(implementation="pallas", interpret=True),
-}
-
-
-def layer_norm(x):
-  """Per head vector: zero mean, unit variance, as the layer's LayerNorm (no affine)."""
-  x = x - x.mean(-1, keepdims=True)
-  return x / jnp.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
-
-
-def _layer_inputs(seed, batch, seq, heads, kv_heads, head_dim, sketch_dim, *, degree=4,
-                  dtype=jnp.float32, v_mean=0.0, v_spread=1.0):
-  """q, k, v, f_q, f_k at the magnitudes the Flax layer produces: q, k LayerNorm'd
-  (|q|^2 = H, so (q.k)^p reaches H^p and denominators are >> 1), features from
-  the random sketch of that degree; v = v_mean + v_spread * N(0, 1). Also a
-  cotangent [B, T, N, H]."""
-  import pallas_polysketch as ps
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q = layer_norm(jax.random.normal(ks[0], (batch, seq, heads, head_dim)))
-  k = layer_norm(jax.random.normal(ks[1], (batch, seq, kv_heads, head_dim)))
-  v = v_mean + v_spread * jax.random.normal(ks[2], (batch, seq, kv_heads, head_dim))
-  sketch = ps.random_sketch_init(ks[3], head_dim, sketch_dim, degree)
-  fq, fk = ps.random_sketch_features(sketch, q), ps.random_sketch_features(sketch, k)
-  cot = jax.random.normal(ks[4], (batch, seq, heads, head_dim))
-  return tuple(x.astype(dtype) for x in (q, k, v, fq, fk)), cot
-
 
 @pytest.fixture
 def layer_inputs():
-  return _layer_inputs
-
-
-def rel_err(got, want):
-  """max |got - want| / max |want| in float64."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
+  """layer_inputs(seed, batch, seq, heads, kv_heads, head_dim, sketch_dim, *,
+  degree=4, dtype=float32, v_mean=0, v_spread=1) -> ((q, k, v, fq, fk), cotangent)."""
+  from helpers import layer_inputs as make
+  return make
