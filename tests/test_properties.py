@@ -225,3 +225,29 @@ def test_covering_block_between_128_and_256(implementation):
               block_size=256, causal=True, local_exact=True, dtype="float32",
               seed=0, zero_column=0, zero_prefix=0)
   check_against_reference(p, implementation)
+
+
+# Real bug found while testing find_nonfinite: on the xla path an overflow in
+# one block's state update reaches every query of the chunk, including the
+# queries before it, which never read it. The exclusive prefix sum over blocks
+# is a matmul with a 0/1 matrix, and 0 * inf = nan. Minimal example (finite
+# inputs; the last block's update phi_k v = 4 * 3e38 overflows):
+#   q = k = ones((1, 9, 1, 1)); f = 2 q; v = zeros, v[0, 8] = 3e38; block_size 8
+#   xla: all nine outputs nan; pallas and the reference: 0 (x8), 2.3e36.
+@pytest.mark.parametrize("implementation", [
+    pytest.param("xla", marks=pytest.mark.xfail(
+        strict=True, reason="bug: the xla path's prefix-sum matmul spreads an "
+                            "overflowing block update to earlier queries (0 * inf)")),
+    "pallas",
+])
+def test_overflow_in_a_later_block_does_not_reach_earlier_queries(implementation):
+  q = jnp.ones((1, 9, 1, 1), jnp.float32)
+  f = 2.0 * q
+  v = jnp.zeros_like(q).at[0, 8].set(3e38)
+  got = np.asarray(ps.polysketch_attention(q, q, v, f, f, block_size=8,
+                                           implementation=implementation,
+                                           interpret=True))
+  want = np.asarray(ref.polysketch_attention_quadratic(q, q, v, f, f, block_size=8))
+  assert np.isfinite(want).all()
+  np.testing.assert_array_equal(got[0, :8], 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
