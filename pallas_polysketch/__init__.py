@@ -6,6 +6,7 @@ Public tensors use the `jax.nn.dot_product_attention` layout
 from pallas_polysketch._version import __version__
 from pallas_polysketch.attention import polysketch_attention
 from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
+from pallas_polysketch.debug import NonFinite, find_nonfinite
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.tpu_config import TileConfig
 from pallas_polysketch.sketches import (
@@ -24,6 +25,8 @@ __all__ = [
     "init_decode_state",
     "prefill",
     "decode_step",
+    "find_nonfinite",
+    "NonFinite",
     "TileConfig",
     "random_sketch_init",
     "random_sketch_features",

@@ -77,9 +77,16 @@ def _from_chunks(x):
   return jnp.transpose(x, (1, 0, 3, 4, 2, 5)).reshape(b_, nc * cb * blk, k * g, d)
 
 
-def _strict_lower(n, dtype):
-  """[n, n] with ones where row > column: x_excl[t] = sum_{s<t} x[s]."""
-  return jnp.tril(jnp.ones((n, n), dtype), -1)
+def _exclusive_cumsum(x, axis, reverse=False):
+  """sum over s < t (reverse: s > t) of x[s] along axis. A cumulative sum, not a
+  product with a 0/1 matrix: 0 * inf would spread an overflow in one block to
+  the blocks before it."""
+  n = x.shape[axis]
+  zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+  c = jax.lax.cumsum(x, axis=axis, reverse=reverse)
+  if reverse:
+    return jnp.concatenate([jax.lax.slice_in_dim(c, 1, n, axis=axis), zero], axis=axis)
+  return jnp.concatenate([zero, jax.lax.slice_in_dim(c, 0, n - 1, axis=axis)], axis=axis)
 
 
 def _pairs(r):
@@ -181,8 +188,7 @@ def _chunk_states(state, psi_k, v1):
   Returns: (per-block states [B, K, cb, H + 1, d], the state after the chunk).
   """
   upd = einsum("gnsjh,gnsjc->gnshc", v1, psi_k)
-  excl = _strict_lower(psi_k.shape[2], psi_k.dtype)
-  s_t = state[:, :, None] + einsum("ts,gnshc->gnthc", excl, upd)
+  s_t = state[:, :, None] + _exclusive_cumsum(upd, axis=2)
   return s_t, s_t[:, :, -1] + upd[:, :, -1]
 
 
@@ -231,8 +237,7 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
   s_t, _ = _chunk_states(state, psi_k, v1)
   ds_t = einsum("gnetih,gnetic->gnthc", dacc, psi_q)
-  later = _strict_lower(ds_t.shape[2], dt)  # later[s, t] = 1 where s > t
-  r_t = carry[:, :, None] + einsum("st,gnshc->gnthc", later, ds_t)
+  r_t = carry[:, :, None] + _exclusive_cumsum(ds_t, axis=2, reverse=True)
   dv1 = dv1 + einsum("gntjc,gnthc->gntjh", psi_k, r_t)
   dfq = _features_grad("gnetih,gnthc->gnetic", dacc, s_t, fqc)
   dfk = _features_grad("gntih,gnthc->gntic", v1, r_t, fkc)

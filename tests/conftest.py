@@ -64,3 +64,23 @@ def layer_inputs():
   degree=4, dtype=float32, v_mean=0, v_spread=1) -> ((q, k, v, fq, fk), cotangent)."""
   from helpers import layer_inputs as make
   return make
+
+
+# Hypothesis profiles (tests/test_properties.py). "ci", the default: few
+# examples, derandomised so every CI run draws the same ones, no deadline (a
+# draw compiles new shapes). "slow": many more, randomised, failures saved in
+# .hypothesis/ and replayed first. HYPOTHESIS_PROFILE=slow selects it for
+# every property test, and `pytest -m slow` runs the slow-marked variants,
+# which use it.
+try:
+  from hypothesis import HealthCheck, settings  # noqa: E402
+except ImportError:  # the `test` extra brings it; other tests run without it
+  pass
+else:
+  settings.register_profile(
+      "ci", max_examples=20, deadline=None, derandomize=True, database=None,
+      print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+  settings.register_profile(
+      "slow", max_examples=200, deadline=None, print_blob=True,
+      suppress_health_check=[HealthCheck.too_slow])
+  settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
