@@ -82,6 +82,11 @@ def _exclusive_cumsum(x, axis, reverse=False):
   product with a 0/1 matrix: 0 * inf would spread an overflow in one block to
   the blocks before it."""
   n = x.shape[axis]
+  if n == 1:
+    # A constant zero here let XLA's CPU compiler (jax 0.10.2) fold the chunk's
+    # backward into garbage key-feature gradients (a one-block chunk, batch > 1,
+    # under jit); the barrier keeps it an ordinary value.
+    return jax.lax.optimization_barrier(jnp.zeros_like(x))
   zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
   c = jax.lax.cumsum(x, axis=axis, reverse=reverse)
   if reverse:

@@ -115,9 +115,10 @@ class PallasBackend:
 def _exclusive_prefix_over_devices(state, axis_name):
   """sum of `state` over the devices before this one on mesh axis axis_name.
 
-  An all-gather of the (small, T-independent) states and a cumulative sum:
-  one collective, log-depth, whose transpose autodiff turns into a
-  reduce-scatter of the incoming-state cotangents."""
+  An all-gather of the (small, T-independent) states and a masked sum: one
+  collective, whose transpose autodiff turns into a reduce-scatter of the
+  incoming-state cotangents. A ppermute chain would move the same bytes in
+  D - 1 dependent steps instead of one."""
   gathered = jax.lax.all_gather(state, axis_name)          # [D, ...]
   index = jax.lax.axis_index(axis_name)
   before = jnp.arange(gathered.shape[0]) < index

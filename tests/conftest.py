@@ -6,6 +6,11 @@ compile checks, and without JAX_PLATFORMS jax would try to open a TPU.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 CPU devices for the sharding tests (tests/test_sharding.py); every other
+# test runs on the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 import importlib.util  # noqa: E402
 

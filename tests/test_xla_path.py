@@ -83,3 +83,18 @@ def test_symmetric_features_inner_products_and_gradient():
   w = jax.random.normal(jax.random.key(3), (5,))
   loss = lambda fn: lambda f: jnp.sum(w * jnp.sum(fn(f) * fn(g), -1) ** 1.5)
   np.testing.assert_allclose(jax.grad(loss(psi))(f), jax.grad(loss(self_tensor))(f), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch,seq,block", [(2, 16, 16), (3, 16, 16), (2, 32, 16)])
+def test_one_block_chunk_gradients_under_jit(batch, seq, block):
+  """Regression: a one-block chunk with batch > 1 gave garbage df_k under jit
+  (XLA folded the constant-zero exclusive prefix; see _exclusive_cumsum)."""
+  args, cot = _inputs(seq, batch=batch)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * cot)
+  fn = lambda *a: polysketch_attention(*a, block_size=block, implementation="xla")
+  ref_fn = lambda *a: polysketch_attention_quadratic(*a, block_size=block)
+  got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(*args)
+  want = jax.grad(loss(ref_fn), argnums=(0, 1, 2, 3, 4))(*args)
+  for g, w in zip(got, want):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(w)) or 1))

@@ -1,0 +1,109 @@
+"""Sequence-, batch- and head-sharded attention on 8 CPU devices (issue 12).
+
+conftest.py sets --xla_force_host_platform_device_count=8 for this process.
+"""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import pallas_polysketch as ps
+from pallas_polysketch.sharding import sharded_polysketch_attention
+from helpers import BACKENDS, layer_inputs, rel_err
+
+GRAD_RTOL = 2 * 4 * 64 * float(jnp.finfo(jnp.float32).eps)
+
+if len(jax.devices()) < 8:
+  pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)",
+              allow_module_level=True)
+
+
+def _mesh(shape, names):
+  return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
+
+
+MESHES = {
+    "seq8": ((8,), ("seq",), dict(seq_axis="seq")),
+    "batch2_seq4": ((2, 4), ("batch", "seq"), dict(batch_axis="batch", seq_axis="seq")),
+    "heads2_seq4": ((2, 4), ("heads", "seq"), dict(head_axis="heads", seq_axis="seq")),
+}
+
+
+def _check(mesh_name, backend, causal, local_exact, heads=4, kv_heads=2, block=128):
+  shape, names, axes = MESHES[mesh_name]
+  mesh = _mesh(shape, names)
+  seq = 8 * block if "seq8" == mesh_name else 4 * block
+  args, cot = layer_inputs(3, 2, seq, heads, kv_heads, 64, 16)
+  kw = dict(block_size=block, causal=causal, local_exact=local_exact, **backend)
+  sharded = sharded_polysketch_attention(mesh, **axes, **kw)
+  single = functools.partial(ps.polysketch_attention, **kw)
+  assert rel_err(jax.jit(sharded)(*args), single(*args)) < 1e-5
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+  got = jax.jit(jax.grad(loss(sharded), argnums=tuple(range(5))))(*args)
+  want = jax.grad(loss(single), argnums=tuple(range(5)))(*args)
+  for name, g, w in zip(("q", "k", "v", "fq", "fk"), got, want):
+    if not causal and name in ("q", "k"):
+      continue
+    assert rel_err(g, w) < GRAD_RTOL, (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("causal,local_exact", [(True, True), (True, False), (False, True)])
+def test_sharded_equals_single_device_xla(mesh_name, causal, local_exact):
+  _check(mesh_name, BACKENDS["xla"], causal, local_exact, block=16)
+
+
+@pytest.mark.parametrize("mesh_name", ["seq8", "heads2_seq4"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sharded_equals_single_device_pallas(mesh_name, causal):
+  _check(mesh_name, BACKENDS["pallas"], causal, True, block=128)
+
+
+def test_mqa_over_the_sequence_axis():
+  _check("seq8", BACKENDS["xla"], True, True, heads=4, kv_heads=1, block=16)
+
+
+def test_only_states_cross_devices():
+  """The compiled sequence-sharded op all-gathers the shards' states
+  (r^2 (H + 1) floats per kv head), never q, k or v."""
+  mesh = _mesh((8,), ("seq",))
+  seq, block, heads, h, r = 8 * 128, 128, 4, 64, 16
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=block,
+                                    implementation="xla")
+  sharding = NamedSharding(mesh, P(None, "seq", None, None))
+  shapes = [jax.ShapeDtypeStruct((1, seq, heads, d), jnp.float32, sharding=sharding)
+            for d in (h, h, h, r, r)]
+  grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(5)))
+  for f in (fn, grad):
+    text = jax.jit(f).lower(*shapes).compile().as_text()
+    lines = text.splitlines()
+    assert any("all-gather" in line for line in lines), "the prefix states must be gathered"
+    collectives = [line for line in lines if re.search(
+        r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)", line)]
+    assert collectives
+    for line in collectives:
+      dims = [int(d) for d in re.search(r"\[([0-9,]*)\]", line).group(1).split(",") if d]
+      # The gathered array: 8 devices x (B, K, H + 1, r(r+1)/2) at most.
+      assert int(np.prod(dims)) <= 8 * heads * (h + 1) * r * (r + 1) // 2, line
+      assert seq not in dims and seq // 8 not in dims, line
+
+
+def test_shard_length_must_be_a_multiple_of_the_block():
+  mesh = _mesh((8,), ("seq",))
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=32, implementation="xla")
+  args, _ = layer_inputs(0, 1, 8 * 24, 2, 2, 16, 8)
+  with pytest.raises(ValueError, match=r"each device's shard of seq must be a multiple of "
+                                       r"block_size=32; this shard has seq=24"):
+    fn(*args)
+
+
+def test_mesh_argument_errors():
+  mesh = _mesh((8,), ("seq",))
+  with pytest.raises(ValueError, match=r"seq_axis='sequence' is not an axis of the mesh"):
+    sharded_polysketch_attention(mesh, seq_axis="sequence")
+  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh"):
+    sharded_polysketch_attention("mesh")
