@@ -2,7 +2,14 @@
 
 Public tensors use the `jax.nn.dot_product_attention` layout
 [batch, seq, heads, head_dim].
+
+`pallas_polysketch.nn` (the Flax layers) and `pallas_polysketch.models` (a
+small GPT) are reachable as attributes after `import pallas_polysketch as ps`
+(`ps.nn.PolySketchAttention`, `ps.models.gpt.GPT`); they are imported on first
+use, so the attention op alone does not import Flax.
 """
+import importlib as _importlib
+
 from pallas_polysketch._version import __version__
 from pallas_polysketch.attention import polysketch_attention
 from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
@@ -34,3 +41,17 @@ __all__ = [
     "learned_sketch_features",
     "self_tensor",
 ]
+
+_LAZY_SUBMODULES = ("models", "nn")
+
+
+def __getattr__(name):
+  # PEP 562: `ps.nn` / `ps.models` import the submodule on first access (the
+  # import also binds it here, so later accesses skip this function).
+  if name in _LAZY_SUBMODULES:
+    return _importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -12,13 +12,26 @@ With --data, text is split 90/10 (first 90% train, last 10% validation) and
 windows of --context characters are sampled at random.
 
 Optimiser: optax AdamW with linear warmup + cosine decay, gradient clipping.
-Checkpoints: the model state (params and the fixed random sketches) is written
-with flax.serialization msgpack as one file, beside the model config and the
-tokenizer in JSON. We use msgpack rather than orbax because these models are
-small, single-host and unsharded: one self-contained file with no background
-threads, no directory protocol and no extra dependency; orbax earns its keep
-for sharded, multi-host or asynchronous checkpoints, which this script never
-writes.
+
+Evaluation: every --eval-every steps (and at the last) the script prints the
+train loss (mean since the previous evaluation), the held-out loss and
+accuracy, the throughput in tokens/s (train steps since the previous
+evaluation, leaving out each session's first, compiling step) and the elapsed
+wall time.
+
+Checkpoints (--checkpoint DIR): an orbax `CheckpointManager` directory, one
+step directory per evaluation (the last 2 kept), each holding
+
+  state/   the model (params and the fixed random sketches) and the
+           optimizer (AdamW moments, counts, step) as an orbax PyTree
+  meta/    JSON: model and train configs, tokenizer, step, val loss, and the
+           loop's own state (data RNG, loss histories, timers)
+
+so `--resume` continues a run exactly where it stopped: the same batches and
+the same losses as an uninterrupted run. Beside the step directories,
+`train_log.json` holds one record per evaluation (step, train_loss, val_loss,
+val_acc, tokens_per_s, elapsed_s) and `loss.png` the loss curves (when
+matplotlib is installed; otherwise the script says so and skips the plot).
 """
 from __future__ import annotations
 
@@ -35,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
-from flax import serialization
 
 from pallas_polysketch.models.gpt import GPT, CharTokenizer, GPTConfig, param_count
 
@@ -202,114 +215,387 @@ def evaluate(eval_step, state, batches):
 
 
 def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = True,
-          log: Callable[[str], None] | None = None):
+          log: Callable[[str], None] | None = None, checkpoint_dir: str | None = None,
+          resume_from: Checkpoint | None = None):
   """Trains a GPT on `data` (TextData or RecallData). Returns (model, results dict).
 
-  results: final val loss/accuracy, steps/s and tokens/s (excluding the first,
-  compiling step), and the history of train and validation losses.
+  checkpoint_dir: if given, an orbax checkpoint (model, optimizer, step and the
+    loop's state) is written there at every evaluation, the last
+    KEEP_CHECKPOINTS kept, beside `train_log.json` and `loss.png` (module
+    docstring). It must hold no checkpoint after `resume_from`'s step (none at
+    all when not resuming).
+  resume_from: a `Checkpoint` that `train` wrote (`load_checkpoint`): training
+    continues after its step with its model, optimizer state, data RNG and
+    histories, and gives the same losses as an uninterrupted run. Its model
+    config must equal `model_config` and its train config `cfg` (eval_every,
+    eval_batches and log_every may differ).
+
+  results: final val loss/accuracy, steps/s and tokens/s (over the train steps
+  after each session's first, compiling one), elapsed_s, `history` (train loss
+  per log window, val loss per evaluation) and `evals` (the train_log.json
+  records: step, train_loss, val_loss, val_acc, tokens_per_s, elapsed_s).
   """
   log = log or (lambda s: None)
-  rng = np.random.default_rng(cfg.seed)
-  model = GPT(model_config, rngs=nnx.Rngs(cfg.seed))
-  optimizer = make_optimizer(model, cfg)
+  tokenizer = getattr(data, "tokenizer", None)
+  if resume_from is None:
+    rng = np.random.default_rng(cfg.seed)
+    model = GPT(model_config, rngs=nnx.Rngs(cfg.seed))
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    loop = {"history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []},
+            "evals": [], "window": [], "eval_window": [], "elapsed_s": 0.0,
+            "train_time": 0.0, "timed_steps": 0}
+  else:
+    _check_resume(resume_from, model_config, cfg, tokenizer)
+    model, optimizer, start = resume_from.model, resume_from.optimizer, resume_from.step
+    loop = json.loads(json.dumps(resume_from.loop_state))  # a deep copy
+    rng = np.random.default_rng()
+    rng.bit_generator.state = loop.pop("data_rng")
+  history, evals = loop["history"], loop["evals"]
+  manager = None
+  if checkpoint_dir is not None:
+    manager = _manager(checkpoint_dir, max_to_keep=KEEP_CHECKPOINTS)
+    later = [s for s in manager.all_steps() if s > start]
+    if later:
+      manager.close()
+      raise ValueError(f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints for steps "
+                       f"{sorted(later)}" + (f", after the resumed step {start}" if resume_from else "")
+                       + "; resume from its latest (--resume) or pick another directory")
   graphdef, state, train_step, eval_step = make_steps(model, optimizer)
   val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.context)
-  history = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []}
   log(f"model: {param_count(model):,} params, {model_config}")
+  if resume_from is not None:
+    log(f"resumed at step {start} of {cfg.steps}")
 
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, file=sys.stderr)
-  tokens_per_step = cfg.batch_size * cfg.context
-  train_time = 0.0  # seconds in train steps after the first (compiling) one
-  window = []
-  for step in range(1, cfg.steps + 1):
-    batch = data.train_batch(rng, cfg.batch_size, cfg.context)
-    t0 = time.perf_counter()
-    state, loss, acc = train_step(state, *batch)
-    loss = float(loss)
-    if step > 1:
-      train_time += time.perf_counter() - t0
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"loss is {loss} at step {step}")
-    window.append(loss)
-    if step % cfg.log_every == 0 or step == cfg.steps:
-      history["step"].append(step)
-      history["train_loss"].append(float(np.mean(window)))
-      window = []
-    tok_s = (step - 1) * tokens_per_step / train_time if step > 1 else 0.0
-    if bar is not None:
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-      bar.update(1)
-    if step % cfg.eval_every == 0 or step == cfg.steps:
-      vloss, vacc = evaluate(eval_step, state, val)
-      history["val_step"].append(step)
-      history["val_loss"].append(vloss)
-      history["val_acc"].append(vacc)
-      msg = f"step {step}: train {loss:.4f}  val {vloss:.4f}  val_acc {vacc:.3f}  tok/s {tok_s:,.0f}"
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+  def emit(msg):  # through tqdm, so the bar is redrawn below the line
+    if bar is None:
       log(msg)
+    else:
+      with bar.external_write_mode():
+        log(msg)
+
+  tokens_per_step = cfg.batch_size * cfg.context
+  t_start = time.perf_counter() - loop["elapsed_s"]
+  interval_time, interval_steps = 0.0, 0  # timed train steps since the last evaluation
+  plot_note = [True]
+  try:
+    for step in range(start + 1, cfg.steps + 1):
+      batch = data.train_batch(rng, cfg.batch_size, cfg.context)
+      t0 = time.perf_counter()
+      state, loss, acc = train_step(state, *batch)
+      loss = float(loss)
+      if step > start + 1:  # the session's first step compiles
+        dt = time.perf_counter() - t0
+        loop["train_time"] += dt
+        loop["timed_steps"] += 1
+        interval_time += dt
+        interval_steps += 1
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}")
+      loop["window"].append(loss)
+      loop["eval_window"].append(loss)
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        history["step"].append(step)
+        history["train_loss"].append(float(np.mean(loop["window"])))
+        loop["window"] = []
       if bar is not None:
-        bar.write(msg)
-  if bar is not None:
-    bar.close()
+        tok_s = loop["timed_steps"] * tokens_per_step / loop["train_time"] if loop["timed_steps"] else 0.0
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        bar.update(1)
+      if step % cfg.eval_every == 0 or step == cfg.steps:
+        vloss, vacc = evaluate(eval_step, state, val)
+        record = {
+            "step": step,
+            "train_loss": float(np.mean(loop["eval_window"])),
+            "val_loss": vloss,
+            "val_acc": vacc,
+            "tokens_per_s": (interval_steps * tokens_per_step / interval_time
+                             if interval_steps else None),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        evals.append(record)
+        history["val_step"].append(step)
+        history["val_loss"].append(vloss)
+        history["val_acc"].append(vacc)
+        loop["eval_window"], loop["elapsed_s"] = [], record["elapsed_s"]
+        interval_time, interval_steps = 0.0, 0
+        tok = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
+        emit(f"step {step}: train {record['train_loss']:.4f}  val {vloss:.4f}  "
+             f"val_acc {vacc:.3f}  tok/s {tok}  {record['elapsed_s']:.1f}s")
+        if manager is not None:
+          model, optimizer = nnx.merge(graphdef, state)
+          _save(manager, step, model, optimizer, _meta(
+              model, step, optimizer=optimizer, tokenizer=tokenizer, train_config=cfg,
+              extra={"val_loss": vloss, "val_acc": vacc},
+              loop_state={**loop, "data_rng": rng.bit_generator.state}))
+          write_train_log(os.path.join(checkpoint_dir, LOG_NAME), model_config, cfg, evals)
+          if not write_loss_plot(os.path.join(checkpoint_dir, PLOT_NAME), history, evals,
+                                 title=f"{model_config.attention}, {param_count(model):,} params"):
+            if plot_note[0]:
+              emit(f"note: matplotlib is not installed; {PLOT_NAME} is not written")
+              plot_note[0] = False
+  finally:
+    if bar is not None:
+      bar.close()
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
   model, _ = nnx.merge(graphdef, state)
+  timed, train_time = loop["timed_steps"], loop["train_time"]
   results = {
       "val_loss": history["val_loss"][-1],
       "val_acc": history["val_acc"][-1],
-      "steps_per_s": (cfg.steps - 1) / train_time if cfg.steps > 1 else float("nan"),
-      "tokens_per_s": (cfg.steps - 1) * tokens_per_step / train_time if cfg.steps > 1 else float("nan"),
+      "steps_per_s": timed / train_time if timed else float("nan"),
+      "tokens_per_s": timed * tokens_per_step / train_time if timed else float("nan"),
+      "elapsed_s": loop["elapsed_s"],
       "params": param_count(model),
       "history": history,
+      "evals": evals,
   }
   return model, results
 
 
+def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, tokenizer):
+  if ckpt.optimizer is None or ckpt.loop_state is None:
+    raise ValueError(f"resume_from: the checkpoint at step {ckpt.step} holds no optimizer state "
+                     "or no training-loop state (only checkpoints written by train() resume)")
+  if ckpt.model.config != model_config:
+    diff = {f.name: (getattr(ckpt.model.config, f.name), getattr(model_config, f.name))
+            for f in dataclasses.fields(GPTConfig)
+            if getattr(ckpt.model.config, f.name) != getattr(model_config, f.name)}
+    raise ValueError(f"resume_from: the checkpoint's model config differs (checkpoint, given): {diff}")
+  free = {"eval_every", "eval_batches", "log_every"}
+  diff = {f.name: (getattr(ckpt.train_config, f.name), getattr(cfg, f.name))
+          for f in dataclasses.fields(TrainConfig)
+          if f.name not in free and getattr(ckpt.train_config, f.name) != getattr(cfg, f.name)}
+  if diff:
+    raise ValueError(f"resume_from: the checkpoint's train config differs (checkpoint, given): {diff}")
+  if tokenizer is not None and ckpt.tokenizer is not None and tokenizer.chars != ckpt.tokenizer.chars:
+    raise ValueError("resume_from: the checkpoint's tokenizer differs from the data's")
+
+
 # ----------------------------------------------------------------------------
-# Checkpoints (flax.serialization msgpack; see the module docstring).
+# Training log and loss plot.
 # ----------------------------------------------------------------------------
 
-
-def _flat_state(model):
-  return {"/".join(map(str, path)): np.asarray(v[...])
-          for path, v in nnx.to_flat_state(nnx.state(model))}
+LOG_NAME, PLOT_NAME = "train_log.json", "loss.png"
 
 
-def save_checkpoint(path: str, model: GPT, *, tokenizer: CharTokenizer | None = None,
-                    extra: dict | None = None) -> None:
-  """Writes model state (all variables, incl. fixed sketches) + config to one file."""
-  payload = {
-      "config": model.config.to_json(),
-      "tokenizer": tokenizer.to_json() if tokenizer is not None else "",
-      "extra": json.dumps(extra or {}),
-      "state": _flat_state(model),
-  }
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def write_train_log(path: str, model_config: GPTConfig, cfg: TrainConfig, evals: list) -> None:
+  """Writes {"model": config, "train": config, "evals": [one record per evaluation]}."""
   tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize(payload))
+  with open(tmp, "w") as f:
+    json.dump({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(cfg),
+               "evals": evals}, f, indent=1)
   os.replace(tmp, path)
 
 
-def load_checkpoint(path: str):
-  """Returns (model, tokenizer or None, extra dict)."""
-  with open(path, "rb") as f:
-    payload = serialization.msgpack_restore(f.read())
-  config = GPTConfig.from_json(payload["config"])
-  model = GPT(config, rngs=nnx.Rngs(0))
-  flat = nnx.to_flat_state(nnx.state(model))
-  saved = payload["state"]
-  keys = {"/".join(map(str, p)) for p, _ in flat}
-  if keys != set(saved):
-    raise ValueError(f"checkpoint does not match the model: missing {sorted(keys - set(saved))[:5]}, "
-                     f"unexpected {sorted(set(saved) - keys)[:5]}")
-  for p, v in flat:
-    arr = saved["/".join(map(str, p))]
-    if arr.shape != v.shape:
-      raise ValueError(f"{p}: checkpoint shape {arr.shape}, model {v.shape}")
-    v[...] = jnp.asarray(arr, v.dtype)
-  tok = CharTokenizer.from_json(payload["tokenizer"]) if payload["tokenizer"] else None
-  return model, tok, json.loads(payload["extra"])
+def write_loss_plot(path: str, history: dict, evals: list, *, title: str = "") -> bool:
+  """Plots train loss (per log window) and val loss (per evaluation) against step.
+
+  Uses matplotlib's Agg canvas directly (the global pyplot backend is left
+  alone). Returns False, writing nothing, when matplotlib is not installed.
+  """
+  try:
+    import matplotlib  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError:
+    return False
+  fig = Figure(figsize=(7, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.plot(history["step"], history["train_loss"], marker="." if len(history["step"]) < 50 else None,
+          label="train (mean per log window)")
+  ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  tok = [e["tokens_per_s"] for e in evals if e["tokens_per_s"] is not None]
+  ax.set_title(title + (f"  ({tok[-1]:,.0f} tokens/s)" if tok else ""))
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return True
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints (orbax; see the module docstring).
+# ----------------------------------------------------------------------------
+
+KEEP_CHECKPOINTS = 2  # train() keeps the last 2 evaluations' checkpoints
+CHECKPOINT_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """What `load_checkpoint` returns.
+
+  model: the GPT built from the saved config, every variable restored
+    (parameters and the fixed random sketches).
+  optimizer: an `nnx.Optimizer` (make_optimizer with the saved train config)
+    holding the saved AdamW state and step, or None if none was saved.
+  step: the training step the checkpoint was written at.
+  tokenizer, train_config: as saved, or None.
+  extra: the JSON dict given to save_checkpoint (train writes val_loss, val_acc).
+  loop_state: train()'s own state for `resume_from` (data RNG, histories,
+    timers), or None for checkpoints written by save_checkpoint.
+  """
+  model: GPT
+  optimizer: nnx.Optimizer | None
+  step: int
+  tokenizer: CharTokenizer | None
+  train_config: TrainConfig | None
+  extra: dict
+  loop_state: dict | None = None
+
+
+def _manager(directory: str, *, max_to_keep: int | None = None, create: bool = True):
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def _tree(model, optimizer) -> dict:
+  tree = {"model": nnx.to_pure_dict(nnx.state(model))}
+  if optimizer is not None:
+    tree["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer))
+  return tree
+
+
+def _meta(model, step, *, optimizer, tokenizer, train_config, extra, loop_state=None) -> dict:
+  """The checkpoint's JSON item, as a deep copy (an asynchronous save may write it later)."""
+  return json.loads(json.dumps({
+      "format": CHECKPOINT_FORMAT,
+      "step": int(step),
+      "model_config": dataclasses.asdict(model.config),
+      "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+      "tokenizer": list(tokenizer.chars) if tokenizer is not None else None,
+      "has_optimizer": optimizer is not None,
+      "extra": dict(extra or {}),
+      "loop_state": loop_state,
+  }))
+
+
+def _save(manager, step: int, model, optimizer, meta: dict) -> None:
+  """Starts an (asynchronous) save of model + optimizer state and meta at `step`."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(model, optimizer)),
+                                             meta=ocp.args.JsonSave(meta)))
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """The steps with a checkpoint in `directory`, ascending ([] if it does not exist)."""
+  if not os.path.isdir(directory):
+    return []
+  manager = _manager(directory, create=False)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def save_checkpoint(directory: str, model: GPT, optimizer: nnx.Optimizer | None = None, *,
+                    step: int = 0, tokenizer: CharTokenizer | None = None,
+                    train_config: TrainConfig | None = None, extra: dict | None = None) -> None:
+  """Writes an orbax checkpoint of `model` (and `optimizer`) as step `step` of `directory`.
+
+  Every model variable is saved (params and the fixed random sketches), the
+  optimizer's whole state (AdamW moments, counts, step), and as JSON the model
+  config, `train_config` (needed with an optimizer: load_checkpoint rebuilds
+  the optimizer from it), the tokenizer and `extra`. `directory` may hold
+  other steps, not this one.
+  """
+  if optimizer is not None and train_config is None:
+    raise ValueError("save_checkpoint: train_config is required with an optimizer "
+                     "(load_checkpoint rebuilds the optimizer from it)")
+  if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+    raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+  manager = _manager(directory)
+  try:
+    if step in manager.all_steps():
+      raise ValueError(f"save_checkpoint: {directory!r} already holds a checkpoint for step {step}")
+    _save(manager, int(step), model, optimizer,
+          _meta(model, step, optimizer=optimizer, tokenizer=tokenizer,
+                train_config=train_config, extra=extra))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _check_tree(saved, target, where: str) -> None:
+  """Raises ValueError unless the saved arrays' names, shapes and dtypes match `target`."""
+  saved_flat = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  want = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+  missing, unexpected = sorted(set(want) - set(saved_flat)), sorted(set(saved_flat) - set(want))
+  if missing or unexpected:
+    raise ValueError(f"{where} does not match the model built from its config: "
+                     f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+  for name, v in want.items():
+    s = saved_flat[name]
+    if tuple(s.shape) != tuple(v.shape) or np.dtype(s.dtype) != np.dtype(v.dtype):
+      raise ValueError(f"{where}: {name} is {s.dtype}{list(s.shape)} in the checkpoint, "
+                       f"{v.dtype}{list(v.shape)} in the model")
+
+
+def _assign(obj, pure: dict) -> None:
+  state = nnx.state(obj)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(obj, state)
+
+
+def load_checkpoint(directory: str, *, step: int | None = None) -> Checkpoint:
+  """Restores the checkpoint at `step` (default: the latest) of an orbax directory.
+
+  Returns a `Checkpoint` whose model (and optimizer) are bit-for-bit the saved
+  ones. Raises FileNotFoundError if there is no such checkpoint, ValueError if
+  the saved arrays do not fit the model its config builds.
+  """
+  if os.path.isfile(directory):
+    raise ValueError(f"load_checkpoint: {directory!r} is a file; checkpoints are orbax "
+                     "directories (single-file msgpack checkpoints are no longer read)")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"load_checkpoint: no checkpoint directory {directory!r}")
+  manager = _manager(directory, create=False)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"load_checkpoint: no checkpoint in {directory!r}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"load_checkpoint: no checkpoint for step {step} in {directory!r} "
+                              f"(it holds steps {steps})")
+    where = f"checkpoint {directory!r} step {step}"
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+      raise ValueError(f"{where}: unknown format (expected {CHECKPOINT_FORMAT}, "
+                       f"got {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    model = GPT(GPTConfig(**meta["model_config"]), rngs=nnx.Rngs(0))
+    train_config = TrainConfig(**meta["train_config"]) if meta["train_config"] else None
+    optimizer = make_optimizer(model, train_config) if meta["has_optimizer"] else None
+    target = _tree(model, optimizer)
+    _check_tree(manager.item_metadata(step)["state"], target, where)
+    state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    manager.close()
+  _assign(model, state["model"])
+  if optimizer is not None:
+    _assign(optimizer, state["optimizer"])
+  tokenizer = CharTokenizer(meta["tokenizer"]) if meta["tokenizer"] is not None else None
+  return Checkpoint(model=model, optimizer=optimizer, step=int(meta["step"]), tokenizer=tokenizer,
+                    train_config=train_config, extra=meta["extra"], loop_state=meta["loop_state"])
 
 
 # ----------------------------------------------------------------------------
@@ -358,7 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-batches", type=int, default=4)
-  p.add_argument("--checkpoint", default=None, help="write params here (msgpack) at the end")
+  p.add_argument("--checkpoint", default=None, metavar="DIR",
+                 help="orbax checkpoint directory: model, optimizer state and step saved at "
+                      "every evaluation (the last 2 kept), with train_log.json and loss.png")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in --checkpoint DIR (a fresh start "
+                      "if it holds none); the other flags must match the checkpointed run")
   p.add_argument("--results", default=None, help="write results + history JSON here")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--sample", type=int, default=200,
@@ -367,7 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.resume and not args.checkpoint:
+    parser.error("--resume needs --checkpoint DIR")
   if args.data:
     data = TextData.from_file(args.data)
     tokenizer = data.tokenizer
@@ -389,14 +683,22 @@ def main(argv=None) -> dict:
                     learning_rate=args.lr, warmup_steps=args.warmup,
                     weight_decay=args.weight_decay, seed=args.seed,
                     eval_every=args.eval_every, eval_batches=args.eval_batches)
-  model, results = train(model_config, data, cfg, progress=not args.no_progress, log=print)
+  resume_from = None
+  saved = checkpoint_steps(args.checkpoint) if args.checkpoint else []
+  if saved and not args.resume:
+    parser.error(f"--checkpoint {args.checkpoint} already holds checkpoints (steps {saved}): "
+                 "pass --resume to continue from the latest, or pick another directory")
+  if args.resume and saved:
+    resume_from = load_checkpoint(args.checkpoint)
+  elif args.resume:
+    print(f"no checkpoint in {args.checkpoint}: starting from step 0")
+  model, results = train(model_config, data, cfg, progress=not args.no_progress, log=print,
+                         checkpoint_dir=args.checkpoint, resume_from=resume_from)
   print(f"final val loss {results['val_loss']:.4f}  val acc {results['val_acc']:.3f}  "
         f"({results['steps_per_s']:.2f} steps/s, {results['tokens_per_s']:,.0f} tokens/s, "
         f"{results['params']:,} params)")
   if args.checkpoint:
-    save_checkpoint(args.checkpoint, model, tokenizer=tokenizer,
-                    extra={"val_loss": results["val_loss"], "steps": cfg.steps})
-    print(f"checkpoint: {args.checkpoint}")
+    print(f"checkpoint: {args.checkpoint} (log: {LOG_NAME}, plot: {PLOT_NAME})")
   if args.results:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as f:

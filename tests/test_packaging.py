@@ -50,6 +50,31 @@ def test_installed_import_claims_no_top_level_ref(tmp_path):
   assert top is None or Path(top).resolve().parent != ref_dir, top
 
 
+def test_nn_and_models_are_attributes_after_import(tmp_path):
+  """`import pallas_polysketch as ps` then `ps.nn` / `ps.models`, like `jax.nn`: in a
+  fresh interpreter (no earlier import of the submodules), loaded on first use."""
+  script = (
+      "import json, sys, pallas_polysketch as ps\n"
+      "flax_at_import = 'flax' in sys.modules\n"
+      "from pallas_polysketch.nn import PolySketchAttention\n"
+      "from pallas_polysketch.models.gpt import GPT\n"
+      "print(json.dumps({'flax_at_import': flax_at_import,\n"
+      "                  'nn': ps.nn.PolySketchAttention is PolySketchAttention,\n"
+      "                  'gpt': ps.models.gpt.GPT is GPT and ps.models.GPT is GPT,\n"
+      "                  'dir': [n for n in ('nn', 'models') if n in dir(ps)],\n"
+      "                  'bogus': hasattr(ps, 'no_such_name')}))\n")
+  # the submodules first through the package attribute, then the other order
+  for first in ("ps.nn.PolySketchAttention; ps.models.gpt.GPT\n", "ps.models.gpt; ps.nn\n"):
+    lines = script.split("\n")
+    code = "\n".join(lines[:2] + [first] + lines[2:])
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info == {"flax_at_import": False, "nn": True, "gpt": True,
+                    "dir": ["nn", "models"], "bogus": False}, info
+
+
 def test_version():
   parts = pallas_polysketch.__version__.split(".")
   assert len(parts) == 3 and all(p.isdigit() for p in parts)

@@ -1,7 +1,10 @@
 """GPT model, data, training script and checkpoints (CPU, small)."""
+import dataclasses
 import json
 import math
 import pathlib
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,27 +84,140 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path, sketch):
   cfg = _tiny_config(sketch=sketch)
   model = GPT(cfg, rngs=nnx.Rngs(7))  # load_checkpoint builds with seed 0: must be overwritten
   tok = CharTokenizer.from_text("abcdefghijklmnopqrst")
-  path = str(tmp_path / "ckpt.msgpack")
-  train_mod.save_checkpoint(path, model, tokenizer=tok, extra={"step": 3})
-  restored, tok2, extra = train_mod.load_checkpoint(path)
-  assert restored.config == cfg and tok2.chars == tok.chars and extra == {"step": 3}
+  path = str(tmp_path / "ckpt")
+  train_mod.save_checkpoint(path, model, step=3, tokenizer=tok, extra={"note": "x"})
+  ckpt = train_mod.load_checkpoint(path)
+  assert ckpt.model.config == cfg and ckpt.tokenizer.chars == tok.chars
+  assert ckpt.step == 3 and ckpt.extra == {"note": "x"} and ckpt.optimizer is None
+  restored = ckpt.model
   tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 20)
   np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(restored(tokens)))
   fresh = GPT(cfg, rngs=nnx.Rngs(0))
   assert not np.array_equal(np.asarray(fresh(tokens)), np.asarray(restored(tokens)))
   if sketch == "random":  # the fixed sketch travels with the checkpoint
     assert nnx.state(restored, SketchVariable)
+  with pytest.raises(ValueError, match="already holds a checkpoint for step 3"):
+    train_mod.save_checkpoint(path, model, step=3)
 
 
-def test_checkpoint_rejects_other_model(tmp_path):
-  path = str(tmp_path / "ckpt.msgpack")
-  train_mod.save_checkpoint(path, GPT(_tiny_config(), rngs=nnx.Rngs(0)))
-  import flax.serialization as ser
-  payload = ser.msgpack_restore(open(path, "rb").read())
-  payload["config"] = _tiny_config(num_layers=2).to_json()
-  open(path, "wb").write(ser.msgpack_serialize(payload))
-  with pytest.raises(ValueError, match="does not match"):
-    train_mod.load_checkpoint(path)
+def test_checkpoint_rejects_other_model_and_bad_paths(tmp_path):
+  path = tmp_path / "ckpt"
+  train_mod.save_checkpoint(str(path), GPT(_tiny_config(), rngs=nnx.Rngs(0)))
+  (meta_file,) = (path / "0" / "meta").glob("metadata")
+  meta = json.loads(meta_file.read_text())
+  meta["model_config"]["num_layers"] = 2  # the saved arrays are for one layer
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="does not match the model"):
+    train_mod.load_checkpoint(str(path))
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 .*\[0\]"):
+    train_mod.load_checkpoint(str(path), step=5)
+  with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    train_mod.load_checkpoint(str(tmp_path / "absent"))
+  old = tmp_path / "model.msgpack"
+  old.write_bytes(b"\x80")
+  with pytest.raises(ValueError, match="is a file"):
+    train_mod.load_checkpoint(str(old))
+  with pytest.raises(ValueError, match="train_config is required"):
+    model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+    train_mod.save_checkpoint(str(tmp_path / "c2"), model,
+                              train_mod.make_optimizer(model, train_mod.TrainConfig(steps=5)))
+
+
+def _leaves(obj):
+  return [(train_mod._path_name(p), np.asarray(v))
+          for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(obj)))[0]]
+
+
+def test_checkpoint_restores_model_and_optimizer_bit_for_bit(tmp_path):
+  cfg = train_mod.TrainConfig(steps=10, batch_size=2, context=16, warmup_steps=2)
+  model = GPT(_tiny_config(sketch="random"), rngs=nnx.Rngs(3))
+  optimizer = train_mod.make_optimizer(model, cfg)
+  graphdef, state, train_step, _ = train_mod.make_steps(model, optimizer)
+  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 20)
+  for _ in range(2):  # moments and counts away from their initial values
+    state, _, _ = train_step(state, tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 16)))
+  model, optimizer = nnx.merge(graphdef, state)
+  train_mod.save_checkpoint(str(tmp_path / "ck"), model, optimizer, step=2, train_config=cfg)
+  ckpt = train_mod.load_checkpoint(str(tmp_path / "ck"))
+  assert ckpt.step == 2 and ckpt.train_config == cfg and int(ckpt.optimizer.step[...]) == 2
+  for obj, back in ((model, ckpt.model), (optimizer, ckpt.optimizer)):
+    want, got = _leaves(obj), _leaves(back)
+    assert [n for n, _ in want] == [n for n, _ in got]
+    for (name, a), (_, b) in zip(want, got):
+      assert a.dtype == b.dtype, name
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  # the check has teeth: a fresh optimizer (zero moments, count 0) differs
+  fresh = _leaves(train_mod.make_optimizer(GPT(_tiny_config(), rngs=nnx.Rngs(3)), cfg))
+  assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(fresh, _leaves(optimizer)))
+  mu = [a for n, a in _leaves(ckpt.optimizer) if "/mu/" in n]
+  assert mu and all(np.any(a != 0) for a in mu)
+
+
+def test_resume_continues_with_identical_losses(tmp_path, monkeypatch):
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=2, num_queries=4)
+  mc = _tiny_config(vocab_size=data.vocab_size)
+  cfg = train_mod.TrainConfig(steps=6, batch_size=2, context=32, warmup_steps=2,
+                              eval_every=3, eval_batches=1, log_every=1)
+  ck_dir = tmp_path / "run"
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plot is skipped, with a note
+  logs = []
+  model_a, res_a = train_mod.train(mc, data, cfg, progress=False, log=logs.append,
+                                   checkpoint_dir=str(ck_dir))
+  assert train_mod.checkpoint_steps(str(ck_dir)) == [3, 6]
+  assert sum("matplotlib is not installed" in m for m in logs) == 1
+  assert (ck_dir / "train_log.json").exists() and not (ck_dir / "loss.png").exists()
+
+  ckpt = train_mod.load_checkpoint(str(ck_dir), step=3)
+  assert ckpt.step == 3 and math.isclose(ckpt.extra["val_loss"], res_a["history"]["val_loss"][0])
+  model_b, res_b = train_mod.train(mc, data, cfg, progress=False, resume_from=ckpt)
+  losses_a, losses_b = res_a["history"]["train_loss"], res_b["history"]["train_loss"]
+  assert len(losses_a) == 6 and len(set(losses_a)) == 6
+  assert losses_b == losses_a  # steps 1-3 from the checkpoint, 4-6 recomputed: bit-equal
+  assert res_b["history"]["val_loss"] == res_a["history"]["val_loss"]
+  assert [e["step"] for e in res_b["evals"]] == [3, 6]
+  for (name, a), (_, b) in zip(_leaves(model_a), _leaves(model_b)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+
+  with pytest.raises(ValueError, match="already holds checkpoints for steps"):
+    train_mod.train(mc, data, cfg, progress=False, checkpoint_dir=str(ck_dir))
+  with pytest.raises(ValueError, match="learning_rate"):
+    train_mod.train(mc, data, dataclasses.replace(cfg, learning_rate=1.0), resume_from=ckpt)
+
+
+def test_cli_writes_log_and_plot_and_resumes(tmp_path, capsys):
+  ck_dir = tmp_path / "run"
+  argv = ["--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2",
+          "--context", "32", "--pairs", "2", "--queries", "4", "--layers", "1", "--dim", "16",
+          "--sketch-dim", "8", "--block-size", "8", "--no-progress", "--checkpoint", str(ck_dir)]
+  results = train_mod.main(argv)
+  out = capsys.readouterr().out
+  printed = [l for l in out.splitlines() if l.startswith("step ")]
+  assert [l.split(":")[0] for l in printed] == ["step 2", "step 4"]
+  assert all(" val " in l and "tok/s" in l for l in printed), printed
+
+  log = json.loads((ck_dir / "train_log.json").read_text())
+  assert log["model"]["num_layers"] == 1 and log["train"]["steps"] == 4
+  evals = log["evals"]
+  assert [e["step"] for e in evals] == [2, 4]
+  chance = math.log(log["model"]["vocab_size"])
+  for e in evals:
+    assert set(e) == {"step", "train_loss", "val_loss", "val_acc", "tokens_per_s", "elapsed_s"}
+    assert 0.5 * chance < e["train_loss"] < 2 * chance and 0.5 * chance < e["val_loss"] < 2 * chance
+    assert 0.0 <= e["val_acc"] <= 1.0
+    assert e["tokens_per_s"] > 0 and math.isfinite(e["tokens_per_s"])
+  assert 0 < evals[0]["elapsed_s"] < evals[1]["elapsed_s"]
+  assert evals[1]["val_loss"] == results["val_loss"]
+  png = (ck_dir / "loss.png").read_bytes()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+
+  with pytest.raises(SystemExit):  # a used directory needs --resume
+    train_mod.main(argv)
+  assert "already holds checkpoints" in capsys.readouterr().err
+  shutil.rmtree(ck_dir / "4")  # as if stopped after step 2
+  resumed = train_mod.main(argv + ["--resume"])
+  assert "resumed at step 2 of 4" in capsys.readouterr().out
+  assert resumed["val_loss"] == results["val_loss"]
+  assert [e["step"] for e in json.loads((ck_dir / "train_log.json").read_text())["evals"]] == [2, 4]
 
 
 def test_generate_compiles_once_and_is_in_vocab():
@@ -116,7 +232,7 @@ def test_smoke_training_on_shakespeare_slice(tmp_path):
   text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
   data_path = tmp_path / "slice.txt"
   data_path.write_text(text, encoding="utf-8")
-  ckpt, res_path = tmp_path / "model.msgpack", tmp_path / "results.json"
+  ckpt, res_path = tmp_path / "run", tmp_path / "results.json"
   results = train_mod.main([
       "--data", str(data_path), "--steps", "30", "--layers", "1", "--heads", "2",
       "--dim", "32", "--context", "64", "--batch-size", "16", "--block-size", "16",
@@ -130,9 +246,11 @@ def test_smoke_training_on_shakespeare_slice(tmp_path):
   saved = json.loads(res_path.read_text())
   assert saved["val_loss"] == results["val_loss"] and saved["model"]["attention"] == "polysketch"
   # the checkpoint reproduces the final validation loss
-  model, tok, extra = train_mod.load_checkpoint(str(ckpt))
+  restored = train_mod.load_checkpoint(str(ckpt))
+  assert restored.step == 30
+  model, extra = restored.model, restored.extra
   data = train_mod.TextData(text)
-  assert tok.chars == data.tokenizer.chars
+  assert restored.tokenizer.chars == data.tokenizer.chars
   batches = data.val_batches(2, 16, 64)
   loss_fn = nnx.jit(train_mod.loss_fn)
   losses = [float(loss_fn(model, *b)[0]) for b in batches]
