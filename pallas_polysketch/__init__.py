@@ -15,6 +15,7 @@ from pallas_polysketch.attention import polysketch_attention
 from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
 from pallas_polysketch.debug import NonFinite, find_nonfinite
 from pallas_polysketch.polynomial import polynomial_attention
+from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.tpu_config import TileConfig
 from pallas_polysketch.sketches import (
     learned_sketch_features,
@@ -32,6 +33,7 @@ __all__ = [
     "init_decode_state",
     "prefill",
     "decode_step",
+    "sharded_polysketch_attention",
     "find_nonfinite",
     "NonFinite",
     "TileConfig",

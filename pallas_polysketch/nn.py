@@ -42,6 +42,7 @@ from flax import nnx
 
 from pallas_polysketch import _validation
 from pallas_polysketch.attention import IMPLEMENTATIONS, polysketch_attention
+from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.sketches import (
@@ -125,6 +126,10 @@ class PolySketchAttention(nnx.Module):
     dtype: computation dtype (None: from inputs and params).
     param_dtype: dtype of the parameters.
     implementation: passed through to `polysketch_attention`.
+    mesh, mesh_axes: a `jax.sharding.Mesh` and the names of its axes that shard
+      (batch, heads, seq) (each may be None): the PolySketch op then runs
+      through `sharded_polysketch_attention`, exchanging only prefix states
+      across the sequence axis.
     rngs: `nnx.Rngs` for initialisation (and the random sketch).
   """
 
@@ -136,7 +141,8 @@ class PolySketchAttention(nnx.Module):
                block_size: int = 256,
                local_exact: bool = True, causal: bool = True, rope: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
-               implementation: str | None = None, rngs: nnx.Rngs):
+               implementation: str | None = None, mesh=None,
+               mesh_axes: tuple = (None, None, None), rngs: nnx.Rngs):
     _validation.check_positive_int("in_features", in_features)
     _validation.check_positive_int("num_heads", num_heads)
     if attention not in ATTENTIONS:
@@ -187,6 +193,17 @@ class PolySketchAttention(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.implementation = implementation
+    self.sharded_op = None
+    if mesh is not None:
+      if attention != "polysketch":
+        raise ValueError(f"mesh needs attention='polysketch', got attention={attention!r}")
+      if len(tuple(mesh_axes)) != 3:
+        raise ValueError(f"mesh_axes must be (batch, heads, seq) axis names, got {mesh_axes!r}")
+      batch_axis, head_axis, seq_axis = mesh_axes
+      self.sharded_op = sharded_polysketch_attention(
+          mesh, batch_axis=batch_axis, head_axis=head_axis, seq_axis=seq_axis,
+          degree=degree, block_size=block_size, causal=causal, local_exact=local_exact,
+          implementation=implementation)
 
     def linear(d_in, d_out):
       return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype,
@@ -273,10 +290,13 @@ class PolySketchAttention(nnx.Module):
         fq, fk = self.features(q), self.features(k)
         if keep is not None:
           fk = jnp.where(keep, fk, 0)
-        o = polysketch_attention(
-            q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
-            causal=self.causal, local_exact=self.local_exact,
-            implementation=self.implementation)
+        if self.sharded_op is not None:
+          o = self.sharded_op(q, k, v, fq, fk)
+        else:
+          o = polysketch_attention(
+              q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
+              causal=self.causal, local_exact=self.local_exact,
+              implementation=self.implementation)
     return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
 
   def init_cache(self, input_shape, dtype: Any = jnp.float32) -> None:

@@ -58,7 +58,8 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm decoder block."""
 
-  def __init__(self, config: GPTConfig, *, dtype=None, rngs: nnx.Rngs):
+  def __init__(self, config: GPTConfig, *, dtype=None, mesh=None,
+               mesh_axes=(None, None, None), rngs: nnx.Rngs):
     c = config
     self.ln1 = nnx.LayerNorm(c.embed_dim, dtype=dtype, rngs=rngs)
     self.attn = PolySketchAttention(
@@ -66,7 +67,7 @@ class Block(nnx.Module):
         num_kv_heads=c.num_kv_heads, sketch=c.sketch, sketch_dim=c.sketch_dim,
         degree=c.degree, block_size=c.block_size, local_exact=c.local_exact,
         causal=True, rope=c.rope, dtype=dtype, implementation=c.implementation,
-        rngs=rngs)
+        mesh=mesh, mesh_axes=mesh_axes, rngs=rngs)
     self.ln2 = nnx.LayerNorm(c.embed_dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(c.embed_dim, c.mlp_ratio * c.embed_dim, dtype=dtype, rngs=rngs)
 
@@ -76,13 +77,19 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-  """Decoder-only language model: tokens [batch, seq] -> logits [batch, seq, vocab]."""
+  """Decoder-only language model: tokens [batch, seq] -> logits [batch, seq, vocab].
 
-  def __init__(self, config: GPTConfig, *, dtype=None, rngs: nnx.Rngs):
+  mesh, mesh_axes: optional; every attention layer then runs sharded over the
+  mesh's (batch, heads, seq) axes (see `PolySketchAttention`).
+  """
+
+  def __init__(self, config: GPTConfig, *, dtype=None, mesh=None,
+               mesh_axes=(None, None, None), rngs: nnx.Rngs):
     self.config = config
     self.embed = nnx.Embed(config.vocab_size, config.embed_dim, dtype=dtype,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.blocks = nnx.List([Block(config, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(config, dtype=dtype, mesh=mesh, mesh_axes=mesh_axes,
+                                  rngs=rngs)
                             for _ in range(config.num_layers)])
     self.ln_f = nnx.LayerNorm(config.embed_dim, dtype=dtype, rngs=rngs)
 
