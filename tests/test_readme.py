@@ -28,3 +28,16 @@ def test_readme_has_two_fresh_machine_commands():
   ci = (ROOT / ".ci" / "run").read_text()
   for step in tests.split(" && "):  # .ci/run runs the README's test command
     assert step in ci, step
+
+
+def test_readme_python_blocks_run_in_order(capsys):
+  """Every ```python block of the README, run one after the other (later ones
+  use the earlier ones' names), on the 8 CPU devices of the test process."""
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert len(blocks) >= 6
+  scope = {"__name__": "readme_example"}
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"{README}:block{i}", "exec"), scope)
+  assert scope["tokens"].shape == (16,)
+  assert scope["out"].shape == (1, 512, 4, 64)
+  assert int(scope["state"].fill[0]) == 310 % 256
