@@ -522,19 +522,11 @@ def cpu_model():
 
 
 def machine_info():
-  info = {"hostname": platform.node(), "platform": platform.platform(), "cpu_model": cpu_model(),
-          "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "jax": jax.__version__,
-          "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "device_kind": jax.devices()[0].device_kind}
-  try:
-    import jaxlib
-    info["jaxlib"] = jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    pass
-  try:
-    info["affinity_cpus"] = len(os.sched_getaffinity(0))
-  except AttributeError:
-    pass
+  """bench/attention.py's machine record, plus the CPU model."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import attention as attention_bench  # noqa: E402  (bench/attention.py)
+  info = attention_bench.machine_info()
+  info["cpu_model"] = cpu_model()
   return info
 
 
