@@ -11,16 +11,13 @@ from pallas_polysketch.polynomial import compute_dtype, normalise_weights, repea
 from pallas_polysketch.sketches import self_tensor
 
 
-def _segment_masks(segment_ids, t, block_size):
-  """(same [B, 1, T, T], same_block [B, 1, T, T]) for segment_ids [B, T] or None.
+def _segment_masks(segment_ids, block_size):
+  """(same, same_block), each bool [B, 1, T, T], for segment_ids int [B, T].
 
-  A segment is a maximal run of equal ids; same_block: same segment and same
-  block counted from the segment's start (i - start_i) // block_size."""
-  i = jnp.arange(t)[:, None]
-  j = jnp.arange(t)[None, :]
-  if segment_ids is None:
-    return jnp.ones((1, 1, t, t), bool), ((i // block_size) == (j // block_size))[None, None]
+  A segment is a maximal run of equal ids; same_block: the same segment and the
+  same block counted from the segment's start, (i - start_i) // block_size."""
   ids = jnp.asarray(segment_ids)
+  t = ids.shape[1]
   change = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
   seg = jnp.cumsum(change, axis=1)                          # segment number of each token
   same = seg[:, :, None] == seg[:, None, :]                 # [B, T, T]
@@ -47,11 +44,16 @@ def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256
   sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
                         k_features.astype(dt)) ** 2
   t = q.shape[1]
-  same, same_block = _segment_masks(segment_ids, t, block_size)
-  if not causal:
-    return jnp.where(same, sketched, 0.0)
   i = jnp.arange(t)[:, None]
   j = jnp.arange(t)[None, :]
+  if segment_ids is None:
+    if not causal:
+      return sketched
+    same, same_block = True, (i // block_size) == (j // block_size)
+  else:
+    same, same_block = _segment_masks(segment_ids, block_size)
+    if not causal:
+      return jnp.where(same, sketched, 0.0)
   w = jnp.where(same_block & local_exact, exact, sketched)
   return jnp.where((j <= i) & same, w, 0.0)
 
