@@ -125,6 +125,15 @@ def test_reference_with_segments_equals_each_segment_alone(causal):
   assert rel_err(ps.polysketch_attention(*args, segment_ids=_ids(), **kw), got) < TOL
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_polynomial_attention_with_segments_equals_each_segment_alone(causal):
+  args, cot = _inputs()
+  got = ps.polynomial_attention(*args[:3], causal=causal, segment_ids=_ids())
+  want, _ = _alone(lambda q, k, v, fq, fk, **kw: ps.polynomial_attention(q, k, v, **kw),
+                   args, cot, _ids(), causal=causal)
+  assert rel_err(got, want) < TOL
+
+
 def test_repeated_ids_are_separate_segments():
   """[0, 0, 1, 1, 0, 0] is three segments: the last two tokens do not see the first two."""
   args, _ = _inputs(seq=6)
@@ -135,6 +144,19 @@ def test_repeated_ids_are_separate_segments():
   got = ps.polysketch_attention(*args, block_size=8, segment_ids=ids)
   alone = ps.polysketch_attention(*(x[:, 4:] for x in args), block_size=8)
   assert rel_err(got[:, 4:], alone) < TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_overflow_stays_in_its_segment(causal):
+  """An inf in one segment's weights and state never reaches another as 0 * inf."""
+  args, _ = _inputs()
+  scale = jnp.ones((2, SEQ, 1, 1)).at[0, :37].set(1e12)   # row 0, its first segment
+  args = tuple(x * scale for x in args)
+  got = ps.polysketch_attention(*args, block_size=BLOCK, causal=causal, segment_ids=_ids())
+  assert not np.isfinite(np.asarray(got[0, :37])).all()
+  assert np.isfinite(np.asarray(got[0, 37:])).all() and np.isfinite(np.asarray(got[1])).all()
+  alone = ps.polysketch_attention(*(x[:1, 38:90] for x in args), block_size=BLOCK, causal=causal)
+  assert rel_err(got[:1, 38:90], alone) < TOL
 
 
 def test_traced_segment_ids_under_jit():
