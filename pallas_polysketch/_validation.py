@@ -109,6 +109,24 @@ def check_attention_inputs(q, k, v, q_features, k_features) -> None:
   check_features(q, k, q_features, k_features)
 
 
+def check_segment_ids(segment_ids, q, *, name: str = "segment_ids"):
+  """None, or integer [batch, seq] matching q's first two axes. Returns it as an
+  array (lists and numpy arrays are converted)."""
+  if segment_ids is None:
+    return None
+  if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+    segment_ids = jnp.asarray(segment_ids)
+  if tuple(segment_ids.shape) != tuple(q.shape[:2]):
+    raise ValueError(
+        f"{name} must be [batch, seq] = {tuple(q.shape[:2])} (the first two axes of q), "
+        f"got shape {tuple(segment_ids.shape)}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(
+        f"{name} must have an integer dtype (e.g. int32), got {segment_ids.dtype} "
+        f"(shape {tuple(segment_ids.shape)})")
+  return segment_ids
+
+
 def check_choice(name: str, value, allowed: tuple) -> str:
   """One of a few allowed strings; the error lists them."""
   if not isinstance(value, str) or value not in allowed:

@@ -7,6 +7,10 @@ attention is a read of the state sum; context parallelism feeds causal
 attention the exclusive prefix sum, over the devices of a mesh axis, of the
 shards' state sums (a `psum` of them when non-causal); chunked prefill and
 decoding (`decode.py`) start from a state and keep one.
+
+Packed segments (`segment_ids`) run `_segments.py`, a pure-JAX walk over the
+blocks that resets the state at segment starts, on every platform: the Pallas
+kernels do not take segments yet.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_polysketch import _pallas, _validation, _xla
+from pallas_polysketch import _pallas, _segments, _validation, _xla
 from pallas_polysketch import tpu_config
 from pallas_polysketch._platform import require_tpu
 from pallas_polysketch.polynomial import compute_dtype
@@ -161,8 +165,13 @@ def dispatch(implementation, config: Config, fn, *args):
 
 @functools.partial(jax.jit, static_argnames=("config", "causal", "implementation",
                                              "context_axis_name"))
-def _polysketch_attention(q, k, v, q_features, k_features, *, config, causal,
+def _polysketch_attention(q, k, v, q_features, k_features, segment_ids, *, config, causal,
                           implementation, context_axis_name):
+  if segment_ids is not None:
+    return _segments.segmented_attention(
+        q, k, v, q_features, k_features, segment_ids, degree=config.degree,
+        block_size=config.block_size, local_exact=config.local_exact, bias=config.bias,
+        causal=causal)
   seq_len = q.shape[1]
   padded_len = round_up(seq_len, config.block_size)
   # Zero padding is exact: a zero key has zero exact weight (degree > 0) and
@@ -213,8 +222,9 @@ def _kernel_dtype(dtype):
 
 def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
                          block_size=256, causal=True, local_exact=True,
-                         normalization_bias=1.0, context_axis_name=None,
-                         implementation=None, interpret=False, tile_config=None):
+                         normalization_bias=1.0, segment_ids=None,
+                         context_axis_name=None, implementation=None, interpret=False,
+                         tile_config=None):
   """Block-causal PolySketch attention, linear in the sequence length.
 
   For query i and key j <= i (DESIGN §1.3):
@@ -250,6 +260,15 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
     causal: causal (block-causal) attention or full attention.
     local_exact: exact (q.k)^p weights inside each diagonal block.
     normalization_bias: the positive constant in the denominator.
+    segment_ids: None, or int32 [batch, seq]: packed sequences (DESIGN §1.5).
+      A segment is a maximal run of equal ids ([0, 0, 1, 1, 0, 0] is three
+      segments); a token attends only to tokens of its own segment (earlier
+      ones when causal), and blocks are counted from each segment's start, so
+      every segment's result equals running it alone. Computed by the xla path
+      on every platform (a walk over blocks whose state resets at segment
+      starts; `_segments.py`): the Pallas kernels do not support segments yet,
+      so implementation="pallas" with segment_ids raises ValueError and None
+      runs the xla path. Not combinable with context_axis_name yet.
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
@@ -273,6 +292,18 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   computed in float32 on both paths.
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  segment_ids = _validation.check_segment_ids(segment_ids, q)
+  if segment_ids is not None:
+    if implementation == "pallas":
+      raise ValueError(
+          "segment_ids is not supported by implementation='pallas' (the Pallas kernels do "
+          "not take segments yet); use implementation=None or 'xla', which run the xla path")
+    if context_axis_name is not None:
+      raise ValueError(
+          f"segment_ids together with context_axis_name={context_axis_name!r} is not "
+          "implemented yet (the device-level prefix would be a segmented sum); pass one of them")
+    if implementation is None:
+      implementation = "xla"   # no kernel tiling to resolve
   config, implementation = resolve_config(
       q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
       normalization_bias=normalization_bias, implementation=implementation,
@@ -286,7 +317,7 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   args = (q, k, v, q_features, k_features)
   if upcast:
     args = tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in args)
-  out = _polysketch_attention(*args, config=config, causal=bool(causal),
+  out = _polysketch_attention(*args, segment_ids, config=config, causal=bool(causal),
                               implementation=implementation,
                               context_axis_name=context_axis_name)
   return out.astype(q.dtype)

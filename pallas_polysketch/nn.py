@@ -22,6 +22,11 @@ Padding: `key_mask` [batch, seq] (True for real tokens) zeroes the masked
 keys, values and key features after the LayerNorm and the sketch (whose
 outputs at a zero input are not zero), so padding adds nothing to any sum.
 
+Packing: `segment_ids` [batch, seq] (a segment is a maximal run of equal ids)
+keeps attention inside each segment and counts rotary positions from each
+segment's start, so a row of packed documents gives every document the
+output it would get alone.
+
 Decoding follows `flax.nnx.MultiHeadAttention`: `init_cache(input_shape)`
 allocates a `DecodeState` (constant size) in `nnx.Cache` variables, and
 `layer(x, decode=True)` continues it by x's tokens (a chunked prefill, or one
@@ -44,7 +49,8 @@ from pallas_polysketch import _validation
 from pallas_polysketch.attention import IMPLEMENTATIONS, polysketch_attention
 from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.decode import DecodeState, decode_step, init_decode_state, prefill
-from pallas_polysketch.polynomial import polynomial_attention
+from pallas_polysketch._segments import segment_starts
+from pallas_polysketch.polynomial import polynomial_attention, same_segment_mask
 from pallas_polysketch.sketches import (
     LAYER_NORM_EPS,
     SKETCH_SCALINGS,
@@ -70,18 +76,24 @@ class SketchVariable(nnx.Variable):
 nnx.register_variable_name("sketch", SketchVariable, overwrite=True)
 
 
-def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0) -> jax.Array:
+def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
+                     positions: jax.Array | None = None) -> jax.Array:
   """Rotary position embedding on [batch, seq, heads, head_dim] (half-split pairs).
 
   Dimension i of the first half is rotated with dimension i + head_dim/2 by the
   angle t * base^(-2i/head_dim) at position t = offset + index. offset: an int
-  or int32 [batch] (decoding: the tokens already seen). Computed in float32.
+  or int32 [batch] (decoding: the tokens already seen). positions: None, or
+  int [batch, seq], the positions themselves (offset is then ignored; packed
+  segments: counted from each segment's start). Computed in float32.
   """
   b, t, _, h = x.shape
   half = h // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / h)
-  pos = jnp.arange(t, dtype=jnp.float32)[None, :] + jnp.reshape(
-      jnp.asarray(offset, jnp.float32), (-1, 1))                          # [B|1, T]
+  if positions is not None:
+    pos = jnp.asarray(positions, jnp.float32)                             # [B, T]
+  else:
+    pos = jnp.arange(t, dtype=jnp.float32)[None, :] + jnp.reshape(
+        jnp.asarray(offset, jnp.float32), (-1, 1))                        # [B|1, T]
   angles = pos[..., None] * inv_freq                                      # [B|1, T, H/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -243,59 +255,84 @@ class PolySketchAttention(nnx.Module):
         lambda a: a.astype(x.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     return random_sketch_features(params, x, scaling=self.sketch_scaling).astype(x.dtype)
 
-  def _project(self, x, offset):
+  def _project(self, x, offset, positions=None):
     """q [B, T, N, H], k, v [B, T, K, H] after rope and the q/k LayerNorm."""
     b, t, _ = x.shape
     q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.rope:
-      q, k = rotary_embedding(q, offset=offset), rotary_embedding(k, offset=offset)
+      q = rotary_embedding(q, offset=offset, positions=positions)
+      k = rotary_embedding(k, offset=offset, positions=positions)
     if self.qk_norm is not None:
       q, k = self.qk_norm(q), self.qk_norm(k)
     return q, k, v
 
-  def _check_x(self, x, key_mask):
+  def _check_x(self, x, key_mask, segment_ids=None, decode=False):
     if x.ndim != 3 or x.shape[-1] != self.in_features:
       raise ValueError(
           f"x must be [batch, seq, {self.in_features}], got shape {x.shape}")
     if key_mask is not None and tuple(key_mask.shape) != tuple(x.shape[:2]):
       raise ValueError(
           f"key_mask must be [batch, seq] = {tuple(x.shape[:2])}, got shape {key_mask.shape}")
+    segment_ids = _validation.check_segment_ids(segment_ids, x)
+    if segment_ids is not None and decode:
+      raise ValueError("segment_ids is not supported with decode=True (a cache holds one "
+                       "sequence per row); pass segment_ids=None")
+    return segment_ids
 
   def __call__(self, x: jax.Array, *, key_mask: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     """[batch, seq, in_features] -> [batch, seq, in_features].
 
     key_mask: None or bool [batch, seq], False for padding keys (never seen).
+    segment_ids: None or int32 [batch, seq]: packed sequences. A segment is a
+      maximal run of equal ids; tokens attend only within their segment, and
+      rotary positions count from each segment's start, so every segment gets
+      the output of running it alone (all three attentions).
     decode: continue the cache from `init_cache` by x's tokens (causal
       "polysketch" only); positions continue from the tokens already cached.
     """
-    self._check_x(x, key_mask)
+    segment_ids = self._check_x(x, key_mask, segment_ids, decode)
     if decode:
       return self._decode(x)
     b, t, _ = x.shape
-    q, k, v = self._project(x, 0)
+    positions = None
+    if segment_ids is not None:
+      positions = jnp.arange(t, dtype=jnp.int32) - segment_starts(segment_ids)
+    q, k, v = self._project(x, 0, positions)
     if self.attention == "softmax":
       mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, mask=mask,
+      is_causal = self.causal
+      if segment_ids is not None:
+        # One explicit mask: the segments, causality and the padding keys.
+        mask = same_segment_mask(segment_ids) if mask is None else (
+            mask & same_segment_mask(segment_ids))
+        if self.causal:
+          mask = mask & jnp.tril(jnp.ones((t, t), bool))
+        is_causal = False
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, mask=mask,
                                        scale=1.0 / math.sqrt(self.head_dim))
     else:
       keep = None if key_mask is None else key_mask[:, :, None, None].astype(bool)
       if keep is not None:
         k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
       if self.attention == "polynomial":
-        o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal)
+        o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal,
+                                 segment_ids=segment_ids)
       else:
         fq, fk = self.features(q), self.features(k)
         if keep is not None:
           fk = jnp.where(keep, fk, 0)
         if self.sharded_op is not None:
+          if segment_ids is not None:
+            raise ValueError("segment_ids are not supported with a mesh yet (sequence "
+                             "sharding of packed segments); pass mesh=None")
           o = self.sharded_op(q, k, v, fq, fk)
         else:
           o = polysketch_attention(
               q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
-              causal=self.causal, local_exact=self.local_exact,
+              causal=self.causal, local_exact=self.local_exact, segment_ids=segment_ids,
               implementation=self.implementation)
     return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -369,7 +406,7 @@ class PolySketchAttentionLinen(linen.Module):
   sketch_scaling: str = "unbiased"
 
   @linen.compact
-  def __call__(self, x, key_mask=None):
+  def __call__(self, x, key_mask=None, segment_ids=None):
     return nnx.bridge.to_linen(
         PolySketchAttention, self.in_features, self.num_heads,
         attention=self.attention, head_dim=self.head_dim,
@@ -379,7 +416,7 @@ class PolySketchAttentionLinen(linen.Module):
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,
-        name="attention")(x, key_mask=key_mask)
+        name="attention")(x, key_mask=key_mask, segment_ids=segment_ids)
 
 
 __all__ = [

@@ -33,8 +33,18 @@ def normalise_weights(weights, v, out_dtype, normalization_bias=1.0):
   return (num / jnp.transpose(den, (0, 2, 1))[..., None]).astype(out_dtype)
 
 
+def same_segment_mask(segment_ids):
+  """int [B, T] -> bool [B, 1, T, T]: i and j lie in one segment, a maximal run
+  of equal ids ([0, 0, 1, 1, 0, 0] is three segments)."""
+  change = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  seg = jnp.cumsum(change, axis=1, dtype=jnp.int32)
+  return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("degree", "causal", "normalization_bias"))
-def _polynomial_attention(q, k, v, *, degree, causal, normalization_bias):
+def _polynomial_attention(q, k, v, segment_ids, *, degree, causal, normalization_bias):
   out_dtype, dt = q.dtype, compute_dtype(q)
   q, k, v = (x.astype(dt) for x in (q, k, v))
   k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
@@ -42,10 +52,13 @@ def _polynomial_attention(q, k, v, *, degree, causal, normalization_bias):
   if causal:
     t = q.shape[1]
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, 0.0)
+  if segment_ids is not None:
+    s = jnp.where(same_segment_mask(segment_ids), s, 0.0)
   return normalise_weights(s, v, out_dtype, normalization_bias)
 
 
-def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1.0):
+def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1.0,
+                         segment_ids=None):
   """Exact polynomial attention: o_i = sum_j s_ij v_j / (bias + sum_j s_ij).
 
   s_ij = (q_i . k_j)^degree over j <= i (causal) or all j, with no 1/sqrt(H)
@@ -61,6 +74,9 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
     degree: p, a positive even int.
     causal: attend to j <= i only.
     normalization_bias: the positive constant in the denominator.
+    segment_ids: None or int32 [batch, seq]: packed sequences. s_ij = 0 unless
+      i and j lie in one segment (a maximal run of equal ids), so each segment
+      gets the result of running it alone.
 
   Returns:
     [batch, seq, heads, head_dim] in the dtype of q.
@@ -68,5 +84,6 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
   _validation.check_qkv(q, k, v)
   degree = _validation.check_degree(degree)
   bias = _validation.check_normalization_bias(normalization_bias)
-  return _polynomial_attention(q, k, v, degree=degree, causal=bool(causal),
+  segment_ids = _validation.check_segment_ids(segment_ids, q)
+  return _polynomial_attention(q, k, v, segment_ids, degree=degree, causal=bool(causal),
                                normalization_bias=bias)

@@ -9,7 +9,12 @@ filler noise, then queries for the keys at the end; the loss (and accuracy)
 counts only the answers, so it falls only if attention reaches back across
 the whole context (through the sketched prefix states for polysketch).
 With --data, text is split 90/10 (first 90% train, last 10% validation) and
-windows of --context characters are sampled at random.
+windows of --context characters are sampled at random. With --pack-separator
+the text is a stream of documents split by that string: each window packs the
+documents it covers into its row, with segment ids (a new segment starts right
+after each separator), so attention and rotary positions stay inside each
+document, and the loss skips the first token of each document (it would be
+predicted from the previous one).
 
 Optimiser: optax AdamW with linear warmup + cosine decay, gradient clipping.
 
@@ -59,15 +64,30 @@ from pallas_polysketch.models.gpt import GPT, CharTokenizer, GPTConfig, param_co
 
 
 class TextData:
-  """Character-level text with a fixed 90/10 train/validation split."""
+  """Character-level text with a fixed 90/10 train/validation split.
+
+  separator: None, or a string splitting the text into documents. Batches then
+  carry segment ids [batch, context] (int32, from 0 in each row): the tokens
+  after each separator start a new segment (the separator ends the document
+  before it), and the loss mask drops the targets that start a new document.
+  """
 
   def __init__(self, text: str, tokenizer: CharTokenizer | None = None,
-               val_fraction: float = 0.1):
+               val_fraction: float = 0.1, separator: str | None = None):
     self.tokenizer = tokenizer or CharTokenizer.from_text(text)
     ids = self.tokenizer.encode(text)
     split = int(len(ids) * (1.0 - val_fraction))
     self.train_ids, self.val_ids = ids[:split], ids[split:]
     self.vocab_size = self.tokenizer.vocab_size
+    self.separator = separator
+    self.train_docs = self.val_docs = None
+    self.num_documents = 1
+    if separator is not None:
+      if not separator:
+        raise ValueError("separator must be a non-empty string")
+      docs = document_index(text, separator)
+      self.train_docs, self.val_docs = docs[:split], docs[split:]
+      self.num_documents = int(docs[-1]) + 1 if len(docs) else 0
 
   @classmethod
   def from_file(cls, path: str, **kwargs) -> "TextData":
@@ -75,16 +95,21 @@ class TextData:
       return cls(f.read(), **kwargs)
 
   @staticmethod
-  def _windows(ids, starts, context):
+  def _windows(ids, starts, context, docs=None):
     idx = starts[:, None] + np.arange(context + 1)[None, :]
     w = ids[idx]
-    return w[:, :-1], w[:, 1:], np.ones((len(starts), context), np.float32)
+    if docs is None:
+      return w[:, :-1], w[:, 1:], np.ones((len(starts), context), np.float32)
+    d = docs[idx]
+    mask = (d[:, 1:] == d[:, :-1]).astype(np.float32)  # no target starts a document
+    segments = (d[:, :-1] - d[:, :1]).astype(np.int32)
+    return w[:, :-1], w[:, 1:], mask, segments
 
   def train_batch(self, rng: np.random.Generator, batch_size: int, context: int):
     if len(self.train_ids) <= context + 1:
       raise ValueError(f"training text ({len(self.train_ids)} chars) is shorter than context {context}")
     starts = rng.integers(0, len(self.train_ids) - context - 1, batch_size)
-    return self._windows(self.train_ids, starts, context)
+    return self._windows(self.train_ids, starts, context, self.train_docs)
 
   def val_batches(self, num_batches: int, batch_size: int, context: int):
     """Fixed, evenly spaced validation windows (the same for every run)."""
@@ -92,8 +117,19 @@ class TextData:
     if n <= 0:
       raise ValueError(f"validation text ({len(self.val_ids)} chars) is shorter than context {context}")
     starts = np.linspace(0, n, num_batches * batch_size).astype(np.int64)
-    return [self._windows(self.val_ids, s, context)
+    return [self._windows(self.val_ids, s, context, self.val_docs)
             for s in starts.reshape(num_batches, batch_size)]
+
+
+def document_index(text: str, separator: str) -> np.ndarray:
+  """int64 [len(text)]: the document of each character, counting the
+  occurrences of separator that end at or before it (the separator belongs to
+  the document it ends)."""
+  ends, at = [], text.find(separator)
+  while at >= 0:
+    ends.append(at + len(separator))
+    at = text.find(separator, at + len(separator))
+  return np.searchsorted(np.asarray(ends, np.int64), np.arange(len(text)), side="right")
 
 
 class RecallData:
@@ -166,8 +202,8 @@ class TrainConfig:
   log_every: int = 10
 
 
-def loss_fn(model, inputs, targets, mask):
-  logits = model(inputs)
+def loss_fn(model, inputs, targets, mask, segment_ids=None):
+  logits = model(inputs, segment_ids=segment_ids)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   loss = jnp.sum(losses * mask) / denom
@@ -190,25 +226,25 @@ def make_steps(model, optimizer):
   graphdef, state = nnx.split((model, optimizer))
 
   @jax.jit
-  def train_step(state, inputs, targets, mask):
+  def train_step(state, inputs, targets, mask, segment_ids=None):
     model, optimizer = nnx.merge(graphdef, state)
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-        model, inputs, targets, mask)
+        model, inputs, targets, mask, segment_ids)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss, acc
 
   @jax.jit
-  def eval_step(state, inputs, targets, mask):
+  def eval_step(state, inputs, targets, mask, segment_ids=None):
     model, _ = nnx.merge(graphdef, state)
-    return loss_fn(model, inputs, targets, mask)
+    return loss_fn(model, inputs, targets, mask, segment_ids)
 
   return graphdef, state, train_step, eval_step
 
 
 def evaluate(eval_step, state, batches):
   losses, accs = [], []
-  for inputs, targets, mask in batches:
-    loss, acc = eval_step(state, inputs, targets, mask)
+  for batch in batches:
+    loss, acc = eval_step(state, *batch)
     losses.append(float(loss))
     accs.append(float(acc))
   return float(np.mean(losses)), float(np.mean(accs))
@@ -611,6 +647,17 @@ def _bool(s: str) -> bool:
   raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _separator(s: str) -> str:
+  """The --pack-separator string with backslash escapes (\\n, \\t, \\\\) read."""
+  try:
+    s = s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+  except UnicodeDecodeError as e:
+    raise argparse.ArgumentTypeError(f"bad escape in {s!r}: {e}") from None
+  if not s:
+    raise argparse.ArgumentTypeError("must be a non-empty string")
+  return s
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m pallas_polysketch.train",
@@ -618,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "long-range associative-recall demo (minutes on 2 CPU cores).")
   p.add_argument("--data", help="UTF-8 text file (character level, 90/10 split); "
                  "default: the synthetic recall task")
+  p.add_argument("--pack-separator", type=_separator, default=None, metavar="STR",
+                 help="with --data: the text is documents split by STR (backslash escapes "
+                      "such as \\n are read); rows pack documents with segment ids, attention "
+                      "and rotary positions stay inside each document")
   p.add_argument("--attention", default="polysketch", choices=["polysketch", "polynomial", "softmax"])
   p.add_argument("--sketch", default="learned", choices=["learned", "random"])
   p.add_argument("--sketch-dim", type=int, default=16,
@@ -662,11 +713,15 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.resume and not args.checkpoint:
     parser.error("--resume needs --checkpoint DIR")
+  if args.pack_separator is not None and not args.data:
+    parser.error("--pack-separator needs --data")
   if args.data:
-    data = TextData.from_file(args.data)
+    data = TextData.from_file(args.data, separator=args.pack_separator)
     tokenizer = data.tokenizer
+    packed = (f", {data.num_documents:,} documents packed by {args.pack_separator!r}"
+              if args.pack_separator is not None else "")
     print(f"data: {args.data}: {len(data.train_ids):,} train / {len(data.val_ids):,} val chars, "
-          f"vocab {data.vocab_size}")
+          f"vocab {data.vocab_size}{packed}")
   else:
     data = RecallData(num_pairs=args.pairs, num_queries=args.queries)
     tokenizer = None

@@ -11,11 +11,31 @@ from pallas_polysketch.polynomial import compute_dtype, normalise_weights, repea
 from pallas_polysketch.sketches import self_tensor
 
 
+def _segment_masks(segment_ids, block_size):
+  """(same, same_block), each bool [B, 1, T, T], for segment_ids int [B, T].
+
+  A segment is a maximal run of equal ids; same_block: the same segment and the
+  same block counted from the segment's start, (i - start_i) // block_size."""
+  ids = jnp.asarray(segment_ids)
+  t = ids.shape[1]
+  change = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  seg = jnp.cumsum(change, axis=1)                          # segment number of each token
+  same = seg[:, :, None] == seg[:, None, :]                 # [B, T, T]
+  start = jnp.argmax(same, axis=-1)                         # first token of i's segment
+  rel = (jnp.arange(t)[None, :] - start) // block_size      # [B, T]
+  same_block = same & (rel[:, :, None] == rel[:, None, :])
+  return same[:, None], same_block[:, None]
+
+
 def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256,
-                       causal=True, local_exact=True):
+                       causal=True, local_exact=True, segment_ids=None):
   """The full T x T weight matrix w of DESIGN §1.3, built explicitly.
 
   k and k_features may have fewer (kv) heads, repeated for the query heads.
+  segment_ids: None or int [B, T] (DESIGN §1.5, packed segments): a segment is
+  a maximal run of equal ids; w_ij = 0 unless i and j are in one segment, and
+  blocks are counted from each segment's start, so every segment gets the
+  weights it would get alone.
   Returns w [B, N, T, T] in the compute dtype.
   """
   dt = compute_dtype(q)
@@ -23,23 +43,30 @@ def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256
   exact = jnp.einsum("binh,bjnh->bnij", q.astype(dt), k.astype(dt)) ** degree
   sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
                         k_features.astype(dt)) ** 2
-  if not causal:
-    return sketched
   t = q.shape[1]
   i = jnp.arange(t)[:, None]
   j = jnp.arange(t)[None, :]
-  same_block = (i // block_size) == (j // block_size)
+  if segment_ids is None:
+    if not causal:
+      return sketched
+    same, same_block = True, (i // block_size) == (j // block_size)
+  else:
+    same, same_block = _segment_masks(segment_ids, block_size)
+    if not causal:
+      return jnp.where(same, sketched, 0.0)
   w = jnp.where(same_block & local_exact, exact, sketched)
-  return jnp.where(j <= i, w, 0.0)
+  return jnp.where((j <= i) & same, w, 0.0)
 
 
 def polysketch_attention_quadratic(q, k, v, q_features, k_features, *, degree=4,
                                    block_size=256, causal=True, local_exact=True,
-                                   normalization_bias=1.0):
-  """DESIGN §1.3 from the materialised weight matrix. [B, T, N, H] -> [B, T, N, H]."""
+                                   normalization_bias=1.0, segment_ids=None):
+  """DESIGN §1.3 from the materialised weight matrix. [B, T, N, H] -> [B, T, N, H].
+
+  segment_ids: None or int [B, T], packed segments (see `polysketch_weights`)."""
   w = polysketch_weights(q, k, q_features, k_features, degree=degree,
                          block_size=block_size, causal=causal,
-                         local_exact=local_exact)
+                         local_exact=local_exact, segment_ids=segment_ids)
   v = repeat_kv(v, q.shape[2])
   return normalise_weights(w, v.astype(w.dtype), q.dtype, normalization_bias)
 

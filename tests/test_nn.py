@@ -283,3 +283,45 @@ def test_linen_matches_nnx(sketch, extra):
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: getattr(a, "value", a), pure))
   nnx.update(layer, state)
   np.testing.assert_allclose(y, layer(x), rtol=1e-6, atol=1e-6)
+
+
+# --- packed segments (issue 12) --------------------------------------------------
+
+SEGMENTS = [(0, 0, 7), (0, 7, 8), (0, 8, 24), (1, 0, 13), (1, 13, 24)]  # (row, start, end)
+
+
+def _segment_ids():
+  ids = np.zeros((B, T), np.int32)
+  for n, (b, s, e) in enumerate(SEGMENTS):
+    ids[b, s:e] = n % 2          # repeated ids: a run is a segment, not an id
+  return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(attention="polysketch", sketch="random", num_kv_heads=2),
+    dict(attention="polysketch", sketch="learned", causal=False),
+    dict(attention="polynomial"),
+    dict(attention="softmax", num_kv_heads=2),
+    dict(attention="softmax", causal=False),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_packed_segments_equal_each_segment_alone(opts):
+  """Attention stays inside each segment and rotary positions restart at its
+  start: every segment's output is the layer run on it alone."""
+  layer, x = _layer(**opts), _x()
+  call = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))
+  packed = call(layer, x, _segment_ids())
+  for b, s, e in SEGMENTS:
+    alone = call(layer, x[b:b + 1, s:e], None)
+    np.testing.assert_allclose(packed[b:b + 1, s:e], alone, rtol=2e-5, atol=2e-6,
+                               err_msg=str((b, s, e)))
+
+
+def test_segment_ids_errors():
+  layer = _layer()
+  with pytest.raises(ValueError, match=r"segment_ids must be \[batch, seq\] = \(2, 24\).*got shape \(2, 23\)"):
+    layer(_x(), segment_ids=jnp.zeros((B, T - 1), jnp.int32))
+  with pytest.raises(TypeError, match="segment_ids must have an integer dtype"):
+    layer(_x(), segment_ids=jnp.zeros((B, T), jnp.float32))
+  layer.init_cache((B, 1, D))
+  with pytest.raises(ValueError, match="segment_ids is not supported with decode=True"):
+    layer(_x()[:, :1], segment_ids=jnp.zeros((B, 1), jnp.int32), decode=True)

@@ -93,8 +93,10 @@ def test_every_interpret_block_lowers_for_tpu(seq, block, local_tile):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_gqa_and_prefill_lower_for_tpu(kv_heads):
   shapes = _shapes(1, 512, 4, 64, 32, jnp.bfloat16, kv_heads=kv_heads)
-  exported = jax.export.export(jax.jit(_grad), platforms=["tpu"])(*shapes)
-  assert exported.mlir_module().count("tpu_custom_call") >= 3
+  for causal in (True, False):
+    exported = jax.export.export(jax.jit(functools.partial(_grad, causal=causal)),
+                                 platforms=["tpu"])(*shapes)
+    assert exported.mlir_module().count("tpu_custom_call") >= 3
   prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas")
   exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*shapes)
   assert "tpu_custom_call" in exported.mlir_module()

@@ -270,3 +270,53 @@ def test_demo_console_entry_exits_zero(capsys):
   assert demo.main(["--steps", "2", "--eval-every", "2", "--eval-batches", "1",
                     "--batch-size", "2", "--context", "128", "--no-progress"]) == 0
   assert "final val loss" in capsys.readouterr().out
+
+
+# --- packed documents (issue 12) -------------------------------------------------
+
+def test_gpt_packed_documents_equal_each_alone():
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 30), 0, 20)
+  ids = jnp.asarray([[0] * 11 + [1] + [0] * 18, [5] * 9 + [6] * 21], jnp.int32)
+  call = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
+  packed = call(model, tokens, ids)
+  for b, s, e in [(0, 11, 12), (0, 12, 30), (1, 9, 30)]:
+    alone = call(model, tokens[b:b + 1, s:e], None)
+    np.testing.assert_allclose(packed[b:b + 1, s:e], alone, rtol=1e-4, atol=1e-5,
+                               err_msg=str((b, s, e)))
+
+
+def test_text_data_packs_documents_with_segment_ids():
+  text = "ab|cde|f|" * 20 + "ghij|"
+  data = train_mod.TextData(text, separator="|", val_fraction=0.2)
+  assert data.num_documents == 61   # the last separator ends the text
+  np.testing.assert_array_equal(train_mod.document_index("ab||c", "|"), [0, 0, 0, 1, 2])
+  np.testing.assert_array_equal(train_mod.document_index("a::b", "::"), [0, 0, 0, 1])
+  x, y, mask, seg = data.train_batch(np.random.default_rng(0), 4, 12)
+  assert x.shape == y.shape == mask.shape == seg.shape == (4, 12) and seg.dtype == np.int32
+  for row in range(4):
+    chars = data.tokenizer.decode(x[row])
+    assert seg[row, 0] == 0 and np.all(np.diff(seg[row]) >= 0)
+    for t in range(1, 12):   # a new segment starts exactly after each separator
+      assert (seg[row, t] != seg[row, t - 1]) == (chars[t - 1] == "|")
+    # targets that start a document are not scored
+    np.testing.assert_array_equal(mask[row] == 0, np.asarray([c == "|" for c in chars]))
+  for batch in data.val_batches(2, 3, 12):
+    assert len(batch) == 4
+
+
+def test_pack_separator_tiny_run(tmp_path, capsys):
+  docs = ["the cat sat on the mat", "a dog ran", "birds sing at dawn and dusk", "ok"]
+  path = tmp_path / "docs.txt"
+  path.write_text("\n\n".join(docs * 30), encoding="utf-8")
+  results = train_mod.main([
+      "--data", str(path), "--pack-separator", "\\n\\n", "--steps", "3", "--layers", "1",
+      "--heads", "2", "--dim", "16", "--context", "32", "--batch-size", "4",
+      "--block-size", "8", "--sketch-dim", "4", "--eval-every", "3", "--eval-batches", "1",
+      "--no-progress", "--sample", "0"])
+  assert math.isfinite(results["val_loss"])
+  assert "120 documents packed by '\\n\\n'" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    train_mod.main(["--pack-separator", "|", "--steps", "1"])   # needs --data
+  with pytest.raises(SystemExit):
+    train_mod.build_parser().parse_args(["--pack-separator", ""])

@@ -1,0 +1,208 @@
+"""Packed segments (issue 12, DESIGN §1.5): `segment_ids` gives every segment the
+result, and the gradients, of running it alone.
+
+Tolerance (as tests/test_hardening.py): in float32, (q.k)^p multiplies the
+relative error of q.k (at most H * eps for a length-H dot product) by p, so
+outputs are good to p * H * eps32 of their scale and gradients, through one
+more product of the kind, to 2 p H eps32; both sides carry such an error, so
+values are compared at 2 p H eps32 too.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_polysketch as ps
+from pallas_polysketch import ref
+from helpers import layer_inputs, rel_err
+
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+H, R, BLOCK = 32, 8, 16
+TOL = 2 * 4 * H * EPS32
+
+# Two rows: awkward lengths starting mid-block, single-token segments, ids that
+# repeat non-contiguously (row 0 ends ... 3, 3, 0, 0: its last run is a new
+# segment), one segment longer than three blocks.
+ROW_LENGTHS = ([37, 1, 52, 9, 21], [5, 1, 1, 70, 43])
+ROW_IDS = ([0, 1, 2, 3, 0], [4, 0, 4, 5, 6])
+SEQ = 120
+
+
+def _ids():
+  rows = [np.repeat(i, n) for i, n in zip(ROW_IDS, ROW_LENGTHS)]
+  return jnp.asarray(np.stack(rows).astype(np.int32))
+
+
+def _runs(row):
+  """[(start, end)] of the maximal runs of equal ids of one row."""
+  row = np.asarray(row)
+  cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _inputs(seq=SEQ, seed=0):
+  return layer_inputs(seed, 2, seq, 4, 2, H, R)   # GQA: 4 query heads, 2 kv heads
+
+
+def _value_and_grads(fn, args, cot):
+  """fn(*args) and the gradients of sum(fn(*args) * cot), in one compiled call."""
+  @jax.jit
+  def run(*a):
+    out, vjp = jax.vjp(lambda *x: fn(*x).astype(jnp.float32), *a)
+    return out, vjp(cot)
+  return run(*args)
+
+
+def _packed(fn, args, cot, ids, **kw):
+  return _value_and_grads(lambda *a: fn(*a, segment_ids=ids, **kw), args, cot)
+
+
+def _alone(fn, args, cot, ids, **kw):
+  """Every segment run alone: each in its own row of one call, from the row's
+  start, zero-padded to the longest (exact: a zero key has zero weight, and the
+  padded queries are dropped; the op pads the same way). Returns the outputs
+  put back in place and the gradients of sum(out * cot)."""
+  pieces = [(b, s, e) for b in range(ids.shape[0]) for s, e in _runs(ids[b])]
+  longest = max(e - s for _, s, e in pieces)
+  idx = np.zeros((len(pieces), longest), np.int32)      # token of each (row, slot)
+  valid = np.zeros((len(pieces), longest), bool)
+  for n, (b, s, e) in enumerate(pieces):
+    idx[n, :e - s] = b * ids.shape[1] + np.arange(s, e)
+    valid[n, :e - s] = True
+
+  def outputs(*a):
+    flat = [x.reshape(-1, *x.shape[2:]) for x in a]
+    rows = [jnp.where(valid[..., None, None], x[idx], 0) for x in flat]
+    out = fn(*rows, **kw).astype(jnp.float32)
+    put = jnp.zeros_like(flat[0], jnp.float32).at[idx[valid]].set(out[valid])
+    return put.reshape(a[0].shape)
+
+  return _value_and_grads(outputs, args, cot)
+
+
+def _check(got, want, tol=TOL):
+  (out, grads), (want_out, want_grads) = got, want
+  assert rel_err(out, want_out) < tol
+  for name, g, w in zip(("q", "k", "v", "q_features", "k_features"), grads, want_grads):
+    assert rel_err(g, w) < tol, name
+
+
+@pytest.mark.parametrize("causal,local_exact,bias", [
+    (True, True, 1.0), (True, False, 1.0), (False, True, 0.5)])
+def test_packed_equals_each_segment_alone(causal, local_exact, bias):
+  args, cot = _inputs()
+  kw = dict(block_size=BLOCK, causal=causal, local_exact=local_exact,
+            normalization_bias=bias)
+  got = _packed(ps.polysketch_attention, args, cot, _ids(), **kw)
+  _check(got, _alone(ps.polysketch_attention, args, cot, _ids(), **kw))
+  # and literally alone, one call per segment: a single token, one starting
+  # mid-block, the last of a row
+  for b, s, e in [(0, 37, 38), (0, 38, 90), (1, 77, 120)]:
+    alone = ps.polysketch_attention(*(x[b:b + 1, s:e] for x in args), **kw)
+    assert rel_err(got[0][b:b + 1, s:e], alone) < TOL, (b, s, e)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_segment_per_row_equals_no_segments(causal):
+  """A whole row one segment is the unsegmented op; ids need not be 0."""
+  args, cot = _inputs()
+  ids = jnp.full((2, SEQ), 7, jnp.int32)
+  kw = dict(block_size=BLOCK, causal=causal)
+  _check(_packed(ps.polysketch_attention, args, cot, ids, **kw),
+         _value_and_grads(lambda *a: ps.polysketch_attention(*a, **kw), args, cot))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_with_segments_equals_each_segment_alone(causal):
+  args, cot = _inputs()
+  kw = dict(block_size=BLOCK, causal=causal, local_exact=True)
+  got = ref.polysketch_attention_quadratic(*args, segment_ids=_ids(), **kw)
+  want, _ = _alone(ref.polysketch_attention_quadratic, args, cot, _ids(), **kw)
+  assert rel_err(got, want) < TOL
+  # and the op against it
+  assert rel_err(ps.polysketch_attention(*args, segment_ids=_ids(), **kw), got) < TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_polynomial_attention_with_segments_equals_each_segment_alone(causal):
+  args, cot = _inputs()
+  got = ps.polynomial_attention(*args[:3], causal=causal, segment_ids=_ids())
+  want, _ = _alone(lambda q, k, v, fq, fk, **kw: ps.polynomial_attention(q, k, v, **kw),
+                   args, cot, _ids(), causal=causal)
+  assert rel_err(got, want) < TOL
+
+
+def test_repeated_ids_are_separate_segments():
+  """[0, 0, 1, 1, 0, 0] is three segments: the last two tokens do not see the first two."""
+  args = tuple(x[:, :6] for x in _inputs()[0])
+  ids = jnp.asarray([[0, 0, 1, 1, 0, 0]] * 2, jnp.int32)
+  w = ref.polysketch_weights(*args[:2], *args[3:], block_size=8, segment_ids=ids)
+  mask = np.asarray(w[0, 0]) != 0
+  np.testing.assert_array_equal(mask, np.kron(np.eye(3, dtype=bool), np.tril(np.ones((2, 2), bool))))
+  got = ps.polysketch_attention(*args, block_size=8, segment_ids=ids)
+  alone = ps.polysketch_attention(*(x[:, 4:] for x in args), block_size=8)
+  assert rel_err(got[:, 4:], alone) < TOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_overflow_stays_in_its_segment(causal):
+  """An inf in one segment's weights and state never reaches another as 0 * inf."""
+  args, _ = _inputs()
+  scale = jnp.ones((2, SEQ, 1, 1)).at[0, :37].set(1e12)   # row 0, its first segment
+  args = tuple(x * scale for x in args)
+  got = ps.polysketch_attention(*args, block_size=BLOCK, causal=causal, segment_ids=_ids())
+  assert not np.isfinite(np.asarray(got[0, :37])).all()
+  assert np.isfinite(np.asarray(got[0, 37:])).all() and np.isfinite(np.asarray(got[1])).all()
+  alone = ps.polysketch_attention(*(x[:1, 38:90] for x in args), block_size=BLOCK, causal=causal)
+  assert rel_err(got[:1, 38:90], alone) < TOL
+
+
+def test_traced_segment_ids_under_jit():
+  args, _ = _inputs()
+  fn = jax.jit(lambda ids, *a: ps.polysketch_attention(*a, block_size=BLOCK, segment_ids=ids))
+  want = ps.polysketch_attention(*args, block_size=BLOCK, segment_ids=_ids())
+  np.testing.assert_allclose(fn(_ids(), *args), want, rtol=0, atol=1e-6)
+
+
+# --- errors ---------------------------------------------------------------------
+
+def _small():
+  args, _ = layer_inputs(0, 2, 16, 2, 1, 8, 4)
+  return args
+
+
+def test_segment_ids_wrong_shape():
+  with pytest.raises(ValueError, match=re.escape("segment_ids must be [batch, seq] = (2, 16)")
+                     + r".*got shape \(2, 15\)"):
+    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 15), jnp.int32))
+  with pytest.raises(ValueError, match=r"segment_ids .*got shape \(2, 16, 1\)"):
+    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_])
+def test_segment_ids_wrong_dtype(dtype):
+  with pytest.raises(TypeError, match=rf"segment_ids must have an integer dtype.*got "
+                     rf"{jnp.dtype(dtype).name} \(shape \(2, 16\)\)"):
+    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), dtype))
+
+
+def test_segment_ids_with_pallas_raises():
+  with pytest.raises(ValueError, match="segment_ids is not supported by implementation='pallas'"):
+    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), jnp.int32),
+                            implementation="pallas", interpret=True)
+
+
+def test_segment_ids_with_context_axis_name_raises():
+  with pytest.raises(ValueError, match="segment_ids together with context_axis_name='sp'"):
+    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), jnp.int32),
+                            context_axis_name="sp")
+
+
+def test_segment_ids_numpy_and_int64_accepted():
+  ids = np.zeros((2, 16), np.int64)
+  ids[:, 9:] = 1
+  out = ps.polysketch_attention(*_small(), block_size=8, segment_ids=ids)
+  want = ps.polysketch_attention(*_small(), block_size=8, segment_ids=jnp.asarray(ids, jnp.int32))
+  np.testing.assert_array_equal(out, want)
