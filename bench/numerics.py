@@ -34,11 +34,12 @@ Paths: "xla", and "pallas" with interpret=True (the TPU kernels on CPU). The
 interpreter is superlinear in T on CPU (see the notes), so pallas runs at
 shorter T for the full grid and at --pallas-long-seq for a few configurations.
 
-A second part (--overflow) works out where float32 overflows: the analytic
-bounds (den <= bias + T max_j w_ij, w <= H^p for LayerNorm'd q, k) and
-deliberately overflowing inputs, classifying every row whose float64
-denominator exceeds float32's range as NaN, inf or finite (finite = silently
-wrong).
+A second part (on by default, --no-overflow skips it) works out where float32
+runs out: the analytic bounds (den <= bias + T max_j w_ij, w <= H^p for
+LayerNorm'd q, k) and deliberately overflowing inputs, sorting rows by their
+float64 denominator (den <= 2^126; 2^126 < den <= float32 max, where 1/den is
+subnormal and flushed to zero; den > float32 max) and counting what the op
+returned there: NaN, inf, or finite (all zero = silently wrong).
 
   JAX_PLATFORMS=cpu python bench/numerics.py              # the full grid (26 min, 2 shared cores)
   JAX_PLATFORMS=cpu python bench/numerics.py --quick      # 4k/8k, ~3 min
