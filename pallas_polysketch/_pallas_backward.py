@@ -44,6 +44,7 @@ from pallas_polysketch._pallas_common import (
     HIGHEST, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
     outer_sum, phi_t, phi_t_vjp, precision_for)
 from pallas_polysketch._pallas_forward import to_kernel_layout
+from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
 
@@ -242,7 +243,7 @@ def _row_terms(o, den, do):
   [B, T, N, ...], from do [B, T, N, H] and den [B, N, 1, T]."""
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
   do32 = do.astype(jnp.float32)
-  inv_den = 1.0 / den_btn
+  inv_den = reciprocal_denominator(den_btn)
   dnum32 = do32 * inv_den[..., None]
   dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
   return dnum32, jnp.stack([inv_den, dden], axis=-1)             # [B, T, N, 2]

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, group_view, local_weights_t, nbytes, phi_t, precision_for)
+from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
 # The block axis carries the prefix state, so it must run in order. Tests flip
@@ -98,7 +99,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     acc = acc_ref[...] + jnp.dot(state, phi_q, preferred_element_type=jnp.float32,
                                  precision=prec)
     den = bias + acc[head_dim:head_dim + 1, :]
-    o_t_ref[g] = (acc[:head_dim, :] / den).astype(o_t_ref.dtype)
+    o_t_ref[g] = divide_by_denominator(acc[:head_dim, :], den).astype(o_t_ref.dtype)
     den_ref[g] = den
 
   # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
@@ -121,7 +122,7 @@ def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref, *, bias, bf16_phi
   acc = jnp.dot(state_ref[...].astype(mm_dtype), phi_q, preferred_element_type=jnp.float32,
                 precision=precision_for(mm_dtype))
   den = bias + acc[head_dim:head_dim + 1, :]
-  o_t_ref[...] = (acc[:head_dim, :] / den).astype(o_t_ref.dtype)
+  o_t_ref[...] = divide_by_denominator(acc[:head_dim, :], den).astype(o_t_ref.dtype)
   den_ref[...] = den
 
 

@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_polysketch._xla import einsum, symmetric_features, _with_ones
-from pallas_polysketch.polynomial import compute_dtype
+from pallas_polysketch.polynomial import compute_dtype, divide_by_denominator
 
 
 def segment_starts(labels):
@@ -199,4 +199,4 @@ def segmented_attention(q, k, v, q_features, k_features, segment_ids, *, degree,
     acc = (walk(*args, labels, local_exact=False, strict=False)
            + flip(walk(*map(flip, args), flip(labels), local_exact=False, strict=True)))
   den = bias + acc[..., -1]
-  return (acc[..., :-1] / den[..., None])[:, :t].astype(out_dtype)
+  return divide_by_denominator(acc[..., :-1], den[..., None])[:, :t].astype(out_dtype)

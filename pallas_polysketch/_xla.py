@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_polysketch.polynomial import compute_dtype
+from pallas_polysketch.polynomial import (
+    compute_dtype, divide_by_denominator, reciprocal_denominator)
 
 # Tokens per chunk of the causal scan: large enough for large batched matmuls,
 # small enough that a chunk's wide features stay small (at r = 32 and 12 heads
@@ -215,7 +216,7 @@ def _chunk_forward(state, xs, *, degree, local_exact, bias, dt):
   acc = (einsum("gnetij,gntjh->gnetih", local, v1)
          + einsum("gnetic,gnthc->gnetih", psi_q, s_t))  # [num | den - bias]
   den = bias + acc[..., -1]
-  return new_state, (acc[..., :-1] / den[..., None], den, s_t)
+  return new_state, (divide_by_denominator(acc[..., :-1], den[..., None]), den, s_t)
 
 
 def _chunk_backward(carry, xs, *, degree, local_exact, dt):
@@ -225,8 +226,9 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in (qc, kc, vc, fqc, fkc))
   v1 = _with_ones(vc)
   g = g.astype(dt)
-  dnum = g / den[..., None]
-  dden = -jnp.sum(g * out, axis=-1) / den
+  inv_den = reciprocal_denominator(den)
+  dnum = g * inv_den[..., None]
+  dden = -jnp.sum(g * out, axis=-1) * inv_den
   dacc = jnp.concatenate([dnum, dden[..., None]], axis=-1)
 
   # Local block: w = tril(s^p) with s = q k^T (or f_q f_k^T, p = 2).
@@ -377,7 +379,7 @@ def apply_state_xla(q, q_features, state, *, bias):
   psi = symmetric_features(q_features.astype(dt)).reshape(b_, t, kv, n // kv, -1)
   acc = einsum("btnec,bnhc->btneh", psi, state).reshape(b_, t, n, h + 1)
   den = bias + acc[..., -1]
-  return (acc[..., :-1] / den[..., None]).astype(q.dtype)
+  return divide_by_denominator(acc[..., :-1], den[..., None]).astype(q.dtype)
 
 
 def local_weights(qb, kb, fqb, fkb, *, degree, local_exact):

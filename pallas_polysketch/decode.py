@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from pallas_polysketch import _validation
 from pallas_polysketch.attention import (
     dispatch, pad_seq, resolve_config, round_up)
-from pallas_polysketch._xla import HIGHEST, einsum
+from pallas_polysketch._xla import einsum
+from pallas_polysketch.polynomial import divide_by_denominator
 
 
 @functools.partial(
@@ -254,7 +255,7 @@ def _decode_step(state, q, k, v, q_features, k_features):
          + einsum("bkgc,bkch->bkgh", phi_q, state.prefix_state))
   den = (state.normalization_bias + jnp.sum(w, axis=-1)
          + einsum("bkgc,bkc->bkg", phi_q, state.normalizer))
-  out = (num / den[..., None]).reshape(batch, 1, n, h).astype(q.dtype)
+  out = divide_by_denominator(num, den[..., None]).reshape(batch, 1, n, h).astype(q.dtype)
 
   full = fill + 1 == b
 

@@ -14,6 +14,30 @@ def compute_dtype(x) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+# XLA divides by multiplying with the reciprocal, which past 2^126 is subnormal
+# and flushed to zero (CPU and TPU): a denominator in (2^126, 2^128) silently
+# gave 0 outputs (bench/numerics.py). Scaling numerator and denominator by an
+# exact power of two first keeps them right up to float32's max.
+_LARGE_DENOMINATOR = 2.0 ** 100
+_DENOMINATOR_SCALE = 2.0 ** -64
+RECIPROCAL_LIMIT = 2.0 ** 126
+
+
+def divide_by_denominator(num, den):
+  """num / den, den > 0 broadcastable to num; exact for den up to float32's max,
+  NaN (never a silent 0) where den overflowed to inf."""
+  scale = jnp.where(den > _LARGE_DENOMINATOR, _DENOMINATOR_SCALE, 1.0).astype(den.dtype)
+  out = (num * scale) / (den * scale)
+  return jnp.where(jnp.isfinite(den), out, jnp.nan)
+
+
+def reciprocal_denominator(den):
+  """1 / den for the backward's per-row terms; NaN where 1 / den is not a
+  normal float32 (den >= 2^126): those rows' gradients cannot be represented,
+  so they are reported rather than flushed to a silent 0."""
+  return jnp.where(den < RECIPROCAL_LIMIT, 1.0 / den, jnp.nan)
+
+
 def repeat_kv(x, num_heads):
   """[B, T, K, D] -> [B, T, N, D]: query head n uses kv head n // (N / K)."""
   return jnp.repeat(x, num_heads // x.shape[2], axis=2)
@@ -30,7 +54,7 @@ def normalise_weights(weights, v, out_dtype, normalization_bias=1.0):
   """
   num = jnp.einsum("bnij,bjnh->binh", weights, v, precision=jax.lax.Precision.HIGHEST)
   den = normalization_bias + jnp.sum(weights, axis=-1)  # [B, N, T]
-  return (num / jnp.transpose(den, (0, 2, 1))[..., None]).astype(out_dtype)
+  return divide_by_denominator(num, jnp.transpose(den, (0, 2, 1))[..., None]).astype(out_dtype)
 
 
 def same_segment_mask(segment_ids):

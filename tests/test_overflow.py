@@ -1,0 +1,47 @@
+"""Denominators near float32's limit: right answers or NaN, never a silent 0.
+
+XLA divides by multiplying with 1/den, which past 2^126 is subnormal and
+flushed to zero: before the fix, rows with den in (2^126, 2^128) came back as
+exact, finite zeros (bench/numerics.py found 192 such rows in a LayerNorm'd
+degree-16 model at T = 128k).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_polysketch as ps
+from helpers import BACKENDS
+
+
+def _aligned(seq, weight, head_dim=8):
+  """Every q = k = one direction scaled so (q.k)^4 = weight; v = 1 + small."""
+  x = jnp.zeros((1, seq, 1, head_dim)).at[..., 0].set(weight ** 0.125)
+  v = 1.0 + 0.01 * jax.random.normal(jax.random.key(0), (1, seq, 1, head_dim))
+  return x, x, v, ps.self_tensor(x)[..., :4] * 0, ps.self_tensor(x)[..., :4] * 0
+
+
+@pytest.mark.parametrize("name,kw", list(BACKENDS.items()))
+def test_denominator_past_two_to_126_still_divides(name, kw):
+  # 256 keys of weight 1e36: den = 2.6e38 < 3.4e38 but > 2^126 = 8.5e37.
+  q, k, v, fq, fk = _aligned(256, 1e36)
+  out = ps.polysketch_attention(q, k, v, fq, fk, block_size=256, **kw)
+  want = np.cumsum(np.asarray(v[0, :, 0], np.float64), axis=0) / np.arange(1, 257)[:, None]
+  got = np.asarray(out[0, :, 0], np.float64)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, rtol=1e-5)   # not 0 for the last rows
+
+
+@pytest.mark.parametrize("name,kw", list(BACKENDS.items()))
+def test_overflowed_denominator_is_nan_not_zero(name, kw):
+  q, k, v, fq, fk = _aligned(256, 3e36)       # den reaches 7.7e38: inf
+  out = np.asarray(ps.polysketch_attention(q, k, v, fq, fk, block_size=256, **kw)[0, :, 0])
+  assert np.all(np.isfinite(out[:100]))      # den = 3e38 at row 99
+  assert np.all(np.isnan(out[120:]))         # past float32's max: reported
+
+
+def test_gradients_past_the_reciprocal_limit_are_nan():
+  q, k, v, fq, fk = _aligned(256, 1e36)
+  grad = jax.grad(lambda q: jnp.sum(ps.polysketch_attention(q, k, v, fq, fk, block_size=256,
+                                                            implementation="xla")))(q)
+  assert np.isnan(np.asarray(grad)).any()    # rows with den >= 2^126 cannot be represented
