@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from pallas_polysketch import _pallas, _segments, _validation, _xla
 from pallas_polysketch import tpu_config
 from pallas_polysketch._platform import require_tpu
-from pallas_polysketch.polynomial import compute_dtype
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 

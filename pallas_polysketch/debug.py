@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_polysketch import _validation
-from pallas_polysketch.attention import polysketch_attention
+from pallas_polysketch.attention import polysketch_attention, round_up
 
 INPUTS = ("q", "k", "v", "q_features", "k_features")
 _DESCRIPTIONS = {
@@ -85,10 +85,6 @@ def _first_nonfinite_entry(name, x):
   return NonFinite(name, *pos[:3], index=pos[3], value=float(x[pos]))
 
 
-def _round_up(x, multiple):
-  return -(-x // multiple) * multiple
-
-
 @functools.partial(jax.jit, static_argnames=("degree", "block_size", "causal", "local_exact",
                                              "normalization_bias"))
 def _weight_checks(q, k, q_features, k_features, *, degree, block_size, causal,
@@ -102,7 +98,7 @@ def _weight_checks(q, k, q_features, k_features, *, degree, block_size, causal,
   from pallas_polysketch.ref import attention as ref  # the materialised weights
 
   t = q.shape[1]
-  padded = _round_up(t, block_size)
+  padded = round_up(t, block_size)
   pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
   q, k, fq, fk = (jnp.pad(x, pad) for x in (q, k, q_features, k_features))
   key_pos = jnp.arange(padded)
@@ -195,7 +191,7 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
       return found
 
   # A block longer than the sequence is one block, as in the op.
-  block = min(block_size, _round_up(q.shape[1], 8))
+  block = min(block_size, round_up(q.shape[1], 8))
   ex_first, ex_value, sk_first, sk_value, den = (
       np.asarray(x) for x in _weight_checks(
           q, k, q_features, k_features, degree=degree, block_size=block,
