@@ -4,9 +4,10 @@
 
 Writes bench/results/context_parallel-<tag>.{json,md}:
 1. the modelled bytes each device receives per attention layer, fwd, for the
-   prefix-state exchange (an all-gather of every device's r^2 (H + 1) float32
-   state per kv head) against ring attention's all-gather of K and V (bf16),
-   for GPT-2-small heads at 32k..1M tokens on 8..256 devices;
+   prefix-state exchange (the op's log-depth ppermute scan: 1 + ceil(log2 D)
+   float32 states of r^2 (H + 1) per kv head; an all-gather would bring D - 1)
+   against ring attention's all-gather of K and V (bf16), for GPT-2-small
+   heads at 32k..1M tokens on 8..256 devices;
 2. on this CPU with 8 fake devices (XLA_FLAGS, set here): fwd+bwd time of the
    sequence-sharded op against one device, and the bytes of every collective in
    the compiled program (read from its HLO). A correctness-scale figure: the 8
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -44,8 +46,9 @@ def modelled_traffic(seqs=(32768, 131072, 524288, 1048576), devices=(8, 64, 256)
   for t in seqs:
     for d in devices:
       ring = (d - 1) / d * t * KV_HEADS * HEAD_DIM * 2 * 2      # K and V, bf16
-      rows.append(dict(seq=t, devices=d, state_bytes=(d - 1) * state,
-                       ring_kv_bytes=int(ring), ratio=ring / ((d - 1) * state)))
+      scan = (1 + math.ceil(math.log2(d))) * state
+      rows.append(dict(seq=t, devices=d, state_bytes=scan, all_gather_bytes=(d - 1) * state,
+                       ring_kv_bytes=int(ring), ratio=ring / scan))
   return rows
 
 
@@ -113,10 +116,12 @@ def main(argv=None):
       f"jax {result['jax']}; load average before {load_before[0]:.2f}, "
       f"after {result['load_after'][0]:.2f}", "",
       "## Modelled bytes received per device and layer (fwd, batch 1, GPT-2-small heads)", "",
-      "| tokens | devices | prefix states (f32) | ring attention K, V (bf16) | ratio |",
-      "|---:|---:|---:|---:|---:|"]
+      "| tokens | devices | prefix states, ppermute scan (f32) | (all-gather instead) "
+      "| ring attention K, V (bf16) | ring / scan |",
+      "|---:|---:|---:|---:|---:|---:|"]
   for r in result["modelled"]:
     lines.append(f"| {r['seq']} | {r['devices']} | {r['state_bytes'] / 2**20:.1f} MiB | "
+                 f"{r['all_gather_bytes'] / 2**20:.1f} MiB | "
                  f"{r['ring_kv_bytes'] / 2**20:.1f} MiB | {r['ratio']:.1f}x |")
   lines += ["", f"## Measured on this CPU, 8 fake devices, T={m['seq']}, fwd+bwd, f32 (xla path)", "",
             f"- one device: {m['single_device_s']:.2f} s; sequence sharded over 8: "
