@@ -138,6 +138,8 @@ class PolySketchAttention(nnx.Module):
     dtype: computation dtype (None: from inputs and params).
     param_dtype: dtype of the parameters.
     implementation: passed through to `polysketch_attention`.
+    normalization_bias: the positive constant in the polynomial/PolySketch
+      denominator (softmax ignores it).
     mesh, mesh_axes: a `jax.sharding.Mesh` and the names of its axes that shard
       (batch, heads, seq) (each may be None): the PolySketch op then runs
       through `sharded_polysketch_attention`, exchanging only prefix states
@@ -153,7 +155,7 @@ class PolySketchAttention(nnx.Module):
                block_size: int = 256,
                local_exact: bool = True, causal: bool = True, rope: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
-               implementation: str | None = None, mesh=None,
+               implementation: str | None = None, normalization_bias: float = 1.0, mesh=None,
                mesh_axes: tuple = (None, None, None), rngs: nnx.Rngs):
     _validation.check_positive_int("in_features", in_features)
     _validation.check_positive_int("num_heads", num_heads)
@@ -205,6 +207,7 @@ class PolySketchAttention(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.implementation = implementation
+    self.normalization_bias = _validation.check_normalization_bias(normalization_bias)
     self.sharded_op = None
     if mesh is not None:
       if attention != "polysketch":
@@ -215,7 +218,7 @@ class PolySketchAttention(nnx.Module):
       self.sharded_op = sharded_polysketch_attention(
           mesh, batch_axis=batch_axis, head_axis=head_axis, seq_axis=seq_axis,
           degree=degree, block_size=block_size, causal=causal, local_exact=local_exact,
-          implementation=implementation)
+          normalization_bias=normalization_bias, implementation=implementation)
 
     def linear(d_in, d_out):
       return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype,
@@ -319,6 +322,7 @@ class PolySketchAttention(nnx.Module):
         k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
       if self.attention == "polynomial":
         o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal,
+                                 normalization_bias=self.normalization_bias,
                                  segment_ids=segment_ids)
       else:
         fq, fk = self.features(q), self.features(k)
@@ -332,7 +336,8 @@ class PolySketchAttention(nnx.Module):
         else:
           o = polysketch_attention(
               q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
-              causal=self.causal, local_exact=self.local_exact, segment_ids=segment_ids,
+              causal=self.causal, local_exact=self.local_exact,
+              normalization_bias=self.normalization_bias, segment_ids=segment_ids,
               implementation=self.implementation)
     return self.out(o.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -349,7 +354,8 @@ class PolySketchAttention(nnx.Module):
     batch = input_shape[0]
     state = init_decode_state(batch, self.num_kv_heads, self.head_dim, self.sketch_dim,
                               degree=self.degree, block_size=self.block_size,
-                              local_exact=self.local_exact, dtype=dtype)
+                              local_exact=self.local_exact, dtype=dtype,
+                              normalization_bias=self.normalization_bias)
     self.cache = nnx.data({name: nnx.Cache(getattr(state, name)) for name in _STATE_FIELDS})
     self.cache_index = nnx.Cache(jnp.zeros((batch,), jnp.int32))
 
@@ -359,7 +365,8 @@ class PolySketchAttention(nnx.Module):
     b, t, _ = x.shape
     fields = {name: var[...] for name, var in self.cache.items()}
     state = DecodeState(**fields, degree=self.degree, block_size=self.block_size,
-                        local_exact=self.local_exact)
+                        local_exact=self.local_exact,
+                        normalization_bias=self.normalization_bias)
     q, k, v = self._project(x, self.cache_index[...])
     fq, fk = self.features(q), self.features(k)
     if t == 1:
@@ -367,6 +374,7 @@ class PolySketchAttention(nnx.Module):
     else:
       o, state = prefill(q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,
                          local_exact=self.local_exact, state=state,
+                         normalization_bias=self.normalization_bias,
                          implementation=self.implementation)
     for name, var in self.cache.items():
       var[...] = getattr(state, name)
@@ -404,6 +412,7 @@ class PolySketchAttentionLinen(linen.Module):
   implementation: str | None = None
   sketch_type: str = "gaussian"  # last, so positional construction keeps working
   sketch_scaling: str = "unbiased"
+  normalization_bias: float = 1.0
 
   @linen.compact
   def __call__(self, x, key_mask=None, segment_ids=None):
@@ -416,7 +425,7 @@ class PolySketchAttentionLinen(linen.Module):
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,
-        name="attention")(x, key_mask=key_mask, segment_ids=segment_ids)
+        normalization_bias=self.normalization_bias, name="attention")(x, key_mask=key_mask, segment_ids=segment_ids)
 
 
 __all__ = [

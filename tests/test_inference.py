@@ -187,3 +187,22 @@ def test_greedy_generation_through_the_cache_equals_recomputation():
   assert sampled.shape == (20,) and sampled.min() >= 0 and sampled.max() < 13
   with pytest.raises(ValueError, match="needs key"):
     generate(model, prompt, 2, temperature=0.5)
+
+
+@pytest.mark.parametrize("attention", ["polysketch", "polynomial"])
+def test_layer_normalization_bias(attention):
+  """The layer passes normalization_bias to the op, and decoding keeps it."""
+  x = jax.random.normal(jax.random.key(2), (1, 40, 32))
+  make = lambda bias: PolySketchAttention(32, 2, attention=attention, block_size=16,
+                                          sketch_dim=8, normalization_bias=bias,
+                                          rngs=nnx.Rngs(0))
+  default, biased = make(1.0), make(1e4)
+  assert rel_err(biased(x), default(x)) > 1e-3
+  if attention == "polysketch":
+    want = biased(x)
+    biased.init_cache(x.shape)
+    got = jnp.concatenate([biased(x[:, :30], decode=True)]
+                          + [biased(x[:, i:i + 1], decode=True) for i in range(30, 40)], 1)
+    assert rel_err(got, want) < F32_RTOL
+  with pytest.raises(ValueError, match="normalization_bias must be a positive finite number"):
+    make(0.0)
