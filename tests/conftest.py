@@ -83,7 +83,7 @@ except ImportError:  # the `test` extra brings it; other tests run without it
   pass
 else:
   settings.register_profile(
-      "ci", max_examples=20, deadline=None, derandomize=True, database=None,
+      "ci", max_examples=12, deadline=None, derandomize=True, database=None,
       print_blob=True, suppress_health_check=[HealthCheck.too_slow])
   settings.register_profile(
       "slow", max_examples=200, deadline=None, print_blob=True,
