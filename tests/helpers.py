@@ -38,3 +38,17 @@ def rel_err(got, want):
   """max |got - want| / max |want| in float64."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
+
+
+def load_bench(name):
+  """bench/NAME.py as a module (bench/ is not installed); registered in
+  sys.modules first, where dataclasses look their module up."""
+  import importlib.util
+  import pathlib
+  import sys
+  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod
+  spec.loader.exec_module(mod)
+  return mod

@@ -1,24 +1,14 @@
 """The benchmark runs end to end at tiny sizes (no timing assertions)."""
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "bench" / "attention.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from helpers import load_bench
 
 
 def test_benchmark_runs_end_to_end(tmp_path):
-  bench = _load_bench()
+  bench = load_bench("attention")
   bench.main(["--seqs", "128", "256", "--heads", "2", "--block-size", "64",
               "--dtypes", "float32", "--baseline-plain", "--min-reps", "1",
               "--max-reps", "1", "--min-time", "0", "--out-dir", str(tmp_path),
@@ -41,7 +31,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_over_budget_is_recorded_not_run(tmp_path):
-  bench = _load_bench()
+  bench = load_bench("attention")
   report = bench.main(["--seqs", "256", "--heads", "2", "--block-size", "64",
                        "--dtypes", "float32", "--methods", "softmax", "--modes", "fwd",
                        "--budget-gib", "1e-6", "--out-dir", str(tmp_path), "--no-plot"])
@@ -51,7 +41,7 @@ def test_over_budget_is_recorded_not_run(tmp_path):
 
 
 def test_plain_baseline_matches_reference():
-  bench = _load_bench()
+  bench = load_bench("attention")
   from pallas_polysketch.ref import polysketch_attention_quadratic
   ks = jax.random.split(jax.random.key(0), 5)
   q, k, v = (jax.random.normal(kk, (1, 64, 2, 8)) * 0.5 for kk in ks[:3])

@@ -1,18 +1,6 @@
 """The decode benchmark runs end to end at tiny sizes (no timing assertions)."""
-import importlib.util
 import json
-import pathlib
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "decode.py")
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod    # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+from helpers import load_bench
 
 
 TINY = ["--shapes", "tiny:4:2:16:8:32", "--min-reps", "1", "--max-reps", "1",
@@ -20,7 +8,7 @@ TINY = ["--shapes", "tiny:4:2:16:8:32", "--min-reps", "1", "--max-reps", "1",
 
 
 def test_decode_benchmark_runs_end_to_end(tmp_path):
-  bench = _load_bench()
+  bench = load_bench("decode")
   contexts = [64, 128, 256]
   bench.main(["--contexts", *map(str, contexts), "--prefill-seqs", "40", *TINY,
               "--out-dir", str(tmp_path), "--tag", "tiny"])
@@ -66,7 +54,7 @@ def test_decode_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_prefilled_state_matches_standin_shapes(tmp_path):
-  bench = _load_bench()
+  bench = load_bench("decode")
   report = bench.main(["--contexts", "48", "--state", "prefill", "--prefill-seqs",
                        "--softmax", "softmax", *TINY, "--out-dir", str(tmp_path),
                        "--tag", "pre", "--no-plot"])
@@ -79,7 +67,7 @@ def test_prefilled_state_matches_standin_shapes(tmp_path):
 
 
 def test_shape_presets_and_overrides():
-  bench = _load_bench()
+  bench = load_bench("decode")
   opts = bench.parse_args(["--sketch-dim", "16"])
   assert [(s.name, s.heads, s.kv_heads, s.head_dim, s.sketch_dim, s.block_size)
           for s in opts.shapes] == [("gpt2", 12, 12, 64, 16, 256), ("gqa", 32, 8, 128, 16, 256)]
@@ -90,7 +78,7 @@ def test_head_major_baseline_equals_dot_product_attention():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  bench = _load_bench()
+  bench = load_bench("decode")
   ks = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(ks[0], (2, 1, 6, 16))
   k, v = (jax.random.normal(kk, (2, 40, 3, 16)) for kk in ks[1:])

@@ -1,22 +1,12 @@
 """bench/numerics.py end to end at tiny sizes, and its float64 references."""
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_polysketch as ps
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("bench_numerics", ROOT / "bench" / "numerics.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from helpers import load_bench
 
 
 def test_numpy_reference_matches_jax_grad_of_quadratic_reference():
@@ -24,7 +14,7 @@ def test_numpy_reference_matches_jax_grad_of_quadratic_reference():
   the materialised DESIGN §1.3 reference (pallas_polysketch.ref)."""
   from pallas_polysketch.ref import polysketch_attention_quadratic
 
-  nm = _load()
+  nm = load_bench("numerics")
   t, h, r, b, p = 96, 8, 4, 32, 4
   inputs = nm.make_inputs(t, h, p, r, topics=3, noise=0.5, seed=3)
   rows = np.array([0, 31, 32, 50, 95])
@@ -45,7 +35,7 @@ def test_numpy_reference_matches_jax_grad_of_quadratic_reference():
 
 
 def test_numerics_bench_runs_end_to_end(tmp_path):
-  nm = _load()
+  nm = load_bench("numerics")
   report = nm.main(["--xla-seqs", "1024", "--pallas-seqs", "1024", "--pallas-long-seq", "0",
                     "--degrees", "4", "--head-dims", "64", "--dtypes", "float32",
                     "--overflow-seq", "1024", "--overflow-long-seq", "0",
