@@ -278,7 +278,9 @@ def _scan_forward(xs, initial_state, degree, local_exact, bias, save_states,
     carry = (new_state, emitted, first_block + chunk_blocks)
     return carry, ((out, den, state) if save_states else out)
 
-  init = (initial_state, jnp.zeros_like(initial_state), 0)
+  # Training carries no emitted state (None), only prefill does.
+  emitted = None if state_block is None else jnp.zeros_like(initial_state)
+  init = (initial_state, emitted, 0)
   (final, emitted, total_blocks), ys = jax.lax.scan(step, init, xs)
   if state_block is not None:
     at_end = (state_block >= total_blocks).astype(dt)[:, None, None, None]
@@ -381,12 +383,3 @@ def apply_state_xla(q, q_features, state, *, bias):
   den = bias + acc[..., -1]
   return divide_by_denominator(acc[..., :-1], den[..., None]).astype(q.dtype)
 
-
-def local_weights(qb, kb, fqb, fkb, *, degree, local_exact):
-  """Causal weights inside one diagonal block: [..., b, b], lower triangular."""
-  if local_exact:
-    s = einsum("...ih,...jh->...ij", qb, kb) ** degree
-  else:
-    s = einsum("...ir,...jr->...ij", fqb, fkb) ** 2
-  blk = s.shape[-1]
-  return jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), s, 0.0)
