@@ -1,4 +1,5 @@
-"""Packed segments on the xla path (DESIGN §1.5, "Packed segments"), linear in T.
+"""Packed segments (DESIGN §1.5, "Packed segments"), linear in T: the geometry
+of a walk over the blocks, and the xla path's walk.
 
 With segment ids, a segment is a maximal run of equal ids in a row. Token i of
 a segment starting at s_i lies in the segment-relative block starting at
@@ -16,8 +17,7 @@ which is every segment run alone (blocks counted from its start); the zero
 padding to a multiple of b is one more segment. Non-causal: w_ij = (f_q,i .
 f_k,j)^2 for every j of i's segment.
 
-Causal mechanism: a `lax.scan` over the grid blocks t (tokens [tb, (t+1)b)).
-The queries of block t need
+The walk over grid blocks t (tokens [tb, (t+1)b)). The queries of block t need
 
   (a) the keys of the window [(t-1)b, (t+1)b) (grid blocks t-1 and t), with
       the pairwise rule above, from b x 2b exact and sketched scores masked by
@@ -33,10 +33,8 @@ Keys j < (t-1)b are never exact, so (a) and (b) never disagree: for i in
 block t, rb_i > i - b >= (t-1)b (the relative block holding i starts less than
 b before it) while rb_j <= j < (t-1)b, so rb_j < rb_i.
 
-The carry is the single state S(t-1), [B, K, H + 1, r(r+1)/2] per kv head
-(the xla path's [S | z]^T over the symmetric features psi). Step t reads it,
-then advances it over grid block t-1, whose keys it holds anyway for the
-window: with L the last token of block t-1,
+Step t reads S(t-1), then advances it over grid block t-1, whose keys it holds
+anyway for the window: with L the last token of block t-1,
 
     S(t) = [s_L < (t-1)b] S(t-1) + sum over j in block t-1 with s_j == s_L of psi_k,j^T [v_j, 1]
 
@@ -44,17 +42,22 @@ window: with L the last token of block t-1,
 restarts inside it). The masks are applied with `jnp.where`, never as a 0/1
 product, so an overflow (inf) in one segment cannot reach another as 0 * inf.
 
-Non-causal: a forward walk of the causal scan with all-sketched weights gives
-sum over j <= i of i's segment; a reverse walk (the sequence flipped, segments
-recomputed on the flipped ids) with the window mask j < i gives the keys
-after i. Their sum is the whole segment with no key counted twice and
-nothing subtracted; the bias is added once, to the sum.
+A walk starts from a given S(-1) and a given block -1 (`previous`): zeros and
+NO_SEGMENT labels at a sequence's start; the shard before this one's state and
+last block under context parallelism (attention.py). Positions are the walk's
+own (0 at its first token); a segment that started before the walk has a
+negative start.
 
-Gradients: autodiff through the scan, with `jax.checkpoint` on the step. The
-backward keeps one carried state per grid block, (T / b) (H + 1) r(r+1)/2
-floats per batch row and kv head (per walk), and recomputes the rest of each
-step; at r = 32, H = 64, b = 256 and T = 32k that is 16.8 MiB per kv head and
-row. The unsegmented path keeps one per ~2048-token chunk instead.
+Non-causal: a forward walk with all-sketched weights gives sum over j <= i of
+i's segment; a reverse walk (the sequence flipped) with the window mask j < i
+gives the keys after i. Their sum is the whole segment with no key counted
+twice and nothing subtracted; the bias is added once, to the sum.
+
+Gradients of the xla walk: autodiff through the scan, with `jax.checkpoint` on
+the step. The backward keeps one carried state per grid block, (T / b) (H + 1)
+r(r+1)/2 floats per batch row and kv head (per walk), and recomputes the rest
+of each step; at r = 32, H = 64, b = 256 and T = 32k that is 16.8 MiB per kv
+head and row. The unsegmented path keeps one per ~2048-token chunk instead.
 
 GQA: query-side arrays carry a group axis, [..., K, G, ...]; the state, its
 update and the window's keys are per kv head. Every product runs at
@@ -63,34 +66,61 @@ update and the window's keys are per kv head. Every product runs at
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_polysketch._xla import einsum, symmetric_features, _with_ones
-from pallas_polysketch.polynomial import compute_dtype, divide_by_denominator
+from pallas_polysketch.polynomial import compute_dtype
+
+# The label of "no token": the starts of a missing block -1, below any real
+# (possibly negative) start.
+NO_SEGMENT = -(2 ** 30)
+
+
+class Previous(NamedTuple):
+  """Grid block -1 of a walk: k, v [B, b, K, H], k_features [B, b, K, r];
+  starts and rel_block int32 [B, b] in the walk's positions."""
+  k: jax.Array
+  v: jax.Array
+  k_features: jax.Array
+  starts: jax.Array
+  rel_block: jax.Array
 
 
 def segment_starts(labels):
-  """s_i, the first position of i's run of equal labels: int32 [B, T] -> [B, T]."""
-  t = labels.shape[1]
-  first = jnp.concatenate(
+  """s_i, the first position of i's run of equal labels: int [B, T] -> int32 [B, T]."""
+  return starts_from_changes(run_changes(labels))
+
+
+def run_changes(labels):
+  """int [B, T] -> bool [B, T]: True where a run of equal labels starts (always at 0)."""
+  return jnp.concatenate(
       [jnp.ones_like(labels[:, :1], bool), labels[:, 1:] != labels[:, :-1]], axis=1)
-  pos = jnp.arange(t, dtype=jnp.int32)
-  return jax.lax.cummax(jnp.where(first, pos, 0), axis=1)
 
 
-def segment_index(segment_ids, padded_len):
-  """Segment ids [B, T] -> a running segment number [B, padded_len] (int32).
+def starts_from_changes(changes, incoming=None):
+  """The start of every token's segment, int32 [B, T], from `run_changes`.
 
-  A new segment starts wherever the id changes and at T (the padding), so the
-  result has runs exactly where the segments are, and a flipped copy has the
-  runs of the flipped sequence (unlike the ids, which may repeat)."""
-  b_, t = segment_ids.shape
-  change = jnp.concatenate(
-      [jnp.ones((b_, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1],
-       jnp.ones((b_, padded_len - t), bool)], axis=1)
-  return jnp.cumsum(change, axis=1, dtype=jnp.int32)
+  incoming: None, or int32 [B], the start of the segment running into the
+  walk from before it (used until the first change)."""
+  pos = jnp.arange(changes.shape[1], dtype=jnp.int32)
+  first = jnp.full(changes.shape[:1], NO_SEGMENT, jnp.int32) if incoming is None else incoming
+  return jax.lax.cummax(jnp.where(changes, pos, first[:, None]), axis=1)
+
+
+def relative_blocks(starts, block_size):
+  """rb_i = s_i + b floor((i - s_i) / b): int32 [B, T]."""
+  pos = jnp.arange(starts.shape[1], dtype=jnp.int32)
+  return starts + block_size * ((pos - starts) // block_size)
+
+
+def no_previous(k, v, k_features, block_size):
+  """Block -1 at a sequence's start: zero keys, labels of no segment."""
+  zeros = lambda x: jnp.zeros((x.shape[0], block_size) + x.shape[2:], x.dtype)
+  labels = jnp.full((k.shape[0], block_size), NO_SEGMENT, jnp.int32)
+  return Previous(zeros(k), zeros(v), zeros(k_features), labels, labels)
 
 
 def _to_blocks(x, block_size, group):
@@ -102,9 +132,14 @@ def _to_blocks(x, block_size, group):
   return x.reshape(t // block_size, b_, n // group, group, block_size, d)
 
 
-def _previous(x, fill):
-  """Along axis 0 (blocks): x[t-1] at t, `fill` at t = 0."""
-  return jnp.concatenate([jnp.full_like(x[:1], fill), x[:-1]], axis=0)
+def _label_blocks(x, block_size):
+  """int [B, T] -> [nb, B, b]."""
+  return jnp.transpose(x.reshape(x.shape[0], -1, block_size), (1, 0, 2))
+
+
+def _previous(x, first):
+  """Along axis 0 (blocks): x[t-1] at t, `first` at t = 0."""
+  return jnp.concatenate([first[None], x[:-1]], axis=0)
 
 
 def _step(state, xs, *, block_size, degree, local_exact, strict):
@@ -147,56 +182,33 @@ def _step(state, xs, *, block_size, degree, local_exact, strict):
   return jnp.where(keep, state, 0.0) + upd, acc
 
 
-def _walk(q, k, v, fq, fk, labels, *, block_size, degree, local_exact, strict):
-  """One causal walk over grid blocks. Inputs padded, T a multiple of block_size,
-  in the compute dtype; labels [B, T] int32 with runs exactly at the segments.
-
-  Returns acc [B, T, N, H + 1] (numerator | sum of weights)."""
-  b = block_size
-  b_, t, n, h = q.shape
-  kv, r = k.shape[2], fk.shape[-1]
-  group = n // kv
-  starts = segment_starts(labels)
-  rel_block = starts + b * ((jnp.arange(t, dtype=jnp.int32) - starts) // b)
-  to_blocks = lambda x: jnp.transpose(x.reshape(b_, t // b, b), (1, 0, 2))
-  s_blk, rb_blk = to_blocks(starts), to_blocks(rel_block)
-  kb, vb, fkb = (_to_blocks(x, b, None) for x in (k, v, fk))
-  xs = (jnp.arange(t // b, dtype=jnp.int32),
-        (_to_blocks(q, b, group), kb, vb, _to_blocks(fq, b, group), fkb),
-        tuple(_previous(x, 0.0) for x in (kb, vb, fkb)),
-        (s_blk, rb_blk),
-        (_previous(s_blk, -1), _previous(rb_blk, -1)))
-  step = functools.partial(_step, block_size=b, degree=degree, local_exact=local_exact,
-                           strict=strict)
-  init = jnp.zeros((b_, kv, h + 1, r * (r + 1) // 2), q.dtype)
-  _, acc = jax.lax.scan(jax.checkpoint(step), init, xs)   # [nb, B, K, G, b, H + 1]
-  acc = acc.reshape(t // b, b_, n, b, h + 1)
-  return jnp.transpose(acc, (1, 0, 3, 2, 4)).reshape(b_, t, n, h + 1)
-
-
-def segmented_attention(q, k, v, q_features, k_features, segment_ids, *, degree,
-                        block_size, local_exact, bias, causal):
-  """PolySketch attention with packed segments (module docstring).
+def segment_walk_xla(q, k, v, fq, fk, starts, rel_block, state, previous, *, block_size,
+                     degree, local_exact, strict):
+  """One causal walk over the grid blocks (module docstring), on the xla path.
 
   Args:
-    q [B, T, N, H], k, v [B, T, K, H], q_features [B, T, N, r],
-    k_features [B, T, K, r], segment_ids int [B, T]; any T (zero-padded here to
-    a multiple of block_size, the padding one more segment).
+    q [B, T, N, H], k, v [B, T, K, H], fq [B, T, N, r], fk [B, T, K, r], T a
+    multiple of block_size; starts, rel_block int32 [B, T] (walk positions);
+    state: S(-1), [B, K, H + 1, r(r+1)/2]; previous: a `Previous`. strict:
+    the window takes keys j < i only (the reverse walk of non-causal).
   Returns:
-    [B, T, N, H] in q's dtype.
+    acc [B, T, N, H + 1] in the compute dtype: the numerator | the sum of weights.
   """
-  out_dtype, dt = q.dtype, compute_dtype(q)
-  b_, t = segment_ids.shape
-  padded = -(-t // block_size) * block_size
-  pad = lambda x: jnp.pad(x.astype(dt), ((0, 0), (0, padded - t), (0, 0), (0, 0)))
-  args = tuple(pad(x) for x in (q, k, v, q_features, k_features))
-  labels = segment_index(segment_ids, padded)
-  walk = functools.partial(_walk, block_size=block_size, degree=degree)
-  if causal:
-    acc = walk(*args, labels, local_exact=local_exact, strict=False)
-  else:
-    flip = lambda x: jnp.flip(x, axis=1)
-    acc = (walk(*args, labels, local_exact=False, strict=False)
-           + flip(walk(*map(flip, args), flip(labels), local_exact=False, strict=True)))
-  den = bias + acc[..., -1]
-  return divide_by_denominator(acc[..., :-1], den[..., None])[:, :t].astype(out_dtype)
+  b = block_size
+  dt = compute_dtype(q)
+  q, k, v, fq, fk = (x.astype(dt) for x in (q, k, v, fq, fk))
+  b_, t, n, h = q.shape
+  group = n // k.shape[2]
+  kb, vb, fkb = (_to_blocks(x, b, None) for x in (k, v, fk))
+  prev = [_to_blocks(x.astype(dt), b, None)[0] for x in previous[:3]]
+  s_blk, rb_blk = _label_blocks(starts, b), _label_blocks(rel_block, b)
+  xs = (jnp.arange(t // b, dtype=jnp.int32),
+        (_to_blocks(q, b, group), kb, vb, _to_blocks(fq, b, group), fkb),
+        tuple(_previous(x, p) for x, p in zip((kb, vb, fkb), prev)),
+        (s_blk, rb_blk),
+        (_previous(s_blk, previous.starts), _previous(rb_blk, previous.rel_block)))
+  step = functools.partial(_step, block_size=b, degree=degree, local_exact=local_exact,
+                           strict=strict)
+  _, acc = jax.lax.scan(jax.checkpoint(step), state.astype(dt), xs)  # [nb, B, K, G, b, H + 1]
+  acc = acc.reshape(t // b, b_, n, b, h + 1)
+  return jnp.transpose(acc, (1, 0, 3, 2, 4)).reshape(b_, t, n, h + 1)

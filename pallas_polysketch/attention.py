@@ -8,9 +8,11 @@ attention the exclusive prefix sum, over the devices of a mesh axis, of the
 shards' state sums (a `psum` of them when non-causal); chunked prefill and
 decoding (`decode.py`) start from a state and keep one.
 
-Packed segments (`segment_ids`) run `_segments.py`, a pure-JAX walk over the
-blocks that resets the state at segment starts, on every platform: the Pallas
-kernels do not take segments yet.
+Packed segments (`segment_ids`) run a walk over the blocks whose state resets
+at segment starts (`_segments.py`), from a given segment-running state and
+block -1: zeros at a sequence's start; under context parallelism the
+segmented exclusive prefix, over the devices, of the shards' transitions, and
+the previous shard's last block.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from pallas_polysketch import _pallas, _segments, _validation, _xla
 from pallas_polysketch import tpu_config
 from pallas_polysketch._platform import require_tpu
+from pallas_polysketch.polynomial import divide_by_denominator
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -71,6 +74,13 @@ class XlaBackend:
   def apply_state(self, q, fq, state):
     return _xla.apply_state_xla(q, fq, state, bias=self.c.bias)
 
+  def segment_walk(self, q, k, v, fq, fk, starts, rel_block, state, previous, *,
+                   local_exact, strict):
+    c = self.c
+    return _segments.segment_walk_xla(
+        q, k, v, fq, fk, starts, rel_block, state, previous, block_size=c.block_size,
+        degree=c.degree, local_exact=local_exact, strict=strict)
+
   def to_native(self, s, z):
     return _xla.state_to_psi(s, z)
 
@@ -115,24 +125,33 @@ class PallasBackend:
     return _pallas.from_rz(state, head_dim)
 
 
-def _exclusive_prefix_over_devices(state, axis_name):
-  """sum of `state` over the devices before this one on mesh axis axis_name.
+def _shift_over_devices(x, axis_name, by, reverse=False):
+  """Device i receives device i - by's x (i + by's when reverse); the devices
+  with no such neighbour get zeros. x: a pytree of arrays."""
+  size = jax.lax.axis_size(axis_name)
+  pairs = [(i, i + by) for i in range(size - by)]
+  if reverse:
+    pairs = [(size - 1 - i, size - 1 - j) for i, j in pairs]
+  return jax.lax.ppermute(x, axis_name, pairs)
+
+
+def _exclusive_prefix_over_devices(x, axis_name, combine=jnp.add, reverse=False):
+  """combine over the devices before this one on mesh axis axis_name (after it
+  when reverse), in device order; zeros (the identity of `combine`) on the first.
 
   A log-depth scan of `ppermute`s (Hillis-Steele): one shift by a device, then
-  log2(D) rounds that add the partial sum from 2^i devices back. Each device
-  receives (1 + ceil(log2 D)) states, where an all-gather would bring all
-  D - 1 of them (at D = 256, 9 against 255; bench/context_parallel.py);
-  autodiff runs the same permutations backwards."""
+  log2(D) rounds that combine the partial result from 2^i devices back. Each
+  device receives (1 + ceil(log2 D)) values, where an all-gather would bring
+  all D - 1 of them (at D = 256, 9 against 255; bench/context_parallel.py);
+  autodiff runs the same permutations backwards. x: a pytree; combine(earlier,
+  later) must be associative with the zero tree as its identity."""
   size = jax.lax.axis_size(axis_name)
-
-  def shift(x, by):
-    # Device i receives device i - by's value; the first `by` devices get 0.
-    return jax.lax.ppermute(x, axis_name, [(i, i + by) for i in range(size - by)])
-
-  total = shift(state, 1) if size > 1 else jnp.zeros_like(state)
+  if size == 1:
+    return jax.tree.map(jnp.zeros_like, x)
+  total = _shift_over_devices(x, axis_name, 1, reverse)
   step = 1
   while step < size:
-    total = total + shift(total, step)
+    total = combine(_shift_over_devices(total, axis_name, step, reverse), total)
     step *= 2
   return total
 
@@ -151,6 +170,100 @@ def run_backend(backend, q, k, v, fq, fk, *, causal, initial_state=None,
     initial_state = before if initial_state is None else initial_state + before
   o, _ = backend.causal(q, k, v, fq, fk, initial_state)
   return o
+
+
+def _restart_then(earlier, later):
+  """Composes two segment-running transitions (restart [B] int32, state): the
+  state after both keeps `earlier`'s only if `later` did not restart."""
+  (r0, s0), (r1, s1) = earlier, later
+  return r0 | r1, jnp.where(r1[:, None, None, None] > 0, s1, s0 + s1)
+
+
+def _segment_geometry(labels, block_size, axis_name, reverse):
+  """Segment starts and relative blocks of a walk, int32 [B, T] each, and the
+  previous device's last-block labels (NO_SEGMENT on the first device or
+  without axis_name), all in this shard's positions. labels [B, T] in walk order."""
+  b, t = block_size, labels.shape[1]
+  changes = _segments.run_changes(labels)
+  if axis_name is None:
+    starts = _segments.starts_from_changes(changes)
+    none = jnp.full((labels.shape[0], b), _segments.NO_SEGMENT, jnp.int32)
+    return starts, _segments.relative_blocks(starts, b), none, none
+  size = jax.lax.axis_size(axis_name)
+  index = jax.lax.axis_index(axis_name)
+  device = size - 1 - index if reverse else index
+  first = device == 0
+  prev_last = _shift_over_devices(labels[:, -1], axis_name, 1, reverse)
+  changes = changes.at[:, 0].set(first | (labels[:, 0] != prev_last))
+  # The start of the segment running into this shard: the last change on the
+  # devices before it (global positions; one int per row and device).
+  pos = jnp.arange(t, dtype=jnp.int32)
+  offset = device * t
+  last_change = jnp.where(changes.any(axis=1),
+                          jnp.max(jnp.where(changes, pos, 0), axis=1) + offset,
+                          _segments.NO_SEGMENT)
+  gathered = jax.lax.all_gather(last_change, axis_name)            # [D, B]
+  if reverse:
+    gathered = jnp.flip(gathered, axis=0)
+  before = (jnp.arange(size) < device)[:, None]
+  incoming = jnp.max(jnp.where(before, gathered, _segments.NO_SEGMENT), axis=0) - offset
+  starts = _segments.starts_from_changes(changes, incoming)
+  rel_block = _segments.relative_blocks(starts, b)
+  prev = _shift_over_devices((starts[:, -b:], rel_block[:, -b:]), axis_name, 1, reverse)
+  prev_starts, prev_rel = (jnp.where(first, _segments.NO_SEGMENT, x - t) for x in prev)
+  return starts, rel_block, prev_starts, prev_rel
+
+
+def _segmented_walk(backend, q, k, v, fq, fk, labels, *, local_exact, strict, reverse,
+                    axis_name):
+  """One walk (forward, or over the flipped sequence) on a backend, its S(-1)
+  and block -1 from the devices before this one. Returns acc [B, T, N, H + 1]."""
+  b, t = backend.c.block_size, q.shape[1]
+  if reverse:
+    q, k, v, fq, fk, labels = (jnp.flip(x, axis=1) for x in (q, k, v, fq, fk, labels))
+  starts, rel_block, prev_starts, prev_rel = _segment_geometry(labels, b, axis_name, reverse)
+  if axis_name is None:
+    previous = _segments.no_previous(k, v, fk, b)._replace(starts=prev_starts,
+                                                           rel_block=prev_rel)
+    state = backend.zero_state(q, k, fk)
+  else:
+    prev_k, prev_v, prev_fk = _shift_over_devices(
+        tuple(x[:, -b:] for x in (k, v, fk)), axis_name, 1, reverse)
+    previous = _segments.Previous(prev_k, prev_v, prev_fk, prev_starts, prev_rel)
+    # This shard's transition of the segment-running state for the next one:
+    # over block -1 and its blocks but the last, the keys of the segment of
+    # the range's last token L, restarting unless L's segment began before it.
+    range_starts = jnp.concatenate([prev_starts, starts[:, :t - b]], axis=1)
+    s_last = range_starts[:, -1]
+    in_last = range_starts == s_last[:, None]
+
+    def masked_sum(kk, vv, ff, mask):
+      mask = mask[..., None, None]
+      return backend.state_sum(kk, jnp.where(mask, vv, 0), jnp.where(mask, ff, 0))
+
+    total = masked_sum(prev_k, prev_v, prev_fk, in_last[:, :b])
+    if t > b:
+      total = total + masked_sum(k[:, :t - b], v[:, :t - b], fk[:, :t - b], in_last[:, b:])
+    restart = (s_last >= -b).astype(jnp.int32)
+    _, state = _exclusive_prefix_over_devices((restart, total), axis_name, _restart_then,
+                                              reverse)
+  acc = backend.segment_walk(q, k, v, fq, fk, starts, rel_block, state, previous,
+                             local_exact=local_exact, strict=strict)
+  return jnp.flip(acc, axis=1) if reverse else acc
+
+
+def run_segmented(backend, q, k, v, fq, fk, labels, *, causal, context_axis_name=None):
+  """Attention with packed segments (`_segments.py`) on a backend; T a multiple of
+  block_size; labels [B, T] with runs exactly at the segments. Returns o."""
+  walk = functools.partial(_segmented_walk, backend, q, k, v, fq, fk, labels,
+                           axis_name=context_axis_name)
+  if causal:
+    acc = walk(local_exact=backend.c.local_exact, strict=False, reverse=False)
+  else:
+    acc = (walk(local_exact=False, strict=False, reverse=False)
+           + walk(local_exact=False, strict=True, reverse=True))
+  den = backend.c.bias + acc[..., -1]
+  return divide_by_denominator(acc[..., :-1], den[..., None])
 
 
 def dispatch(implementation, config: Config, fn, *args):
@@ -175,17 +288,20 @@ def dispatch(implementation, config: Config, fn, *args):
                                              "context_axis_name"))
 def _polysketch_attention(q, k, v, q_features, k_features, segment_ids, *, config, causal,
                           implementation, context_axis_name):
-  if segment_ids is not None:
-    return _segments.segmented_attention(
-        q, k, v, q_features, k_features, segment_ids, degree=config.degree,
-        block_size=config.block_size, local_exact=config.local_exact, bias=config.bias,
-        causal=causal)
   seq_len = q.shape[1]
   padded_len = round_up(seq_len, config.block_size)
   # Zero padding is exact: a zero key has zero exact weight (degree > 0) and
   # zero features, so padded keys add nothing; padded queries are sliced off.
   args = tuple(pad_seq(x, padded_len) for x in (q, k, v, q_features, k_features))
-  fn = functools.partial(run_backend, causal=causal, context_axis_name=context_axis_name)
+  if segment_ids is not None:
+    # The zero padding is one more segment: its label differs from the last id.
+    fill = (segment_ids[:, -1:] == 0).astype(segment_ids.dtype)
+    labels = jnp.concatenate(
+        [segment_ids, jnp.broadcast_to(fill, (fill.shape[0], padded_len - seq_len))], axis=1)
+    fn = functools.partial(run_segmented, causal=causal, context_axis_name=context_axis_name)
+    args = args + (labels,)
+  else:
+    fn = functools.partial(run_backend, causal=causal, context_axis_name=context_axis_name)
   return dispatch(implementation, config, fn, *args)[:, :seq_len]
 
 
@@ -276,7 +392,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       on every platform (a walk over blocks whose state resets at segment
       starts; `_segments.py`): the Pallas kernels do not support segments yet,
       so implementation="pallas" with segment_ids raises ValueError and None
-      runs the xla path. Not combinable with context_axis_name yet.
+      runs the xla path. Works with context_axis_name (a segment may span
+      shards).
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
@@ -306,10 +423,6 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       raise ValueError(
           "segment_ids is not supported by implementation='pallas' (the Pallas kernels do "
           "not take segments yet); use implementation=None or 'xla', which run the xla path")
-    if context_axis_name is not None:
-      raise ValueError(
-          f"segment_ids together with context_axis_name={context_axis_name!r} is not "
-          "implemented yet (the device-level prefix would be a segmented sum); pass one of them")
     if implementation is None:
       implementation = "xla"   # no kernel tiling to resolve
   config, implementation = resolve_config(

@@ -329,10 +329,7 @@ class PolySketchAttention(nnx.Module):
         if keep is not None:
           fk = jnp.where(keep, fk, 0)
         if self.sharded_op is not None:
-          if segment_ids is not None:
-            raise ValueError("segment_ids are not supported with a mesh yet (sequence "
-                             "sharding of packed segments); pass mesh=None")
-          o = self.sharded_op(q, k, v, fq, fk)
+          o = self.sharded_op(q, k, v, fq, fk, segment_ids)
         else:
           o = polysketch_attention(
               q, k, v, fq, fk, degree=self.degree, block_size=self.block_size,

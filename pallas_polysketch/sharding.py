@@ -5,7 +5,8 @@ in `shard_map`: each device runs the op on its block of [batch, seq, heads]; wit
 the sequence sharded, the devices exchange only their prefix states
 (`polysketch_attention(..., context_axis_name=...)`, DESIGN §1.5):
 r^2 (H + 1) floats per kv head and device, independent of the sequence length,
-where ring attention moves all of K and V.
+where ring attention moves all of K and V. With packed segments, also the last
+block of k, v and k_features and a few ints per row go to the next device.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
     **op_kwargs: the keyword arguments of `polysketch_attention`.
 
   Returns:
-    fn(q, k, v, q_features, k_features) -> out, all [batch, seq, heads, D] with
-    PartitionSpec(batch_axis, seq_axis, head_axis, None). Usable under jit:
-    no input is all-gathered.
+    fn(q, k, v, q_features, k_features, segment_ids=None) -> out, all
+    [batch, seq, heads, D] with PartitionSpec(batch_axis, seq_axis, head_axis,
+    None); segment_ids [batch, seq] with PartitionSpec(batch_axis, seq_axis)
+    (a segment may span shards). Usable under jit: no input is all-gathered.
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
@@ -44,4 +46,14 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
     raise ValueError("pass the sequence axis as seq_axis, not context_axis_name")
   spec = PartitionSpec(batch_axis, seq_axis, head_axis, None)
   local = functools.partial(polysketch_attention, context_axis_name=seq_axis, **op_kwargs)
-  return _compat.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+  plain = _compat.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
+  packed = _compat.shard_map(
+      lambda *a: local(*a[:5], segment_ids=a[5]), mesh=mesh,
+      in_specs=(spec,) * 5 + (PartitionSpec(batch_axis, seq_axis),), out_specs=spec)
+
+  def sharded(q, k, v, q_features, k_features, segment_ids=None):
+    if segment_ids is None:
+      return plain(q, k, v, q_features, k_features)
+    return packed(q, k, v, q_features, k_features, segment_ids)
+
+  return sharded

@@ -194,12 +194,6 @@ def test_segment_ids_with_pallas_raises():
                             implementation="pallas", interpret=True)
 
 
-def test_segment_ids_with_context_axis_name_raises():
-  with pytest.raises(ValueError, match="segment_ids together with context_axis_name='sp'"):
-    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), jnp.int32),
-                            context_axis_name="sp")
-
-
 def test_segment_ids_numpy_and_int64_accepted():
   ids = np.zeros((2, 16), np.int64)
   ids[:, 9:] = 1

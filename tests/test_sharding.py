@@ -33,7 +33,21 @@ MESHES = {
 }
 
 
-def _check(mesh_name, backend, causal, local_exact, heads=4, kv_heads=2, block=128):
+def _packed_ids(seq, block):
+  """Two rows of runs that start mid-block and span shards (of `block` tokens
+  on 8 devices, 2 blocks on 4), single-token runs, a row whose first run
+  covers two whole shards; ids repeat non-contiguously."""
+  rows = ([2 * block + 5, 1, block + 7, 1, 1, 3 * block], [1, block - 3, 9, 2 * seq])
+  ids = np.zeros((2, seq), np.int32)
+  for row, lengths in enumerate(rows):
+    cuts = np.cumsum([0] + lengths)
+    for n, (s, e) in enumerate(zip(cuts[:-1], cuts[1:])):
+      ids[row, s:e] = n % 3
+  return jnp.asarray(ids)
+
+
+def _check(mesh_name, backend, causal, local_exact, heads=4, kv_heads=2, block=128,
+           packed=False):
   shape, names, axes = MESHES[mesh_name]
   mesh = _mesh(shape, names)
   seq = 8 * block if "seq8" == mesh_name else 4 * block
@@ -41,6 +55,10 @@ def _check(mesh_name, backend, causal, local_exact, heads=4, kv_heads=2, block=1
   kw = dict(block_size=block, causal=causal, local_exact=local_exact, **backend)
   sharded = sharded_polysketch_attention(mesh, **axes, **kw)
   single = functools.partial(ps.polysketch_attention, **kw)
+  if packed:
+    ids = _packed_ids(seq, block)
+    sharded = functools.partial(sharded, segment_ids=ids)
+    single = functools.partial(single, segment_ids=ids)
   assert rel_err(jax.jit(sharded)(*args), single(*args)) < 1e-5
   loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
   got = jax.jit(jax.grad(loss(sharded), argnums=tuple(range(5))))(*args)
@@ -63,20 +81,34 @@ def test_sharded_equals_single_device_pallas(mesh_name, causal):
   _check(mesh_name, BACKENDS["pallas"], causal, True, block=128)
 
 
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("causal,local_exact", [(True, True), (True, False), (False, True)])
+def test_sharded_packed_segments_equal_single_device_xla(mesh_name, causal, local_exact):
+  """Segments that span shards and start mid-block: each device gets its
+  segment-running state and the previous shard's last block."""
+  _check(mesh_name, BACKENDS["xla"], causal, local_exact, block=16, packed=True)
+
+
 def test_mqa_over_the_sequence_axis():
   _check("seq8", BACKENDS["xla"], True, True, heads=4, kv_heads=1, block=16)
 
 
-def test_only_states_cross_devices():
+@pytest.mark.parametrize("packed", [False, True])
+def test_only_states_cross_devices(packed):
   """The compiled sequence-sharded op passes the shards' states around
-  (r^2 (H + 1) floats per kv head, log-depth permutations), never q, k or v."""
+  (r^2 (H + 1) floats per kv head, log-depth permutations), never q, k or v;
+  packed: also one block of k, v, k_features and a few ints per row."""
   mesh = _mesh((8,), ("seq",))
-  seq, block, heads, h, r = 8 * 128, 128, 4, 64, 16
+  block, heads, h, r = 128, 4, 64, 16
+  seq = 8 * 2 * block if packed else 8 * block
   fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=block,
                                     implementation="xla")
   sharding = NamedSharding(mesh, P(None, "seq", None, None))
   shapes = [jax.ShapeDtypeStruct((1, seq, heads, d), jnp.float32, sharding=sharding)
             for d in (h, h, h, r, r)]
+  if packed:
+    shapes.append(jax.ShapeDtypeStruct((1, seq), jnp.int32,
+                                       sharding=NamedSharding(mesh, P(None, "seq"))))
   grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(5)))
   for f in (fn, grad):
     text = jax.jit(f).lower(*shapes).compile().as_text()
@@ -110,9 +142,10 @@ def test_mesh_argument_errors():
     sharded_polysketch_attention("mesh")
 
 
-def test_gpt_trains_the_same_with_the_sequence_sharded():
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpt_trains_the_same_with_the_sequence_sharded(packed):
   """A few AdamW steps of the GPT on 8 devices (sequence sharded) and on one:
-  the same losses step for step."""
+  the same losses step for step; packed: with documents spanning shards."""
   import optax
   from flax import nnx
   from pallas_polysketch.models.gpt import GPT, GPTConfig
@@ -120,6 +153,7 @@ def test_gpt_trains_the_same_with_the_sequence_sharded():
                   block_size=16, sketch_dim=8, implementation="xla")
   mesh = _mesh((8,), ("seq",))
   tokens = jax.random.randint(jax.random.key(0), (2, 8 * 16 + 1), 0, 17)
+  ids = _packed_ids(8 * 16, 16) if packed else None
 
   def losses(model):
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
@@ -127,7 +161,7 @@ def test_gpt_trains_the_same_with_the_sequence_sharded():
     @nnx.jit
     def step(model, opt, tokens):
       def loss_fn(model):
-        logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1], segment_ids=ids)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
       loss, grads = nnx.value_and_grad(loss_fn)(model)
       opt.update(model, grads)
