@@ -64,7 +64,7 @@ from pallas_polysketch.sketches import (
 )
 
 ATTENTIONS = ("polysketch", "polynomial", "softmax")
-SKETCHES = ("learned", "random")
+SKETCHES = ("learned", "random", "none")
 ROPE_BASE = 10_000.0
 
 
@@ -120,8 +120,10 @@ class PolySketchAttention(nnx.Module):
     num_kv_heads: key/value heads (grouped-query attention); must divide
       num_heads; default num_heads. Nothing is repeated: the op reads one
       state per kv head.
-    sketch: "learned" (paper §4, trainable, shared by q and k) or "random"
-      (Algorithm 1, drawn once from `rngs`, fixed). Used by "polysketch" only.
+    sketch: "learned" (paper §4, trainable, shared by q and k), "random"
+      (Algorithm 1, drawn once from `rngs`, fixed) or "none" (zero features:
+      no sketched prefix, the exact local blocks alone; a block-local
+      attention baseline, needs local_exact). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
     sketch_type: the random sketch's matrices, "gaussian" or "hadamard"
       (random signs and sampled Hadamard columns, as the paper's official
@@ -163,6 +165,9 @@ class PolySketchAttention(nnx.Module):
       raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if sketch not in SKETCHES:
       raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+    if attention == "polysketch" and sketch == "none" and not local_exact:
+      raise ValueError("sketch='none' (no sketched prefix) needs local_exact=True, "
+                       "or every weight is zero")
     if head_dim is None:
       if in_features % num_heads:
         raise ValueError(
@@ -239,6 +244,8 @@ class PolySketchAttention(nnx.Module):
         params = learned_sketch_init(key, head_dim, sketch_dim)
         self.sketch = nnx.data(jax.tree.map(
             lambda a: nnx.Param(a.astype(param_dtype)), params))
+      elif sketch == "none":
+        self.sketch = None
       else:
         params = random_sketch_init(key, head_dim, sketch_dim, degree,
                                     sketch_type=sketch_type)
@@ -250,6 +257,8 @@ class PolySketchAttention(nnx.Module):
     """Sketch features f(x): [..., head_dim] -> [..., sketch_dim] (polysketch only)."""
     if self.attention != "polysketch":
       raise ValueError(f"attention={self.attention!r} has no sketch features")
+    if self.sketch_kind == "none":
+      return jnp.zeros(x.shape[:-1] + (self.sketch_dim,), x.dtype)
     params = _variables_to_arrays(self.sketch)
     if self.sketch_kind == "learned":
       return learned_sketch_features(params, x)

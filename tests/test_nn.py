@@ -325,3 +325,18 @@ def test_segment_ids_errors():
   layer.init_cache((B, 1, D))
   with pytest.raises(ValueError, match="segment_ids is not supported with decode=True"):
     layer(_x()[:, :1], segment_ids=jnp.zeros((B, 1), jnp.int32), decode=True)
+
+
+def test_sketch_none_is_exact_local_blocks_alone():
+  """sketch="none": no sketched prefix, so a block's output is the layer on that
+  block alone (without rotary positions), and it differs from the random
+  sketch, whose prefix reaches back."""
+  x = _x()
+  layer = _layer(sketch="none", rope=False)
+  out = layer(x)
+  for s in (0, 8, 16):
+    np.testing.assert_allclose(out[:, s:s + 8], layer(x[:, s:s + 8]), rtol=2e-5, atol=2e-6)
+  sketched = _layer(sketch="random", rope=False)
+  assert float(jnp.max(jnp.abs(sketched(x)[:, 8:16] - sketched(x[:, 8:16])))) > 1e-3
+  with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True"):
+    _layer(sketch="none", local_exact=False)
