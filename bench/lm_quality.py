@@ -34,6 +34,7 @@ VARIANTS = {
     "random+local": ("polysketch", "random", True),
     "learned": ("polysketch", "learned", False),
     "random": ("polysketch", "random", False),
+    "local": ("polysketch", "none", True),    # exact local blocks alone: what the sketch adds
 }
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                             "shared", "data", "tinyshakespeare.txt")

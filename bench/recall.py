@@ -1,0 +1,190 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"), issue 14 §1.
+
+Sequences of key-value pairs, noise, then queries for some of the keys; the
+model is scored on the answers only (`pallas_polysketch.train.RecallData`,
+generated in the package: no download). Every variant trains the same small
+GPT (same seed, data order and schedule) at each (sequence length, pairs,
+learning rate); the best learning rate per (variant, length, pairs) is
+reported, as Zoology does, with the state size per layer:
+
+  softmax        KV cache 2 T H per head (grows with T)
+  polynomial     exact degree-4 polynomial attention (same KV cache)
+  learned+local  PolySketch, learned sketch + exact local blocks: state r^2 (H + 1) per head
+  random+local   PolySketch, random sketch + exact local blocks
+  learned        PolySketch, learned sketch, no exact local blocks
+  local          exact local blocks alone (sketch="none"): what the sketch adds
+
+Writes bench/results/recall-<tag>.{json,md,png} after every run (a cut-short
+run keeps what it has; --resume skips runs already in the JSON).
+
+  JAX_PLATFORMS=cpu python bench/recall.py --tag cpu                 # the committed grid
+  JAX_PLATFORMS=cpu python bench/recall.py --seqs 256 512 1024 2048 --pairs 8 16 32 64 \\
+      --steps 4000 --lrs 1e-3 3e-3 1e-2 --dim 128 --tag accel        # larger, on an accelerator
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from pallas_polysketch.models.gpt import GPTConfig
+from pallas_polysketch.train import RecallData, TrainConfig, train
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lm_quality import VARIANTS as LM_VARIANTS  # noqa: E402  (one table of variants)
+
+# name -> (attention, sketch, local_exact)
+VARIANTS = {name: LM_VARIANTS[name] for name in
+            ("softmax", "polynomial", "learned+local", "random+local", "learned", "local")}
+
+
+def state_floats(variant, seq, head_dim, sketch_dim, block_size):
+  """Floats of decoding state per head after `seq` tokens: the KV cache for
+  softmax and polynomial; for PolySketch the r^2 (H + 1) prefix state plus, with
+  exact local blocks, the current block's keys and values (2 b H)."""
+  attention, sketch, local_exact = VARIANTS[variant]
+  if attention in ("softmax", "polynomial"):
+    return 2 * seq * head_dim
+  local = 2 * min(block_size, seq) * head_dim if local_exact else 0
+  return (0 if sketch == "none" else sketch_dim ** 2 * (head_dim + 1)) + local
+
+
+def run_one(args, variant, seq, pairs, lr):
+  attention, sketch, local_exact = VARIANTS[variant]
+  data = RecallData(num_keys=max(64, pairs), num_values=64, num_noise=32, num_pairs=pairs,
+                    num_queries=args.queries, seed=1234 + seq + pairs)
+  mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
+                 embed_dim=args.dim, attention=attention, sketch=sketch,
+                 sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
+                 local_exact=local_exact)
+  cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
+                    learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
+                    eval_every=args.steps, eval_batches=args.eval_batches, log_every=50)
+  t0 = time.time()
+  _, res = train(mc, data, cfg, progress=False)
+  return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, val_acc=res["val_acc"],
+              val_loss=res["val_loss"], params=res.get("params"),
+              steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
+              state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
+                                        args.block_size))
+
+
+def best_runs(runs):
+  """The best learning rate per (variant, seq, pairs)."""
+  best = {}
+  for r in runs:
+    key = (r["variant"], r["seq"], r["pairs"])
+    if key not in best or r["val_acc"] > best[key]["val_acc"]:
+      best[key] = r
+  return best
+
+
+def write_outputs(stem, meta, runs):
+  with open(stem + ".json", "w") as f:
+    json.dump(dict(meta, runs=runs), f, indent=1)
+  best = best_runs(runs)
+  seqs = sorted({k[1] for k in best})
+  pairs = sorted({k[2] for k in best})
+  variants = [v for v in VARIANTS if any(k[0] == v for k in best)]
+  lines = [f"# MQAR recall ({meta['command']})", "", meta["setup"], "",
+           "Answer accuracy on held-out sequences (best learning rate of "
+           f"{meta['lrs']}); state per head after T tokens in floats.", ""]
+  for p in pairs:
+    lines += [f"## {p} key-value pairs", "",
+              "| variant | " + " | ".join(f"T={t}" for t in seqs) + " | state per head at the largest T |",
+              "|---|" + "---:|" * (len(seqs) + 1)]
+    for v in variants:
+      cells, state = [], ""
+      for t in seqs:
+        r = best.get((v, t, p))
+        cells.append("-" if r is None else f"{100 * r['val_acc']:.1f}% (lr {r['lr']:g})")
+        if r is not None:
+          state = f"{r['state_floats']:,}"
+      lines.append(f"| {v} | " + " | ".join(cells) + f" | {state} |")
+    lines.append("")
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+  for ax, p in zip(axes[0], pairs):
+    for v in variants:
+      pts = [(t, best[(v, t, p)]["val_acc"]) for t in seqs if (v, t, p) in best]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=v)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{p} pairs")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("answer accuracy")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend()
+  fig.suptitle(meta["setup"], fontsize=8)
+  fig.tight_layout()
+  fig.savefig(stem + ".png", dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--seqs", type=int, nargs="+", default=[128, 256])
+  p.add_argument("--pairs", type=int, nargs="+", default=[4, 8])
+  p.add_argument("--lrs", type=float, nargs="+", default=[3e-3])
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--steps", type=int, default=400)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--queries", type=int, default=8)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--heads", type=int, default=2)
+  p.add_argument("--dim", type=int, default=64)
+  p.add_argument("--sketch-dim", type=int, default=16)
+  p.add_argument("--block-size", type=int, default=32)
+  p.add_argument("--eval-batches", type=int, default=4)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--tag", default="cpu")
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--out-dir", default=RESULTS)
+  args = p.parse_args(argv)
+  command = " ".join(["python", "bench/recall.py"] + (argv if argv is not None else sys.argv[1:]))
+  setup = (f"{args.layers} layers, width {args.dim} ({args.heads} heads of "
+           f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}, block {args.block_size}, "
+           f"{args.steps} steps of {args.batch_size} sequences, {args.queries} queries per "
+           f"sequence, seed {args.seed}")
+  meta = dict(command=command, setup=setup, lrs=args.lrs, args=vars(args),
+              load_before=os.getloadavg())
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.join(args.out_dir, f"recall-{args.tag}")
+  runs = []
+  if args.resume and os.path.exists(stem + ".json"):
+    with open(stem + ".json") as f:
+      runs = json.load(f)["runs"]
+  done = {(r["variant"], r["seq"], r["pairs"], r["lr"]) for r in runs}
+  for seq, pairs, variant, lr in itertools.product(
+      args.seqs, args.pairs, args.variants.split(","), args.lrs):
+    if (variant, seq, pairs, lr) in done:
+      continue
+    if 2 * (pairs + args.queries) + 1 > seq:
+      continue
+    r = run_one(args, variant, seq, pairs, lr)
+    runs.append(r)
+    meta["load_after"] = os.getloadavg()
+    write_outputs(stem, meta, runs)
+    print(f"{variant:14s} T={seq:5d} pairs={pairs:3d} lr={lr:g}: acc {r['val_acc']:.3f} "
+          f"loss {r['val_loss']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+  return runs
+
+
+if __name__ == "__main__":
+  main()

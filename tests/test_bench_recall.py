@@ -1,0 +1,34 @@
+"""The recall benchmark runs end to end at tiny sizes (no accuracy or timing assertions)."""
+import json
+
+from helpers import load_bench
+
+
+def test_recall_benchmark_runs_end_to_end_and_resumes(tmp_path):
+  bench = load_bench("recall")
+  argv = ["--seqs", "64", "--pairs", "2", "--steps", "3", "--batch-size", "4",
+          "--lrs", "1e-3", "3e-3", "--variants", "softmax,local", "--dim", "16",
+          "--sketch-dim", "4", "--block-size", "16", "--eval-batches", "1",
+          "--out-dir", str(tmp_path), "--tag", "tiny"]
+  runs = bench.main(argv)
+  assert {(r["variant"], r["lr"]) for r in runs} == {
+      (v, lr) for v in ("softmax", "local") for lr in (1e-3, 3e-3)}
+  for r in runs:
+    assert 0.0 <= r["val_acc"] <= 1.0 and r["steps_per_s"] > 0
+  report = json.loads((tmp_path / "recall-tiny.json").read_text())
+  assert len(report["runs"]) == 4 and "load_before" in report
+  md = (tmp_path / "recall-tiny.md").read_text()
+  assert "| softmax |" in md and "| local |" in md
+  assert (tmp_path / "recall-tiny.png").stat().st_size > 0
+  assert bench.main(argv + ["--resume"]) == report["runs"]     # nothing left to run
+
+
+def test_recall_state_sizes():
+  """Softmax's KV cache grows with T; PolySketch keeps r^2 (H + 1) plus one
+  block of keys and values; local blocks alone keep just the block."""
+  state = load_bench("recall").state_floats
+  assert state("softmax", 1024, 32, 16, 64) == 2 * 1024 * 32
+  assert state("learned+local", 1024, 32, 16, 64) == state("learned+local", 4096, 32, 16, 64) \
+      == 16 ** 2 * 33 + 2 * 64 * 32
+  assert state("learned", 1024, 32, 16, 64) == 16 ** 2 * 33
+  assert state("local", 1024, 32, 16, 64) == 2 * 64 * 32
