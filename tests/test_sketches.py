@@ -144,7 +144,7 @@ def test_learned_sketch_formula():
   rng = np.random.default_rng(6)
   params = jax.tree_util.tree_map(  # non-trivial LayerNorm parameters
       lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
-  x = rng.standard_normal((5, H))
+  x = rng.standard_normal((2, 5, H))   # leading dims: computed as one [10, H] matrix
 
   def gelu(z):  # jax.nn.gelu's default tanh approximation
     return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
