@@ -400,8 +400,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       walk over the blocks whose state resets at segment starts (`_segments.py`;
       the Pallas forward kernel `_pallas_segments.py`), dispatched as without
       segments (None: the kernels when lowering for TPU and the block tiles).
-      On the Pallas path the backward is, for now, the xla walk's VJP. Works
-      with context_axis_name (a segment may span shards).
+      Forward and backward are Pallas kernels on that path. Works with
+      context_axis_name (a segment may span shards).
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.

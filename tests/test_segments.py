@@ -247,3 +247,65 @@ def test_segment_ids_numpy_and_int64_accepted():
   out = ps.polysketch_attention(*_small(), block_size=8, segment_ids=ids)
   want = ps.polysketch_attention(*_small(), block_size=8, segment_ids=jnp.asarray(ids, jnp.int32))
   np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("local_exact,strict", [(True, False), (False, True)])
+def test_pallas_walk_state_and_previous_cotangents_match_xla(local_exact, strict):
+  """The kernels' VJP against the xla walk's, on a walk that starts mid-segment
+  (a real block -1 and incoming state, as under context parallelism): all
+  nine cotangents, the state's and block -1's included."""
+  from pallas_polysketch import _pallas_segments, _segments, _xla, tpu_config
+  b, t = 128, 384
+  (q, k, v, fq, fk), _ = layer_inputs(2, 2, t + b, 4, 2, H, R)
+  q, fq = q[:, b:], fq[:, b:]
+  pk, pv, pfk = (x[:, :b] for x in (k, v, fk))
+  k, v, fk = (x[:, b:] for x in (k, v, fk))
+  # Labels over one more block before block -1: the segments running into the
+  # walk started before it (row 1's at -256), so the incoming state is read
+  # and kept.
+  lengths = ([188, 1, 200, 251], [428, 5, 207])
+  ids = jnp.asarray(np.concatenate([np.repeat(np.arange(len(row)), row)[None]
+                                    for row in lengths]))
+  starts_all = _segments.segment_starts(ids)
+  rel_all = _segments.relative_blocks(starts_all, b)[:, b:] - 2 * b
+  starts_all = starts_all[:, b:] - 2 * b
+  starts, rel = starts_all[:, b:], rel_all[:, b:]
+  previous = _segments.Previous(pk, pv, pfk, starts_all[:, :b], rel_all[:, :b])
+  s = jax.random.normal(jax.random.key(5), (2, 2, R * R, H)) * 0.1
+  s = (s + s.reshape(2, 2, R, R, H).swapaxes(2, 3).reshape(2, 2, R * R, H)) / 2  # symmetric
+  z = jnp.abs(jax.random.normal(jax.random.key(6), (2, 2, R * R)))
+  z = (z + z.reshape(2, 2, R, R).swapaxes(2, 3).reshape(2, 2, R * R)) / 2
+  from pallas_polysketch import _pallas
+  rz = _pallas.to_rz(s, z)
+  tiles = tpu_config.resolve_tiles(None, block_size=b, head_dim=H, sketch_dim=R,
+                                   dtype=q.dtype, feature_dtype=fq.dtype, group=2)
+  cot = jax.random.normal(jax.random.key(7), (2, t, 4, H + 1))
+
+  def pallas(q, k, v, fq, fk, rz, pk, pv, pfk):
+    p = previous._replace(k=pk, v=pv, k_features=pfk)
+    return _pallas_segments.segment_walk(q, k, v, fq, fk, starts, rel, rz, p,
+                                         (4, b, local_exact, strict, tiles, True))
+
+  def xla(q, k, v, fq, fk, rz, pk, pv, pfk):
+    p = previous._replace(k=pk, v=pv, k_features=pfk)
+    return _segments.segment_walk_xla(q, k, v, fq, fk, starts, rel,
+                                      _xla.state_to_psi(rz[..., :H], rz[..., H]), p,
+                                      block_size=b, degree=4, local_exact=local_exact,
+                                      strict=strict)
+
+  def fold(d):
+    """A state cotangent as a function of the symmetric state: (a, c) and (c, a)
+    summed onto a <= c (the xla path's psi state sees only those entries)."""
+    d = d.reshape(2, 2, R, R, -1)
+    a, c = np.triu_indices(R)
+    return (d[:, :, a, c] + jnp.where((a != c)[:, None], d[:, :, c, a], 0))
+
+  args = (q, k, v, fq, fk, rz, pk, pv, pfk)
+  got, want = (_value_and_grads(f, args, cot) for f in (pallas, xla))
+  assert rel_err(got[0], want[0]) < TOL
+  assert np.abs(np.asarray(want[1][5])).max() > 0      # the incoming state is used
+  got_g, want_g = list(got[1]), list(want[1])
+  got_g[5], want_g[5] = fold(got_g[5]), fold(want_g[5])
+  for name, g, w in zip(("q", "k", "v", "fq", "fk", "state", "pk", "pv", "pfk"),
+                        got_g, want_g):
+    assert rel_err(g, w) < TOL, (name, rel_err(g, w))

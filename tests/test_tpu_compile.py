@@ -187,7 +187,9 @@ def test_segment_gradient_exports_for_tpu(causal):
   fn = functools.partial(_segment_grad, causal=causal)
   exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
       *_shapes(1, 1024, 4, 64, 32, jnp.bfloat16), _ids_shape(1, 1024))
-  assert "polysketch_segment_forward" in exported.mlir_module()
+  text = exported.mlir_module()
+  for name in ("polysketch_segment_forward", "polysketch_segment_dq", "polysketch_segment_dkv"):
+    assert name in text
   assert [a.shape for a in exported.out_avals] == [(1, 1024, 4, 64)] * 3 + [(1, 1024, 4, 32)] * 2
 
 
@@ -201,7 +203,7 @@ def test_every_interpret_segment_block_lowers_for_tpu(seq, block):
   fn = functools.partial(_segment_grad, block_size=block)
   exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
       *_shapes(2, seq, 4, 32, 8, jnp.float32, kv_heads=2), _ids_shape(2, seq))
-  assert "polysketch_segment_forward" in exported.mlir_module()
+  assert "polysketch_segment_dkv" in exported.mlir_module()
 
 
 def test_default_implementation_with_segments_exports_kernel_for_tpu_and_xla_for_cpu():
@@ -217,8 +219,8 @@ def test_default_implementation_with_segments_exports_kernel_for_tpu_and_xla_for
 @pytest.mark.parametrize("generation", ["v5e", "v6e"])
 def test_libtpu_compiles_segment_kernel(generation):
   """Mosaic's own passes (layouts of the int32 label blocks, VMEM) accept the
-  segment kernel: forward causal and not, GQA, bf16 and f32, the gradient, and
-  the largest tile set."""
+  segment kernels: forward causal and not, GQA, bf16 and f32, the gradient
+  (dq and dkv kernels), and the largest tile set."""
   from jax.sharding import SingleDeviceSharding
   sharding = SingleDeviceSharding(_topology_device(generation))
   config = TileConfig.for_generation(generation)
@@ -230,6 +232,6 @@ def test_libtpu_compiles_segment_kernel(generation):
       jax.jit(fwd).lower(*shapes, ids).compile()
   grad = functools.partial(_segment_grad, tile_config=config)
   jax.jit(grad).lower(*_shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding), ids).compile()
-  big = functools.partial(_segment_forward, tile_config=config)
-  jax.jit(big).lower(*_shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding),
-                     _ids_shape(1, 1024, sharding)).compile()
+  big = _shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding) + [_ids_shape(1, 1024, sharding)]
+  jax.jit(functools.partial(_segment_forward, tile_config=config)).lower(*big).compile()
+  jax.jit(functools.partial(_segment_grad, tile_config=config)).lower(*big).compile()
