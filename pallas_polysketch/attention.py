@@ -12,7 +12,8 @@ Packed segments (`segment_ids`) run a walk over the blocks whose state resets
 at segment starts (`_segments.py`), from a given segment-running state and
 block -1: zeros at a sequence's start; under context parallelism the
 segmented exclusive prefix, over the devices, of the shards' transitions, and
-the previous shard's last block.
+the previous shard's last block. Each backend provides the walk itself:
+`_segments.segment_walk_xla`, and the Pallas kernel of `_pallas_segments.py`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_polysketch import _pallas, _segments, _validation, _xla
+from pallas_polysketch import _pallas, _pallas_segments, _segments, _validation, _xla
 from pallas_polysketch import tpu_config
 from pallas_polysketch._platform import require_tpu
 from pallas_polysketch.polynomial import divide_by_denominator
@@ -117,6 +118,13 @@ class PallasBackend:
     c = self.c
     return _pallas.apply_state(fq, state, (q.shape[-1], q.dtype),
                                (c.block_size, c.bias, c.tiles, c.interpret))
+
+  def segment_walk(self, q, k, v, fq, fk, starts, rel_block, state, previous, *,
+                   local_exact, strict):
+    c = self.c
+    return _pallas_segments.segment_walk(
+        q, k, v, fq, fk, starts, rel_block, state, previous,
+        (c.degree, c.block_size, local_exact, strict, c.tiles, c.interpret))
 
   def to_native(self, s, z):
     return _pallas.to_rz(s, z)
@@ -388,12 +396,12 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       A segment is a maximal run of equal ids ([0, 0, 1, 1, 0, 0] is three
       segments); a token attends only to tokens of its own segment (earlier
       ones when causal), and blocks are counted from each segment's start, so
-      every segment's result equals running it alone. Computed by the xla path
-      on every platform (a walk over blocks whose state resets at segment
-      starts; `_segments.py`): the Pallas kernels do not support segments yet,
-      so implementation="pallas" with segment_ids raises ValueError and None
-      runs the xla path. Works with context_axis_name (a segment may span
-      shards).
+      every segment's result equals running it alone. Both backends run a
+      walk over the blocks whose state resets at segment starts (`_segments.py`;
+      the Pallas forward kernel `_pallas_segments.py`), dispatched as without
+      segments (None: the kernels when lowering for TPU and the block tiles).
+      Forward and backward are Pallas kernels on that path. Works with
+      context_axis_name (a segment may span shards).
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
@@ -418,13 +426,6 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
   segment_ids = _validation.check_segment_ids(segment_ids, q)
-  if segment_ids is not None:
-    if implementation == "pallas":
-      raise ValueError(
-          "segment_ids is not supported by implementation='pallas' (the Pallas kernels do "
-          "not take segments yet); use implementation=None or 'xla', which run the xla path")
-    if implementation is None:
-      implementation = "xla"   # no kernel tiling to resolve
   config, implementation = resolve_config(
       q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
       normalization_bias=normalization_bias, implementation=implementation,

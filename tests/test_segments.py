@@ -16,7 +16,8 @@ import pytest
 
 import pallas_polysketch as ps
 from pallas_polysketch import ref
-from helpers import layer_inputs, rel_err
+from jax.experimental.pallas import tpu as pltpu
+from helpers import BACKENDS, layer_inputs, rel_err
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 H, R, BLOCK = 32, 8, 16
@@ -30,9 +31,33 @@ ROW_IDS = ([0, 1, 2, 3, 0], [4, 0, 4, 5, 6])
 SEQ = 120
 
 
+class Geometry:
+  """Per backend: the kernels need blocks of 128 tokens, so the Pallas cases scale
+  the same pattern up (kept short: interpret mode is slow). `pieces` are
+  (row, start, end) segments also run literally alone: a single token, one
+  starting mid-block, the last of a row."""
+
+  def __init__(self, block, lengths, pieces):
+    self.block, self.lengths, self.pieces = block, lengths, pieces
+    self.seq = sum(lengths[0])
+    assert all(sum(row) == self.seq for row in lengths)
+
+  def ids(self):
+    rows = [np.repeat(i, n) for i, n in zip(ROW_IDS, self.lengths)]
+    return jnp.asarray(np.stack(rows).astype(np.int32))
+
+
+GEOMETRY = {
+    "xla": Geometry(BLOCK, ROW_LENGTHS, [(0, 37, 38), (0, 38, 90), (1, 77, 120)]),
+    # 440 tokens: 4 blocks of 128 after padding; row 1's long segment starts at 7
+    # and spans three blocks.
+    "pallas": Geometry(128, ([150, 1, 200, 20, 69], [5, 1, 1, 280, 153]),
+                       [(0, 150, 151), (0, 151, 351), (1, 287, 440)]),
+}
+
+
 def _ids():
-  rows = [np.repeat(i, n) for i, n in zip(ROW_IDS, ROW_LENGTHS)]
-  return jnp.asarray(np.stack(rows).astype(np.int32))
+  return GEOMETRY["xla"].ids()
 
 
 def _runs(row):
@@ -89,29 +114,45 @@ def _check(got, want, tol=TOL):
     assert rel_err(g, w) < tol, name
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("causal,local_exact,bias", [
     (True, True, 1.0), (True, False, 1.0), (False, True, 0.5)])
-def test_packed_equals_each_segment_alone(causal, local_exact, bias):
-  args, cot = _inputs()
-  kw = dict(block_size=BLOCK, causal=causal, local_exact=local_exact,
-            normalization_bias=bias)
-  got = _packed(ps.polysketch_attention, args, cot, _ids(), **kw)
-  _check(got, _alone(ps.polysketch_attention, args, cot, _ids(), **kw))
-  # and literally alone, one call per segment: a single token, one starting
-  # mid-block, the last of a row
-  for b, s, e in [(0, 37, 38), (0, 38, 90), (1, 77, 120)]:
+def test_packed_equals_each_segment_alone(backend, causal, local_exact, bias):
+  geo = GEOMETRY[backend]
+  args, cot = _inputs(geo.seq)
+  kw = dict(block_size=geo.block, causal=causal, local_exact=local_exact,
+            normalization_bias=bias, **BACKENDS[backend])
+  got = _packed(ps.polysketch_attention, args, cot, geo.ids(), **kw)
+  _check(got, _alone(ps.polysketch_attention, args, cot, geo.ids(), **kw))
+  # and literally alone, one call per segment
+  for b, s, e in geo.pieces:
     alone = ps.polysketch_attention(*(x[b:b + 1, s:e] for x in args), **kw)
     assert rel_err(got[0][b:b + 1, s:e], alone) < TOL, (b, s, e)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("causal", [True, False])
-def test_one_segment_per_row_equals_no_segments(causal):
+def test_one_segment_per_row_equals_no_segments(backend, causal):
   """A whole row one segment is the unsegmented op; ids need not be 0."""
-  args, cot = _inputs()
-  ids = jnp.full((2, SEQ), 7, jnp.int32)
-  kw = dict(block_size=BLOCK, causal=causal)
+  geo = GEOMETRY[backend]
+  args, cot = _inputs(geo.seq)
+  ids = jnp.full((2, geo.seq), 7, jnp.int32)
+  kw = dict(block_size=geo.block, causal=causal, **BACKENDS[backend])
   _check(_packed(ps.polysketch_attention, args, cot, ids, **kw),
          _value_and_grads(lambda *a: ps.polysketch_attention(*a, **kw), args, cot))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_pallas_under_tpu_interpreter(causal):
+  """The TPU interpreter (fresh NaN scratch, TPU semantics) agrees with the xla
+  path, values and gradients; here block -1 is a row's real start."""
+  geo = GEOMETRY["pallas"]
+  args, cot = _inputs(geo.seq, seed=1)
+  kw = dict(block_size=geo.block, causal=causal)
+  got = _packed(ps.polysketch_attention, args, cot, geo.ids(), implementation="pallas",
+                interpret=pltpu.InterpretParams(), **kw)
+  _check(got, _packed(ps.polysketch_attention, args, cot, geo.ids(), implementation="xla",
+                      **kw))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -146,17 +187,21 @@ def test_repeated_ids_are_separate_segments():
   assert rel_err(got[:, 4:], alone) < TOL
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("causal", [True, False])
-def test_overflow_stays_in_its_segment(causal):
+def test_overflow_stays_in_its_segment(backend, causal):
   """An inf in one segment's weights and state never reaches another as 0 * inf."""
-  args, _ = _inputs()
-  scale = jnp.ones((2, SEQ, 1, 1)).at[0, :37].set(1e12)   # row 0, its first segment
+  geo = GEOMETRY[backend]
+  first, (_, s, e) = geo.lengths[0][0], geo.pieces[1]
+  args, _ = _inputs(geo.seq)
+  scale = jnp.ones((2, geo.seq, 1, 1)).at[0, :first].set(1e12)   # row 0, its first segment
   args = tuple(x * scale for x in args)
-  got = ps.polysketch_attention(*args, block_size=BLOCK, causal=causal, segment_ids=_ids())
-  assert not np.isfinite(np.asarray(got[0, :37])).all()
-  assert np.isfinite(np.asarray(got[0, 37:])).all() and np.isfinite(np.asarray(got[1])).all()
-  alone = ps.polysketch_attention(*(x[:1, 38:90] for x in args), block_size=BLOCK, causal=causal)
-  assert rel_err(got[:1, 38:90], alone) < TOL
+  kw = dict(block_size=geo.block, causal=causal, **BACKENDS[backend])
+  got = ps.polysketch_attention(*args, segment_ids=geo.ids(), **kw)
+  assert not np.isfinite(np.asarray(got[0, :first])).all()
+  assert np.isfinite(np.asarray(got[0, first:])).all() and np.isfinite(np.asarray(got[1])).all()
+  alone = ps.polysketch_attention(*(x[:1, s:e] for x in args), **kw)
+  assert rel_err(got[:1, s:e], alone) < TOL
 
 
 def test_traced_segment_ids_under_jit():
@@ -188,9 +233,11 @@ def test_segment_ids_wrong_dtype(dtype):
     ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), dtype))
 
 
-def test_segment_ids_with_pallas_raises():
-  with pytest.raises(ValueError, match="segment_ids is not supported by implementation='pallas'"):
-    ps.polysketch_attention(*_small(), segment_ids=jnp.zeros((2, 16), jnp.int32),
+def test_segment_ids_with_pallas_needs_a_tileable_block():
+  """implementation="pallas" takes segment_ids; the kernels' block rule still holds."""
+  args, _ = layer_inputs(0, 2, 256, 2, 1, 8, 4)
+  with pytest.raises(ValueError, match="block_size=16 cannot be tiled by the TPU kernel"):
+    ps.polysketch_attention(*args, block_size=16, segment_ids=jnp.zeros((2, 256), jnp.int32),
                             implementation="pallas", interpret=True)
 
 
@@ -200,3 +247,65 @@ def test_segment_ids_numpy_and_int64_accepted():
   out = ps.polysketch_attention(*_small(), block_size=8, segment_ids=ids)
   want = ps.polysketch_attention(*_small(), block_size=8, segment_ids=jnp.asarray(ids, jnp.int32))
   np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("local_exact,strict", [(True, False), (False, True)])
+def test_pallas_walk_state_and_previous_cotangents_match_xla(local_exact, strict):
+  """The kernels' VJP against the xla walk's, on a walk that starts mid-segment
+  (a real block -1 and incoming state, as under context parallelism): all
+  nine cotangents, the state's and block -1's included."""
+  from pallas_polysketch import _pallas_segments, _segments, _xla, tpu_config
+  b, t = 128, 384
+  (q, k, v, fq, fk), _ = layer_inputs(2, 2, t + b, 4, 2, H, R)
+  q, fq = q[:, b:], fq[:, b:]
+  pk, pv, pfk = (x[:, :b] for x in (k, v, fk))
+  k, v, fk = (x[:, b:] for x in (k, v, fk))
+  # Labels over one more block before block -1: the segments running into the
+  # walk started before it (row 1's at -256), so the incoming state is read
+  # and kept.
+  lengths = ([188, 1, 200, 251], [428, 5, 207])
+  ids = jnp.asarray(np.concatenate([np.repeat(np.arange(len(row)), row)[None]
+                                    for row in lengths]))
+  starts_all = _segments.segment_starts(ids)
+  rel_all = _segments.relative_blocks(starts_all, b)[:, b:] - 2 * b
+  starts_all = starts_all[:, b:] - 2 * b
+  starts, rel = starts_all[:, b:], rel_all[:, b:]
+  previous = _segments.Previous(pk, pv, pfk, starts_all[:, :b], rel_all[:, :b])
+  s = jax.random.normal(jax.random.key(5), (2, 2, R * R, H)) * 0.1
+  s = (s + s.reshape(2, 2, R, R, H).swapaxes(2, 3).reshape(2, 2, R * R, H)) / 2  # symmetric
+  z = jnp.abs(jax.random.normal(jax.random.key(6), (2, 2, R * R)))
+  z = (z + z.reshape(2, 2, R, R).swapaxes(2, 3).reshape(2, 2, R * R)) / 2
+  from pallas_polysketch import _pallas
+  rz = _pallas.to_rz(s, z)
+  tiles = tpu_config.resolve_tiles(None, block_size=b, head_dim=H, sketch_dim=R,
+                                   dtype=q.dtype, feature_dtype=fq.dtype, group=2)
+  cot = jax.random.normal(jax.random.key(7), (2, t, 4, H + 1))
+
+  def pallas(q, k, v, fq, fk, rz, pk, pv, pfk):
+    p = previous._replace(k=pk, v=pv, k_features=pfk)
+    return _pallas_segments.segment_walk(q, k, v, fq, fk, starts, rel, rz, p,
+                                         (4, b, local_exact, strict, tiles, True))
+
+  def xla(q, k, v, fq, fk, rz, pk, pv, pfk):
+    p = previous._replace(k=pk, v=pv, k_features=pfk)
+    return _segments.segment_walk_xla(q, k, v, fq, fk, starts, rel,
+                                      _xla.state_to_psi(rz[..., :H], rz[..., H]), p,
+                                      block_size=b, degree=4, local_exact=local_exact,
+                                      strict=strict)
+
+  def fold(d):
+    """A state cotangent as a function of the symmetric state: (a, c) and (c, a)
+    summed onto a <= c (the xla path's psi state sees only those entries)."""
+    d = d.reshape(2, 2, R, R, -1)
+    a, c = np.triu_indices(R)
+    return (d[:, :, a, c] + jnp.where((a != c)[:, None], d[:, :, c, a], 0))
+
+  args = (q, k, v, fq, fk, rz, pk, pv, pfk)
+  got, want = (_value_and_grads(f, args, cot) for f in (pallas, xla))
+  assert rel_err(got[0], want[0]) < TOL
+  assert np.abs(np.asarray(want[1][5])).max() > 0      # the incoming state is used
+  got_g, want_g = list(got[1]), list(want[1])
+  got_g[5], want_g[5] = fold(got_g[5]), fold(want_g[5])
+  for name, g, w in zip(("q", "k", "v", "fq", "fk", "state", "pk", "pv", "pfk"),
+                        got_g, want_g):
+    assert rel_err(g, w) < TOL, (name, rel_err(g, w))

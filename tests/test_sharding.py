@@ -89,6 +89,11 @@ def test_sharded_packed_segments_equal_single_device_xla(mesh_name, causal, loca
   _check(mesh_name, BACKENDS["xla"], causal, local_exact, block=16, packed=True)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_sharded_packed_segments_equal_single_device_pallas(causal):
+  _check("seq8", BACKENDS["pallas"], causal, True, block=128, packed=True)
+
+
 def test_mqa_over_the_sequence_axis():
   _check("seq8", BACKENDS["xla"], True, True, heads=4, kv_heads=1, block=16)
 

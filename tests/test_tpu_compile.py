@@ -147,3 +147,91 @@ def test_libtpu_compiles_forward_and_gradient(generation):
   prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas",
                                   tile_config=config)
   jax.jit(prefill).lower(*gqa).compile()
+
+
+# --- packed segments (_pallas_segments.py) ----------------------------------------
+
+def _ids_shape(b, t, sharding=None):
+  kw = {} if sharding is None else {"sharding": sharding}
+  return jax.ShapeDtypeStruct((b, t), jnp.int32, **kw)
+
+
+def _segment_forward(*args, causal=True, local_exact=True, implementation="pallas",
+                     tile_config=None, block_size=256):
+  *args, ids = args
+  return ps.polysketch_attention(*args, segment_ids=ids, block_size=block_size, causal=causal,
+                                 local_exact=local_exact, implementation=implementation,
+                                 tile_config=tile_config)
+
+
+def _segment_grad(*args, **kw):
+  loss = lambda *a: jnp.sum(_segment_forward(*a, args[-1], **kw).astype(jnp.float32))
+  return jax.grad(loss, argnums=tuple(range(5)))(*args[:5])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("causal,local_exact", [(True, True), (True, False), (False, True)])
+def test_segment_kernel_exports_for_tpu(causal, local_exact, dtype):
+  """The segment walk's kernel lowers through Mosaic: once causal, twice (a
+  forward and a strict reverse walk) non-causal; GQA, 2 query heads per kv head."""
+  fn = functools.partial(_segment_forward, causal=causal, local_exact=local_exact)
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+      *_shapes(1, 1024, 4, 64, 32, dtype, kv_heads=2), _ids_shape(1, 1024))
+  text = exported.mlir_module()
+  assert text.count("polysketch_segment_forward") >= (1 if causal else 2)
+  assert exported.out_avals[0].shape == (1, 1024, 4, 64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segment_gradient_exports_for_tpu(causal):
+  fn = functools.partial(_segment_grad, causal=causal)
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+      *_shapes(1, 1024, 4, 64, 32, jnp.bfloat16), _ids_shape(1, 1024))
+  text = exported.mlir_module()
+  for name in ("polysketch_segment_forward", "polysketch_segment_dq", "polysketch_segment_dkv"):
+    assert name in text
+  assert [a.shape for a in exported.out_avals] == [(1, 1024, 4, 64)] * 3 + [(1, 1024, 4, 32)] * 2
+
+
+# Every (seq, block) tests/test_segments.py and test_sharding.py (per shard) run
+# the segment kernel on in interpret mode, and one block covering a short seq.
+SEGMENT_INTERPRET_CONFIGS = [(440, 128), (128, 128), (1, 256), (72, 128), (200, 256)]
+
+
+@pytest.mark.parametrize("seq,block", SEGMENT_INTERPRET_CONFIGS)
+def test_every_interpret_segment_block_lowers_for_tpu(seq, block):
+  fn = functools.partial(_segment_grad, block_size=block)
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+      *_shapes(2, seq, 4, 32, 8, jnp.float32, kv_heads=2), _ids_shape(2, seq))
+  assert "polysketch_segment_dkv" in exported.mlir_module()
+
+
+def test_default_implementation_with_segments_exports_kernel_for_tpu_and_xla_for_cpu():
+  fn = functools.partial(_segment_forward, implementation=None)
+  shapes = _shapes(1, 512, 2, 64, 16, jnp.float32) + [_ids_shape(1, 512)]
+  tpu_text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+  cpu_text = jax.export.export(jax.jit(fn), platforms=["cpu"])(*shapes).mlir_module()
+  assert "polysketch_segment_forward" in tpu_text
+  assert "tpu_custom_call" not in cpu_text
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_libtpu_compiles_segment_kernel(generation):
+  """Mosaic's own passes (layouts of the int32 label blocks, VMEM) accept the
+  segment kernels: forward causal and not, GQA, bf16 and f32, the gradient
+  (dq and dkv kernels), and the largest tile set."""
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(_topology_device(generation))
+  config = TileConfig.for_generation(generation)
+  ids = _ids_shape(1, 2048, sharding)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    shapes = _shapes(1, 2048, 8, 64, 32, dtype, sharding, kv_heads=2)
+    for causal in (True, False):
+      fwd = functools.partial(_segment_forward, causal=causal, tile_config=config)
+      jax.jit(fwd).lower(*shapes, ids).compile()
+  grad = functools.partial(_segment_grad, tile_config=config)
+  jax.jit(grad).lower(*_shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding), ids).compile()
+  big = _shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding) + [_ids_shape(1, 1024, sharding)]
+  jax.jit(functools.partial(_segment_forward, tile_config=config)).lower(*big).compile()
+  jax.jit(functools.partial(_segment_grad, tile_config=config)).lower(*big).compile()
