@@ -528,7 +528,8 @@ def main(argv=None):
     doc = dict(libtpu=ver, jax=__import__("jax").__version__, block_size=BLOCK,
                shapes=SHAPES, tile=tile, note="static cycles = lower bound (no DMA "
                "waits/stalls); per TensorCore", rows=rows, raw=all_results)
-    return _write_outputs(doc, rows, ver, args.tag)
+    status = _write_outputs(doc, rows, ver, args.tag)
+  return status
 
 
 def _rebase(v):
