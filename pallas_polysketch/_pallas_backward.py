@@ -23,8 +23,10 @@ summed over the group in VMEM (no race, no repeated K or V in HBM).
 
 Precision. [S, z] G^T and [R, rho] V^T cancel: S^T dnum + z dden =
 (S^T g - z (g . O)) / den is small where O is close to what the state predicts.
-So those products take float32 operands at full precision (dnum, dden in f32,
-never rounded to bf16), and the local dL = (g v^T) / den + dden is formed from
+So those products keep their float32 operands (dnum, dden, the state and its
+cotangent, phi_q) to about 2^-17: at HIGHEST in f32 kernels, as bf16 hi + lo
+pairs in three bf16 MXU passes in bf16 kernels (`split_dot`; V is exact in
+bf16 and not split), never rounded to one bf16, and the local dL = (g v^T) / den + dden is formed from
 the bf16 cotangent g itself (exact bf16 products, f32 accumulation) rather
 than from a rounded dnum.
 
@@ -41,8 +43,8 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    HIGHEST, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
-    outer_sum, phi_t, phi_t_vjp, precision_for)
+    NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
+    outer_sum, phi_t, phi_t_vjp, precision_for, split_dot, split_operand)
 from pallas_polysketch._pallas_forward import to_kernel_layout
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -55,7 +57,7 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial):
+def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, split):
   """Forward walk: dQ (local) and df_q (prefix; local too when sketched)."""
   refs = list(refs)
   if causal:
@@ -77,12 +79,12 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial):
       else:
         state_ref[...] = jnp.zeros_like(state_ref)
 
-  state = state_ref[...]
+  state = split_operand(state_ref[...], split)
   for gi in range(group):
     sel = (gi,) if causal else (...,)
     # Prefix: dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
     g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
-    dphi_q = jnp.dot(state, g_aug, preferred_element_type=jnp.float32, precision=HIGHEST)
+    dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS)
     dfq_t_ref[sel] = phi_t_vjp(dphi_q, fq_t_ref[sel]).astype(dfq_t_ref.dtype)
     if not causal:
       return
@@ -123,7 +125,7 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial):
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
-                emit_initial):
+                emit_initial, split):
   """Reverse walk: dV, df_k (prefix); dK, dV (local; df_k when sketched)."""
   refs = list(refs)
   if causal:
@@ -153,8 +155,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
   carry = carry_ref[...]
   v_aug = augment_v_t(v_t_ref[...])
-  dphi_k = jnp.dot(carry, v_aug.astype(jnp.float32), preferred_element_type=jnp.float32,
-                   precision=HIGHEST)
+  dphi_k = split_dot(split_operand(carry, split),
+                     split_operand(v_aug, split and "exact"), NN_DIMS)
   dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
   phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
   dv = jax.lax.dot_general(phi_k, carry[:, :head_dim].astype(mm_dtype), TN_DIMS,
@@ -205,9 +207,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
   for gi in range(group):
     g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
-    carry_ref[...] += jax.lax.dot_general(phi_t(fq_t_ref[gi]), g_aug, NT_DIMS,
-                                          preferred_element_type=jnp.float32,
-                                          precision=HIGHEST)
+    carry_ref[...] += split_dot(split_operand(phi_t(fq_t_ref[gi]), split),
+                                split_operand(g_aug, split), NT_DIMS)
 
   if emit_initial:
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
@@ -247,6 +248,12 @@ def _row_terms(o, den, do):
   dnum32 = do32 * inv_den[..., None]
   dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
   return dnum32, jnp.stack([inv_den, dden], axis=-1)             # [B, T, N, 2]
+
+
+def _splits(dtype):
+  """bf16 kernels split their float32 cancelling operands into bf16 hi + lo;
+  f32 kernels multiply them at HIGHEST (`split_dot`)."""
+  return jnp.dtype(dtype) == jnp.bfloat16
 
 
 def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, block_size,
@@ -306,7 +313,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   b, lw = "t", (h if local_exact else r)
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
-  kw = dict(degree=degree, causal=True, local_exact=local_exact, local_tile=tiles.local_tile)
+  kw = dict(degree=degree, causal=True, local_exact=local_exact, local_tile=tiles.local_tile,
+            split=_splits(mm_dtype))
 
   def specs(rev):
     return [spec((b, h), True, rev), spec((b, h), False, rev), spec((b, h), False, rev),
@@ -378,7 +386,8 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
   _, flops2 = backward_flops(b_, kv, t, h, r, block_size, causal=False)
   dv_r, dfk_t = pl.pallas_call(
       functools.partial(_dkv_kernel, degree=2, causal=False, local_exact=False,
-                        local_tile=tiles.local_tile, has_initial=False, emit_initial=False),
+                        local_tile=tiles.local_tile, has_initial=False, emit_initial=False,
+                        split=_splits(v.dtype)),
       grid=(b_, kv, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, ni, 0, 0)), col(h), col(r)],
@@ -415,7 +424,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
   dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, degree=2, causal=False, local_exact=False,
-                        local_tile=tiles.local_tile, has_initial=False),
+                        local_tile=tiles.local_tile, has_initial=False, split=_splits(do.dtype)),
       grid=(b_, n, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)),

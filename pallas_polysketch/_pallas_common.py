@@ -21,12 +21,48 @@ from pallas_polysketch.tpu_config import NORMALISER_ROWS
 
 NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
 TN_DIMS = (((0,), (0,)), ((), ()))   # a^T @ b
+NN_DIMS = (((1,), (0,)), ((), ()))   # a @ b
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def precision_for(dtype):
   """Full f32 products for f32 operands (Mosaic's default may use bf16 passes)."""
   return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def split_operand(x, split):
+  """A float32 operand of a cancelling product as a tuple of MXU operands.
+
+  split: (x,) in float32, multiplied at HIGHEST (f32 kernels); or x as bf16
+  hi + lo, hi = bf16(x), lo = bf16(x - hi), which carries x to about 2^-17
+  (bf16 kernels); an operand that is exactly bf16 already (V, the ones row)
+  gives (bf16(x),)."""
+  x = x.astype(jnp.float32)
+  if split == "exact":
+    return (x.astype(jnp.bfloat16),)
+  if not split:
+    return (x,)
+  hi = x.astype(jnp.bfloat16)
+  return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def split_dot(a_parts, b_parts, dims):
+  """sum of the products of `split_operand` parts, f32 accumulation, without
+  lo x lo (below 2^-16 of the result): one pass at HIGHEST for float32 parts
+  (six bf16 passes in Mosaic), three bf16 passes for two split operands, two
+  when one is exact. The backward's cancelling state products take it: bf16
+  rounding of their float32 operands cost 20x in dq at small value spreads
+  (BUILD_NOTES, issue 11), HIGHEST costs 3x the kernel's cycles."""
+  out = None
+  for i, a in enumerate(a_parts):
+    for j, b in enumerate(b_parts):
+      if i + j > 1:
+        continue
+      prec = HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
+      term = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
+                                 precision=prec)
+      out = term if out is None else out + term
+  return out
 
 
 def phi_t(f_t, mm_dtype=jnp.float32, *, narrow=False):

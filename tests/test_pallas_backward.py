@@ -145,3 +145,24 @@ def test_training_through_kernel_matches_quadratic_reference():
   reference = train(lambda *a: ref.polysketch_attention_quadratic(*a, **kw))
   assert reference[-1] < reference[0]  # it does train
   np.testing.assert_allclose(kernel, reference, rtol=1e-4)
+
+
+def test_split_dot_keeps_float32_operands_to_2_pow_minus_16():
+  """The backward's cancelling products in bf16 kernels: float32 operands as
+  bf16 hi + lo pairs, three bf16 passes, carry about 16 bits, where one bf16
+  rounding keeps 8; an exactly-bf16 operand (V) is not split."""
+  from pallas_polysketch._pallas_common import NN_DIMS, split_dot, split_operand
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (64, 80), jnp.float32)
+  b = jax.random.normal(kb, (80, 128), jnp.float32)
+  exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  scale = np.abs(np.asarray(a, np.float64)) @ np.abs(np.asarray(b, np.float64))
+  err = lambda got: float(np.max(np.abs(np.asarray(got, np.float64) - exact) / scale))
+  assert err(split_dot(split_operand(a, True), split_operand(b, True), NN_DIMS)) < 2 ** -15
+  assert err(split_dot(split_operand(a, "exact"), split_operand(b, "exact"), NN_DIMS)) > 2 ** -10
+  assert err(split_dot(split_operand(a, False), split_operand(b, False), NN_DIMS)) < 2 ** -20
+  b16 = b.astype(jnp.bfloat16).astype(jnp.float32)
+  exact = np.asarray(a, np.float64) @ np.asarray(b16, np.float64)
+  parts = split_operand(b16, "exact")
+  assert len(parts) == 1 and parts[0].dtype == jnp.bfloat16
+  assert err(split_dot(split_operand(a, True), parts, NN_DIMS)) < 2 ** -15
