@@ -24,9 +24,11 @@ summed over the group in VMEM (no race, no repeated K or V in HBM).
 Precision. [S, z] G^T and [R, rho] V^T cancel: S^T dnum + z dden =
 (S^T g - z (g . O)) / den is small where O is close to what the state predicts.
 So those products keep their float32 operands (dnum, dden, the state and its
-cotangent, phi_q) to about 2^-17: at HIGHEST in f32 kernels, as bf16 hi + lo
-pairs in three bf16 MXU passes in bf16 kernels (`split_dot`; V is exact in
-bf16 and not split), never rounded to one bf16, and the local dL = (g v^T) / den + dden is formed from
+cotangent) to about 2^-17: at HIGHEST in f32 kernels, as bf16 hi + lo pairs
+in bf16 kernels (`split_dot`: three bf16 MXU passes for [S, z] G^T, two for
+[R, rho] V^T (V is exact in bf16) and for Phi_q^T G (phi_q rounded to bf16
+once: measured harmless, bench/bf16_gradients.py)), never rounded to one
+bf16, and the local dL = (g v^T) / den + dden is formed from
 the bf16 cotangent g itself (exact bf16 products, f32 accumulation) rather
 than from a rounded dnum.
 
@@ -207,7 +209,9 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
   for gi in range(group):
     g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
-    carry_ref[...] += split_dot(split_operand(phi_t(fq_t_ref[gi]), split),
+    # phi_q rounded to bf16 once costs nothing measurable here (the cotangent
+    # G is what cancels): two passes, not three.
+    carry_ref[...] += split_dot(split_operand(phi_t(fq_t_ref[gi]), split and "exact"),
                                 split_operand(g_aug, split), NT_DIMS)
 
   if emit_initial:
