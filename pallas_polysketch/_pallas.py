@@ -32,7 +32,13 @@ def _fwd_layout(state_rz):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def causal(q, k, v, q_features, k_features, initial_state, static):
   """static: (degree, block_size, local_exact, bias, tiles, interpret)."""
-  return _causal_fwd(q, k, v, q_features, k_features, initial_state, static)[0]
+  # Not differentiated: o straight in q's dtype (the VJP's forward keeps it in f32).
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  o, _ = causal_forward(q, k, v, q_features, k_features, degree=degree,
+                        block_size=block_size, local_exact=local_exact, bias=bias,
+                        tiles=tiles, interpret=interpret,
+                        initial_state=_fwd_layout(initial_state))
+  return o
 
 
 def _causal_fwd(q, k, v, q_features, k_features, initial_state, static):
@@ -101,7 +107,12 @@ def apply_state(q_features, state, out_spec, static):
   """o [B, T, N, H] from q_features [B, T, N, r] and an rz state.
 
   out_spec: (head_dim, out_dtype); static: (block_size, bias, tiles, interpret)."""
-  return _apply_state_fwd(q_features, state, out_spec, static)[0]
+  head_dim, out_dtype = out_spec
+  block_size, bias, tiles, interpret = static
+  o, _ = apply_state_forward(q_features, _fwd_layout(state), head_dim=head_dim,
+                             out_dtype=out_dtype, block_size=block_size, bias=bias,
+                             tiles=tiles, interpret=interpret)
+  return o
 
 
 def _apply_state_fwd(q_features, state, out_spec, static):
