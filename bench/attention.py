@@ -4,8 +4,13 @@ One process times, at each sequence length and dtype, forward and
 forward+backward of:
 
   polysketch  `polysketch_attention(..., implementation="xla")` (the package)
-  plain       (with --baseline-plain) a plain blocked-einsum DESIGN §1.3,
-              nothing tuned: the bar the package's xla path must clear
+  plain       (with --baseline-plain) a plain blocked-einsum DESIGN §1.3 that
+              materialises phi = f (x) f, nothing tuned
+  einsum      (with --baseline-einsum) the official einsum form: the
+              three-operand einsums of the google-research PolySketchFormer
+              code (f_k, f_k, [v, 1] -> block states; cumsum over blocks;
+              f_q, f_q, S -> reads) plus the exact local blocks, autodiff
+              backward: the bar the package's xla path must clear
   softmax     `jax.nn.dot_product_attention` (XLA; cuDNN on a GPU backend)
   polynomial  exact `polynomial_attention`, O(T^2)
 
@@ -19,6 +24,7 @@ bench/results/ and prints a table.
   JAX_PLATFORMS=cpu python bench/attention.py                    # full run
   JAX_PLATFORMS=cpu python bench/attention.py --quick            # 1k-4k, f32
   JAX_PLATFORMS=cpu python bench/attention.py --baseline-plain   # + plain
+  JAX_PLATFORMS=cpu python bench/attention.py --baseline-einsum  # + einsum form
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ MODES = ("fwd", "fwd+bwd")
 METHOD_LABELS = {
     "polysketch": "PolySketch (xla)",
     "plain": "plain blocked einsum",
+    "einsum": "official einsum form",
     "softmax": "softmax",
     "polynomial": "exact polynomial",
 }
@@ -87,6 +94,56 @@ def plain_blocked_attention(q, k, v, q_features, k_features, *, degree=4,
 
 
 # ----------------------------------------------------------------------------
+# The official einsum form: three-operand einsums, phi never materialised.
+# ----------------------------------------------------------------------------
+
+def einsum_form_attention(q, k, v, q_features, k_features, *, degree=4,
+                          block_size=256, causal=True):
+  """PolySketch attention (local_exact) in the form of the google-research
+  PolySketchFormer code, written from DESIGN §1.3.
+
+  Per block t the state update is einsum('...ti,...tj,...td->...ijd', f_k,
+  f_k, [v, 1]) (phi = f_k (x) f_k never formed; jnp.einsum picks the
+  contraction order), an exclusive cumsum over blocks gives S_t, and the read
+  is einsum('...ti,...tj,...ijd->...td', f_q, f_q, S_t); the diagonal blocks
+  are exact, tril((q k^T)^p) [v, 1]. Non-causal: one state over all tokens,
+  read by every query. GQA: k, v, f_k with fewer heads are repeated to the
+  query heads. Autodiff for the backward; computes in float32; seq must be a
+  multiple of block_size.
+  """
+  out_dtype = q.dtype
+  q, k, v, fq, fk = (x.astype(jnp.float32) for x in (q, k, v, q_features, k_features))
+  b_, t, n, h = q.shape
+  if k.shape[2] != n:
+    rep = n // k.shape[2]
+    k, v, fk = (jnp.repeat(x, rep, axis=2) for x in (k, v, fk))
+  v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+  if not causal:
+    # [B, T, N, .] -> [B, N, T, .]
+    fq_, fk_, v1_ = (jnp.swapaxes(x, 1, 2) for x in (fq, fk, v1))
+    s = jnp.einsum("...ti,...tj,...td->...ijd", fk_, fk_, v1_)
+    acc = jnp.einsum("...ti,...tj,...ijd->...td", fq_, fq_, s)
+    out = acc[..., :h] / (1.0 + acc[..., h:])
+    return jnp.swapaxes(out, 1, 2).astype(out_dtype)
+  if t % block_size:
+    raise ValueError(f"seq {t} must be a multiple of block_size {block_size}")
+  nb = t // block_size
+  # [B, T, N, D] -> [B, N, nb, b, D]
+  blocks = lambda x: jnp.transpose(x.reshape(b_, nb, block_size, n, x.shape[-1]),
+                                   (0, 3, 1, 2, 4))
+  qb, kb, v1b, fqb, fkb = (blocks(x) for x in (q, k, v1, fq, fk))
+  upd = jnp.einsum("...ti,...tj,...td->...ijd", fkb, fkb, v1b)   # [B, N, nb, r, r, H+1]
+  state = jnp.cumsum(upd, axis=2)
+  state = jnp.concatenate([jnp.zeros_like(state[:, :, :1]), state[:, :, :-1]], axis=2)
+  prefix = jnp.einsum("...ti,...tj,...ijd->...td", fqb, fqb, state)
+  local = jnp.einsum("...id,...jd->...ij", qb, kb) ** degree
+  local = jnp.where(jnp.tril(jnp.ones((block_size, block_size), bool)), local, 0.0)
+  acc = prefix + jnp.einsum("...ij,...jd->...id", local, v1b)
+  out = acc[..., :h] / (1.0 + acc[..., h:])                       # [B, N, nb, b, H]
+  return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(b_, t, n, h).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------
 # Methods and inputs.
 # ----------------------------------------------------------------------------
 
@@ -103,6 +160,9 @@ def make_method(name, cfg):
   if name == "plain":
     return lambda q, k, v, fq, fk: plain_blocked_attention(
         q, k, v, fq, fk, degree=degree, block_size=block)
+  if name == "einsum":
+    return lambda q, k, v, fq, fk: einsum_form_attention(
+        q, k, v, fq, fk, degree=degree, block_size=block)
   if name == "softmax":
     impl = softmax_implementation()
     return lambda q, k, v, fq, fk: jax.nn.dot_product_attention(
@@ -116,7 +176,7 @@ def make_method(name, cfg):
 def differentiable_argnums(name):
   # Features are differentiable inputs of the sketched ops (a real model trains
   # the sketch through them); softmax and exact attention see q, k, v only.
-  return (0, 1, 2, 3, 4) if name in ("polysketch", "plain") else (0, 1, 2)
+  return (0, 1, 2, 3, 4) if name in ("polysketch", "plain", "einsum") else (0, 1, 2)
 
 
 def build_fn(name, mode, cfg):
@@ -297,7 +357,8 @@ def plot(results, methods, path):
   fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(6.5 * len(MODES), 4.5 * len(dtypes)),
                            squeeze=False)
   ratios = speedups(results)
-  colors = {"polysketch": "C0", "plain": "C2", "softmax": "C3", "polynomial": "C1"}
+  colors = {"polysketch": "C0", "plain": "C2", "einsum": "C4", "softmax": "C3",
+            "polynomial": "C1"}
   for i, dt in enumerate(dtypes):
     for j, mode in enumerate(MODES):
       ax = axes[i][j]
@@ -383,11 +444,13 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", nargs="+", default=None, choices=("float32", "bfloat16"),
                  help="default float32 bfloat16 (--quick: float32)")
   p.add_argument("--methods", nargs="+", default=None,
-                 choices=("polysketch", "plain", "softmax", "polynomial"),
+                 choices=("polysketch", "plain", "einsum", "softmax", "polynomial"),
                  help="default polysketch softmax polynomial")
   p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
   p.add_argument("--baseline-plain", action="store_true",
                  help="also time the plain blocked-einsum baseline")
+  p.add_argument("--baseline-einsum", action="store_true",
+                 help="also time the official three-operand einsum form")
   p.add_argument("--quick", action="store_true", help="seq 1k-4k, float32, fewer reps")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=12)
@@ -418,6 +481,8 @@ def parse_args(argv=None):
     args.methods = ["polysketch", "softmax", "polynomial"]
   if args.baseline_plain and "plain" not in args.methods:
     args.methods.insert(1, "plain")
+  if args.baseline_einsum and "einsum" not in args.methods:
+    args.methods.insert(1, "einsum")
   if args.quick:
     args.min_reps, args.max_reps, args.min_time = 2, 5, 1.0
   return args
@@ -469,6 +534,13 @@ def main(argv=None):
     report["speedup_softmax_over_plain"] = {
         f"{dt}/{mode}/{seq}": v
         for (dt, mode, seq), v in speedups(results, method="plain").items()}
+  if "einsum" in opts.methods:
+    report["speedup_softmax_over_einsum"] = {
+        f"{dt}/{mode}/{seq}": v
+        for (dt, mode, seq), v in speedups(results, method="einsum").items()}
+    report["speedup_einsum_over_polysketch"] = {
+        f"{dt}/{mode}/{seq}": v
+        for (dt, mode, seq), v in speedups(results, baseline="einsum").items()}
   os.makedirs(opts.out_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = opts.tag or f"attention-{meta['backend']}-{stamp}"
