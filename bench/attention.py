@@ -153,23 +153,26 @@ def softmax_implementation() -> str | None:
 
 def make_method(name, cfg):
   degree, block = cfg["degree"], cfg["block_size"]
+  causal = cfg.get("causal", True)
   if name == "polysketch":
     return lambda q, k, v, fq, fk: ps.polysketch_attention(
-        q, k, v, fq, fk, degree=degree, block_size=block, causal=True,
+        q, k, v, fq, fk, degree=degree, block_size=block, causal=causal,
         local_exact=True, implementation="xla")
   if name == "plain":
+    if not causal or cfg.get("kv_heads", cfg["heads"]) != cfg["heads"]:
+      raise ValueError("the plain baseline is causal multi-head attention only")
     return lambda q, k, v, fq, fk: plain_blocked_attention(
         q, k, v, fq, fk, degree=degree, block_size=block)
   if name == "einsum":
     return lambda q, k, v, fq, fk: einsum_form_attention(
-        q, k, v, fq, fk, degree=degree, block_size=block)
+        q, k, v, fq, fk, degree=degree, block_size=block, causal=causal)
   if name == "softmax":
     impl = softmax_implementation()
     return lambda q, k, v, fq, fk: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=impl)
+        q, k, v, is_causal=causal, implementation=impl)
   if name == "polynomial":
     return lambda q, k, v, fq, fk: ps.polynomial_attention(
-        q, k, v, degree=degree, causal=True)
+        q, k, v, degree=degree, causal=causal)
   raise ValueError(f"unknown method {name!r}")
 
 
@@ -193,14 +196,17 @@ def build_fn(name, mode, cfg):
 
 
 def make_inputs(seq, dtype, cfg, seed=0):
-  """LayerNorm-scaled q, k (unit variance per dim), v, random-sketch features."""
+  """LayerNorm-scaled q, k (unit variance per dim), v, random-sketch features;
+  k, v and f_k with cfg["kv_heads"] heads (grouped-query attention)."""
   b_, n, h, r = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["sketch_dim"]
+  kv_heads = cfg.get("kv_heads", n)
   kq, kk, kv, ks, kc = jax.random.split(jax.random.key(seed), 5)
   shape = (b_, seq, n, h)
+  kv_shape = (b_, seq, kv_heads, h)
   layer_norm = lambda x: (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
   q = layer_norm(jax.random.normal(kq, shape)) / h ** 0.25
-  k = layer_norm(jax.random.normal(kk, shape)) / h ** 0.25
-  v = jax.random.normal(kv, shape)
+  k = layer_norm(jax.random.normal(kk, kv_shape)) / h ** 0.25
+  v = jax.random.normal(kv, kv_shape)
   sketch = ps.random_sketch_init(ks, h, r, cfg["degree"])
   fq, fk = ps.random_sketch_features(sketch, q), ps.random_sketch_features(sketch, k)
   cot = jax.random.normal(kc, shape)
@@ -321,6 +327,8 @@ def format_table(results, methods):
       ratio_names = [m for m in methods if m != "softmax"] if "softmax" in methods else []
       for m in ratio_names:
         head += f" | {'softmax/' + m:>18}"
+      if "einsum" in methods and "polysketch" in methods:
+        head += f" | {'einsum/polysketch':>17}"
       if "polysketch" in methods:
         head += f" | {'ps us/tok':>9}"
       lines.append(head)
@@ -340,6 +348,11 @@ def format_table(results, methods):
           else:
             cell = "-"
           row += f" | {cell:>18}"
+        if "einsum" in methods and "polysketch" in methods:
+          rec, e = idx.get(("polysketch", dt, mode, seq)), idx.get(("einsum", dt, mode, seq))
+          ok = rec and e and rec["status"] == "ok" and e["status"] == "ok"
+          cell = f"{e['median_s'] / rec['median_s']:.2f}x" if ok else "-"
+          row += f" | {cell:>17}"
         if "polysketch" in methods:
           rec = idx.get(("polysketch", dt, mode, seq))
           tok = f"{rec['us_per_token']:.1f}" if rec and rec["status"] == "ok" else "-"
@@ -348,7 +361,7 @@ def format_table(results, methods):
   return "\n".join(lines)
 
 
-def plot(results, methods, path):
+def plot(results, methods, path, title=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -357,6 +370,7 @@ def plot(results, methods, path):
   fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(6.5 * len(MODES), 4.5 * len(dtypes)),
                            squeeze=False)
   ratios = speedups(results)
+  einsum_ratios = speedups(results, baseline="einsum")
   colors = {"polysketch": "C0", "plain": "C2", "einsum": "C4", "softmax": "C3",
             "polynomial": "C1"}
   for i, dt in enumerate(dtypes):
@@ -379,16 +393,22 @@ def plot(results, methods, path):
       ax.set_yscale("log")
       ax.set_xlabel("sequence length")
       ax.set_ylabel("median time (s)")
-      ax.set_title(f"{dt}, {mode}")
+      ax.set_title(f"{dt}, {mode}" + (f" ({title})" if title else ""))
       ax.grid(True, which="both", alpha=0.3)
       pts = sorted((seq, v) for (d, mo, seq), v in ratios.items() if d == dt and mo == mode)
-      if pts:
+      epts = sorted((seq, v) for (d, mo, seq), v in einsum_ratios.items()
+                    if d == dt and mo == mode)
+      if pts or epts:
         ax2 = ax.twinx()
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s",
-                 label="speed-up softmax/PolySketch")
+        if pts:
+          ax2.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s",
+                   label="speed-up softmax/PolySketch")
+        if epts:
+          ax2.plot([p[0] for p in epts], [p[1] for p in epts], ":", color="C4", marker="^",
+                   label="speed-up einsum form/PolySketch")
         ax2.set_yscale("log")
         ax2.axhline(1.0, color="k", lw=0.5)
-        ax2.set_ylabel("speed-up (softmax time / PolySketch time)")
+        ax2.set_ylabel("speed-up (baseline time / PolySketch time)")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
@@ -452,8 +472,12 @@ def parse_args(argv=None):
   p.add_argument("--baseline-einsum", action="store_true",
                  help="also time the official three-operand einsum form")
   p.add_argument("--quick", action="store_true", help="seq 1k-4k, float32, fewer reps")
+  p.add_argument("--non-causal", action="store_true",
+                 help="non-causal attention (default causal)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--kv-heads", type=int, default=None,
+                 help="grouped-query attention: k, v heads (default --heads)")
   p.add_argument("--head-dim", type=int, default=64)
   p.add_argument("--sketch-dim", type=int, default=32)
   p.add_argument("--block-size", type=int, default=256)
@@ -492,13 +516,15 @@ def main(argv=None):
   opts = parse_args(argv)
   cfg = {"batch": opts.batch, "heads": opts.heads, "head_dim": opts.head_dim,
          "sketch_dim": opts.sketch_dim, "block_size": opts.block_size,
-         "degree": opts.degree}
+         "degree": opts.degree, "causal": not opts.non_causal,
+         "kv_heads": opts.kv_heads or opts.heads}
   meta = machine_info()
   meta.update(config=cfg, args=vars(opts).copy(),
               softmax_implementation=softmax_implementation() or "xla",
               started=datetime.datetime.now().isoformat(timespec="seconds"))
   print(f"# {meta['backend']} ({meta['device_kind']}), {meta['cpu_count']} cpus, "
-        f"jax {meta['jax']}; B={cfg['batch']} N={cfg['heads']} H={cfg['head_dim']} "
+        f"jax {meta['jax']}; {'causal' if cfg['causal'] else 'non-causal'}, "
+        f"B={cfg['batch']} N={cfg['heads']} K={cfg['kv_heads']} H={cfg['head_dim']} "
         f"r={cfg['sketch_dim']} b={cfg['block_size']} p={cfg['degree']}; "
         f"budget {opts.budget_gib:g} GiB", flush=True)
   results = []
@@ -552,7 +578,9 @@ def main(argv=None):
   print(f"\nwrote {json_path}")
   if not opts.no_plot:
     png_path = os.path.join(opts.out_dir, stem + ".png")
-    plot(results, opts.methods, png_path)
+    shape = (f"{'causal' if cfg['causal'] else 'non-causal'}, N={cfg['heads']}"
+             + (f" K={cfg['kv_heads']}" if cfg["kv_heads"] != cfg["heads"] else ""))
+    plot(results, opts.methods, png_path, title=shape)
     print(f"wrote {png_path}")
   return report
 

@@ -18,10 +18,16 @@ and the matmuls stay large. Three exact rewrites of §1.3 make it cheaper:
 - the state is stored transposed, [S | z]^T [B, K, H + 1, d], so no product
   needs a d-sized transpose.
 
-Grouped-query attention: arrays on the query side carry a group axis,
-[..., K, G, ...] (query head n = kv head n // G, group member n % G), arrays on
-the key side do not; the state is per kv head, its update is done once per kv
-head and read by the G query heads of the group.
+Layout inside the scan: batch and kv heads share one axis, M = B * K; a
+query-side block holds its G group members' rows one after the other,
+[M, cb, G * b, D] (query head n = kv head n // G, group member n % G), a
+key-side block [M, cb, b, D]. The state is per kv head, [M, H + 1, d]; its
+update is done once per kv head and read by the G * b rows, and products over
+rows (dV, dK, the state's cotangent) sum the group. No axis has size 1 when
+B = 1 or G = 1: XLA:CPU ran multiply-reduces over [1, ...] shapes 5x slower.
+
+Non-causal attention is a state sum and a read (`state_sum_xla`,
+`apply_state_xla`), each a scan over token chunks with a custom VJP.
 
 The backward is a `jax.custom_vjp` following DESIGN §1.4: residuals are the
 inputs, O, the denominator and the state at each chunk start (d (H + 1) floats
@@ -182,10 +188,20 @@ def _features_grad(spec, x, state, f):
   Args: spec, the einsum of x [..., b, H + 1] and the expanded state
     [..., H + 1, r^2]; f [..., b, r].
   """
-  r = f.shape[-1]
+  return _expanded_features_grad(spec, x, _expand_state(state, f.shape[-1]), f)
+
+
+def _expand_state(state, r):
+  """[..., d] over psi -> [..., r^2]: the symmetric r x r matrix D of each row
+  (sqrt2 X off the diagonal, 2 X on it), flattened."""
   ia, ic, pos = _pairs(r)
-  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(f.dtype)
-  full = jnp.take(state * coef, pos, axis=-1)
+  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(state.dtype)
+  return jnp.take(state * coef, pos, axis=-1)
+
+
+def _expanded_features_grad(spec, x, full, f):
+  """`_features_grad` with the state already expanded by `_expand_state`."""
+  r = f.shape[-1]
   d = einsum(spec, x, full).reshape(*f.shape, r)
   return jnp.sum(d * f[..., None, :], axis=-1)
 
@@ -387,11 +403,91 @@ def causal_xla(q, k, v, q_features, k_features, initial_state, *, degree, block_
   return out, state.reshape(initial_state.shape)
 
 
+def _token_chunks(x, group, chunk):
+  """[B, T, N, D] -> [nc, B * K, G * chunk, D] (zero-padded), for the
+  non-causal path: zero features add nothing to a state sum, and padded
+  queries are sliced off."""
+  t = x.shape[1]
+  nc = -(-t // chunk)
+  x = jnp.pad(x, ((0, 0), (0, nc * chunk - t), (0, 0), (0, 0)))
+  x = _to_chunks(x, nc, 1, chunk, group)
+  return x.reshape(x.shape[0], x.shape[1], *x.shape[3:])
+
+
+def _non_causal_chunk(t):
+  """Tokens per chunk of the non-causal scans: CHUNK_TOKENS, or all of T."""
+  return min(t, CHUNK_TOKENS)
+
+
+@jax.custom_vjp
+def _state_sum_chunks(vc, fkc):
+  """vc [nc, M, c, H], fkc [nc, M, c, r] -> sum of psi(f_k)^T [v, 1], [M, H + 1, d]."""
+  def step(state, xs):
+    v, fk = xs
+    return state + einsum("mjh,mjc->mhc", _with_ones(v), symmetric_features(fk)), None
+  r = fkc.shape[-1]
+  init = jnp.zeros((vc.shape[1], vc.shape[-1] + 1, r * (r + 1) // 2), vc.dtype)
+  return jax.lax.scan(step, init, (vc, fkc))[0]
+
+
+def _state_sum_fwd(vc, fkc):
+  return _state_sum_chunks(vc, fkc), (vc, fkc)
+
+
+def _state_sum_bwd(residuals, d_state):
+  vc, fkc = residuals
+  full = _expand_state(d_state, fkc.shape[-1])
+
+  def step(_, xs):
+    v, fk = xs
+    v1 = _with_ones(v)
+    dv = einsum("mjc,mhc->mjh", symmetric_features(fk), d_state[:, :-1])
+    return None, (dv, _expanded_features_grad("mjh,mhc->mjc", v1, full, fk))
+  return jax.lax.scan(step, None, (vc, fkc))[1]
+
+
+_state_sum_chunks.defvjp(_state_sum_fwd, _state_sum_bwd)
+
+
+@jax.custom_vjp
+def _apply_state_chunks(fqc, state):
+  """fqc [nc, M, G * c, r], state [M, H + 1, d] -> psi(f_q) state^T, [nc, M, G * c, H + 1]."""
+  def step(_, fq):
+    return None, einsum("mic,mhc->mih", symmetric_features(fq), state)
+  return jax.lax.scan(step, None, fqc)[1]
+
+
+def _apply_state_fwd(fqc, state):
+  return _apply_state_chunks(fqc, state), (fqc, state)
+
+
+def _apply_state_bwd(residuals, dacc):
+  fqc, state = residuals
+  full = _expand_state(state, fqc.shape[-1])
+
+  def step(d_state, xs):
+    fq, da = xs
+    d_state = d_state + einsum("mih,mic->mhc", da, symmetric_features(fq))
+    return d_state, _expanded_features_grad("mih,mhc->mic", da, full, fq)
+  d_state, dfq = jax.lax.scan(step, jnp.zeros_like(state), (fqc, dacc))
+  return dfq, d_state
+
+
+_apply_state_chunks.defvjp(_apply_state_fwd, _apply_state_bwd)
+
+
 def state_sum_xla(k, v, k_features):
-  """sum over all tokens of psi(f_k)^T [v, 1]: [B, K, H + 1, d] (compute dtype)."""
+  """sum over all tokens of psi(f_k)^T [v, 1]: [B, K, H + 1, d] (compute dtype).
+
+  A scan over token chunks (memory linear in T with a small constant; psi of
+  one chunk at a time), with a custom VJP: dv = psi(f_k) dS^T and df_k by the
+  expanded state, as in the causal backward."""
   dt = compute_dtype(k)
-  psi = symmetric_features(k_features.astype(dt))
-  return einsum("btnh,btnc->bnhc", _with_ones(v.astype(dt)), psi)
+  b_, t, kv, _ = k.shape
+  chunk = _non_causal_chunk(t)
+  vc, fkc = (_token_chunks(x.astype(dt), None, chunk) for x in (v, k_features))
+  state = _state_sum_chunks(vc, fkc)
+  return state.reshape(b_, kv, *state.shape[1:])
 
 
 def apply_state_xla(q, q_features, state, *, bias):
@@ -400,8 +496,9 @@ def apply_state_xla(q, q_features, state, *, bias):
   dt = state.dtype
   b_, t, n, h = q.shape
   kv = state.shape[1]
-  psi = symmetric_features(q_features.astype(dt)).reshape(b_, t, kv, n // kv, -1)
-  acc = einsum("btnec,bnhc->btneh", psi, state).reshape(b_, t, n, h + 1)
+  chunk = _non_causal_chunk(t)
+  fqc = _token_chunks(q_features.astype(dt), n // kv, chunk)
+  acc = _apply_state_chunks(fqc, state.reshape(b_ * kv, *state.shape[2:]))
+  acc = _from_chunks(acc[:, :, None], b_, n // kv)[:, :t]
   den = bias + acc[..., -1]
   return divide_by_denominator(acc[..., :-1], den[..., None]).astype(q.dtype)
-
