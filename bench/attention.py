@@ -4,8 +4,13 @@ One process times, at each sequence length and dtype, forward and
 forward+backward of:
 
   polysketch  `polysketch_attention(..., implementation="xla")` (the package)
-  plain       (with --baseline-plain) a plain blocked-einsum DESIGN §1.3,
-              nothing tuned: the bar the package's xla path must clear
+  plain       (with --baseline-plain) a plain blocked-einsum DESIGN §1.3 that
+              materialises phi = f (x) f, nothing tuned
+  einsum      (with --baseline-einsum) the official einsum form: the
+              three-operand einsums of the google-research PolySketchFormer
+              code (f_k, f_k, [v, 1] -> block states; cumsum over blocks;
+              f_q, f_q, S -> reads) plus the exact local blocks, autodiff
+              backward: the bar the package's xla path must clear
   softmax     `jax.nn.dot_product_attention` (XLA; cuDNN on a GPU backend)
   polynomial  exact `polynomial_attention`, O(T^2)
 
@@ -19,6 +24,7 @@ bench/results/ and prints a table.
   JAX_PLATFORMS=cpu python bench/attention.py                    # full run
   JAX_PLATFORMS=cpu python bench/attention.py --quick            # 1k-4k, f32
   JAX_PLATFORMS=cpu python bench/attention.py --baseline-plain   # + plain
+  JAX_PLATFORMS=cpu python bench/attention.py --baseline-einsum  # + einsum form
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ MODES = ("fwd", "fwd+bwd")
 METHOD_LABELS = {
     "polysketch": "PolySketch (xla)",
     "plain": "plain blocked einsum",
+    "einsum": "official einsum form",
     "softmax": "softmax",
     "polynomial": "exact polynomial",
 }
@@ -87,6 +94,56 @@ def plain_blocked_attention(q, k, v, q_features, k_features, *, degree=4,
 
 
 # ----------------------------------------------------------------------------
+# The official einsum form: three-operand einsums, phi never materialised.
+# ----------------------------------------------------------------------------
+
+def einsum_form_attention(q, k, v, q_features, k_features, *, degree=4,
+                          block_size=256, causal=True):
+  """PolySketch attention (local_exact) in the form of the google-research
+  PolySketchFormer code, written from DESIGN §1.3.
+
+  Per block t the state update is einsum('...ti,...tj,...td->...ijd', f_k,
+  f_k, [v, 1]) (phi = f_k (x) f_k never formed; jnp.einsum picks the
+  contraction order), an exclusive cumsum over blocks gives S_t, and the read
+  is einsum('...ti,...tj,...ijd->...td', f_q, f_q, S_t); the diagonal blocks
+  are exact, tril((q k^T)^p) [v, 1]. Non-causal: one state over all tokens,
+  read by every query. GQA: k, v, f_k with fewer heads are repeated to the
+  query heads. Autodiff for the backward; computes in float32; seq must be a
+  multiple of block_size.
+  """
+  out_dtype = q.dtype
+  q, k, v, fq, fk = (x.astype(jnp.float32) for x in (q, k, v, q_features, k_features))
+  b_, t, n, h = q.shape
+  if k.shape[2] != n:
+    rep = n // k.shape[2]
+    k, v, fk = (jnp.repeat(x, rep, axis=2) for x in (k, v, fk))
+  v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+  if not causal:
+    # [B, T, N, .] -> [B, N, T, .]
+    fq_, fk_, v1_ = (jnp.swapaxes(x, 1, 2) for x in (fq, fk, v1))
+    s = jnp.einsum("...ti,...tj,...td->...ijd", fk_, fk_, v1_)
+    acc = jnp.einsum("...ti,...tj,...ijd->...td", fq_, fq_, s)
+    out = acc[..., :h] / (1.0 + acc[..., h:])
+    return jnp.swapaxes(out, 1, 2).astype(out_dtype)
+  if t % block_size:
+    raise ValueError(f"seq {t} must be a multiple of block_size {block_size}")
+  nb = t // block_size
+  # [B, T, N, D] -> [B, N, nb, b, D]
+  blocks = lambda x: jnp.transpose(x.reshape(b_, nb, block_size, n, x.shape[-1]),
+                                   (0, 3, 1, 2, 4))
+  qb, kb, v1b, fqb, fkb = (blocks(x) for x in (q, k, v1, fq, fk))
+  upd = jnp.einsum("...ti,...tj,...td->...ijd", fkb, fkb, v1b)   # [B, N, nb, r, r, H+1]
+  state = jnp.cumsum(upd, axis=2)
+  state = jnp.concatenate([jnp.zeros_like(state[:, :, :1]), state[:, :, :-1]], axis=2)
+  prefix = jnp.einsum("...ti,...tj,...ijd->...td", fqb, fqb, state)
+  local = jnp.einsum("...id,...jd->...ij", qb, kb) ** degree
+  local = jnp.where(jnp.tril(jnp.ones((block_size, block_size), bool)), local, 0.0)
+  acc = prefix + jnp.einsum("...ij,...jd->...id", local, v1b)
+  out = acc[..., :h] / (1.0 + acc[..., h:])                       # [B, N, nb, b, H]
+  return jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(b_, t, n, h).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------
 # Methods and inputs.
 # ----------------------------------------------------------------------------
 
@@ -96,27 +153,33 @@ def softmax_implementation() -> str | None:
 
 def make_method(name, cfg):
   degree, block = cfg["degree"], cfg["block_size"]
+  causal = cfg.get("causal", True)
   if name == "polysketch":
     return lambda q, k, v, fq, fk: ps.polysketch_attention(
-        q, k, v, fq, fk, degree=degree, block_size=block, causal=True,
+        q, k, v, fq, fk, degree=degree, block_size=block, causal=causal,
         local_exact=True, implementation="xla")
   if name == "plain":
+    if not causal or cfg.get("kv_heads", cfg["heads"]) != cfg["heads"]:
+      raise ValueError("the plain baseline is causal multi-head attention only")
     return lambda q, k, v, fq, fk: plain_blocked_attention(
         q, k, v, fq, fk, degree=degree, block_size=block)
+  if name == "einsum":
+    return lambda q, k, v, fq, fk: einsum_form_attention(
+        q, k, v, fq, fk, degree=degree, block_size=block, causal=causal)
   if name == "softmax":
     impl = softmax_implementation()
     return lambda q, k, v, fq, fk: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=impl)
+        q, k, v, is_causal=causal, implementation=impl)
   if name == "polynomial":
     return lambda q, k, v, fq, fk: ps.polynomial_attention(
-        q, k, v, degree=degree, causal=True)
+        q, k, v, degree=degree, causal=causal)
   raise ValueError(f"unknown method {name!r}")
 
 
 def differentiable_argnums(name):
   # Features are differentiable inputs of the sketched ops (a real model trains
   # the sketch through them); softmax and exact attention see q, k, v only.
-  return (0, 1, 2, 3, 4) if name in ("polysketch", "plain") else (0, 1, 2)
+  return (0, 1, 2, 3, 4) if name in ("polysketch", "plain", "einsum") else (0, 1, 2)
 
 
 def build_fn(name, mode, cfg):
@@ -133,14 +196,17 @@ def build_fn(name, mode, cfg):
 
 
 def make_inputs(seq, dtype, cfg, seed=0):
-  """LayerNorm-scaled q, k (unit variance per dim), v, random-sketch features."""
+  """LayerNorm-scaled q, k (unit variance per dim), v, random-sketch features;
+  k, v and f_k with cfg["kv_heads"] heads (grouped-query attention)."""
   b_, n, h, r = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["sketch_dim"]
+  kv_heads = cfg.get("kv_heads", n)
   kq, kk, kv, ks, kc = jax.random.split(jax.random.key(seed), 5)
   shape = (b_, seq, n, h)
+  kv_shape = (b_, seq, kv_heads, h)
   layer_norm = lambda x: (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
   q = layer_norm(jax.random.normal(kq, shape)) / h ** 0.25
-  k = layer_norm(jax.random.normal(kk, shape)) / h ** 0.25
-  v = jax.random.normal(kv, shape)
+  k = layer_norm(jax.random.normal(kk, kv_shape)) / h ** 0.25
+  v = jax.random.normal(kv, kv_shape)
   sketch = ps.random_sketch_init(ks, h, r, cfg["degree"])
   fq, fk = ps.random_sketch_features(sketch, q), ps.random_sketch_features(sketch, k)
   cot = jax.random.normal(kc, shape)
@@ -261,6 +327,8 @@ def format_table(results, methods):
       ratio_names = [m for m in methods if m != "softmax"] if "softmax" in methods else []
       for m in ratio_names:
         head += f" | {'softmax/' + m:>18}"
+      if "einsum" in methods and "polysketch" in methods:
+        head += f" | {'einsum/polysketch':>17}"
       if "polysketch" in methods:
         head += f" | {'ps us/tok':>9}"
       lines.append(head)
@@ -280,6 +348,11 @@ def format_table(results, methods):
           else:
             cell = "-"
           row += f" | {cell:>18}"
+        if "einsum" in methods and "polysketch" in methods:
+          rec, e = idx.get(("polysketch", dt, mode, seq)), idx.get(("einsum", dt, mode, seq))
+          ok = rec and e and rec["status"] == "ok" and e["status"] == "ok"
+          cell = f"{e['median_s'] / rec['median_s']:.2f}x" if ok else "-"
+          row += f" | {cell:>17}"
         if "polysketch" in methods:
           rec = idx.get(("polysketch", dt, mode, seq))
           tok = f"{rec['us_per_token']:.1f}" if rec and rec["status"] == "ok" else "-"
@@ -288,7 +361,7 @@ def format_table(results, methods):
   return "\n".join(lines)
 
 
-def plot(results, methods, path):
+def plot(results, methods, path, title=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -297,7 +370,9 @@ def plot(results, methods, path):
   fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(6.5 * len(MODES), 4.5 * len(dtypes)),
                            squeeze=False)
   ratios = speedups(results)
-  colors = {"polysketch": "C0", "plain": "C2", "softmax": "C3", "polynomial": "C1"}
+  einsum_ratios = speedups(results, baseline="einsum")
+  colors = {"polysketch": "C0", "plain": "C2", "einsum": "C4", "softmax": "C3",
+            "polynomial": "C1"}
   for i, dt in enumerate(dtypes):
     for j, mode in enumerate(MODES):
       ax = axes[i][j]
@@ -318,16 +393,22 @@ def plot(results, methods, path):
       ax.set_yscale("log")
       ax.set_xlabel("sequence length")
       ax.set_ylabel("median time (s)")
-      ax.set_title(f"{dt}, {mode}")
+      ax.set_title(f"{dt}, {mode}" + (f" ({title})" if title else ""))
       ax.grid(True, which="both", alpha=0.3)
       pts = sorted((seq, v) for (d, mo, seq), v in ratios.items() if d == dt and mo == mode)
-      if pts:
+      epts = sorted((seq, v) for (d, mo, seq), v in einsum_ratios.items()
+                    if d == dt and mo == mode)
+      if pts or epts:
         ax2 = ax.twinx()
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s",
-                 label="speed-up softmax/PolySketch")
+        if pts:
+          ax2.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="s",
+                   label="speed-up softmax/PolySketch")
+        if epts:
+          ax2.plot([p[0] for p in epts], [p[1] for p in epts], ":", color="C4", marker="^",
+                   label="speed-up einsum form/PolySketch")
         ax2.set_yscale("log")
         ax2.axhline(1.0, color="k", lw=0.5)
-        ax2.set_ylabel("speed-up (softmax time / PolySketch time)")
+        ax2.set_ylabel("speed-up (baseline time / PolySketch time)")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
@@ -383,14 +464,20 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", nargs="+", default=None, choices=("float32", "bfloat16"),
                  help="default float32 bfloat16 (--quick: float32)")
   p.add_argument("--methods", nargs="+", default=None,
-                 choices=("polysketch", "plain", "softmax", "polynomial"),
+                 choices=("polysketch", "plain", "einsum", "softmax", "polynomial"),
                  help="default polysketch softmax polynomial")
   p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
   p.add_argument("--baseline-plain", action="store_true",
                  help="also time the plain blocked-einsum baseline")
+  p.add_argument("--baseline-einsum", action="store_true",
+                 help="also time the official three-operand einsum form")
   p.add_argument("--quick", action="store_true", help="seq 1k-4k, float32, fewer reps")
+  p.add_argument("--non-causal", action="store_true",
+                 help="non-causal attention (default causal)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--kv-heads", type=int, default=None,
+                 help="grouped-query attention: k, v heads (default --heads)")
   p.add_argument("--head-dim", type=int, default=64)
   p.add_argument("--sketch-dim", type=int, default=32)
   p.add_argument("--block-size", type=int, default=256)
@@ -418,6 +505,8 @@ def parse_args(argv=None):
     args.methods = ["polysketch", "softmax", "polynomial"]
   if args.baseline_plain and "plain" not in args.methods:
     args.methods.insert(1, "plain")
+  if args.baseline_einsum and "einsum" not in args.methods:
+    args.methods.insert(1, "einsum")
   if args.quick:
     args.min_reps, args.max_reps, args.min_time = 2, 5, 1.0
   return args
@@ -427,13 +516,15 @@ def main(argv=None):
   opts = parse_args(argv)
   cfg = {"batch": opts.batch, "heads": opts.heads, "head_dim": opts.head_dim,
          "sketch_dim": opts.sketch_dim, "block_size": opts.block_size,
-         "degree": opts.degree}
+         "degree": opts.degree, "causal": not opts.non_causal,
+         "kv_heads": opts.kv_heads or opts.heads}
   meta = machine_info()
   meta.update(config=cfg, args=vars(opts).copy(),
               softmax_implementation=softmax_implementation() or "xla",
               started=datetime.datetime.now().isoformat(timespec="seconds"))
   print(f"# {meta['backend']} ({meta['device_kind']}), {meta['cpu_count']} cpus, "
-        f"jax {meta['jax']}; B={cfg['batch']} N={cfg['heads']} H={cfg['head_dim']} "
+        f"jax {meta['jax']}; {'causal' if cfg['causal'] else 'non-causal'}, "
+        f"B={cfg['batch']} N={cfg['heads']} K={cfg['kv_heads']} H={cfg['head_dim']} "
         f"r={cfg['sketch_dim']} b={cfg['block_size']} p={cfg['degree']}; "
         f"budget {opts.budget_gib:g} GiB", flush=True)
   results = []
@@ -469,6 +560,13 @@ def main(argv=None):
     report["speedup_softmax_over_plain"] = {
         f"{dt}/{mode}/{seq}": v
         for (dt, mode, seq), v in speedups(results, method="plain").items()}
+  if "einsum" in opts.methods:
+    report["speedup_softmax_over_einsum"] = {
+        f"{dt}/{mode}/{seq}": v
+        for (dt, mode, seq), v in speedups(results, method="einsum").items()}
+    report["speedup_einsum_over_polysketch"] = {
+        f"{dt}/{mode}/{seq}": v
+        for (dt, mode, seq), v in speedups(results, baseline="einsum").items()}
   os.makedirs(opts.out_dir, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   stem = opts.tag or f"attention-{meta['backend']}-{stamp}"
@@ -480,7 +578,9 @@ def main(argv=None):
   print(f"\nwrote {json_path}")
   if not opts.no_plot:
     png_path = os.path.join(opts.out_dir, stem + ".png")
-    plot(results, opts.methods, png_path)
+    shape = (f"{'causal' if cfg['causal'] else 'non-causal'}, N={cfg['heads']}"
+             + (f" K={cfg['kv_heads']}" if cfg["kv_heads"] != cfg["heads"] else ""))
+    plot(results, opts.methods, png_path, title=shape)
     print(f"wrote {png_path}")
   return report
 

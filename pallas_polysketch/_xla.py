@@ -18,10 +18,16 @@ and the matmuls stay large. Three exact rewrites of §1.3 make it cheaper:
 - the state is stored transposed, [S | z]^T [B, K, H + 1, d], so no product
   needs a d-sized transpose.
 
-Grouped-query attention: arrays on the query side carry a group axis,
-[..., K, G, ...] (query head n = kv head n // G, group member n % G), arrays on
-the key side do not; the state is per kv head, its update is done once per kv
-head and read by the G query heads of the group.
+Layout inside the scan: batch and kv heads share one axis, M = B * K; a
+query-side block holds its G group members' rows one after the other,
+[M, cb, G * b, D] (query head n = kv head n // G, group member n % G), a
+key-side block [M, cb, b, D]. The state is per kv head, [M, H + 1, d]; its
+update is done once per kv head and read by the G * b rows, and products over
+rows (dV, dK, the state's cotangent) sum the group. No axis has size 1 when
+B = 1 or G = 1: XLA:CPU ran multiply-reduces over [1, ...] shapes 5x slower.
+
+Non-causal attention is a state sum and a read (`state_sum_xla`,
+`apply_state_xla`), each a scan over token chunks with a custom VJP.
 
 The backward is a `jax.custom_vjp` following DESIGN §1.4: residuals are the
 inputs, O, the denominator and the state at each chunk start (d (H + 1) floats
@@ -48,9 +54,10 @@ from pallas_polysketch.polynomial import (
 
 # Tokens per chunk of the causal scan: large enough for large batched matmuls,
 # small enough that a chunk's wide features stay small (at r = 32 and 12 heads
-# one chunk's psi is 2048 * 12 * 528 floats = 50 MiB). On CPU, 256 to 4096 ran
-# within noise of each other at 8k tokens; memory grows with the chunk.
-CHUNK_TOKENS = 2048
+# one chunk's psi is 512 * 12 * 528 floats = 13 MiB). Side by side on CPU at
+# 8k tokens, fwd + bwd (bench/BENCH_NOTES.md): 512 tokens (two blocks of 256)
+# 1.1 s, 1024 1.5 s, 2048 1.6 s, 256 (one block a chunk) 3.4 s.
+CHUNK_TOKENS = 512
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -61,21 +68,27 @@ def einsum(spec, *operands):
 
 
 def _to_chunks(x, num_chunks, chunk_blocks, block_size, group):
-  """[B, T, N, D] -> [num_chunks, B, K, G, cb, b, D] (group=G) or
-  [num_chunks, B, K, cb, b, D] (group=None, key side)."""
+  """[B, T, N, D] -> [num_chunks, B * K, cb, G * b, D] (query side, group=G;
+  row g * b + i of a block is token i of group member g) or
+  [num_chunks, B * K, cb, b, D] (key side, group=None).
+
+  Batch and kv heads share one axis and the group members join the block's
+  rows, so no array in the scan has a size-1 axis when B = 1 or G = 1: on
+  XLA:CPU (jax 0.10.2) a multiply-reduce over [1, ...] shapes ran 5x slower
+  than the same over the shape without the 1."""
   b_, _, n, d = x.shape
-  x = x.reshape(b_, num_chunks, chunk_blocks, block_size, n, d)
-  x = jnp.transpose(x, (1, 0, 4, 2, 3, 5))
-  if group is None:
-    return x
-  return x.reshape(num_chunks, b_, n // group, group, chunk_blocks, block_size, d)
+  g = 1 if group is None else group
+  x = x.reshape(b_, num_chunks, chunk_blocks, block_size, n // g, g, d)
+  x = jnp.transpose(x, (1, 0, 4, 2, 5, 3, 6))     # [nc, B, K, cb, G, b, D]
+  return x.reshape(num_chunks, b_ * (n // g), chunk_blocks, g * block_size, d)
 
 
-def _from_chunks(x):
-  """[num_chunks, B, K, G, cb, b, D] -> [B, T, K * G, D]."""
-  nc, b_, k, g, cb, blk, d = x.shape
-  x = x.reshape(nc, b_, k * g, cb, blk, d)
-  return jnp.transpose(x, (1, 0, 3, 4, 2, 5)).reshape(b_, nc * cb * blk, k * g, d)
+def _from_chunks(x, batch, group):
+  """[num_chunks, B * K, cb, G * b, D] -> [B, T, K * G, D]."""
+  nc, m, cb, gb, d = x.shape
+  k, blk = m // batch, gb // group
+  x = x.reshape(nc, batch, k, cb, group, blk, d)
+  return jnp.transpose(x, (1, 0, 3, 5, 2, 4, 6)).reshape(batch, nc * cb * blk, k * group, d)
 
 
 def _exclusive_cumsum(x, axis, reverse=False):
@@ -112,12 +125,19 @@ def symmetric_features(f):
   products: psi = (f_a f_c for a <= c), the off-diagonal ones scaled by sqrt 2.
   The prefix states then hold r(r+1)/2 x H numbers instead of r^2 x H, which
   halves the state reads and updates (the bulk of the work) exactly, up to
-  float rounding. Built by a gather with constant indices (on CPU 3x faster
-  than concatenating r slices); the custom VJP avoids a scatter-add.
+  float rounding. Built row by row, f_a * f[a:], concatenated: inside the
+  chunk scan XLA:CPU (jax 0.10.2) lowered the constant-index gather to a
+  d-major gather plus a transposing copy, 1.3x slower over the whole backward.
+  The custom VJP avoids a scatter-add.
   """
-  ia, ic, _ = _pairs(f.shape[-1])
-  coef = np.where(ia == ic, 1.0, np.sqrt(2.0)).astype(f.dtype)
-  return jnp.take(f, ia, axis=-1) * jnp.take(f, ic, axis=-1) * coef
+  r = f.shape[-1]
+  return jnp.concatenate(
+      [f[..., a:a + 1] * (f[..., a:] * _row_coef(r, a, f.dtype)) for a in range(r)], axis=-1)
+
+
+def _row_coef(r, a, dtype):
+  """Row a of psi's scale: 1 on the diagonal (a, a), sqrt 2 for (a, c > a)."""
+  return np.where(np.arange(a, r) == a, 1.0, np.sqrt(2.0)).astype(dtype)
 
 
 def _symmetric_features_fwd(f):
@@ -168,10 +188,20 @@ def _features_grad(spec, x, state, f):
   Args: spec, the einsum of x [..., b, H + 1] and the expanded state
     [..., H + 1, r^2]; f [..., b, r].
   """
-  r = f.shape[-1]
+  return _expanded_features_grad(spec, x, _expand_state(state, f.shape[-1]), f)
+
+
+def _expand_state(state, r):
+  """[..., d] over psi -> [..., r^2]: the symmetric r x r matrix D of each row
+  (sqrt2 X off the diagonal, 2 X on it), flattened."""
   ia, ic, pos = _pairs(r)
-  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(f.dtype)
-  full = jnp.take(state * coef, pos, axis=-1)
+  coef = np.where(ia == ic, 2.0, np.sqrt(2.0)).astype(state.dtype)
+  return jnp.take(state * coef, pos, axis=-1)
+
+
+def _expanded_features_grad(spec, x, full, f):
+  """`_features_grad` with the state already expanded by `_expand_state`."""
+  r = f.shape[-1]
   d = einsum(spec, x, full).reshape(*f.shape, r)
   return jnp.sum(d * f[..., None, :], axis=-1)
 
@@ -185,43 +215,48 @@ def _with_ones(v):
 def _chunk_states(state, psi_k, v1):
   """Per-block prefix states of one chunk, from the state at its start.
 
-  The state is kept transposed and augmented, [S | z]^T [B, K, H + 1, d] with
-  d = r(r+1)/2: then the update V1^T Psi_k and every other product below are
-  matmuls whose operands need no d-sized transpose (on CPU, Phi_k^T V with the
-  contraction on Phi_k's rows ran 2.5x slower than V^T Phi_k).
+  The state is kept transposed and augmented, [S | z]^T [M, H + 1, d] with
+  d = r(r+1)/2 and M = B * K: then the update V1^T Psi_k and every other
+  product below are matmuls whose operands need no d-sized transpose (on CPU,
+  Phi_k^T V with the contraction on Phi_k's rows ran 2.5x slower than V^T Phi_k).
 
-  Args: state [B, K, H + 1, d], psi_k [B, K, cb, b, d], v1 [B, K, cb, b, H + 1].
-  Returns: (per-block states [B, K, cb, H + 1, d], the state after the chunk).
+  Args: state [M, H + 1, d], psi_k [M, cb, b, d], v1 [M, cb, b, H + 1].
+  Returns: (per-block states [M, cb, H + 1, d], the state after the chunk).
   """
-  upd = einsum("gnsjh,gnsjc->gnshc", v1, psi_k)
-  s_t = state[:, :, None] + _exclusive_cumsum(upd, axis=2)
-  return s_t, s_t[:, :, -1] + upd[:, :, -1]
+  upd = einsum("msjh,msjc->mshc", v1, psi_k)
+  s_t = state[:, None] + _exclusive_cumsum(upd, axis=1)
+  return s_t, s_t[:, -1] + upd[:, -1]
+
+
+def _local_mask(group, block_size):
+  """[G * b, b]: row g * b + i sees keys j <= i of its block."""
+  return jnp.tile(jnp.tril(jnp.ones((block_size, block_size), bool)), (group, 1))
 
 
 def _local_scores(qc, kc, fqc, fkc, local_exact, degree):
-  """(s, p): scores [B, K, G, cb, b, b] of the diagonal blocks and their power."""
+  """(s, p): scores [M, cb, G * b, b] of the diagonal blocks and their power."""
   if local_exact:
-    return einsum("gnetih,gntjh->gnetij", qc, kc), degree
-  return einsum("gnetir,gntjr->gnetij", fqc, fkc), 2
+    return einsum("mtih,mtjh->mtij", qc, kc), degree
+  return einsum("mtir,mtjr->mtij", fqc, fkc), 2
 
 
 def _chunk_forward(state, xs, *, degree, local_exact, bias, dt):
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in xs)
   v1 = _with_ones(vc)
   s, p = _local_scores(qc, kc, fqc, fkc, local_exact, degree)
-  blk = s.shape[-1]
-  local = jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), s ** p, 0.0)
+  mask = _local_mask(qc.shape[2] // kc.shape[2], kc.shape[2])
+  local = jnp.where(mask, s ** p, 0.0)
   psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
   s_t, new_state = _chunk_states(state, psi_k, v1)
-  acc = (einsum("gnetij,gntjh->gnetih", local, v1)
-         + einsum("gnetic,gnthc->gnetih", psi_q, s_t))  # [num | den - bias]
+  acc = (einsum("mtij,mtjh->mtih", local, v1)
+         + einsum("mtic,mthc->mtih", psi_q, s_t))  # [num | den - bias]
   den = bias + acc[..., -1]
   return new_state, (divide_by_denominator(acc[..., :-1], den[..., None]), den, s_t)
 
 
 def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   # carry: R = sum over later blocks of Psi_q^T [dnum | dden] (+ the final
-  # state's cotangent), as [B, K, H+1, d].
+  # state's cotangent), as [M, H+1, d].
   (qc, kc, vc, fqc, fkc), out, den, state, g = xs
   qc, kc, vc, fqc, fkc = (x.astype(dt) for x in (qc, kc, vc, fqc, fkc))
   v1 = _with_ones(vc)
@@ -231,41 +266,41 @@ def _chunk_backward(carry, xs, *, degree, local_exact, dt):
   dden = -jnp.sum(g * out, axis=-1) * inv_den
   dacc = jnp.concatenate([dnum, dden[..., None]], axis=-1)
 
-  # Local block: w = tril(s^p) with s = q k^T (or f_q f_k^T, p = 2).
+  # Local block: w = tril(s^p) with s = q k^T (or f_q f_k^T, p = 2). The
+  # group's rows share the block's keys, so products over rows sum the group.
   s, p = _local_scores(qc, kc, fqc, fkc, local_exact, degree)
-  blk = s.shape[-1]
-  mask = jnp.tril(jnp.ones((blk, blk), bool))
+  mask = _local_mask(qc.shape[2] // kc.shape[2], kc.shape[2])
   w = jnp.where(mask, s ** p, 0.0)
-  dv1 = einsum("gnetij,gnetih->gntjh", w, dacc)
-  dw = einsum("gnetih,gntjh->gnetij", dacc, v1)
+  dv1 = einsum("mtij,mtih->mtjh", w, dacc)
+  dw = einsum("mtih,mtjh->mtij", dacc, v1)
   ds = jnp.where(mask, dw * (p * s ** (p - 1)), 0.0)
 
   # Prefix reads and updates.
   psi_q, psi_k = symmetric_features(fqc), symmetric_features(fkc)
   s_t, _ = _chunk_states(state, psi_k, v1)
-  ds_t = einsum("gnetih,gnetic->gnthc", dacc, psi_q)
-  r_t = carry[:, :, None] + _exclusive_cumsum(ds_t, axis=2, reverse=True)
-  dv1 = dv1 + einsum("gntjc,gnthc->gntjh", psi_k, r_t)
-  dfq = _features_grad("gnetih,gnthc->gnetic", dacc, s_t, fqc)
-  dfk = _features_grad("gntih,gnthc->gntic", v1, r_t, fkc)
+  ds_t = einsum("mtih,mtic->mthc", dacc, psi_q)
+  r_t = carry[:, None] + _exclusive_cumsum(ds_t, axis=1, reverse=True)
+  dv1 = dv1 + einsum("mtjc,mthc->mtjh", psi_k, r_t)
+  dfq = _features_grad("mtih,mthc->mtic", dacc, s_t, fqc)
+  dfk = _features_grad("mtih,mthc->mtic", v1, r_t, fkc)
   if local_exact:
-    dq = einsum("gnetij,gntjh->gnetih", ds, kc)
-    dk = einsum("gnetij,gnetih->gntjh", ds, qc)
+    dq = einsum("mtij,mtjh->mtih", ds, kc)
+    dk = einsum("mtij,mtih->mtjh", ds, qc)
   else:
     dq, dk = jnp.zeros_like(qc), jnp.zeros_like(kc)
-    dfq = dfq + einsum("gnetij,gntjr->gnetir", ds, fkc)
-    dfk = dfk + einsum("gnetij,gnetir->gntjr", ds, fqc)
-  return r_t[:, :, 0] + ds_t[:, :, 0], (dq, dk, dv1[..., :-1], dfq, dfk)
+    dfq = dfq + einsum("mtij,mtjr->mtir", ds, fkc)
+    dfk = dfk + einsum("mtij,mtir->mtjr", ds, fqc)
+  return r_t[:, 0] + ds_t[:, 0], (dq, dk, dv1[..., :-1], dfq, dfk)
 
 
 def _scan_forward(xs, initial_state, degree, local_exact, bias, save_states,
                   state_block=None):
-  """The forward scan. state_block: None, or int32 [B]: also return the state
-  at the start of that block (counted over all chunks)."""
+  """The forward scan, state [M, H + 1, d]. state_block: None, or int32 [M]:
+  also return the state at the start of that block (counted over all chunks)."""
   dt = initial_state.dtype
   body = functools.partial(_chunk_forward, degree=degree, local_exact=local_exact,
                            bias=bias, dt=dt)
-  chunk_blocks = xs[0].shape[4]
+  chunk_blocks = xs[0].shape[2]
 
   def step(carry, chunk):
     state, emitted, first_block = carry
@@ -274,7 +309,7 @@ def _scan_forward(xs, initial_state, degree, local_exact, bias, save_states,
       # One-hot over the chunk's block starts (and the chunk's end, which is the
       # start of the next chunk's first block: counted there, or below).
       hit = (state_block[:, None] - first_block) == jnp.arange(chunk_blocks)
-      emitted = emitted + einsum("gt,gnthc->gnhc", hit.astype(dt), s_t)
+      emitted = emitted + einsum("mt,mthc->mhc", hit.astype(dt), s_t)
     carry = (new_state, emitted, first_block + chunk_blocks)
     return carry, ((out, den, state) if save_states else out)
 
@@ -283,14 +318,14 @@ def _scan_forward(xs, initial_state, degree, local_exact, bias, save_states,
   init = (initial_state, emitted, 0)
   (final, emitted, total_blocks), ys = jax.lax.scan(step, init, xs)
   if state_block is not None:
-    at_end = (state_block >= total_blocks).astype(dt)[:, None, None, None]
+    at_end = (state_block >= total_blocks).astype(dt)[:, None, None]
     emitted = emitted + at_end * final
   return final, emitted, ys
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _causal_chunks(xs, initial_state, degree, local_exact, bias):
-  """xs: q-side [nc, B, K, G, cb, b, D], k-side [nc, B, K, cb, b, D].
+  """xs: q-side [nc, M, cb, G * b, D], k-side [nc, M, cb, b, D]; state [M, H + 1, d].
 
   Returns O (compute dtype, chunked like q) and the final state."""
   final, _, out = _scan_forward(xs, initial_state, degree, local_exact, bias, False)
@@ -319,7 +354,7 @@ _causal_chunks.defvjp(_causal_chunks_fwd, _causal_chunks_bwd)
 
 def _chunking(num_blocks, block_size, chunk_tokens):
   """(num_chunks, chunk_blocks) with chunks of about chunk_tokens, balanced."""
-  target = max(1, chunk_tokens // block_size)
+  target = max(2, chunk_tokens // block_size)  # one-block chunks ran 3x slower
   num_chunks = -(-num_blocks // target)
   chunk_blocks = -(-num_blocks // num_chunks)
   return num_chunks, chunk_blocks
@@ -357,19 +392,102 @@ def causal_xla(q, k, v, q_features, k_features, initial_state, *, degree, block_
                                   num_chunks, chunk_blocks, block_size, g)
   xs = (chunk(q, group), chunk(k, None), chunk(v, None), chunk(q_features, group),
         chunk(k_features, None))
+  b_, kv = initial_state.shape[:2]
+  state = initial_state.reshape(b_ * kv, *initial_state.shape[2:])
   if state_block is None:
-    out, state = _causal_chunks(xs, initial_state, degree, local_exact, bias)
+    out, state = _causal_chunks(xs, state, degree, local_exact, bias)
   else:
-    _, state, out = _scan_forward(xs, initial_state, degree, local_exact, bias, False,
-                                  state_block=state_block)
-  return _from_chunks(out)[:, :t].astype(out_dtype), state
+    _, state, out = _scan_forward(xs, state, degree, local_exact, bias, False,
+                                  state_block=jnp.repeat(state_block, kv))
+  out = _from_chunks(out, b_, group)[:, :t].astype(out_dtype)
+  return out, state.reshape(initial_state.shape)
+
+
+def _token_chunks(x, group, chunk):
+  """[B, T, N, D] -> [nc, B * K, G * chunk, D] (zero-padded), for the
+  non-causal path: zero features add nothing to a state sum, and padded
+  queries are sliced off."""
+  t = x.shape[1]
+  nc = -(-t // chunk)
+  x = jnp.pad(x, ((0, 0), (0, nc * chunk - t), (0, 0), (0, 0)))
+  x = _to_chunks(x, nc, 1, chunk, group)
+  return x.reshape(x.shape[0], x.shape[1], *x.shape[3:])
+
+
+def _non_causal_chunk(t):
+  """Tokens per chunk of the non-causal scans: CHUNK_TOKENS, or all of T."""
+  return min(t, CHUNK_TOKENS)
+
+
+@jax.custom_vjp
+def _state_sum_chunks(vc, fkc):
+  """vc [nc, M, c, H], fkc [nc, M, c, r] -> sum of psi(f_k)^T [v, 1], [M, H + 1, d]."""
+  def step(state, xs):
+    v, fk = xs
+    return state + einsum("mjh,mjc->mhc", _with_ones(v), symmetric_features(fk)), None
+  r = fkc.shape[-1]
+  init = jnp.zeros((vc.shape[1], vc.shape[-1] + 1, r * (r + 1) // 2), vc.dtype)
+  return jax.lax.scan(step, init, (vc, fkc))[0]
+
+
+def _state_sum_fwd(vc, fkc):
+  return _state_sum_chunks(vc, fkc), (vc, fkc)
+
+
+def _state_sum_bwd(residuals, d_state):
+  vc, fkc = residuals
+  full = _expand_state(d_state, fkc.shape[-1])
+
+  def step(_, xs):
+    v, fk = xs
+    v1 = _with_ones(v)
+    dv = einsum("mjc,mhc->mjh", symmetric_features(fk), d_state[:, :-1])
+    return None, (dv, _expanded_features_grad("mjh,mhc->mjc", v1, full, fk))
+  return jax.lax.scan(step, None, (vc, fkc))[1]
+
+
+_state_sum_chunks.defvjp(_state_sum_fwd, _state_sum_bwd)
+
+
+@jax.custom_vjp
+def _apply_state_chunks(fqc, state):
+  """fqc [nc, M, G * c, r], state [M, H + 1, d] -> psi(f_q) state^T, [nc, M, G * c, H + 1]."""
+  def step(_, fq):
+    return None, einsum("mic,mhc->mih", symmetric_features(fq), state)
+  return jax.lax.scan(step, None, fqc)[1]
+
+
+def _apply_state_fwd(fqc, state):
+  return _apply_state_chunks(fqc, state), (fqc, state)
+
+
+def _apply_state_bwd(residuals, dacc):
+  fqc, state = residuals
+  full = _expand_state(state, fqc.shape[-1])
+
+  def step(d_state, xs):
+    fq, da = xs
+    d_state = d_state + einsum("mih,mic->mhc", da, symmetric_features(fq))
+    return d_state, _expanded_features_grad("mih,mhc->mic", da, full, fq)
+  d_state, dfq = jax.lax.scan(step, jnp.zeros_like(state), (fqc, dacc))
+  return dfq, d_state
+
+
+_apply_state_chunks.defvjp(_apply_state_fwd, _apply_state_bwd)
 
 
 def state_sum_xla(k, v, k_features):
-  """sum over all tokens of psi(f_k)^T [v, 1]: [B, K, H + 1, d] (compute dtype)."""
+  """sum over all tokens of psi(f_k)^T [v, 1]: [B, K, H + 1, d] (compute dtype).
+
+  A scan over token chunks (memory linear in T with a small constant; psi of
+  one chunk at a time), with a custom VJP: dv = psi(f_k) dS^T and df_k by the
+  expanded state, as in the causal backward."""
   dt = compute_dtype(k)
-  psi = symmetric_features(k_features.astype(dt))
-  return einsum("btnh,btnc->bnhc", _with_ones(v.astype(dt)), psi)
+  b_, t, kv, _ = k.shape
+  chunk = _non_causal_chunk(t)
+  vc, fkc = (_token_chunks(x.astype(dt), None, chunk) for x in (v, k_features))
+  state = _state_sum_chunks(vc, fkc)
+  return state.reshape(b_, kv, *state.shape[1:])
 
 
 def apply_state_xla(q, q_features, state, *, bias):
@@ -378,8 +496,9 @@ def apply_state_xla(q, q_features, state, *, bias):
   dt = state.dtype
   b_, t, n, h = q.shape
   kv = state.shape[1]
-  psi = symmetric_features(q_features.astype(dt)).reshape(b_, t, kv, n // kv, -1)
-  acc = einsum("btnec,bnhc->btneh", psi, state).reshape(b_, t, n, h + 1)
+  chunk = _non_causal_chunk(t)
+  fqc = _token_chunks(q_features.astype(dt), n // kv, chunk)
+  acc = _apply_state_chunks(fqc, state.reshape(b_ * kv, *state.shape[2:]))
+  acc = _from_chunks(acc[:, :, None], b_, n // kv)[:, :t]
   den = bias + acc[..., -1]
   return divide_by_denominator(acc[..., :-1], den[..., None]).astype(q.dtype)
-

@@ -49,3 +49,19 @@ def test_plain_baseline_matches_reference():
   out = bench.plain_blocked_attention(q, k, v, fq, fk, degree=4, block_size=16)
   ref = polysketch_attention_quadratic(q, k, v, fq, fk, degree=4, block_size=16)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_baseline_matches_reference():
+  """The official einsum form (causal, non-causal, GQA) computes DESIGN §1.3."""
+  bench = load_bench("attention")
+  from pallas_polysketch.ref import polysketch_attention_quadratic
+  ks = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(ks[0], (1, 64, 4, 8)) * 0.5
+  k, v = (jax.random.normal(kk, (1, 64, 2, 8)) * 0.5 for kk in ks[1:3])
+  fq = jax.random.normal(ks[3], (1, 64, 4, 4)) * 0.5
+  fk = jax.random.normal(ks[4], (1, 64, 2, 4)) * 0.5
+  for causal in (True, False):
+    out = bench.einsum_form_attention(q, k, v, fq, fk, degree=4, block_size=16, causal=causal)
+    ref = polysketch_attention_quadratic(q, k, v, fq, fk, degree=4, block_size=16,
+                                         causal=causal)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)

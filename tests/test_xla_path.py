@@ -31,7 +31,7 @@ CASES = [  # seq, block_size, chunk_tokens, causal, local_exact
     (72, 16, 48, True, True),      # seq not a multiple of the block; padded chunk
     (72, 16, 48, True, False),
     (40, 8, 1 << 20, True, True),  # one chunk
-    (40, 8, 8, True, False),       # one block per chunk
+    (40, 8, 8, True, False),       # chunks of two blocks at least (one padded)
     (72, 16, 32, False, True),
     (72, 16, 32, False, False),
 ]
