@@ -159,6 +159,20 @@ def _labels(starts, rel_block):
   return rows, jnp.swapaxes(rows, 1, 2)
 
 
+def _walk_edges(previous, starts, k_dtype, v_dtype, fk_dtype, block_size):
+  """Block -1 in the kernels' layout, k0 [B, K, b, H], v0^T [B, K, H, b],
+  f_k0^T [B, K, r, b] and its labels, and s_L of every step (the start of
+  token tb - 1; block -1's last at t = 0), int32 [B * T/b]."""
+  k0 = jnp.transpose(previous.k.astype(k_dtype), (0, 2, 1, 3))
+  v0_t = jnp.transpose(previous.v.astype(v_dtype), (0, 2, 3, 1))
+  fk0_t = jnp.transpose(previous.k_features.astype(fk_dtype), (0, 2, 3, 1))
+  lab0_row, lab0_col = _labels(previous.starts, previous.rel_block)
+  t = starts.shape[1]
+  s_last = jnp.concatenate([previous.starts[:, -1:],
+                            starts[:, block_size - 1:t - 1:block_size]], axis=1)
+  return k0, v0_t, fk0_t, lab0_row, lab0_col, s_last.astype(jnp.int32).reshape(-1)
+
+
 def segment_forward(q, k, v, q_features, k_features, starts, rel_block, state, previous, *,
                     degree, block_size, local_exact, strict, tiles: ResolvedTiles,
                     interpret=False):
@@ -176,13 +190,8 @@ def segment_forward(q, k, v, q_features, k_features, starts, rel_block, state, p
   rows = h + NORMALISER_ROWS
   q_r, k_r, v_t, fq_t, fk_t = to_kernel_layout(q, k, v, q_features, k_features)
   lab_row, lab_col = _labels(starts, rel_block)
-  k0 = jnp.transpose(previous.k.astype(k.dtype), (0, 2, 1, 3))            # [B, K, b, H]
-  v0_t = jnp.transpose(previous.v.astype(v.dtype), (0, 2, 3, 1))          # [B, K, H, b]
-  fk0_t = jnp.transpose(previous.k_features.astype(k_features.dtype), (0, 2, 3, 1))
-  lab0_row, lab0_col = _labels(previous.starts, previous.rel_block)
-  # s_L of step t: the start of token tb - 1 (block -1's last at t = 0).
-  s_last = jnp.concatenate([previous.starts[:, -1:], starts[:, b - 1:t - 1:b]], axis=1)
-  s_last = s_last.astype(jnp.int32).reshape(-1)
+  k0, v0_t, fk0_t, lab0_row, lab0_col, s_last = _walk_edges(
+      previous, starts, k.dtype, v.dtype, k_features.dtype, b)
   init = jnp.swapaxes(state.astype(jnp.float32), -1, -2)                 # [B, K, H + 16, r^2]
 
   prev_t = lambda ti: jax.lax.max(ti - 1, 0)
@@ -435,12 +444,8 @@ def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, 
   g = jnp.pad(g, ((0, 0), (0, 0), (0, rows - h - 1), (0, 0)))
   g = g.reshape(b_, kv, group, rows, t)
   lab_row, lab_col = _labels(starts, rel_block)
-  k0 = jnp.transpose(previous.k.astype(k.dtype), (0, 2, 1, 3))
-  v0_t = jnp.transpose(previous.v.astype(v.dtype), (0, 2, 3, 1))
-  fk0_t = jnp.transpose(previous.k_features.astype(k_features.dtype), (0, 2, 3, 1))
-  lab0_row, lab0_col = _labels(previous.starts, previous.rel_block)
-  s_last = jnp.concatenate([previous.starts[:, -1:], starts[:, b - 1:t - 1:b]], axis=1)
-  s_last = s_last.astype(jnp.int32).reshape(-1)
+  k0, v0_t, fk0_t, lab0_row, lab0_col, s_last = _walk_edges(
+      previous, starts, k.dtype, v.dtype, k_features.dtype, b)
   init = jnp.swapaxes(state.astype(f32), -1, -2)
   sp = _specs(b, group, h, r, rows)
   same, zero = (lambda ti: ti), (lambda ti: 0)
