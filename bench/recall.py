@@ -59,7 +59,8 @@ def state_floats(variant, seq, head_dim, sketch_dim, block_size):
 
 def run_one(args, variant, seq, pairs, lr):
   attention, sketch, local_exact = VARIANTS[variant]
-  data = RecallData(num_keys=max(64, pairs), num_values=64, num_noise=32, num_pairs=pairs,
+  data = RecallData(num_keys=max(args.keys, pairs), num_values=args.values,
+                    num_noise=args.noise, num_pairs=pairs,
                     num_queries=args.queries, seed=1234 + seq + pairs)
   mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                  embed_dim=args.dim, attention=attention, sketch=sketch,
@@ -146,6 +147,9 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--queries", type=int, default=8)
+  p.add_argument("--keys", type=int, default=64, help="key vocabulary (at least --pairs)")
+  p.add_argument("--values", type=int, default=64, help="value vocabulary")
+  p.add_argument("--noise", type=int, default=32, help="noise vocabulary")
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--dim", type=int, default=64)

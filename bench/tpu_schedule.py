@@ -2,8 +2,10 @@
 
 For each TPU generation this compiles (on the CPU host, for a
 `get_topology_desc` device) the PolySketch forward and its VJP (forward +
-both backward kernels) and jax's Pallas flash attention (causal, [B, N, T, H],
-BlockSizes 128...1024 searched, forward and backward), with
+both backward kernels) and the two softmax anchors, jax's Pallas flash
+attention (causal, [B, N, T, H], BlockSizes 128...1024 searched) and splash
+attention (`make_splash_mha` with a causal mask, block_q / block_kv /
+block_kv_compute in {512, 1024, 2048} searched), forward and backward, with
 `LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR`, and parses the `*-final_bundles.txt`
 schedules (see `bundles.py`). Static cycles are a lower bound on time: DMA
 waits and stalls are not in the schedule.
@@ -20,6 +22,11 @@ device of the topology; if the compiler split a "parallel" grid axis over the
 two TensorCores, the grid loop's trip count is half the grid, and the cycles
 (and time) are those of one core, both cores running at once. The JSON records
 `grid_steps_per_core` as found.
+
+The anchor of each pass is the faster of flash and splash, each at its
+fastest block sizes per kernel. The physical limit is causal softmax
+attention's model flops (forward: QK^T and PV over half the pairs; backward:
+twice that) at 100% of the MXU peak: no softmax kernel can be faster.
 
   python bench/tpu_schedule.py            # all generations, both head shapes
   python bench/tpu_schedule.py --gens v5e --shapes 64
@@ -49,6 +56,12 @@ TILE = None   # TileConfig overrides used (None: the generation's defaults)
 OUR_COMPILE_SEQS = (2048, 16384)   # direct compiles (fusion interpolation, scaling check)
 FLASH_COMPILE_SEQS = (8192,)       # flash kernels are structural; its XLA ops scale as T
 FLASH_BLOCKS = (128, 256, 512, 1024)
+SPLASH_SIZES = (512, 1024, 2048)
+# (block_q, block_kv, block_kv_compute): compute divides block_kv. The same
+# sizes are used for the dq and dkv kernels (BlockSizes' *_dq / *_dkv fields).
+SPLASH_BLOCKS = tuple((q, kv, c) for q in SPLASH_SIZES for kv in SPLASH_SIZES
+                      for c in SPLASH_SIZES if c <= kv and kv % c == 0)
+SPLASH_COMPILE_SEQS = (8192,)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROGRAM_FILES = ("TLP", "<late-finalization>", "<late-initialization>")
 
@@ -65,6 +78,8 @@ def _worker(spec_path: str, out_path: str) -> None:
   import jax.numpy as jnp
   from jax.experimental import topologies
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   from jax.sharding import SingleDeviceSharding
   from pallas_polysketch import polysketch_attention
   from pallas_polysketch.tpu_config import TileConfig
@@ -82,6 +97,16 @@ def _worker(spec_path: str, out_path: str) -> None:
       fwd = lambda q, k, v, fq, fk: polysketch_attention(
           q, k, v, fq, fk, block_size=job["block"], implementation="pallas", tile_config=tc)
       args = [arr(B, T, N, H)] * 3 + [arr(B, T, N, r)] * 2
+    elif job["op"] == "splash":
+      bq, bkv, bc = job["splash_blocks"]
+      bs = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bc,
+                         block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bc,
+                         block_q_dq=bq, block_kv_dq=bkv)
+      mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(N)])
+      kernel = sk.make_splash_mha(mask, block_sizes=bs, head_shards=1, q_seq_shards=1)
+      # The kernel takes one example [N, T, H]; B = 1 in every job.
+      fwd = (lambda kern: lambda q, k, v: kern(q[0], k[0], v[0])[None])(kernel)
+      args = [arr(B, N, T, H)] * 3
     else:
       s = job["block"]
       bs = fa.BlockSizes(block_q=s, block_k_major=s, block_k=s, block_b=1,
@@ -213,6 +238,20 @@ def kernel_model(name: str, job: dict, T: int):
     nb = T // job["block"]
     # Every pl.when in our kernels runs at one block index (first or last).
     return B * N * nb, lambda spans: [1.0 / nb] * len(spans)
+  if name.startswith("splash_"):
+    bq, bkv, _ = job["splash_blocks"]
+    nq, nk = T // bq, T // bkv
+    frac = _causal_fraction(nq, bq, nk, bkv)
+    inner = nq if "_dkv" in name else nk   # dkv walks q blocks innermost
+    # A causal mask does not shrink splash's grid (every kv column has a
+    # non-empty first q block). Regions: `should_run` (the largest, causal), and
+    # the init / write-out at one inner index.
+    def fractions(spans):
+      if not spans:
+        return []
+      big = max(range(len(spans)), key=lambda i: spans[i].skipped)
+      return [frac if i == big else 1.0 / inner for i in range(len(spans))]
+    return B * N * nq * nk, fractions
   if "flash" in name:
     s = job["block"]
     n = T // s
@@ -243,7 +282,7 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
     kern = {}
     for s in rec["schedules"]:
       if "format_error" in s:
-        if s["name"] and (s["name"].startswith("polysketch") or "flash" in s["name"]):
+        if s["name"] and (s["name"].startswith(("polysketch", "splash")) or "flash" in s["name"]):
           return {"error": f"format not recognised: {s['format_error']}"}
         continue
       sched = bundles.Schedule.from_json(s)
@@ -330,8 +369,15 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
 
 # ----------------------------------------------------------------------------
 
+def softmax_model_flops(mode, B, N, T, H):
+  """Causal softmax attention's model flops: QK^T and PV over half the pairs;
+  the backward (dV, dP, dQ, dK) twice that, no recomputation counted."""
+  f = 2 * 2 * B * N * T * T * H / 2
+  return f if mode == "fwd" else 3 * f
+
+
 def flops(op, mode, B, N, T, H, r, block, local_tile=None):
-  if op == "flash":
+  if op in ("flash", "splash"):
     f = 2 * 2 * B * N * T * T * H / 2           # causal: QK^T and PV, half the pairs
     return f if mode == "fwd" else 3.5 * f      # + dq, dk, dv, recomputed P (2.5x)
   from pallas_polysketch._pallas_forward import forward_flops
@@ -365,7 +411,8 @@ def libtpu_version():
 
 
 def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH_BLOCKS,
-                   our_seqs=OUR_COMPILE_SEQS, flash_seqs=FLASH_COMPILE_SEQS, modes=("fwd", "vjp")):
+                   our_seqs=OUR_COMPILE_SEQS, flash_seqs=FLASH_COMPILE_SEQS, modes=("fwd", "vjp"),
+                   splash_blocks=SPLASH_BLOCKS, splash_seqs=SPLASH_COMPILE_SEQS):
   jobs = []
   for hd in shapes:
     sh = SHAPES[hd]
@@ -377,6 +424,11 @@ def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH
           for T in flash_seqs:
             if s <= T:
               jobs.append(dict(op="flash", mode=mode, T=T, block=s, **sh))
+      for sb in splash_blocks:
+        for T in splash_seqs:
+          if max(sb) <= T:
+            jobs.append(dict(op="splash", mode=mode, T=T, block="x".join(map(str, sb)),
+                             splash_blocks=list(sb), **sh))
   recs = run_jobs(gen, jobs)
   groups = {}
   for r in recs:
@@ -389,6 +441,26 @@ def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH
   return out
 
 
+def _fastest(cands, T):
+  """(cycles, {kernel: blocks}) of one anchor at T: each kernel at its fastest
+  block sizes (flash's and splash's BlockSizes set the forward, dq and dkv
+  blocks apart), plus the XLA ops of the configuration fastest in total; None
+  if no configuration fits T."""
+  size = lambda b: max(map(int, str(b).split("x")))
+  at_T = {b: v["per_T"][T] for b, v in cands.items() if size(b) <= T and T in v["per_T"]}
+  if not at_T:
+    return None
+  per_kernel = {}
+  for b, v in at_T.items():
+    for kname, c in v["kernels"].items():
+      base = re.sub(r"_block_.*", "", kname.split(".")[0])
+      if base not in per_kernel or c < per_kernel[base][0]:
+        per_kernel[base] = (c, b)
+  best = min(at_T, key=lambda b: at_T[b]["total"])
+  total = sum(c for c, _ in per_kernel.values()) + at_T[best]["other"]
+  return total, {k: b for k, (c, b) in per_kernel.items()}
+
+
 def report(all_results, seqs):
   rows = []
   for gen, res in all_results.items():
@@ -399,6 +471,8 @@ def report(all_results, seqs):
         ours = res.get(f"{hd}|polysketch|{mode}|{BLOCK}", {})
         flash = {int(k.split("|")[3]): v for k, v in res.items()
                  if k.startswith(f"{hd}|flash|{mode}|") and "per_T" in v}
+        splash = {k.split("|")[3]: v for k, v in res.items()
+                  if k.startswith(f"{hd}|splash|{mode}|") and "per_T" in v}
         split = any(k.get("megacore_split") for v in res.values()
                     for k in v.get("kernels", {}).values())
         cores = 2 if split else 1
@@ -422,25 +496,27 @@ def report(all_results, seqs):
                        ours_ms_conservative=cons / g.clock_hz * 1e3)
           else:
             row["ours_error"] = ours.get("error", "not run")
-          # Flash: fastest block size per kernel (BlockSizes sets fwd, dkv, dq apart).
-          cand = {s: v["per_T"][T] for s, v in flash.items() if s <= T}
-          if cand:
-            per_kernel = {}
-            for s, v in cand.items():
-              for kname, c in v["kernels"].items():
-                base = re.sub(r"_block_.*", "", kname.split(".")[0])
-                if base not in per_kernel or c < per_kernel[base][0]:
-                  per_kernel[base] = (c, s)
-            best_s = min(cand, key=lambda s: cand[s]["total"])
-            other = cand[best_s]["other"]
-            fc = sum(c for c, _ in per_kernel.values()) + other
-            row.update(flash_cycles=fc, flash_ms=fc / g.clock_hz * 1e3,
-                       flash_blocks={k: s for k, (c, s) in per_kernel.items()},
-                       flash_mxu_util=flops("flash", mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK)
-                       / (fc * fpc))
+          limit = softmax_model_flops(mode, sh["B"], sh["N"], T, hd) / fpc
+          row["limit_cycles"] = limit
+          for op, cands in (("flash", flash), ("splash", splash)):
+            best = _fastest(cands, T)
+            if best is None:
+              continue
+            c, blocks = best
+            row.update({f"{op}_cycles": c, f"{op}_ms": c / g.clock_hz * 1e3,
+                        f"{op}_blocks": blocks,
+                        f"{op}_mxu_util": flops(op, mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK)
+                        / (c * fpc)})
+          anchors = [op for op in ("flash", "splash") if f"{op}_cycles" in row]
+          if anchors:
+            op = min(anchors, key=lambda o: row[f"{o}_cycles"])
+            row.update(anchor=op, anchor_cycles=row[f"{op}_cycles"],
+                       anchor_blocks=row[f"{op}_blocks"])
             if "ours_cycles" in row:
-              row["speedup"] = fc / row["ours_cycles"]
-              row["speedup_conservative"] = fc / row["ours_cycles_conservative"]
+              row["speedup"] = row["anchor_cycles"] / row["ours_cycles"]
+              row["speedup_conservative"] = row["anchor_cycles"] / row["ours_cycles_conservative"]
+          if "ours_cycles" in row:
+            row["speedup_over_limit"] = limit / row["ours_cycles"]
           rows.append(row)
   return rows
 
@@ -466,9 +542,9 @@ def plot(rows, path):
     ax.set_xlabel("T (tokens)")
     ax.set_title("forward" if mode == "fwd" else "forward + backward")
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].set_ylabel("speed-up over Pallas flash attention (fastest blocks)")
+  axes[0].set_ylabel("speed-up over the faster of flash / splash (fastest blocks)")
   axes[1].legend(fontsize=7, ncol=2)
-  fig.suptitle("PolySketch (r=32/64, b=256) vs flash attention: static TPU schedule, 12 heads, "
+  fig.suptitle("PolySketch (r=32/64, b=256) vs flash/splash attention: static TPU schedule, 12 heads, "
                "bf16 (dotted: our layout copies charged at HBM bandwidth)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -495,7 +571,8 @@ def main(argv=None):
   p.add_argument("--shapes", nargs="+", type=int, default=[64, 128])
   p.add_argument("--seqs", nargs="+", type=int, default=SEQS)
   p.add_argument("--tag", default="tpu_schedule")
-  p.add_argument("--no-flash", action="store_true")
+  p.add_argument("--no-flash", action="store_true", help="compile neither anchor")
+  p.add_argument("--no-splash", action="store_true")
   p.add_argument("--local-tile", type=int, default=None)
   p.add_argument("--block", type=int, default=BLOCK, help="PolySketch block size b")
   p.add_argument("--from-json", nargs="+", metavar="JSON",
@@ -522,7 +599,9 @@ def main(argv=None):
   for gen in args.gens:
     t0 = time.time()
     all_results[gen] = run_generation(gen, args.shapes, args.seqs, tile=tile, block=BLOCK,
-                                      flash_blocks=() if args.no_flash else FLASH_BLOCKS)
+                                      flash_blocks=() if args.no_flash else FLASH_BLOCKS,
+                                      splash_blocks=() if args.no_flash or args.no_splash
+                                      else SPLASH_BLOCKS)
     print(f"{gen}: {time.time() - t0:.0f}s", file=sys.stderr)
     rows = report(all_results, args.seqs)  # written after each generation
     doc = dict(libtpu=ver, jax=__import__("jax").__version__, block_size=BLOCK,
@@ -579,9 +658,14 @@ def _rereport(args):
   return _write_outputs(doc, rows, ver, args.tag)
 
 
+def _blocks(blocks):
+  return "/".join(str(v) for v in blocks.values())
+
+
 def markdown(rows, ver) -> str:
   """Per-generation markdown tables (for TPU_SCHEDULE.md)."""
   out = []
+  mc = lambda r, k: f"{r[k] / 1e6:.2f}" if k in r else "-"
   for gen in TOPOLOGIES:
     rs = [r for r in rows if r["gen"] == gen]
     if not rs:
@@ -589,35 +673,38 @@ def markdown(rows, ver) -> str:
     g = GENERATIONS[gen]
     out.append(f"\n#### {gen} ({g.clock_hz / 1e9:.2f} GHz, libtpu {ver})\n")
     out.append("| H, r | pass | T | PolySketch Mcyc (ms) | MXU util | + layout copies at HBM bw, Mcyc | "
-               "flash Mcyc (ms) | flash blocks | flash MXU util | speed-up | speed-up (cons.) |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+               "flash Mcyc | splash Mcyc | anchor (blocks per kernel) | anchor MXU util | "
+               "speed-up | speed-up (cons.) | softmax limit Mcyc | speed-up over the limit |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rs:
       if "speedup" not in r:
         out.append(f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | skipped: "
-                   f"{str(r.get('ours_error', 'flash missing'))[:80]} | | | | | | | |")
+                   f"{str(r.get('ours_error', 'no anchor'))[:80]} | | | | | | | | | | |")
         continue
-      blocks = "/".join(str(v) for v in r["flash_blocks"].values())
+      a = r["anchor"]
       out.append(
           f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | {r['ours_cycles'] / 1e6:.3f} "
           f"({r['ours_ms']:.3f}) | {r['ours_mxu_util']:.2f} | {r['ours_cycles_conservative'] / 1e6:.3f} | "
-          f"{r['flash_cycles'] / 1e6:.2f} ({r['flash_ms']:.2f}) | {blocks} | {r['flash_mxu_util']:.2f} | "
-          f"{r['speedup']:.2f} | {r['speedup_conservative']:.2f} |")
+          f"{mc(r, 'flash_cycles')} | {mc(r, 'splash_cycles')} | {a} ({_blocks(r['anchor_blocks'])}) | "
+          f"{r[a + '_mxu_util']:.2f} | {r['speedup']:.2f} | {r['speedup_conservative']:.2f} | "
+          f"{r['limit_cycles'] / 1e6:.2f} | {r['speedup_over_limit']:.2f} |")
   return "\n".join(out) + "\n"
 
 
 def print_table(rows, ver):
   print(f"libtpu {ver}: static cycles (lower bound), per TensorCore")
-  print(f"{'gen':4} {'H':>4} {'mode':4} {'T':>7} {'ours Mcyc':>10} {'ours ms':>9} {'util':>5} "
-        f"{'flash Mcyc':>11} {'flash ms':>9} {'util':>5} {'speedup':>8} {'+layout':>8} {'x(cons)':>8}")
+  print(f"{'gen':4} {'H':>4} {'mode':4} {'T':>7} {'ours Mcyc':>10} {'util':>5} {'flash':>9} "
+        f"{'splash':>9} {'anchor':>6} {'speedup':>8} {'x(cons)':>8} {'limit':>8} {'x limit':>8}")
   for r in rows:
-    if "ours_cycles" not in r or "flash_cycles" not in r:
+    if "speedup" not in r:
       print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7}  skipped: "
-            f"{r.get('ours_error', 'flash not available')}")
+            f"{r.get('ours_error', 'no anchor')}")
       continue
+    fm = lambda k: f"{r[k] / 1e6:9.2f}" if k in r else f"{'-':>9}"
     print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7} {r['ours_cycles'] / 1e6:10.3f} "
-          f"{r['ours_ms']:9.3f} {r['ours_mxu_util']:5.2f} {r['flash_cycles'] / 1e6:11.3f} "
-          f"{r['flash_ms']:9.3f} {r['flash_mxu_util']:5.2f} {r['speedup']:8.2f} "
-          f"{r['ours_cycles_conservative'] / 1e6:8.3f} {r['speedup_conservative']:8.2f}")
+          f"{r['ours_mxu_util']:5.2f} {fm('flash_cycles')} {fm('splash_cycles')} {r['anchor']:>6} "
+          f"{r['speedup']:8.2f} {r['speedup_conservative']:8.2f} {r['limit_cycles'] / 1e6:8.2f} "
+          f"{r['speedup_over_limit']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,55 @@ def test_end_to_end_dump(tmp_path):
   s = bundles.parse(out.read_text(), "tiny_accumulate.1")
   (loop,) = s.loops
   assert loop.trips == 10 and len(loop.when_regions()) == 1
+
+
+# --- the anchors (no libtpu: the arithmetic of bench/tpu_schedule.py) --------
+
+def _schedule_module():
+  import tpu_schedule
+  return tpu_schedule
+
+
+def test_softmax_limit_is_model_flops_at_peak():
+  """The issue's reference point: v5e, 32k, 12 heads, H=64, forward ~ 12.6M cycles."""
+  ts = _schedule_module()
+  from pallas_polysketch.tpu_config import GENERATIONS
+  g = GENERATIONS["v5e"]
+  fwd = ts.softmax_model_flops("fwd", 1, 12, 32768, 64)
+  assert fwd == 2 * 2 * 12 * 32768 ** 2 * 64 / 2
+  assert fwd / (g.peak_bf16_flops / g.clock_hz) == pytest.approx(12.56e6, rel=0.01)
+  assert ts.softmax_model_flops("vjp", 1, 12, 32768, 64) == 3 * fwd
+
+
+def test_splash_grid_model():
+  """Causal splash: the full (heads, q blocks, kv blocks) grid; `should_run`
+  (the largest region) at the causal fraction of blocks, the others once per
+  inner walk (kv blocks for fwd / dq, q blocks for dkv)."""
+  ts = _schedule_module()
+  job = dict(B=1, N=12, splash_blocks=[512, 1024, 512])
+  spans = [bundles.Span(branch=0, target=10, predicate="p"),
+           bundles.Span(branch=20, target=200, predicate="q")]
+  steps, frac = ts.kernel_model("splash_mha_fwd_no_residuals.1", job, 8192)
+  assert steps == 12 * 16 * 8
+  causal = ts._causal_fraction(16, 512, 8, 1024)
+  assert 0.5 < causal < 0.6
+  assert frac(spans) == [1 / 8, causal]
+  _, frac_dkv = ts.kernel_model("splash_mha_dkv_no_residuals.1", job, 8192)
+  assert frac_dkv(spans) == [1 / 16, causal]
+
+
+def test_fastest_anchor_per_kernel():
+  """Each kernel at its own fastest blocks, the XLA ops of the fastest whole
+  configuration; configurations with a block longer than T are left out."""
+  ts = _schedule_module()
+  cands = {
+      "512x512x512": {"per_T": {4096: dict(kernels={"fwd.1": 10, "dq.1": 30}, other=5, total=45),
+                                1024: dict(kernels={"fwd.1": 1, "dq.1": 3}, other=1, total=5)}},
+      "1024x1024x512": {"per_T": {4096: dict(kernels={"fwd.1": 12, "dq.1": 20}, other=7, total=39)}},
+      "2048x2048x2048": {"per_T": {4096: dict(kernels={"fwd.1": 1, "dq.1": 1}, other=0, total=2),
+                                   1024: dict(kernels={"fwd.1": 0, "dq.1": 0}, other=0, total=0)}},
+  }
+  total, blocks = ts._fastest({k: v for k, v in cands.items() if k != "2048x2048x2048"}, 4096)
+  assert total == 10 + 20 + 7 and blocks == {"fwd": "512x512x512", "dq": "1024x1024x512"}
+  assert ts._fastest(cands, 1024) == (5, {"fwd": "512x512x512", "dq": "512x512x512"})
+  assert ts._fastest({"4096": cands["512x512x512"]}, 1024) is None
