@@ -309,16 +309,18 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     return pl.BlockSpec(lead + tuple(shape), index)
 
   whole = pl.BlockSpec((None, None, r * r, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
-  params = _compat.TPUCompilerParams(
-      dimension_semantics=("parallel", "parallel", "arbitrary"),
-      vmem_limit_bytes=tiles.backward_vmem_limit_bytes)
-  flops1, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=True,
-                                  local_tile=tiles.local_tile, kv_heads=kv)
+  params = lambda limit: _compat.TPUCompilerParams(
+      dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
+  dq_tile = tiles.dq_local_tile or tiles.local_tile
+  dkv_tile = tiles.dkv_local_tile or tiles.local_tile
+  flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=True, local_tile=dq_tile,
+                             kv_heads=kv)
+  _, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=True, local_tile=dkv_tile,
+                             kv_heads=kv)
   b, lw = "t", (h if local_exact else r)
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
-  kw = dict(degree=degree, causal=True, local_exact=local_exact, local_tile=tiles.local_tile,
-            split=_splits(mm_dtype))
+  kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype))
 
   def specs(rev):
     return [spec((b, h), True, rev), spec((b, h), False, rev), spec((b, h), False, rev),
@@ -328,14 +330,15 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   ins1 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_t, dden_row, scal_r)
   ins1 += (initial_state,) if has_initial else ()
   dlocal_q, dfq_t = pl.pallas_call(
-      functools.partial(_dq_kernel, has_initial=has_initial, **kw),
+      functools.partial(_dq_kernel, has_initial=has_initial, local_tile=dq_tile, **kw),
       grid=(b_, kv, nb),
       in_specs=specs(False) + [spec((h, b), True, False), spec((1, b), True, False),
                                spec((b, 2), True, False)] + ([whole] if has_initial else []),
       out_specs=[spec((b, lw), True, False), spec((r, b), True, False)],
       out_shape=[sds((b_, kv, group, t, lw), local_dtype), sds((b_, kv, group, r, t), f32)],
       scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
-      compiler_params=params, interpret=interpret,
+      compiler_params=params(tiles.dq_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
+      interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
                                          bytes_accessed=nbytes(*ins1) + nbytes(q, q_features)),
       name="polysketch_bwd_dq",
@@ -346,7 +349,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   ins2 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_r, dnum_t, scal_t)
   ins2 += (d_final_state,) if has_carry else ()
   outs = pl.pallas_call(
-      functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial, **kw),
+      functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial,
+                        local_tile=dkv_tile, **kw),
       grid=(b_, kv, nb),
       in_specs=specs(True) + [spec((b, h), True, True), spec((h, b), True, True),
                               spec((2, b), True, True)] + ([whole] if has_carry else []),
@@ -356,7 +360,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                  sds((b_, kv, r, t), f32)] + (
                      [sds((b_, kv, r * r, rows), f32)] if emit_initial else []),
       scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
-      compiler_params=params, interpret=interpret,
+      compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
+      interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
                                          bytes_accessed=nbytes(*ins2) + nbytes(k, v, k_features)),
       name="polysketch_bwd_dkv",

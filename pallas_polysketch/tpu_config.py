@@ -52,6 +52,10 @@ class TpuGeneration:
   vmem_bytes: int               # physical VMEM per TensorCore
   default_scoped_vmem_bytes: int  # what a kernel may use without vmem_limit_bytes
   bf16_vpu: bool = False          # the vector unit computes in bf16 natively
+  # Default diagonal-block tiles of the backward kernels (None: the MXU width),
+  # chosen with the static schedule (bench/TPU_SCHEDULE.md).
+  dq_local_tile: int | None = None
+  dkv_local_tile: int | None = None
 
   @property
   def peak_bf16_flops(self) -> float:
@@ -64,7 +68,10 @@ class TpuGeneration:
 
 GENERATIONS = {
     "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB),
-    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
+    # dkv in 256 tiles: 1.8% (H=64) and 2.2% (H=128) fewer static cycles at 32k
+    # than 128 on v5e; dq and the forward are faster in 128 tiles (H=128 dq: 7%).
+    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB,
+                         dkv_local_tile=256),
     "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
     "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
                          bf16_vpu=True),
@@ -105,20 +112,27 @@ class TileConfig:
       bf16 (bit-identical to forming it in f32 and rounding). None: where the
       VPU has bf16 (v6e: 6% fewer forward cycles in the static schedule; on
       v5e it costs 11% more).
+    dq_local_tile, dkv_local_tile: the diagonal-block tile of the backward
+      kernels (dQ walking forward; dK, dV walking backward), with the rules of
+      `local_tile`. None: `local_tile` if that is set, else the generation's
+      default for that kernel.
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
   generation: str | None = None
   bf16_phi: bool | None = None
+  dq_local_tile: int | None = None
+  dkv_local_tile: int | None = None
 
   def __post_init__(self):
     if self.generation is not None and self.generation not in GENERATIONS:
       raise ValueError(
           f"unknown TPU generation {self.generation!r}; known: {sorted(GENERATIONS)}")
-    if self.local_tile is not None and (
-        isinstance(self.local_tile, bool) or not isinstance(self.local_tile, int)
-        or self.local_tile <= 0 or self.local_tile % 8):
-      raise ValueError(f"local_tile must be a positive multiple of 8, got {self.local_tile!r}")
+    for name in ("local_tile", "dq_local_tile", "dkv_local_tile"):
+      tile = getattr(self, name)
+      if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)
+                               or tile <= 0 or tile % 8):
+        raise ValueError(f"{name} must be a positive multiple of 8, got {tile!r}")
     if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
       raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
 
@@ -126,7 +140,8 @@ class TileConfig:
   def for_generation(cls, generation: str) -> "TileConfig":
     """The default tiling for a generation ("v4", "v5e", "v5p", "v6e")."""
     gen = get_generation(generation)
-    return cls(local_tile=gen.mxu_width, generation=gen.name)
+    return cls(local_tile=gen.mxu_width, dq_local_tile=gen.dq_local_tile or gen.mxu_width,
+               dkv_local_tile=gen.dkv_local_tile or gen.mxu_width, generation=gen.name)
 
 
 def get_generation(name: str | None) -> TpuGeneration:
@@ -140,12 +155,16 @@ def get_generation(name: str | None) -> TpuGeneration:
 @dataclasses.dataclass(frozen=True)
 class ResolvedTiles:
   """A TileConfig checked against one problem: what the kernels actually use."""
-  local_tile: int
+  local_tile: int                         # the forward kernel
   vmem_limit_bytes: int | None            # the forward kernel
   vmem_estimate_bytes: int                # the forward kernel
   bf16_phi: bool = False
-  backward_vmem_limit_bytes: int | None = None    # both backward kernels
-  backward_vmem_estimate_bytes: int = 0           # the larger of the two
+  backward_vmem_limit_bytes: int | None = None    # the other backward kernels
+  backward_vmem_estimate_bytes: int = 0           # the larger of dq's and dkv's
+  dq_local_tile: int | None = None        # None: local_tile
+  dkv_local_tile: int | None = None
+  dq_vmem_limit_bytes: int | None = None
+  dkv_vmem_limit_bytes: int | None = None
   # Why the backward kernels do not fit, raised when a gradient is traced (a
   # forward-only call, e.g. inference, may still run this tiling).
   backward_error: str | None = None
@@ -188,20 +207,22 @@ def _buffers(*tiles) -> int:
 
 def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
                    *, group: int = 1, local_tile: int | None = None,
+                   dq_local_tile: int | None = None, dkv_local_tile: int | None = None,
                    state_io: bool = False) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
   scratch state, and the largest live temporaries: phi in f32 and the matmul
-  dtype, the phi cotangent and its (r, r, b) products, the local tiles.
+  dtype, the phi cotangent and its (r, r, b) products, the local tiles (each
+  kernel's own; dq_local_tile / dkv_local_tile default to local_tile).
   state_io: a state block passed in or out (prefill, context parallelism).
   """
   b, h, r, g = block_size, head_dim, sketch_dim, group
   r2, rows = sketch_dim * sketch_dim, head_dim + NORMALISER_ROWS
-  lt = local_tile or block_size
+  local_bytes = lambda lt: 4 * _tile_bytes((lt or block_size,) * 2, jnp.float32)
+  local = local_bytes(local_tile)
   f32, mm, ft = jnp.float32, dtype, feature_dtype
   item = jnp.dtype(dtype).itemsize
-  local = 4 * _tile_bytes((lt, lt), f32)
   state_fwd = _tile_bytes((rows, r2), f32)     # [S^T; z^T]
   state_bwd = _tile_bytes((r2, rows), f32)     # [S, z]: rows on the lanes
   forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
@@ -218,14 +239,14 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   # 4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G) = (64, 32, 256, 1),
   # (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1), (128, 64, 128, 1),
   # (64, 32, 256, 4); see BUILD_NOTES.
-  temps = 5.5 * state_bwd + 1.5 * g * r2 * b * 4 + local
+  temps = 5.5 * state_bwd + 1.5 * g * r2 * b * 4
   state_in = 2 * state_bwd if state_io else 0
   dq = int(_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
                     ((g, r, b), f32))
-           + state_in + temps)
+           + state_in + temps + local_bytes(dq_local_tile or local_tile))
   dkv = int(_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
                      ((b, h), mm), ((r, b), f32))
-            + 2 * state_in + temps)
+            + 2 * state_in + temps + local_bytes(dkv_local_tile or local_tile))
   return {"forward": forward, "dq": dq, "dkv": dkv}
 
 
@@ -238,18 +259,27 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
   """
   config = config or TileConfig()
   gen = get_generation(config.generation)
-  local_tile = min(config.local_tile or gen.mxu_width, block_size)
-  if block_size % local_tile:
-    if config.local_tile is not None:
+
+  def tile(name, default):
+    explicit = getattr(config, name)
+    lt = min(explicit or default, block_size)
+    if block_size % lt:
+      if explicit is not None:
+        raise ValueError(f"TileConfig.{name}={lt} must divide block_size={block_size}")
+      lt = block_size
+    if lt != block_size and lt % 128:
       raise ValueError(
-          f"TileConfig.local_tile={local_tile} must divide block_size={block_size}")
-    local_tile = block_size
-  if local_tile != block_size and local_tile % 128:
-    raise ValueError(
-        f"TileConfig.local_tile={local_tile} must be a multiple of 128 (the lane "
-        f"width) when smaller than block_size={block_size}")
+          f"TileConfig.{name}={lt} must be a multiple of 128 (the lane "
+          f"width) when smaller than block_size={block_size}")
+    return lt
+
+  local_tile = tile("local_tile", gen.mxu_width)
+  dq_local_tile = tile("dq_local_tile", config.local_tile or gen.dq_local_tile or gen.mxu_width)
+  dkv_local_tile = tile("dkv_local_tile",
+                        config.local_tile or gen.dkv_local_tile or gen.mxu_width)
   estimates = vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
-                             group=group, local_tile=local_tile)
+                             group=group, local_tile=local_tile, dq_local_tile=dq_local_tile,
+                             dkv_local_tile=dkv_local_tile)
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
   errors = {}
@@ -277,4 +307,7 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
                        backward_vmem_limit_bytes=limit_for(backward),
                        backward_vmem_estimate_bytes=backward,
+                       dq_local_tile=dq_local_tile, dkv_local_tile=dkv_local_tile,
+                       dq_vmem_limit_bytes=limit_for(estimates["dq"]),
+                       dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        backward_error=errors.get("dq") or errors.get("dkv"))

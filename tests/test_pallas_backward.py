@@ -53,8 +53,18 @@ CASES = [
     pytest.param(False, True, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
     (False, False, 4, 128, 32, 130, 128, None, jnp.float32, "tpu"),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16, True),
+    # Separate backward tiles: dq in one 256 tile, dkv in 128 tiles, forward in 128.
+    (True, True, 4, 64, 16, 512, 256, {"dq_local_tile": 256, "dkv_local_tile": 128},
+     jnp.float32, True),
     pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
 ]
+
+
+def _tile_config(local_tile):
+  """local_tile: None, an int (every kernel), or a dict of TileConfig tile fields."""
+  if isinstance(local_tile, dict):
+    return tpu_config.TileConfig(**local_tile)
+  return tpu_config.TileConfig(local_tile=local_tile)
 
 
 @pytest.mark.parametrize("causal,local_exact,degree,h,r,t,block,local_tile,dtype,interpret", CASES)
@@ -65,7 +75,7 @@ def test_gradients_match_quadratic_reference(causal, local_exact, degree, h, r, 
   interpret = pltpu.InterpretParams() if interpret == "tpu" else interpret
   got = _grads(lambda *a: ps.polysketch_attention(
       *a, implementation="pallas", interpret=interpret,
-      tile_config=tpu_config.TileConfig(local_tile=local_tile), **kw), args, cotangent)
+      tile_config=_tile_config(local_tile), **kw), args, cotangent)
   want = _grads(lambda *a: ref.polysketch_attention_quadratic(
       *(x.astype(jnp.float32) for x in a), **kw), args, cotangent)
   tol = F32_RTOL if dtype == jnp.float32 else BF16_RTOL

@@ -172,6 +172,36 @@ def test_vmem_budget_error_names_the_limit():
                              feature_dtype=jnp.bfloat16)
 
 
+def test_backward_tiles_resolve_per_kernel():
+  """dq_local_tile / dkv_local_tile: explicit values win; None follows an
+  explicit local_tile, else the generation's default for that kernel; each
+  kernel's VMEM is estimated with its own tile."""
+  resolve = lambda **kw: tpu_config.resolve_tiles(
+      tpu_config.TileConfig(**kw), block_size=256, head_dim=64, sketch_dim=32,
+      dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16)
+  t = resolve(generation="v5e", dq_local_tile=256, dkv_local_tile=128)
+  assert (t.local_tile, t.dq_local_tile, t.dkv_local_tile) == (128, 256, 128)
+  est = tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16, local_tile=128,
+                                  dq_local_tile=256, dkv_local_tile=128)
+  base = tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16, local_tile=128)
+  assert est["dq"] > base["dq"] and (est["dkv"], est["forward"]) == (base["dkv"], base["forward"])
+  assert t.backward_vmem_estimate_bytes == max(est["dq"], est["dkv"])
+  t = resolve(generation="v5e", local_tile=256)
+  assert (t.local_tile, t.dq_local_tile, t.dkv_local_tile) == (256, 256, 256)
+  for name, gen in tpu_config.GENERATIONS.items():
+    t = resolve(generation=name)
+    assert t.dq_local_tile == min(gen.dq_local_tile or gen.mxu_width, 256)
+    assert t.dkv_local_tile == min(gen.dkv_local_tile or gen.mxu_width, 256)
+  with pytest.raises(ValueError, match=r"TileConfig.dkv_local_tile=384 must divide block_size=512"):
+    tpu_config.resolve_tiles(tpu_config.TileConfig(dkv_local_tile=384), block_size=512,
+                             head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
+                             feature_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"dq_local_tile must be a positive multiple of 8, got 100"):
+    tpu_config.TileConfig(dq_local_tile=100)
+  with pytest.raises(ValueError, match=r"TileConfig.dq_local_tile=64 must be a multiple of 128"):
+    resolve(dq_local_tile=64)
+
+
 def test_per_generation_defaults():
   for name, gen in tpu_config.GENERATIONS.items():
     tiles = tpu_config.resolve_tiles(tpu_config.TileConfig.for_generation(name),

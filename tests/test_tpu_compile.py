@@ -78,12 +78,14 @@ INTERPRET_CONFIGS = [
     (160, 128, None), (72, 128, None), (512, 128, None), (1024, 128, None), (512, 256, None),
     (1, 256, None), (129, 256, None), (255, 256, None), (513, 256, None), (200, 256, None),
     (384, 128, None), (64, 64, None), (128, 128, None),
+    (512, 256, {"dq_local_tile": 256, "dkv_local_tile": 128}),
 ]
 
 
 @pytest.mark.parametrize("seq,block,local_tile", INTERPRET_CONFIGS)
 def test_every_interpret_block_lowers_for_tpu(seq, block, local_tile):
-  config = TileConfig(local_tile=local_tile)
+  config = (TileConfig(**local_tile) if isinstance(local_tile, dict)
+            else TileConfig(local_tile=local_tile))
   fn = functools.partial(_grad, block_size=block, tile_config=config)
   exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
       *_shapes(1, seq, 2, 64, 16, jnp.float32))
