@@ -61,7 +61,7 @@ SPLASH_SIZES = (512, 1024, 2048)
 # sizes are used for the dq and dkv kernels (BlockSizes' *_dq / *_dkv fields).
 SPLASH_BLOCKS = tuple((q, kv, c) for q in SPLASH_SIZES for kv in SPLASH_SIZES
                       for c in SPLASH_SIZES if c <= kv and kv % c == 0)
-SPLASH_COMPILE_SEQS = (8192,)
+SPLASH_COMPILE_SEQS = (4096,)   # kernels are structural; 2 blocks of the largest size
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROGRAM_FILES = ("TLP", "<late-finalization>", "<late-initialization>")
 
@@ -376,16 +376,19 @@ def softmax_model_flops(mode, B, N, T, H):
   return f if mode == "fwd" else 3 * f
 
 
-def flops(op, mode, B, N, T, H, r, block, local_tile=None):
+def flops(op, mode, B, N, T, H, r, block, tiles=None):
+  """Model flops of one pass; `tiles`: our kernels' ResolvedTiles (local tiles)."""
   if op in ("flash", "splash"):
     f = 2 * 2 * B * N * T * T * H / 2           # causal: QK^T and PV, half the pairs
     return f if mode == "fwd" else 3.5 * f      # + dq, dk, dv, recomputed P (2.5x)
   from pallas_polysketch._pallas_forward import forward_flops
   from pallas_polysketch._pallas_backward import backward_flops
-  f = forward_flops(B, N, T, H, r, block, causal=True, local_tile=local_tile)
+  f = forward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.local_tile)
   if mode == "fwd":
     return f
-  return f + sum(backward_flops(B, N, T, H, r, block, causal=True, local_tile=local_tile))
+  dq, _ = backward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.dq_local_tile)
+  _, dkv = backward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.dkv_local_tile)
+  return f + dq + dkv
 
 
 def layout_bytes(mode, B, N, T, H, r):
@@ -412,12 +415,12 @@ def libtpu_version():
 
 def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH_BLOCKS,
                    our_seqs=OUR_COMPILE_SEQS, flash_seqs=FLASH_COMPILE_SEQS, modes=("fwd", "vjp"),
-                   splash_blocks=SPLASH_BLOCKS, splash_seqs=SPLASH_COMPILE_SEQS):
+                   splash_blocks=SPLASH_BLOCKS, splash_seqs=SPLASH_COMPILE_SEQS, ours=True):
   jobs = []
   for hd in shapes:
     sh = SHAPES[hd]
     for mode in modes:
-      for T in our_seqs:
+      for T in our_seqs if ours else ():
         jobs.append(dict(op="polysketch", mode=mode, T=T, block=block, tile=tile or {}, **sh))
       if flash_blocks:
         for s in flash_blocks:
@@ -439,6 +442,16 @@ def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH
     rs.sort(key=lambda r: r["job"]["T"])
     out["|".join(map(str, key))] = summarise(rs, seqs, key[1])
   return out
+
+
+def _our_tiles(gen, head_dim):
+  """The tiles our kernels were compiled with (the generation's defaults + TILE)."""
+  from pallas_polysketch.tpu_config import TileConfig, resolve_tiles
+  import jax.numpy as jnp
+  sh = SHAPES[head_dim]
+  return resolve_tiles(TileConfig(generation=gen, **(TILE or {})), block_size=BLOCK,
+                       head_dim=head_dim, sketch_dim=sh["r"], dtype=jnp.bfloat16,
+                       feature_dtype=jnp.bfloat16)
 
 
 def _fastest(cands, T):
@@ -485,8 +498,7 @@ def report(all_results, seqs):
             row.update(ours_cycles=c, ours_ms=c / g.clock_hz * 1e3,
                        ours_transpose_cycles=ours["per_T"][T]["other"],
                        ours_mxu_util=flops("polysketch", mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK,
-                                           local_tile=(TILE or {}).get("local_tile")
-                                           or min(g.mxu_width, BLOCK))
+                                           tiles=_our_tiles(gen, hd))
                        / (c * fpc))
             lb = layout_bytes(mode, sh["B"], sh["N"], T, hd, sh["r"])
             hbm = lb / g.hbm_bytes_per_s * g.clock_hz
@@ -571,9 +583,12 @@ def main(argv=None):
   p.add_argument("--shapes", nargs="+", type=int, default=[64, 128])
   p.add_argument("--seqs", nargs="+", type=int, default=SEQS)
   p.add_argument("--tag", default="tpu_schedule")
-  p.add_argument("--no-flash", action="store_true", help="compile neither anchor")
-  p.add_argument("--no-splash", action="store_true")
-  p.add_argument("--local-tile", type=int, default=None)
+  p.add_argument("--ops", nargs="+", choices=("polysketch", "flash", "splash"),
+                 default=["polysketch", "flash", "splash"],
+                 help="what to compile (merge partial runs with --from-json)")
+  p.add_argument("--local-tile", type=int, default=None, help="TileConfig.local_tile (all kernels)")
+  p.add_argument("--dq-local-tile", type=int, default=None)
+  p.add_argument("--dkv-local-tile", type=int, default=None)
   p.add_argument("--block", type=int, default=BLOCK, help="PolySketch block size b")
   p.add_argument("--from-json", nargs="+", metavar="JSON",
                  help="re-report (and merge) earlier results instead of compiling")
@@ -590,7 +605,9 @@ def main(argv=None):
   if ver is None:
     print("libtpu is not installed: no TPU schedule can be produced; skipping.")
     return 1
-  tile = {"local_tile": args.local_tile} if args.local_tile else None
+  tile = {k: v for k, v in (("local_tile", args.local_tile),
+                            ("dq_local_tile", args.dq_local_tile),
+                            ("dkv_local_tile", args.dkv_local_tile)) if v} or None
   BLOCK, TILE = args.block, tile
   all_results = {}
   os.makedirs(RESULTS, exist_ok=True)
@@ -599,9 +616,9 @@ def main(argv=None):
   for gen in args.gens:
     t0 = time.time()
     all_results[gen] = run_generation(gen, args.shapes, args.seqs, tile=tile, block=BLOCK,
-                                      flash_blocks=() if args.no_flash else FLASH_BLOCKS,
-                                      splash_blocks=() if args.no_flash or args.no_splash
-                                      else SPLASH_BLOCKS)
+                                      flash_blocks=FLASH_BLOCKS if "flash" in args.ops else (),
+                                      splash_blocks=SPLASH_BLOCKS if "splash" in args.ops else (),
+                                      ours="polysketch" in args.ops)
     print(f"{gen}: {time.time() - t0:.0f}s", file=sys.stderr)
     rows = report(all_results, args.seqs)  # written after each generation
     doc = dict(libtpu=ver, jax=__import__("jax").__version__, block_size=BLOCK,
