@@ -140,6 +140,9 @@ def test_splash_grid_model():
   assert frac(spans) == [1 / 8, causal]
   _, frac_dkv = ts.kernel_model("splash_mha_dkv_no_residuals.1", job, 8192)
   assert frac_dkv(spans) == [1 / 16, causal]
+  # A block longer than the sequence: no model (that T is left out of the table).
+  assert ts.kernel_model("splash_mha_fwd_no_residuals.1", dict(job, splash_blocks=[2048, 512, 512]),
+                         1024) is None
 
 
 def test_fastest_anchor_per_kernel():
