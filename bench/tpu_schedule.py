@@ -62,6 +62,7 @@ SPLASH_SIZES = (512, 1024, 2048)
 SPLASH_BLOCKS = tuple((q, kv, c) for q in SPLASH_SIZES for kv in SPLASH_SIZES
                       for c in SPLASH_SIZES if c <= kv and kv % c == 0)
 SPLASH_COMPILE_SEQS = (4096,)   # kernels are structural; 2 blocks of the largest size
+FEATURE_SKETCHES = ("learned", "random")   # the layer's sketch features, compiled alone
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROGRAM_FILES = ("TLP", "<late-finalization>", "<late-initialization>")
 
@@ -97,6 +98,9 @@ def _worker(spec_path: str, out_path: str) -> None:
       fwd = lambda q, k, v, fq, fk: polysketch_attention(
           q, k, v, fq, fk, block_size=job["block"], implementation="pallas", tile_config=tc)
       args = [arr(B, T, N, H)] * 3 + [arr(B, T, N, r)] * 2
+    elif job["op"] == "features":
+      fn, args = _features_fn(
+          lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding), job)
     elif job["op"] == "splash":
       bq, bkv, bc = job["splash_blocks"]
       bs = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bc,
@@ -114,7 +118,7 @@ def _worker(spec_path: str, out_path: str) -> None:
                          block_q_dkv=s, block_k_major_dq=s, block_k_dq=s, block_q_dq=s)
       fwd = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, block_sizes=bs)
       args = [arr(B, N, T, H)] * 3
-    if job["op"] == "tiny":
+    if job["op"] in ("tiny", "features"):
       pass
     elif job["mode"] == "fwd":
       fn = fwd
@@ -158,6 +162,37 @@ def _worker(spec_path: str, out_path: str) -> None:
     results.append(rec)
     print(json.dumps({k: rec.get(k) for k in ("job", "compile_s", "error")}), flush=True)
   json.dump(results, open(out_path, "w"))
+
+
+def _features_fn(sds, job):
+  """The sketch features of q [B, T, N, H] and k as the Flax layer computes them
+  (one sketch per layer; learned: float32 params, bf16 activations), forward
+  or forward + VJP (into q, k and the learned params)."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_polysketch import sketches
+  B, N, H, r, T = (job[k] for k in ("B", "N", "H", "r", "T"))
+  key = jax.random.key(0)
+  if job["sketch"] == "learned":
+    params = sketches.learned_sketch_init(key, H, r)
+    feats = sketches.learned_sketch_features
+  else:
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                          sketches.random_sketch_init(key, H, r, degree=4))
+    feats = lambda p, x: sketches.random_sketch_features(p, x).astype(x.dtype)
+  arr = lambda *shape: sds(shape, jnp.bfloat16)
+  p_args = jax.tree.map(lambda a: sds(a.shape, a.dtype), params)
+  both = lambda p, q, k: (feats(p, q), feats(p, k))
+  args = [p_args, arr(B, T, N, H), arr(B, T, N, H)]
+  if job["mode"] == "fwd":
+    return both, args
+  learned = job["sketch"] == "learned"
+
+  def fn(p, q, k, dfq, dfk):
+    _, vjp = jax.vjp(both, p, q, k)
+    dp, dq, dk = vjp((dfq, dfk))
+    return (dp if learned else None), dq, dk
+  return fn, args + [arr(B, T, N, r), arr(B, T, N, r)]
 
 
 def _tiny_kernel(arr, B, N, T, H):
@@ -241,30 +276,35 @@ def kernel_model(name: str, job: dict, T: int):
   if name.startswith("splash_"):
     bq, bkv, _ = job["splash_blocks"]
     nq, nk = T // bq, T // bkv
+    if not nq or not nk:
+      return None           # a block longer than the sequence
     frac = _causal_fraction(nq, bq, nk, bkv)
     inner = nq if "_dkv" in name else nk   # dkv walks q blocks innermost
     # A causal mask does not shrink splash's grid (every kv column has a
     # non-empty first q block). Regions: `should_run` (the largest, causal), and
     # the init / write-out at one inner index.
-    def fractions(spans):
-      if not spans:
-        return []
-      big = max(range(len(spans)), key=lambda i: spans[i].skipped)
-      return [frac if i == big else 1.0 / inner for i in range(len(spans))]
-    return B * N * nq * nk, fractions
+    return B * N * nq * nk, _causal_regions(frac, inner)
   if "flash" in name:
     s = job["block"]
     n = T // s
+    if not n:
+      return None
     frac = _causal_fraction(n, s, n, s)
     # The largest region is `should_run` (causal); the others run at one block
     # index (init / finalize), or are tiny (dq's should_not_run: empty here).
-    def fractions(spans):
-      if not spans:
-        return []
-      big = max(range(len(spans)), key=lambda i: spans[i].skipped)
-      return [frac if i == big else 1.0 / n for i in range(len(spans))]
-    return B * N * n * n, fractions
+    return B * N * n * n, _causal_regions(frac, n)
   return None
+
+
+def _causal_regions(frac, inner):
+  """when_fractions of a causal softmax kernel: the largest region (`should_run`)
+  at the causal fraction `frac`, the others once per `inner` steps."""
+  def fractions(spans):
+    if not spans:
+      return []
+    big = max(range(len(spans)), key=lambda i: spans[i].skipped)
+    return [frac if i == big else 1.0 / inner for i in range(len(spans))]
+  return fractions
 
 
 def _is_program(name):
@@ -361,6 +401,8 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
 
   out["per_T"] = {}
   for T in T_targets:
+    if any(kernel_model(n, job0, T) is None for n in out["kernels"]):
+      continue              # the configuration does not fit T
     ks = {n: kernel_cycles(n, T) for n in out["kernels"]}
     o = max(0.0, other_cycles(T))
     out["per_T"][T] = dict(kernels=ks, other=o, total=sum(ks.values()) + o)
@@ -415,11 +457,15 @@ def libtpu_version():
 
 def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH_BLOCKS,
                    our_seqs=OUR_COMPILE_SEQS, flash_seqs=FLASH_COMPILE_SEQS, modes=("fwd", "vjp"),
-                   splash_blocks=SPLASH_BLOCKS, splash_seqs=SPLASH_COMPILE_SEQS, ours=True):
+                   splash_blocks=SPLASH_BLOCKS, splash_seqs=SPLASH_COMPILE_SEQS, ours=True,
+                   features=FEATURE_SKETCHES):
   jobs = []
   for hd in shapes:
     sh = SHAPES[hd]
     for mode in modes:
+      for sketch in features:
+        for T in OUR_COMPILE_SEQS:
+          jobs.append(dict(op="features", mode=mode, T=T, block=sketch, sketch=sketch, **sh))
       for T in our_seqs if ours else ():
         jobs.append(dict(op="polysketch", mode=mode, T=T, block=block, tile=tile or {}, **sh))
       if flash_blocks:
@@ -433,6 +479,11 @@ def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH
             jobs.append(dict(op="splash", mode=mode, T=T, block="x".join(map(str, sb)),
                              splash_blocks=list(sb), **sh))
   recs = run_jobs(gen, jobs)
+  # The compiles are the expensive part: keep their records if summarising fails.
+  saved = os.path.join(tempfile.gettempdir(), f"tpu_schedule_records_{gen}_{os.getpid()}.json")
+  with open(saved, "w") as f:
+    json.dump(recs, f)
+  print(f"{gen}: worker records in {saved}", file=sys.stderr)
   groups = {}
   for r in recs:
     j = r["job"]
@@ -440,8 +491,35 @@ def run_generation(gen, shapes, seqs, tile=None, block=BLOCK, flash_blocks=FLASH
   out = {}
   for key, rs in groups.items():
     rs.sort(key=lambda r: r["job"]["T"])
-    out["|".join(map(str, key))] = summarise(rs, seqs, key[1])
+    out["|".join(map(str, key))] = (summarise_program(rs, seqs) if key[1] == "features"
+                                     else summarise(rs, seqs, key[1]))
   return out
+
+
+def _interpolate(points: dict, T):
+  """Linear in T through the compiled points (extrapolated past the largest;
+  through the origin with one point)."""
+  Ts = sorted(points)
+  if len(Ts) == 1:
+    return points[Ts[0]] * T / Ts[0]
+  lo, hi = (Ts[0], Ts[1]) if T <= Ts[1] else next(
+      ((a, b) for a, b in zip(Ts, Ts[1:]) if T <= b), (Ts[-2], Ts[-1]))
+  return points[lo] + (points[hi] - points[lo]) * (T - lo) / (hi - lo)
+
+
+def summarise_program(records: list[dict], T_targets) -> dict:
+  """Static cycles of an XLA-only program (every schedule in its dump), per
+  compiled T and interpolated to T_targets."""
+  ok = [r for r in records if "error" not in r]
+  if not ok:
+    return {"error": "; ".join(r.get("error", "") for r in records)[:600]}
+  compiled = {}
+  for r in ok:
+    scheds = [bundles.Schedule.from_json(s) for s in r["schedules"] if "format_error" not in s]
+    compiled[r["job"]["T"]] = sum(s.static_cycles() for s in scheds)
+  return {"compiled": compiled,
+          "per_T": {T: dict(kernels={}, other=max(0.0, _interpolate(compiled, T)),
+                            total=max(0.0, _interpolate(compiled, T))) for T in T_targets}}
 
 
 def _our_tiles(gen, head_dim):
@@ -529,6 +607,16 @@ def report(all_results, seqs):
               row["speedup_conservative"] = row["anchor_cycles"] / row["ours_cycles_conservative"]
           if "ours_cycles" in row:
             row["speedup_over_limit"] = limit / row["ours_cycles"]
+            for sk in FEATURE_SKETCHES:
+              fv = res.get(f"{hd}|features|{mode}|{sk}", {})
+              if "per_T" not in fv:
+                continue
+              fc = fv["per_T"][T]["total"]
+              row[f"features_{sk}_cycles"] = fc
+              if "anchor_cycles" in row:
+                row[f"speedup_with_{sk}"] = row["anchor_cycles"] / (row["ours_cycles"] + fc)
+                row[f"speedup_with_{sk}_conservative"] = row["anchor_cycles"] / (
+                    row["ours_cycles_conservative"] + fc)
           rows.append(row)
   return rows
 
@@ -583,8 +671,8 @@ def main(argv=None):
   p.add_argument("--shapes", nargs="+", type=int, default=[64, 128])
   p.add_argument("--seqs", nargs="+", type=int, default=SEQS)
   p.add_argument("--tag", default="tpu_schedule")
-  p.add_argument("--ops", nargs="+", choices=("polysketch", "flash", "splash"),
-                 default=["polysketch", "flash", "splash"],
+  p.add_argument("--ops", nargs="+", choices=("polysketch", "flash", "splash", "features"),
+                 default=["polysketch", "flash", "splash", "features"],
                  help="what to compile (merge partial runs with --from-json)")
   p.add_argument("--local-tile", type=int, default=None, help="TileConfig.local_tile (all kernels)")
   p.add_argument("--dq-local-tile", type=int, default=None)
@@ -618,7 +706,8 @@ def main(argv=None):
     all_results[gen] = run_generation(gen, args.shapes, args.seqs, tile=tile, block=BLOCK,
                                       flash_blocks=FLASH_BLOCKS if "flash" in args.ops else (),
                                       splash_blocks=SPLASH_BLOCKS if "splash" in args.ops else (),
-                                      ours="polysketch" in args.ops)
+                                      ours="polysketch" in args.ops,
+                                      features=FEATURE_SKETCHES if "features" in args.ops else ())
     print(f"{gen}: {time.time() - t0:.0f}s", file=sys.stderr)
     rows = report(all_results, args.seqs)  # written after each generation
     doc = dict(libtpu=ver, jax=__import__("jax").__version__, block_size=BLOCK,
@@ -691,19 +780,25 @@ def markdown(rows, ver) -> str:
     out.append(f"\n#### {gen} ({g.clock_hz / 1e9:.2f} GHz, libtpu {ver})\n")
     out.append("| H, r | pass | T | PolySketch Mcyc (ms) | MXU util | + layout copies at HBM bw, Mcyc | "
                "flash Mcyc | splash Mcyc | anchor (blocks per kernel) | anchor MXU util | "
-               "speed-up | speed-up (cons.) | softmax limit Mcyc | speed-up over the limit |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+               "speed-up | speed-up (cons.) | learned / random features Mcyc | "
+               "speed-up with learned features (cons.) | with random features (cons.) | "
+               "softmax limit Mcyc | speed-up over the limit |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rs:
       if "speedup" not in r:
         out.append(f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | skipped: "
-                   f"{str(r.get('ours_error', 'no anchor'))[:80]} | | | | | | | | | | |")
+                   f"{str(r.get('ours_error', 'no anchor'))[:80]} |" + " |" * 13)
         continue
       a = r["anchor"]
+      with_f = lambda sk: (f"{r['speedup_with_' + sk]:.2f} ({r['speedup_with_' + sk + '_conservative']:.2f})"
+                           if "speedup_with_" + sk in r else "-")
       out.append(
           f"| {r['H']}, {r['r']} | {r['mode']} | {r['T']} | {r['ours_cycles'] / 1e6:.3f} "
           f"({r['ours_ms']:.3f}) | {r['ours_mxu_util']:.2f} | {r['ours_cycles_conservative'] / 1e6:.3f} | "
           f"{mc(r, 'flash_cycles')} | {mc(r, 'splash_cycles')} | {a} ({_blocks(r['anchor_blocks'])}) | "
           f"{r[a + '_mxu_util']:.2f} | {r['speedup']:.2f} | {r['speedup_conservative']:.2f} | "
+          f"{mc(r, 'features_learned_cycles')} / {mc(r, 'features_random_cycles')} | "
+          f"{with_f('learned')} | {with_f('random')} | "
           f"{r['limit_cycles'] / 1e6:.2f} | {r['speedup_over_limit']:.2f} |")
   return "\n".join(out) + "\n"
 
@@ -711,7 +806,8 @@ def markdown(rows, ver) -> str:
 def print_table(rows, ver):
   print(f"libtpu {ver}: static cycles (lower bound), per TensorCore")
   print(f"{'gen':4} {'H':>4} {'mode':4} {'T':>7} {'ours Mcyc':>10} {'util':>5} {'flash':>9} "
-        f"{'splash':>9} {'anchor':>6} {'speedup':>8} {'x(cons)':>8} {'limit':>8} {'x limit':>8}")
+        f"{'splash':>9} {'anchor':>6} {'speedup':>8} {'x(cons)':>8} {'x+learn':>8} "
+        f"{'limit':>8} {'x limit':>8}")
   for r in rows:
     if "speedup" not in r:
       print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7}  skipped: "
@@ -720,7 +816,8 @@ def print_table(rows, ver):
     fm = lambda k: f"{r[k] / 1e6:9.2f}" if k in r else f"{'-':>9}"
     print(f"{r['gen']:4} {r['H']:>4} {r['mode']:4} {r['T']:>7} {r['ours_cycles'] / 1e6:10.3f} "
           f"{r['ours_mxu_util']:5.2f} {fm('flash_cycles')} {fm('splash_cycles')} {r['anchor']:>6} "
-          f"{r['speedup']:8.2f} {r['speedup_conservative']:8.2f} {r['limit_cycles'] / 1e6:8.2f} "
+          f"{r['speedup']:8.2f} {r['speedup_conservative']:8.2f} "
+          f"{r.get('speedup_with_learned', float('nan')):8.2f} {r['limit_cycles'] / 1e6:8.2f} "
           f"{r['speedup_over_limit']:8.2f}")
 
 
