@@ -19,6 +19,12 @@ Format, as seen:
   `/* loop exit test */`. A `pl.when` region is a forward conditional
   `sbr.rel (%p) target = $regionN` over the region to the bundle where region
   N starts.
+
+Kernels the compiler found identical are dumped once: the top-level program
+(`TLP`) calls each HLO op with an `inlined_call /* %name = ... */` bundle, and
+`*-TLP-00-deduplication-map.txt` lists, per dumped kernel (`key:`), the ops
+that share its code (`equivalent_hlos`). `program_calls` turns the two into
+the number of times each dumped kernel runs.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ _REGION_START_RE = re.compile(r"Start(?:/End empty)? region (\d+)")
 _EXIT_TEST_RE = re.compile(
     r"scmp\.(\w+)\.s32\.totalorder\s+%\w+,\s*(-?\d+)\s*/\*\s*loop exit test")
 _FILE_RE = re.compile(r"^(\d+)-(.*)-(\d+)-final_bundles\.txt$")
+
+
+_CALL_RE = re.compile(r"inlined_call\b[^/{}]*/\*\s*(?:%([\w.\-]+)\s*=|(<[\w\-]+>))")
 
 
 class ScheduleFormatError(ValueError):
@@ -213,3 +222,30 @@ def grid_kernel_cycles(sched: Schedule, *, steps: int, when_fractions,
   return {"cycles": cycles, "body": loop.body, "trips": trips,
           "guard_skipped": guard.skipped,
           "when_regions": [[s.skipped, f] for s, f in zip(whens, fractions)]}
+
+
+def program_calls(tlp_text: str, dedup_map_text: str | None = None) -> dict[str, int]:
+  """How many times the top-level program runs each dumped kernel.
+
+  tlp_text: the `TLP` `*-final_bundles.txt`; dedup_map_text: the
+  `*-TLP-00-deduplication-map.txt` of the same compile (None: no dedup).
+  Returns {dumped kernel name: calls}; a name absent was never called from
+  the TLP. Raises ScheduleFormatError if the TLP calls nothing.
+  """
+  key_of = {}
+  key = None
+  for line in (dedup_map_text or "").splitlines():
+    line = line.strip()
+    if line.startswith("key:"):
+      key = line[4:]
+      key_of[key] = key
+    elif key and line and not line.startswith(("ordinal:", "equivalent_hlos")):
+      key_of[line] = key
+  calls: dict[str, int] = {}
+  for m in _CALL_RE.finditer(tlp_text):
+    name = m.group(1) or m.group(2)
+    k = key_of.get(name, name)
+    calls[k] = calls.get(k, 0) + 1
+  if not calls:
+    raise ScheduleFormatError("TLP: no inlined_call bundle recognised")
+  return calls

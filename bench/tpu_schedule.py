@@ -141,6 +141,15 @@ def _worker(spec_path: str, out_path: str) -> None:
     files = [f for f in new if f.endswith("-final_bundles.txt")
              and "schedule-analysis" not in f]
     rec["schedules"] = []
+    tlp = [f for f in new if f.endswith("-final_bundles.txt") and bundles.kernel_name(f) == "TLP"]
+    dedup = [f for f in new if f.endswith("-TLP-00-deduplication-map.txt")]
+    if len(tlp) == 1:
+      try:
+        rec["calls"] = bundles.program_calls(
+            open(os.path.join(dump, tlp[0])).read(),
+            open(os.path.join(dump, dedup[0])).read() if len(dedup) == 1 else None)
+      except bundles.ScheduleFormatError as e:
+        rec["calls_error"] = str(e)
     for f in files:
       name = bundles.kernel_name(f)
       try:
@@ -311,6 +320,17 @@ def _is_program(name):
   return name in PROGRAM_FILES
 
 
+def runs(rec, name):
+  """How many times the program runs the dumped schedule `name`: identical
+  kernels are dumped once (`bundles.program_calls`). 1 for the TLP, for
+  records written before call counts were kept, and for a schedule the TLP
+  does not call directly."""
+  calls = rec.get("calls")
+  if not calls or name == "TLP":
+    return 1
+  return calls.get(name) or 1
+
+
 def summarise(records: list[dict], T_targets, op: str) -> dict:
   """Cycles per kernel (structural, any T) and fusions (interpolated) for one config."""
   ok = [r for r in records if "error" not in r]
@@ -338,7 +358,7 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
       else:
         return {"error": f"{sched.name}: trip count {trips} does not match grid {steps}"}
       kern[sched.name] = dict(schedule=s, stages=trips - per_core, megacore_split=split,
-                              grid_steps_per_core=per_core)
+                              grid_steps_per_core=per_core, runs=runs(rec, sched.name))
     out["bases"][rec["job"]["T"]] = kern
   base_Ts = sorted(out["bases"])
   out["kernels"] = out["bases"][base_Ts[-1]]
@@ -355,9 +375,9 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
     steps, frac = kernel_model(name, job0, T)
     if k["megacore_split"]:
       steps //= 2
-    return bundles.grid_kernel_cycles(bundles.Schedule.from_json(k["schedule"]),
-                                      steps=steps, when_fractions=frac,
-                                      stages=k["stages"])["cycles"]
+    return k.get("runs", 1) * bundles.grid_kernel_cycles(
+        bundles.Schedule.from_json(k["schedule"]), steps=steps, when_fractions=frac,
+        stages=k["stages"])["cycles"]
 
   # Fusions and program overhead per compiled T.
   fus = {}
@@ -367,6 +387,9 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
     kern_direct = {}
     for s in r["schedules"]:
       if "format_error" in s:
+        out.setdefault("unparsed", [])
+        if s["name"] not in out["unparsed"]:
+          out["unparsed"].append(s["name"])
         continue
       sched = bundles.Schedule.from_json(s)
       if sched.name in out["kernels"]:
@@ -375,10 +398,10 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
         if k["megacore_split"]:
           steps //= 2
         stages = sched.loops[0].trips - steps
-        kern_direct[sched.name] = bundles.grid_kernel_cycles(
+        kern_direct[sched.name] = runs(r, sched.name) * bundles.grid_kernel_cycles(
             sched, steps=steps, when_fractions=frac, stages=stages)["cycles"]
       else:
-        total += sched.static_cycles()
+        total += sched.static_cycles() * runs(r, sched.name)
     fus[T] = total
     for name, direct in kern_direct.items():
       for bT in base_Ts:
@@ -516,8 +539,9 @@ def summarise_program(records: list[dict], T_targets) -> dict:
   compiled = {}
   for r in ok:
     scheds = [bundles.Schedule.from_json(s) for s in r["schedules"] if "format_error" not in s]
-    compiled[r["job"]["T"]] = sum(s.static_cycles() for s in scheds)
-  return {"compiled": compiled,
+    compiled[r["job"]["T"]] = sum(s.static_cycles() * runs(r, s.name) for s in scheds)
+  unparsed = sorted({s["name"] for r in ok for s in r["schedules"] if "format_error" in s})
+  return {"compiled": compiled, "unparsed": unparsed,
           "per_T": {T: dict(kernels={}, other=max(0.0, _interpolate(compiled, T)),
                             total=max(0.0, _interpolate(compiled, T))) for T in T_targets}}
 

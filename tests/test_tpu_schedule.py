@@ -160,3 +160,37 @@ def test_fastest_anchor_per_kernel():
   assert total == 10 + 20 + 7 and blocks == {"fwd": "512x512x512", "dq": "1024x1024x512"}
   assert ts._fastest(cands, 1024) == (5, {"fwd": "512x512x512", "dq": "512x512x512"})
   assert ts._fastest({"4096": cands["512x512x512"]}, 1024) is None
+
+
+# --- kernels dumped once, run several times ------------------------------------
+# tests/data/dedup_v5e_*: the `inlined_call` bundles of a real TLP schedule and
+# its deduplication map (v5e, libtpu 0.0.42.1): the learned-sketch features of
+# q and of k, one Pallas kernel compiled once and called twice.
+
+def test_program_calls_counts_deduplicated_kernels():
+  tlp = open(os.path.join(HERE, "data", "dedup_v5e_tlp_calls.txt")).read()
+  dedup = open(os.path.join(HERE, "data", "dedup_v5e_deduplication-map.txt")).read()
+  calls = bundles.program_calls(tlp, dedup)
+  assert calls["learned_sketch_forward.2"] == 2
+  assert "learned_sketch_forward.3" not in calls      # folded into its key
+  assert calls["copy.22"] == 2 and calls["copy.16"] == 1
+  assert calls["pad_maximum_fusion.1"] == 2 and calls["<late-initialization>"] == 1
+  assert sum(calls.values()) == tlp.count("inlined_call")
+  # without the map every call counts under its own name
+  plain = bundles.program_calls(tlp)
+  assert plain["learned_sketch_forward.2"] == plain["learned_sketch_forward.3"] == 1
+  with pytest.raises(bundles.ScheduleFormatError):
+    bundles.program_calls("no calls here")
+
+
+def test_program_cycles_count_every_run():
+  ts = _schedule_module()
+  one = lambda name, n: bundles.Schedule(name, n, ()).to_json()
+  rec = dict(job=dict(T=1024), schedules=[one("TLP", 10), one("fusion.1", 100)],
+             calls={"fusion.1": 3, "<late-initialization>": 1})
+  got = ts.summarise_program([rec], [1024, 2048])
+  assert got["compiled"][1024] == 10 + 3 * 100
+  assert got["per_T"][2048]["total"] == pytest.approx(2 * 310)
+  old = dict(rec)
+  del old["calls"]                                      # records before call counts
+  assert ts.summarise_program([old], [1024])["compiled"][1024] == 110
