@@ -7,6 +7,7 @@ All functions here are pure JAX; the attention op takes their r-dim output.
 from __future__ import annotations
 
 import collections.abc
+import functools
 import math
 
 import jax
@@ -271,7 +272,7 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> 
 
 
 def _dense_block(p, x):
-  """LayerNorm -> Dense(8r) -> GELU -> Dense(r) on a [M, d_in] matrix."""
+  """LayerNorm -> Dense(8r) -> GELU -> Dense(r) on x [..., d_in]."""
   x = _layer_norm(x, p["ln_scale"], p["ln_bias"])
   return jax.nn.gelu(x @ p["w_in"].astype(x.dtype)) @ p["w_out"].astype(x.dtype)
 
@@ -281,25 +282,39 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
 
   The same params map q and k, so <f(q), f(k)> stays symmetric.
 
-  Computed as one [M, head_dim] matrix (M = the product of the leading dims):
-  XLA on CPU contracts the weight gradients of a 2-D operand about twice as
-  fast as over several batch dims. The two branches' first blocks share the
-  LayerNorm statistics of x and run as one matmul against both Dense kernels,
-  each with its LayerNorm affine folded in ((x_hat s + c) W = x_hat (s W) + c W):
-  the same function as `learned_sketch_init` documents, rounded differently
-  at the dtype's precision.
+  The two branches' first blocks share the LayerNorm statistics of x and run
+  as one matmul against both Dense kernels, each with its LayerNorm affine
+  folded in ((x_hat s + c) W = x_hat (s W) + c W): the same function as
+  `learned_sketch_init` documents, rounded differently at the dtype's
+  precision. Off TPU x is first viewed as one [M, head_dim] matrix (M = the
+  product of the leading dims): XLA on CPU contracts the weight gradients of
+  a 2-D operand about twice as fast as over several batch dims. On TPU that
+  reshape is a layout copy of x and of the features (and again in the
+  backward), about a third of the forward's cycles there (BUILD_NOTES, "What
+  the learned sketch costs"), so x keeps its shape.
   """
-  b1, b2 = params["branch1"], params["branch2"]
-  head_dim = b1[0]["w_in"].shape[0]
+  head_dim = params["branch1"][0]["w_in"].shape[0]
   if x.shape[-1] != head_dim:
     raise ValueError(f"x has last dim {x.shape[-1]}, the sketch was built for head_dim {head_dim}")
-  lead, dt = x.shape[:-1], x.dtype
-  x_hat = _normalized(x.reshape(-1, head_dim))
+  lead = x.shape[:-1]
+
+  def as_matrix(x):
+    return _learned_features(params, x.reshape(-1, head_dim)).reshape(*lead, -1)
+
+  return jax.lax.platform_dependent(x, tpu=functools.partial(_learned_features, params),
+                                    default=as_matrix)
+
+
+def _learned_features(params: dict, x: jax.Array) -> jax.Array:
+  """`learned_sketch_features` on x [..., head_dim] as it is."""
+  b1, b2 = params["branch1"], params["branch2"]
+  dt = x.dtype
+  x_hat = _normalized(x)
   w_in = jnp.concatenate([p[0]["ln_scale"][:, None] * p[0]["w_in"] for p in (b1, b2)], axis=1)
   c_in = jnp.concatenate([p[0]["ln_bias"] @ p[0]["w_in"] for p in (b1, b2)])
-  hidden = jax.nn.gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))    # [M, 2 * 8r]
+  hidden = jax.nn.gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))    # [..., 2 * 8r]
   width = b1[0]["w_in"].shape[1]
-  g1, g2 = (_dense_block(p[1], hidden[:, i * width:(i + 1) * width] @ p[0]["w_out"].astype(dt))
+  g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width] @ p[0]["w_out"].astype(dt))
             for i, p in enumerate((b1, b2)))
   scale = math.sqrt(g1.shape[-1])
-  return (scale * jnp.tanh(g1 * g2 / scale)).reshape(*lead, -1)
+  return scale * jnp.tanh(g1 * g2 / scale)

@@ -164,6 +164,46 @@ def test_learned_sketch_formula():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_learned_sketch_tpu_form_is_the_same_function():
+  """On TPU x keeps its [B, T, N, H] shape (no layout copy); elsewhere it is
+  one [M, H] matrix. The two forms are the same function, values and every
+  gradient, to float32 rounding."""
+  from pallas_polysketch import sketches
+  r = 4
+  params = ps.learned_sketch_init(jax.random.key(7), H, sketch_dim=r)
+  params = jax.tree_util.tree_map(
+      lambda p: p + 0.1 * _normal(p.size, p.shape), params)
+  x = 3.0 * _normal(8, (2, 6, 3, H))
+  cot = _normal(9, (2, 6, 3, r))
+
+  def loss(fn):
+    return lambda p, x: jnp.sum(fn(p, x) * cot)
+
+  tpu_form = jax.jit(sketches._learned_features)
+  default = jax.jit(ps.learned_sketch_features)      # CPU: the matrix form
+  np.testing.assert_allclose(tpu_form(params, x), default(params, x), rtol=1e-5, atol=1e-6)
+  g_tpu = jax.jit(jax.grad(loss(sketches._learned_features), (0, 1)))(params, x)
+  g_cpu = jax.jit(jax.grad(loss(ps.learned_sketch_features), (0, 1)))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_tpu), jax.tree_util.tree_leaves(g_cpu)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_learned_sketch_keeps_the_shape_when_lowered_for_tpu():
+  """Exported for TPU the features never reshape x to a matrix (a layout copy
+  there); exported for CPU they do (faster weight gradients there)."""
+  import re
+  params = ps.learned_sketch_init(jax.random.key(0), 64, sketch_dim=32)
+  x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  fn = jax.jit(jax.grad(lambda p, x: jnp.sum(ps.learned_sketch_features(p, x)), (0, 1)))
+
+  def reshapes(platform):
+    text = jax.export.export(fn, platforms=[platform])(params, x).mlir_module()
+    return re.findall(r"stablehlo.reshape[^\n]*tensor<1x256x4x64x[bf]\w+>", text)
+
+  assert reshapes("tpu") == []
+  assert reshapes("cpu")
+
+
 # ----------------------------------------------------------------------------
 # Hadamard sketch and the official scaling.
 # ----------------------------------------------------------------------------
