@@ -101,6 +101,10 @@ def _worker(spec_path: str, out_path: str) -> None:
     elif job["op"] == "features":
       fn, args = _features_fn(
           lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding), job)
+    elif job["op"] == "gpt":
+      import gpt_step
+      fn, args = gpt_step.step_fn(
+          lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding), job)
     elif job["op"] == "splash":
       bq, bkv, bc = job["splash_blocks"]
       bs = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bc,
@@ -118,7 +122,7 @@ def _worker(spec_path: str, out_path: str) -> None:
                          block_q_dkv=s, block_k_major_dq=s, block_k_dq=s, block_q_dq=s)
       fwd = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, block_sizes=bs)
       args = [arr(B, N, T, H)] * 3
-    if job["op"] in ("tiny", "features"):
+    if job["op"] in ("tiny", "features", "gpt"):
       pass
     elif job["mode"] == "fwd":
       fn = fwd
@@ -792,9 +796,50 @@ def _blocks(blocks):
   return "/".join(str(v) for v in blocks.values())
 
 
+def crossover(rows, key="speedup_conservative"):
+  """Smallest T from which on `key` > 1 at every larger T of rows; None if not
+  at the largest."""
+  best = None
+  for r in sorted(rows, key=lambda r: -r["T"]):
+    if key not in r or r[key] <= 1.0:
+      break
+    best = r["T"]
+  return best
+
+
+def summary_markdown(rows, T=32768) -> str:
+  """One line per generation, head shape and pass at T, and the crossovers."""
+  out = [f"\n#### Summary at T = {T} (static / conservative; anchor = the faster of "
+         f"flash and splash per kernel)\n",
+         "| gen | H, r | pass | ours Mcyc | anchor Mcyc | speed-up | speed-up (cons.) | "
+         "with learned features (cons.) | ours MXU util | over the softmax limit | "
+         "crossover T (cons.) |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for gen in TOPOLOGIES:
+    for hd in sorted({r["H"] for r in rows if r["gen"] == gen}):
+      for mode in ("fwd", "vjp"):
+        rs = [r for r in rows if (r["gen"], r["H"], r["mode"]) == (gen, hd, mode)]
+        at = [r for r in rs if r["T"] == T]
+        if not at:
+          continue
+        r = at[0]
+        if "speedup" not in r:
+          out.append(f"| {gen} | {hd}, {SHAPES[hd]['r']} | {mode} | skipped: "
+                     f"{str(r.get('ours_error', 'no anchor'))[:70]} |" + " |" * 7)
+          continue
+        learned = (f"{r['speedup_with_learned']:.2f} ({r['speedup_with_learned_conservative']:.2f})"
+                   if "speedup_with_learned" in r else "-")
+        out.append(
+            f"| {gen} | {hd}, {r['r']} | {mode} | {r['ours_cycles'] / 1e6:.3f} | "
+            f"{r['anchor_cycles'] / 1e6:.2f} ({r['anchor']}) | {r['speedup']:.2f} | "
+            f"{r['speedup_conservative']:.2f} | {learned} | {r['ours_mxu_util']:.2f} | "
+            f"{r['speedup_over_limit']:.2f} | {crossover(rs) or '-'} |")
+  return "\n".join(out) + "\n"
+
+
 def markdown(rows, ver) -> str:
   """Per-generation markdown tables (for TPU_SCHEDULE.md)."""
-  out = []
+  out = [summary_markdown(rows)]
   mc = lambda r, k: f"{r[k] / 1e6:.2f}" if k in r else "-"
   for gen in TOPOLOGIES:
     rs = [r for r in rows if r["gen"] == gen]

@@ -194,3 +194,12 @@ def test_program_cycles_count_every_run():
   old = dict(rec)
   del old["calls"]                                      # records before call counts
   assert ts.summarise_program([old], [1024])["compiled"][1024] == 110
+
+
+def test_crossover_needs_every_larger_T():
+  ts = _schedule_module()
+  rows = [dict(T=t, speedup_conservative=x) for t, x in
+          ((1024, 1.2), (2048, 0.9), (4096, 1.1), (8192, 2.0))]
+  assert ts.crossover(rows) == 4096
+  rows[-1]["speedup_conservative"] = 0.99
+  assert ts.crossover(rows) is None

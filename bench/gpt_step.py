@@ -1,0 +1,223 @@
+"""A GPT-2-small training step on TPU, modelled from static schedules (issue 13 §6).
+
+    step(T) = rest(T) + layers x attention(T)
+
+attention(T): the static cycles of one attention op's VJP (forward + backward)
+at B=1, 12 heads, H=64 from `bench/tpu_schedule.py`'s table: PolySketch
+(kernels + the XLA ops around them, r=32, b=256, exact local blocks) or the
+anchor (the faster of splash and flash attention per kernel). Both columns
+come from the same JSON (`--schedule`).
+
+rest(T): everything else in the training step, compiled for the generation on
+this host (libtpu) and counted from its bundle dump the way
+`tpu_schedule.summarise_program` counts XLA programs (every run of a kernel the
+compiler dumped once counted): the GPT of `pallas_polysketch.models.gpt` with
+its attention op replaced by a stub (o = q + k + v, plus the features' row sums
+for PolySketch so their gradients flow), embedding, LayerNorms, projections,
+rotary embedding, the shared q/k LayerNorm, the learned sketch's features and
+their backward (PolySketch), the MLP, the tied 50304-way output and its
+cross-entropy, the backward, and an AdamW update with global-norm clipping, in
+bf16 with f32 parameters. The stub's own ops stay in: a small overcount on
+both sides.
+
+Compiled at two layer counts and two lengths (the program must fit the
+generation's HBM; the logits alone are 4 x 50304 bytes per token):
+rest(L, T) = a + b L + c T + d L T, solved exactly from the four compiles
+(every part of the step is per token or per parameter), then read at L = 12
+and any T.
+
+  python bench/gpt_step.py --gens v5e v6e
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpu_schedule  # noqa: E402
+
+GPT2_SMALL = dict(vocab_size=50304, num_heads=12, embed_dim=768, mlp_ratio=4,
+                  sketch="learned", sketch_dim=32, degree=4, block_size=256,
+                  local_exact=True, rope=True)
+LAYERS = 12
+COMPILE_LAYERS = (1, 2)
+COMPILE_SEQS = (2048, 8192)
+ATTENTIONS = ("polysketch", "softmax")
+REPORT_SEQS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+PAPER = ("Kacham, Mirrokni & Zhong (ICML 2024) report, measured on TPUs at 32k: "
+         "2x over the fastest FlashAttention (ICML version) to 2.5-4x (earlier versions)")
+
+
+def step_fn(sds, job):
+  """(fn, abstract args) of one training step with the attention stubbed."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from pallas_polysketch import nn as ps_nn
+  from pallas_polysketch.models.gpt import GPT, GPTConfig
+
+  cfg = GPTConfig(num_layers=job["layers"], attention=job["attention"], **GPT2_SMALL)
+
+  def polysketch_stub(q, k, v, fq, fk, **_):
+    rows = (jnp.sum(fq.astype(jnp.float32), -1, keepdims=True)
+            + jnp.sum(fk.astype(jnp.float32), -1, keepdims=True))
+    return (q + k + v + rows.astype(q.dtype)).astype(q.dtype)
+
+  def softmax_stub(q, k, v, **_):
+    return q + k + v
+
+  ps_nn.polysketch_attention = polysketch_stub
+  jax.nn.dot_product_attention = softmax_stub
+  model = nnx.eval_shape(lambda: GPT(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  graphdef, params, others = nnx.split(model, nnx.Param, ...)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1))
+  opt_state = jax.eval_shape(tx.init, params)
+
+  def step(params, opt_state, tokens, targets):
+    def loss(p):
+      logits = nnx.merge(graphdef, p, others)(tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  to_sds = lambda a: sds(a.shape, a.dtype)
+  tokens = sds((1, job["T"]), jnp.int32)
+  return step, [jax.tree.map(to_sds, params), jax.tree.map(to_sds, opt_state), tokens, tokens]
+
+
+def rest_model(records):
+  """{attention: (a, b, c, d)} of rest(L, T) = a + b L + c T + d L T (cycles)."""
+  out = {}
+  for att in ATTENTIONS:
+    pts = {}
+    for rec in records:
+      j = rec["job"]
+      if j["attention"] != att:
+        continue
+      if "error" in rec:
+        raise RuntimeError(f"{att} L={j['layers']} T={j['T']}: {rec['error'][:300]}")
+      prog = tpu_schedule.summarise_program([rec], [j["T"]])
+      pts[(j["layers"], j["T"])] = prog["compiled"][j["T"]]
+    (l0, l1), (t0, t1) = COMPILE_LAYERS, COMPILE_SEQS
+    # bilinear through the four corners
+    d = ((pts[(l1, t1)] - pts[(l0, t1)]) - (pts[(l1, t0)] - pts[(l0, t0)])) / ((l1 - l0) * (t1 - t0))
+    b = (pts[(l1, t0)] - pts[(l0, t0)]) / (l1 - l0) - d * t0
+    c = (pts[(l0, t1)] - pts[(l0, t0)]) / (t1 - t0) - d * l0
+    a = pts[(l0, t0)] - b * l0 - c * t0 - d * l0 * t0
+    out[att] = dict(coef=(a, b, c, d), compiled={f"{l}|{t}": v for (l, t), v in pts.items()})
+  return out
+
+
+def rest_cycles(model, att, layers, T):
+  a, b, c, d = model[att]["coef"]
+  return a + b * layers + c * T + d * layers * T
+
+
+def attention_cycles(schedule_rows, gen, T):
+  """(ours, anchor, anchor name) of the H=64 VJP at T from tpu_schedule rows."""
+  for r in schedule_rows:
+    if r["gen"] == gen and r["H"] == 64 and r["mode"] == "vjp" and r["T"] == T and "speedup" in r:
+      return r["ours_cycles"], r["ours_cycles_conservative"], r["anchor_cycles"], r["anchor"]
+  return None
+
+
+def report(gen, model, schedule_rows, clock_hz):
+  rows = []
+  for T in REPORT_SEQS:
+    att = attention_cycles(schedule_rows, gen, T)
+    if att is None:
+      continue
+    ours, ours_cons, anchor, anchor_name = att
+    rest_ps = rest_cycles(model, "polysketch", LAYERS, T)
+    rest_sm = rest_cycles(model, "softmax", LAYERS, T)
+    step_ps = rest_ps + LAYERS * ours
+    step_ps_cons = rest_ps + LAYERS * ours_cons
+    step_sm = rest_sm + LAYERS * anchor
+    rows.append(dict(gen=gen, T=T, rest_polysketch=rest_ps, rest_softmax=rest_sm,
+                     attention_polysketch=LAYERS * ours,
+                     attention_polysketch_conservative=LAYERS * ours_cons,
+                     attention_anchor=LAYERS * anchor, anchor=anchor_name,
+                     step_polysketch=step_ps, step_polysketch_conservative=step_ps_cons,
+                     step_softmax=step_sm, speedup=step_sm / step_ps,
+                     speedup_conservative=step_sm / step_ps_cons,
+                     step_polysketch_ms=step_ps / clock_hz * 1e3,
+                     step_softmax_ms=step_sm / clock_hz * 1e3))
+  return rows
+
+
+def crossover(rows):
+  """The smallest reported T from which on the PolySketch step is faster
+  (conservative figures); None if it is not faster at the largest T."""
+  best = None
+  for r in sorted(rows, key=lambda r: -r["T"]):
+    if r["speedup_conservative"] <= 1.0:
+      break
+    best = r["T"]
+  return best
+
+
+def markdown(doc) -> str:
+  out = []
+  for gen, res in doc["generations"].items():
+    out.append(f"\n#### {gen}: GPT-2 small training step (12 layers, width 768, 12 heads, "
+               f"H=64, r=32, b=256, learned sketch + exact local blocks, bf16), batch 1\n")
+    out.append("| T | rest, PolySketch model Mcyc | rest, softmax model Mcyc | "
+               "12 x PolySketch attention VJP | 12 x anchor VJP (kernel) | "
+               "step PolySketch Mcyc (ms) | step softmax Mcyc (ms) | speed-up | speed-up (cons.) |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in res["rows"]:
+      out.append(
+          f"| {r['T']} | {r['rest_polysketch'] / 1e6:.2f} | {r['rest_softmax'] / 1e6:.2f} | "
+          f"{r['attention_polysketch'] / 1e6:.2f} | {r['attention_anchor'] / 1e6:.2f} "
+          f"({r['anchor']}) | {r['step_polysketch'] / 1e6:.2f} ({r['step_polysketch_ms']:.1f}) | "
+          f"{r['step_softmax'] / 1e6:.2f} ({r['step_softmax_ms']:.1f}) | {r['speedup']:.2f} | "
+          f"{r['speedup_conservative']:.2f} |")
+    out.append(f"\nCrossover (cons.): the PolySketch step is faster from T = "
+               f"{res['crossover']} on (of the T reported).\n")
+  out.append(f"\n{PAPER}.\n")
+  return "\n".join(out)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--gens", nargs="+", default=["v5e", "v6e"])
+  p.add_argument("--schedule", default=os.path.join(tpu_schedule.RESULTS, "tpu_schedule.json"),
+                 help="tpu_schedule JSON with the H=64 attention rows")
+  p.add_argument("--tag", default="gpt_step")
+  p.add_argument("--from-json", help="re-report a gpt_step JSON against --schedule")
+  args = p.parse_args(argv)
+  ver = tpu_schedule.libtpu_version()
+  sched = json.load(open(args.schedule))
+  from pallas_polysketch.tpu_config import GENERATIONS
+  if args.from_json:
+    doc = json.load(open(args.from_json))
+  else:
+    if ver is None:
+      print("libtpu is not installed: nothing to compile; skipping.")
+      return 1
+    doc = dict(libtpu=ver, config=GPT2_SMALL, layers=LAYERS, compile_layers=COMPILE_LAYERS,
+               compile_seqs=COMPILE_SEQS, generations={})
+    for gen in args.gens:
+      jobs = [dict(op="gpt", attention=a, layers=l, T=t, B=1, N=12, H=64, r=32, block="gpt")
+              for a in ATTENTIONS for l in COMPILE_LAYERS for t in COMPILE_SEQS]
+      recs = tpu_schedule.run_jobs(gen, jobs)
+      doc["generations"][gen] = dict(rest=rest_model(recs))
+  doc["schedule"] = os.path.basename(args.schedule)
+  for gen, res in doc["generations"].items():
+    res["rows"] = report(gen, res["rest"], sched["rows"], GENERATIONS[gen].clock_hz)
+    res["crossover"] = crossover(res["rows"])
+  path = os.path.join(tpu_schedule.RESULTS, args.tag)
+  json.dump(doc, open(path + ".json", "w"), indent=1)
+  md = markdown(doc)
+  open(path + ".md", "w").write(md)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,60 @@
+"""bench/gpt_step.py's arithmetic (no libtpu): the rest-of-step model through
+four compiles, the step sums and the crossover."""
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
+import bundles  # noqa: E402
+import gpt_step  # noqa: E402
+
+
+def _record(att, layers, T, cycles):
+  sched = bundles.Schedule("fusion.1", cycles, ()).to_json()
+  return dict(job=dict(op="gpt", attention=att, layers=layers, T=T), schedules=[sched],
+              calls={"fusion.1": 1})
+
+
+def _truth(att, layers, T):
+  a, b, c, d = (1000, 50, 3, 7) if att == "polysketch" else (900, 40, 2, 6)
+  return a + b * layers + c * T + d * layers * T
+
+
+def test_rest_model_recovers_a_bilinear_program():
+  recs = [_record(a, l, t, _truth(a, l, t)) for a in gpt_step.ATTENTIONS
+          for l in gpt_step.COMPILE_LAYERS for t in gpt_step.COMPILE_SEQS]
+  model = gpt_step.rest_model(recs)
+  for att in gpt_step.ATTENTIONS:
+    for layers, T in ((12, 32768), (12, 1024), (3, 131072)):
+      assert gpt_step.rest_cycles(model, att, layers, T) == pytest.approx(_truth(att, layers, T))
+
+
+def test_rest_model_reports_a_failed_compile():
+  recs = [_record(a, l, t, 1) for a in gpt_step.ATTENTIONS
+          for l in gpt_step.COMPILE_LAYERS for t in gpt_step.COMPILE_SEQS]
+  recs[0]["error"] = "RESOURCE_EXHAUSTED: out of HBM"
+  with pytest.raises(RuntimeError, match="out of HBM"):
+    gpt_step.rest_model(recs)
+
+
+def test_step_sums_and_crossover():
+  model = {a: dict(coef=(0.0, 0.0, 10.0, 0.0)) for a in gpt_step.ATTENTIONS}   # rest = 10 T
+  rows = []
+  for T in gpt_step.REPORT_SEQS:
+    # ours linear, the anchor quadratic: the anchor loses from some T on
+    rows.append(dict(gen="v5e", H=64, mode="vjp", T=T, speedup=1.0,
+                     ours_cycles=2.0 * T, ours_cycles_conservative=3.0 * T,
+                     anchor_cycles=T * T / 4096, anchor="splash"))
+  got = gpt_step.report("v5e", model, rows, clock_hz=1e9)
+  by_T = {r["T"]: r for r in got}
+  r = by_T[32768]
+  assert r["step_polysketch"] == 10 * 32768 + 12 * 2.0 * 32768
+  assert r["step_polysketch_conservative"] == 10 * 32768 + 12 * 3.0 * 32768
+  assert r["step_softmax"] == 10 * 32768 + 12 * 32768 ** 2 / 4096
+  assert r["speedup"] == r["step_softmax"] / r["step_polysketch"]
+  # cons. faster where 12 T^2 / 4096 > 36 T, i.e. T > 12288
+  assert gpt_step.crossover(got) == 16384
+  assert all(by_T[T]["speedup_conservative"] > 1 for T in by_T if T >= 16384)
+  assert by_T[8192]["speedup_conservative"] < 1
