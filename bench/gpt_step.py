@@ -59,7 +59,8 @@ def step_fn(sds, job):
   from pallas_polysketch import nn as ps_nn
   from pallas_polysketch.models.gpt import GPT, GPTConfig
 
-  cfg = GPTConfig(num_layers=job["layers"], attention=job["attention"], **GPT2_SMALL)
+  cfg = GPTConfig(num_layers=job["layers"], attention=job["attention"],
+                  **{**GPT2_SMALL, **job.get("config", {})})
 
   def polysketch_stub(q, k, v, fq, fk, **_):
     rows = (jnp.sum(fq.astype(jnp.float32), -1, keepdims=True)

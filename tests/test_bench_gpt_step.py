@@ -58,3 +58,28 @@ def test_step_sums_and_crossover():
   assert gpt_step.crossover(got) == 16384
   assert all(by_T[T]["speedup_conservative"] > 1 for T in by_T if T >= 16384)
   assert by_T[8192]["speedup_conservative"] < 1
+
+
+@pytest.mark.slow          # four GPT compiles, ~1-2 min on 2 cores
+@pytest.mark.tpu_compile
+def test_stubbed_step_compiles_for_tpu_and_counts():
+  """A tiny GPT's training step, attention stubbed, compiled for v5e (needs
+  libtpu): every op of the program is counted, the PolySketch model's (with
+  the learned sketch features) more than softmax's, and more layers cost more."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu not installed")
+  import tpu_schedule
+  tiny = dict(vocab_size=128, num_heads=2, embed_dim=64, block_size=32, sketch_dim=8)
+  jobs = [dict(op="gpt", attention=a, layers=l, T=256, B=1, N=2, H=32, r=8, block="gpt",
+               config=tiny) for a in gpt_step.ATTENTIONS for l in (1, 2)]
+  recs = tpu_schedule.run_jobs("v5e", jobs)
+  cycles = {}
+  for rec in recs:
+    assert "error" not in rec, rec.get("error")
+    assert rec["calls"], "no TLP calls parsed"
+    j = rec["job"]
+    cycles[(j["attention"], j["layers"])] = tpu_schedule.summarise_program([rec], [256])["compiled"][256]
+  assert cycles[("polysketch", 1)] > cycles[("softmax", 1)]
+  for a in gpt_step.ATTENTIONS:
+    assert cycles[(a, 2)] > cycles[(a, 1)] > 0
