@@ -184,6 +184,19 @@ def markdown(doc) -> str:
   return "\n".join(out)
 
 
+def _write(doc, args, sched, generations) -> str:
+  """Rows against the schedule table; <tag>.json and <tag>.md. Returns the markdown."""
+  doc["schedule"] = os.path.basename(args.schedule)
+  for gen, res in doc["generations"].items():
+    res["rows"] = report(gen, res["rest"], sched["rows"], generations[gen].clock_hz)
+    res["crossover"] = crossover(res["rows"])
+  path = os.path.join(tpu_schedule.RESULTS, args.tag)
+  json.dump(doc, open(path + ".json", "w"), indent=1)
+  md = markdown(doc)
+  open(path + ".md", "w").write(md)
+  return md
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gens", nargs="+", default=["v5e", "v6e"])
@@ -197,6 +210,7 @@ def main(argv=None):
   from pallas_polysketch.tpu_config import GENERATIONS
   if args.from_json:
     doc = json.load(open(args.from_json))
+    print(_write(doc, args, sched, GENERATIONS))
   else:
     if ver is None:
       print("libtpu is not installed: nothing to compile; skipping.")
@@ -208,15 +222,8 @@ def main(argv=None):
               for a in ATTENTIONS for l in COMPILE_LAYERS for t in COMPILE_SEQS]
       recs = tpu_schedule.run_jobs(gen, jobs)
       doc["generations"][gen] = dict(rest=rest_model(recs))
-  doc["schedule"] = os.path.basename(args.schedule)
-  for gen, res in doc["generations"].items():
-    res["rows"] = report(gen, res["rest"], sched["rows"], GENERATIONS[gen].clock_hz)
-    res["crossover"] = crossover(res["rows"])
-  path = os.path.join(tpu_schedule.RESULTS, args.tag)
-  json.dump(doc, open(path + ".json", "w"), indent=1)
-  md = markdown(doc)
-  open(path + ".md", "w").write(md)
-  print(md)
+      _write(doc, args, sched, GENERATIONS)     # after each generation: compiles are slow
+    print(_write(doc, args, sched, GENERATIONS))
   return 0
 
 

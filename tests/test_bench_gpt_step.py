@@ -83,3 +83,22 @@ def test_stubbed_step_compiles_for_tpu_and_counts():
   assert cycles[("polysketch", 1)] > cycles[("softmax", 1)]
   for a in gpt_step.ATTENTIONS:
     assert cycles[(a, 2)] > cycles[(a, 1)] > 0
+
+
+def test_rereport_from_json(tmp_path):
+  """--from-json: a saved rest model re-reported against a schedule table."""
+  import json
+  sched_rows = [dict(gen="v5e", H=64, mode="vjp", T=T, speedup=1.0, ours_cycles=T,
+                     ours_cycles_conservative=2 * T, anchor_cycles=T * T / 1024,
+                     anchor="flash") for T in gpt_step.REPORT_SEQS]
+  (tmp_path / "sched.json").write_text(json.dumps(dict(rows=sched_rows)))
+  rest = {a: dict(coef=[0.0, 0.0, 1.0, 0.0]) for a in gpt_step.ATTENTIONS}
+  (tmp_path / "saved.json").write_text(json.dumps(dict(generations={"v5e": dict(rest=rest)})))
+  tag = str(tmp_path / "out")
+  assert gpt_step.main(["--from-json", str(tmp_path / "saved.json"), "--schedule",
+                        str(tmp_path / "sched.json"), "--tag", tag]) == 0
+  doc = json.loads((tmp_path / "out.json").read_text())
+  rows = {r["T"]: r for r in doc["generations"]["v5e"]["rows"]}
+  assert rows[32768]["step_polysketch"] == 32768 + 12 * 32768
+  assert rows[32768]["step_softmax"] == 32768 + 12 * 32768 ** 2 / 1024
+  assert "| 32768 |" in (tmp_path / "out.md").read_text()
