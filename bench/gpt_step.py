@@ -121,9 +121,10 @@ def rest_cycles(model, att, layers, T):
 
 def attention_cycles(schedule_rows, gen, T):
   """(ours, anchor, anchor name) of the H=64 VJP at T from tpu_schedule rows."""
+  keys = ("ours_cycles", "ours_cycles_conservative", "anchor_cycles", "anchor")
   for r in schedule_rows:
-    if r["gen"] == gen and r["H"] == 64 and r["mode"] == "vjp" and r["T"] == T and "speedup" in r:
-      return r["ours_cycles"], r["ours_cycles_conservative"], r["anchor_cycles"], r["anchor"]
+    if (r["gen"], r["H"], r["mode"], r["T"]) == (gen, 64, "vjp", T) and all(k in r for k in keys):
+      return tuple(r[k] for k in keys)
   return None
 
 
@@ -208,6 +209,11 @@ def main(argv=None):
   ver = tpu_schedule.libtpu_version()
   sched = json.load(open(args.schedule))
   from pallas_polysketch.tpu_config import GENERATIONS
+  for gen in ([] if args.from_json else args.gens):    # before an hour of compiles
+    if attention_cycles(sched["rows"], gen, 32768) is None:
+      raise SystemExit(f"{args.schedule} has no H=64 vjp row for {gen} at T=32768 with "
+                       f"ours_cycles, ours_cycles_conservative, anchor_cycles and anchor: "
+                       f"regenerate it with bench/tpu_schedule.py")
   if args.from_json:
     doc = json.load(open(args.from_json))
     print(_write(doc, args, sched, GENERATIONS))

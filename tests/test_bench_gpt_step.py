@@ -102,3 +102,13 @@ def test_rereport_from_json(tmp_path):
   assert rows[32768]["step_polysketch"] == 32768 + 12 * 32768
   assert rows[32768]["step_softmax"] == 32768 + 12 * 32768 ** 2 / 1024
   assert "| 32768 |" in (tmp_path / "out.md").read_text()
+
+
+def test_a_schedule_without_the_rows_fails_before_compiling(tmp_path):
+  import json
+  (tmp_path / "old.json").write_text(json.dumps(dict(rows=[dict(
+      gen="v5e", H=64, mode="vjp", T=32768, speedup=9.0, ours_cycles=1.0,
+      ours_cycles_conservative=1.0, flash_cycles=9.0)])))     # an older format
+  with pytest.raises(SystemExit, match="anchor_cycles"):
+    gpt_step.main(["--gens", "v5e", "--schedule", str(tmp_path / "old.json"),
+                   "--tag", str(tmp_path / "x")])
