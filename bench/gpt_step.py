@@ -152,17 +152,6 @@ def report(gen, model, schedule_rows, clock_hz):
   return rows
 
 
-def crossover(rows):
-  """The smallest reported T from which on the PolySketch step is faster
-  (conservative figures); None if it is not faster at the largest T."""
-  best = None
-  for r in sorted(rows, key=lambda r: -r["T"]):
-    if r["speedup_conservative"] <= 1.0:
-      break
-    best = r["T"]
-  return best
-
-
 def markdown(doc) -> str:
   out = []
   for gen, res in doc["generations"].items():
@@ -190,7 +179,7 @@ def _write(doc, args, sched, generations) -> str:
   doc["schedule"] = os.path.basename(args.schedule)
   for gen, res in doc["generations"].items():
     res["rows"] = report(gen, res["rest"], sched["rows"], generations[gen].clock_hz)
-    res["crossover"] = crossover(res["rows"])
+    res["crossover"] = tpu_schedule.crossover(res["rows"])
   path = os.path.join(tpu_schedule.RESULTS, args.tag)
   json.dump(doc, open(path + ".json", "w"), indent=1)
   md = markdown(doc)

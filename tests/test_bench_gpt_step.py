@@ -55,7 +55,7 @@ def test_step_sums_and_crossover():
   assert r["step_softmax"] == 10 * 32768 + 12 * 32768 ** 2 / 4096
   assert r["speedup"] == r["step_softmax"] / r["step_polysketch"]
   # cons. faster where 12 T^2 / 4096 > 36 T, i.e. T > 12288
-  assert gpt_step.crossover(got) == 16384
+  assert gpt_step.tpu_schedule.crossover(got) == 16384
   assert all(by_T[T]["speedup_conservative"] > 1 for T in by_T if T >= 16384)
   assert by_T[8192]["speedup_conservative"] < 1
 
