@@ -249,3 +249,77 @@ def program_calls(tlp_text: str, dedup_map_text: str | None = None) -> dict[str,
   if not calls:
     raise ScheduleFormatError("TLP: no inlined_call bundle recognised")
   return calls
+
+
+# --- layout copies in the compiled program --------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*)$")
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+  n = 1
+  for d in filter(None, dims.split(",")):
+    n *= int(d)
+  return n * _DTYPE_BYTES.get(dtype, 4)
+
+
+def _plain_layout(layout: str | None) -> str:
+  """The layout without its memory space (`S(1)`: the same bytes moved to VMEM)."""
+  return re.sub(r"S\(\d+\)", "", layout or "")
+
+
+_MOVE_OPS = {"parameter", "bitcast", "copy", "transpose", "tuple", "get-tuple-element"}
+
+
+def layout_copies(hlo_text: str) -> list[dict]:
+  """Copies in a compiled HLO module (`compiled.as_text()`) that change an array's layout.
+
+  A `copy` or `copy-start` whose result layout (tiling included) differs from
+  its operand's, ignoring the memory space (`S(1)`: the same bytes moved to
+  VMEM), and a fusion that only moves data (its fused computation holds
+  nothing but bitcasts, copies and transposes): the transposes XLA inserts
+  around a custom call whose operand layout is not the producer's.
+  Instructions inside fused computations belong to their fusion.
+  Returns [{"name", "op", "bytes"}], bytes = the result's size (one way).
+  """
+  layouts, found, fused_ops = {}, [], {}
+  computation = None
+  for line in hlo_text.splitlines():
+    if not line.startswith(" ") and ("{" in line and "(" in line):
+      header = line.split("(")[0].split()
+      computation = header[-1].lstrip("%") if header and not line.startswith("HloModule") else None
+      is_fused = computation is not None and not line.startswith("ENTRY") and (
+          "fused" in computation or "wrapped" in computation)
+      if is_fused:
+        fused_ops[computation] = set()
+      continue
+    m = _INSTR.match(line)
+    if m is None:
+      continue
+    name, shape, op, rest = m.groups()
+    if computation in fused_ops:
+      fused_ops[computation].add(op)
+      continue
+    arrays = _ARRAY.findall(shape)
+    if arrays:
+      layouts[name] = arrays[0]
+    if op == "fusion":
+      calls = re.search(r"calls=%([\w.-]+)", rest)
+      if calls:
+        found.append((name, op, calls.group(1), arrays))
+    elif op in ("copy", "copy-start") and arrays:
+      operand = re.match(r"\s*%([^,)\s]+)", rest)
+      src = layouts.get(operand.group(1)) if operand else None
+      if src is not None and _plain_layout(arrays[0][2]) != _plain_layout(src[2]):
+        found.append((name, op, None, arrays[:1]))
+  copies = []
+  for name, op, calls, arrays in found:
+    if calls is not None:
+      ops = fused_ops.get(calls, {"unknown"})
+      if not (ops <= _MOVE_OPS and ops & {"copy", "transpose"}):
+        continue
+    copies.append(dict(name=name, op=op, bytes=sum(_array_bytes(d, n) for d, n, _ in arrays)))
+  return copies

@@ -137,8 +137,11 @@ def _worker(spec_path: str, out_path: str) -> None:
     rec = dict(job=job)
     try:
       t0 = time.time()
-      jax.jit(fn).lower(*args).compile()
+      compiled = jax.jit(fn).lower(*args).compile()
       rec["compile_s"] = round(time.time() - t0, 1)
+      copies = bundles.layout_copies(compiled.as_text())
+      rec["layout_copies"] = [c["name"] for c in copies]
+      rec["layout_copy_bytes"] = sum(c["bytes"] for c in copies)
     except Exception as e:  # noqa: BLE001 - recorded, the driver skips it
       rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
     new = sorted(set(os.listdir(dump)) - before)
@@ -414,6 +417,8 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
           out["scaling_check"].append(dict(kernel=name, T=T, direct=direct, from_T=bT,
                                            predicted=pred, rel_err=(pred - direct) / direct))
     out["compiled"][T] = dict(kernels=kern_direct, other=total)
+    if "layout_copy_bytes" in r:
+      out["compiled"][T]["layout_copy_bytes"] = r["layout_copy_bytes"]
   Ts = sorted(fus)
 
   def other_cycles(T):
@@ -433,6 +438,10 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
     ks = {n: kernel_cycles(n, T) for n in out["kernels"]}
     o = max(0.0, other_cycles(T))
     out["per_T"][T] = dict(kernels=ks, other=o, total=sum(ks.values()) + o)
+    measured = [t for t in Ts if "layout_copy_bytes" in out["compiled"][t]]
+    if measured:             # every copied array is [B, T, N, D]: bytes scale as T
+      tc = measured[-1]
+      out["per_T"][T]["layout_copy_bytes"] = out["compiled"][tc]["layout_copy_bytes"] * T / tc
   return out
 
 
@@ -461,7 +470,9 @@ def flops(op, mode, B, N, T, H, r, block, tiles=None):
 
 
 def layout_bytes(mode, B, N, T, H, r):
-  """HBM bytes of our XLA layout changes [B,T,N,D] <-> [B,N,T,D]/[B,N,D,T] (read + write).
+  """HBM bytes of our XLA layout changes [B,T,N,D] <-> [B,N,T,D]/[B,N,D,T] (read + write),
+  assumed: the fallback for records from before the worker recorded the
+  compiled program's own layout copies (`bundles.layout_copies`).
 
   Part of these run as DMA copies (copy-start/copy-done), which issue no
   bundles; so they are charged here at HBM bandwidth instead. Forward: q, k,
@@ -606,8 +617,13 @@ def report(all_results, seqs):
                        ours_mxu_util=flops("polysketch", mode, sh["B"], sh["N"], T, hd, sh["r"], BLOCK,
                                            tiles=_our_tiles(gen, hd))
                        / (c * fpc))
-            lb = layout_bytes(mode, sh["B"], sh["N"], T, hd, sh["r"])
+            copied = ours["per_T"][T].get("layout_copy_bytes")
+            if copied is not None:        # the copies in the compiled program, read + write
+              lb, source = 2 * copied, "compiled"
+            else:                         # records from before copies were recorded
+              lb, source = layout_bytes(mode, sh["B"], sh["N"], T, hd, sh["r"]), "formula"
             hbm = lb / g.hbm_bytes_per_s * g.clock_hz
+            row["layout_bytes_source"] = source
             kern = sum(ours["per_T"][T]["kernels"].values())
             cons = kern + max(ours["per_T"][T]["other"], hbm)
             row.update(ours_layout_hbm_cycles=hbm, ours_cycles_conservative=cons,

@@ -1,14 +1,22 @@
 """Forward Pallas TPU kernels of PolySketch attention (DESIGN §1.3, §2).
 
-Layout. The wrapper transposes once in XLA so every matmul in the kernels is a
-plain (NN) or rhs-transposed (NT) MXU matmul:
+Layout. The wrapper views the public [B, T, N|K, D] arrays so every matmul
+in the kernels is a plain (NN) or rhs-transposed (NT) MXU matmul:
 
-  q            [B, K, G, T, H]   blocks (G, b, H)    (query side: G heads per kv head)
+  q            [B, K, G, T, H] or q^T [B, K, G, H, T]   (G query heads per kv head)
+  k, v         [B, K, T, H]    or k^T, v^T [B, K, H, T]
+  o            [B, K, G, T, H] or o^T [B, K, G, H, T]
   f_q^T        [B, K, G, r, T]   blocks (G, r, b), tokens on the 128 lanes
-  k            [B, K, T, H]      blocks (b, H)
-  v^T, f_k^T   [B, K, H|r, T]    blocks (H|r, b)
-  o^T          [B, K, G, H, T]   blocks (G, H, b)
+  f_k^T        [B, K, r, T]      blocks (r, b)
   den          [B, K, G, 1, T]   blocks (G, 1, b), float32 (a backward residual)
+
+q, k, v and o take the layout the TPU compiler gives a [B, T, N, H] array by
+default, so the views are bitcasts and no XLA copy runs around the kernel:
+tokens on rows (H minor) when H is a multiple of the 128 lanes, else tokens
+on lanes (T minor: an H = 64 head minor would be padded to 128 lanes). The
+kernel transposes the (b, H) tiles it needs in the other orientation in VMEM
+(O(bH) per block on the XLU, small beside the O(r^2 H b) MXU work). The
+features (r < 128) always come tokens on lanes.
 
 Grid (B, K, T/b) over kv heads: batch and heads "parallel", blocks last and
 "arbitrary" (they carry the prefix state). The state of a kv head is updated
@@ -45,13 +53,13 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 
 def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_initial,
-                           emit_state, bf16_phi):
+                           emit_state, bf16_phi, tokens_on_lanes):
   refs = list(refs)
   state_block_ref = refs.pop(0) if emit_state else None
-  q_ref, k_ref, v_t_ref, fq_t_ref, fk_t_ref = refs[:5]
+  q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref = refs[:5]
   refs = refs[5:]
   init_ref = refs.pop(0) if has_initial else None
-  o_t_ref, den_ref = refs[:2]
+  o_ref, den_ref = refs[:2]
   refs = refs[2:]
   state_out_ref = refs.pop(0) if emit_state else None
   state_ref, acc_ref = refs
@@ -60,7 +68,8 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
   mm_dtype = q_ref.dtype
   prec = precision_for(mm_dtype)
   group = q_ref.shape[0]
-  head_dim, block = v_t_ref.shape
+  block = fk_t_ref.shape[1]
+  head_dim = v_ref.shape[0] if tokens_on_lanes else v_ref.shape[1]
 
   @pl.when(t == 0)
   def _():
@@ -76,10 +85,21 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     def _():
       state_out_ref[...] = state_ref[...]
 
-  v_aug = augment_v_t(v_t_ref[...])  # (H + 16, b)
+  v_aug = augment_v_t(v_ref[...] if tokens_on_lanes else v_ref[...].T)  # (H + 16, b)
   state = state_ref[...].astype(mm_dtype)
   num_tiles = block // local_tile
+  if local_exact and tokens_on_lanes:
+    k_rows = k_ref[...].T                                             # (b, H)
   for g in range(group):
+    if not local_exact:                         # the sketched local block reads features only
+      q_tile = k_tile = lambda i: None
+    elif tokens_on_lanes:
+      q_rows = q_ref[g].T
+      q_tile = lambda i: q_rows[i * local_tile:(i + 1) * local_tile]
+      k_tile = lambda j: k_rows[j * local_tile:(j + 1) * local_tile]
+    else:
+      q_tile = lambda i: q_ref[g, pl.ds(i * local_tile, local_tile), :]
+      k_tile = lambda j: k_ref[pl.ds(j * local_tile, local_tile), :]
     # Exact (or sketched) diagonal block, in local_tile x local_tile tiles;
     # tiles above the diagonal are all zero and skipped.
     for i in range(num_tiles):
@@ -87,7 +107,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       acc = jnp.zeros((head_dim + NORMALISER_ROWS, local_tile), jnp.float32)
       for j in range(i + 1):
         ks = pl.ds(j * local_tile, local_tile)
-        w_t = local_weights_t(q_ref[g, qs, :], k_ref[ks, :], fq_t_ref[g, :, qs],
+        w_t = local_weights_t(q_tile(i), k_tile(j), fq_t_ref[g, :, qs],
                               fk_t_ref[:, ks], degree=degree, local_exact=local_exact,
                               diagonal=i == j)
         acc += jnp.dot(v_aug[:, j * local_tile:(j + 1) * local_tile], w_t.astype(mm_dtype),
@@ -99,7 +119,8 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     acc = acc_ref[...] + jnp.dot(state, phi_q, preferred_element_type=jnp.float32,
                                  precision=prec)
     den = bias + acc[head_dim:head_dim + 1, :]
-    o_t_ref[g] = divide_by_denominator(acc[:head_dim, :], den).astype(o_t_ref.dtype)
+    o_t = divide_by_denominator(acc[:head_dim, :], den)
+    o_ref[g] = (o_t if tokens_on_lanes else o_t.T).astype(o_ref.dtype)
     den_ref[g] = den
 
   # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
@@ -155,6 +176,13 @@ def to_kernel_layout(q, k, v, q_features, k_features):
   return q_r, k_r, v_t, fq_t, fk_t
 
 
+def tokens_on_lanes(head_dim: int) -> bool:
+  """Whether the forward kernel takes q, k, v, o with tokens on lanes (T minor):
+  the TPU compiler's default layout of a [B, T, N, H] array, padding-free,
+  puts H minor only when H fills whole 128-lane vregs."""
+  return head_dim % 128 != 0
+
+
 def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local_exact,
                    bias, tiles: ResolvedTiles, interpret=False, initial_state=None,
                    state_block=None, out_dtype=None):
@@ -179,8 +207,16 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   r = q_features.shape[-1]
   nb = t // block_size
   rows = h + NORMALISER_ROWS
-  q_r, k_r, v_t, fq_t, fk_t = to_kernel_layout(q, k, v, q_features, k_features)
-  o_shape = jax.ShapeDtypeStruct((b_, kv, group, h, t), out_dtype or q.dtype)
+  on_lanes = tokens_on_lanes(h)
+  cols = lambda x: jnp.transpose(x, (0, 2, 3, 1))                  # [B, H, T] views
+  rows_ = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  view = cols if on_lanes else rows_
+  q_v = group_view(view(q), kv)                                     # [B, K, G, (T, H)|(H, T)]
+  k_v, v_v = view(k), view(v)                                       # [B, K, (T, H)|(H, T)]
+  fq_t = group_view(cols(q_features), kv)                          # [B, K, G, r, T]
+  fk_t = cols(k_features)                                           # [B, K, r, T]
+  o_dims = (h, t) if on_lanes else (t, h)
+  o_shape = jax.ShapeDtypeStruct((b_, kv, group) + o_dims, out_dtype or q.dtype)
   den_shape = jax.ShapeDtypeStruct((b_, kv, group, 1, t), jnp.float32)
   state_shape = jax.ShapeDtypeStruct((b_, kv, rows, r * r), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
@@ -196,9 +232,10 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   col_spec = lambda d: pl.BlockSpec((None, None, d, block_size),
                                     lambda bi, ni, ti, *_: (bi, ni, 0, ti))
   state_spec = pl.BlockSpec((None, None, rows, r * r), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
-  in_specs = [q_rows(h), row_spec, col_spec(h), q_cols(r), col_spec(r)] + (
+  q_spec, kv_spec = (q_cols(h), col_spec(h)) if on_lanes else (q_rows(h), row_spec)
+  in_specs = [q_spec, kv_spec, kv_spec, q_cols(r), col_spec(r)] + (
       [state_spec] if has_initial else [])
-  out_specs = [q_cols(h), q_cols(1)] + ([state_spec] if emit else [])
+  out_specs = [q_spec, q_cols(1)] + ([state_spec] if emit else [])
   out_shape = [o_shape, den_shape] + ([state_shape] if emit else [])
   grid_spec = _compat.pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1 if emit else 0,
@@ -208,8 +245,8 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   kernel = functools.partial(
       _causal_forward_kernel, degree=degree, local_exact=local_exact,
       local_tile=tiles.local_tile, bias=bias, has_initial=has_initial, emit_state=emit,
-      bf16_phi=tiles.bf16_phi)
-  ins = (q_r, k_r, v_t, fq_t, fk_t) + ((initial_state,) if has_initial else ())
+      bf16_phi=tiles.bf16_phi, tokens_on_lanes=on_lanes)
+  ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
   outs = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
@@ -223,7 +260,8 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
           bytes_accessed=nbytes(*ins, o_shape, den_shape)),
       name="polysketch_causal_forward",
   )(*(((state_block.astype(jnp.int32),) if emit else ()) + ins))
-  o = jnp.transpose(outs[0].reshape(b_, n, h, t), (0, 3, 1, 2))
+  o = outs[0].reshape((b_, n) + o_dims)
+  o = jnp.transpose(o, (0, 3, 1, 2) if on_lanes else (0, 2, 1, 3))
   den = outs[1].reshape(b_, n, 1, t)
   return (o, den, outs[2]) if emit else (o, den)
 

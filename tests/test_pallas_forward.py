@@ -48,6 +48,9 @@ CASES = [
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16),
     pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.bfloat16),
+    # H = 128: the causal kernel takes q, k, v, o with tokens on rows (H = 64
+    # above: tokens on lanes, q and k transposed in VMEM); two local tiles.
+    (True, True, 4, 128, 16, 256, 256, 128, jnp.bfloat16),
 ]
 
 

@@ -151,6 +151,29 @@ def test_libtpu_compiles_forward_and_gradient(generation):
   jax.jit(prefill).lower(*gqa).compile()
 
 
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_compiled_forward_reads_the_public_layout_without_copies(generation):
+  """At the benchmark's head count (12) the forward's kernel operands are
+  bitcasts of what the TPU compiler stores for [B, T, N, H] by default (T
+  minor for H = 64, [B, N, T, H] for H = 128): no layout copy runs around
+  the kernel, with or without GQA. (The default depends on N: for N = 4,
+  H = 128 it is row-major [B, T, N, H] and a copy remains; BUILD_NOTES.)"""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "bench"))
+  import bundles
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(_topology_device(generation))
+  config = TileConfig.for_generation(generation)
+  for h, r, kv in ((64, 32, None), (128, 64, None), (64, 32, 4)):
+    shapes = _shapes(1, 2048, 12, h, r, jnp.bfloat16, sharding, kv_heads=kv)
+    compiled = jax.jit(functools.partial(_forward, tile_config=config)).lower(*shapes).compile()
+    text = compiled.as_text()
+    assert "polysketch_causal_forward" in text
+    assert bundles.layout_copies(text) == [], (h, r, kv)
+
 # --- packed segments (_pallas_segments.py) ----------------------------------------
 
 def _ids_shape(b, t, sharding=None):

@@ -203,3 +203,55 @@ def test_crossover_needs_every_larger_T():
   assert ts.crossover(rows) == 4096
   rows[-1]["speedup_conservative"] = 0.99
   assert ts.crossover(rows) is None
+
+
+HLO = os.path.join(HERE, "data", "compiled_vjp_v5e_h64.hlo.txt")
+
+
+def test_layout_copies_on_a_compiled_program():
+  """tests/data/compiled_vjp_v5e_h64.hlo.txt: `compiled.as_text()` of our
+  fwd+VJP (v5e, B=1, T=4096, N=12, H=64, r=32; libtpu 0.0.42.1), with the
+  metadata / backend_config attributes cut off each line."""
+  text = open(HLO).read()
+  copies = bundles.layout_copies(text)
+  names = [c["name"] for c in copies]
+  # Layout changes only: `copy-start`s that move an array to VMEM (S(1)) in
+  # its own layout are not copies, nor a convert fusion; a copy-only fusion is.
+  assert not any(n.startswith(("copy-start", "convert")) for n in names)
+  assert len(names) == len(set(names)) == 12
+  assert "copy_bitcast_fusion" in names
+  by_name = {c["name"]: c["bytes"] for c in copies}
+  assert by_name["copy"] == 4096 * 12 * 64 * 2            # q, bf16, [B,T,N,H] -> H minor
+  assert by_name["copy.3"] == 4096 * 12 * 32 * 2          # a feature array
+  assert by_name["copy.9"] == 12 * 4096 * 2 * 4           # f32 [.., 2] row terms
+
+
+def test_layout_copies_rules():
+  text = """HloModule m
+
+%fused_computation (p: f32[8,128]) -> f32[128,8] {
+  %p = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %copy.7 = f32[8,128]{0,1:T(8,128)} copy(%p)
+  ROOT %bitcast = f32[128,8]{1,0:T(8,128)} bitcast(%copy.7)
+}
+
+%fused_computation.1 (p.1: f32[8,128]) -> bf16[8,128] {
+  %p.1 = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %convert = bf16[8,128]{1,0:T(8,128)(2,1)} convert(%p.1)
+}
+
+ENTRY %main (a: f32[8,128]) -> f32[8,128] {
+  %a = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %copy-start = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%a)
+  %copy-done = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%copy-start)
+  %copy = bf16[8,128]{0,1:T(8,128)(2,1)} copy(%copy-done)
+  %copy.1 = f32[8,128]{1,0:T(2,128)} copy(%a)
+  %copy_fusion = f32[128,8]{1,0:T(8,128)} fusion(%a), kind=kLoop, calls=%fused_computation
+  %convert_fusion = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%a), kind=kLoop, calls=%fused_computation.1
+  ROOT %copy.2 = f32[8,128]{1,0:T(8,128)S(1)} copy(%a)
+}
+"""
+  got = {c["name"]: c["bytes"] for c in bundles.layout_copies(text)}
+  # A transpose, a retiling, a copy-only fusion (counted once, not again for
+  # the copy inside it); not a memory-space move, not a convert.
+  assert got == {"copy": 8 * 128 * 2, "copy.1": 8 * 128 * 4, "copy_fusion": 8 * 128 * 4}
