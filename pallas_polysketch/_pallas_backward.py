@@ -17,6 +17,12 @@ Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
 (r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R, then the local dK,
 dV (df_k). After the first block the carry is the initial state's cotangent.
 
+Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
+(`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
+H = 128), views of the TPU compiler's default [B, T, N, H] layout; the
+kernels transpose the tiles they need on rows in VMEM. Features, dnum^T and
+the row scalars come tokens on lanes, from XLA.
+
 Both grids run over kv heads; the G query heads of a group are handled inside
 the kernel, so the state is rebuilt once per kv head and dK, dV, df_k are
 summed over the group in VMEM (no race, no repeated K or V in HBM).
@@ -47,7 +53,7 @@ from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
     outer_sum, phi_t, phi_t_vjp, precision_for, split_dot, split_operand)
-from pallas_polysketch._pallas_forward import to_kernel_layout
+from pallas_polysketch._pallas_forward import tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -59,13 +65,22 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, split):
-  """Forward walk: dQ (local) and df_q (prefix; local too when sketched)."""
+def _rows(x, tokens_on_lanes):
+  """A (D, b) tile given tokens on lanes -> (b, D), transposed in VMEM."""
+  return x.T if tokens_on_lanes else x
+
+
+def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, split,
+               tokens_on_lanes=False):
+  """Forward walk: dQ (local) and df_q (prefix; local too when sketched).
+
+  q, k, v, g and the local output come tokens on rows (b, D) or, with
+  `tokens_on_lanes`, as (D, b) tiles (the forward's layouts)."""
   refs = list(refs)
   if causal:
-    (q_ref, k_ref, v_ref, v_t_ref, fq_t_ref, fk_t_ref, fq_ref, fk_ref,
-     g_ref, dnum_t_ref, dden_row_ref, scal_ref) = refs[:12]
-    refs = refs[12:]
+    (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, dden_row_ref,
+     scal_ref) = refs[:9]
+    refs = refs[9:]
     init_ref = refs.pop(0) if has_initial else None
     local_out_ref, dfq_t_ref, state_ref = refs
     group = q_ref.shape[0]
@@ -80,6 +95,9 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, spli
         state_ref[...] = init_ref[...]
       else:
         state_ref[...] = jnp.zeros_like(state_ref)
+    v_rows = _rows(v_ref[...], tokens_on_lanes)                       # (b, H)
+    k_side = (_rows(k_ref[...], tokens_on_lanes) if local_exact
+              else fk_t_ref[...].T)                                   # (b, H | r)
 
   state = split_operand(state_ref[...], split)
   for gi in range(group):
@@ -92,57 +110,63 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, spli
       return
 
     # Local block: dL = g v^T / den + dden, ds = dL * dw/ds, dQ = ds K (or df_q = ds f_k).
-    block = q_ref.shape[1]
-    width = q_ref.shape[2] if local_exact else fq_ref.shape[2]
+    q_side = _rows(q_ref[gi], tokens_on_lanes) if local_exact else fq_t_ref[gi].T
+    g_rows = _rows(g_ref[gi], tokens_on_lanes)
+    block, width = q_side.shape
+    tile = lambda x, i: x[i * local_tile:(i + 1) * local_tile]
+    out_tiles = []
     for i in range(block // local_tile):
       qs = pl.ds(i * local_tile, local_tile)
       acc = jnp.zeros((local_tile, width), jnp.float32)
       inv_den = scal_ref[gi, qs, 0:1]
       dden = scal_ref[gi, qs, 1:2]
       for j in range(i + 1):
-        ks = pl.ds(j * local_tile, local_tile)
-        if local_exact:
-          lhs, rhs = q_ref[gi, qs, :], k_ref[ks, :]
-        else:
-          lhs, rhs = fq_ref[gi, qs, :], fk_ref[ks, :]
+        lhs, rhs = tile(q_side, i), tile(k_side, j)
         s = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
                                 precision=precision_for(lhs.dtype))
-        gv = jax.lax.dot_general(g_ref[gi, qs, :], v_ref[ks, :], NT_DIMS,
+        gv = jax.lax.dot_general(tile(g_rows, i), tile(v_rows, j), NT_DIMS,
                                  preferred_element_type=jnp.float32,
-                                 precision=precision_for(v_ref.dtype))
+                                 precision=precision_for(v_rows.dtype))
         ds = _local_grad_scores(s, gv * inv_den + dden, degree=degree,
                                 local_exact=local_exact)
         if i == j:
           ds = jnp.where(causal_mask(local_tile, lower=True), ds, 0.0)
         acc += jnp.dot(ds.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
                        precision=precision_for(rhs.dtype))
-      local_out_ref[gi, qs, :] = acc.astype(local_out_ref.dtype)
+      out_tiles.append(acc)
+    local = jnp.concatenate(out_tiles, axis=0)                        # (b, W)
+    local_out_ref[gi] = _rows(local, tokens_on_lanes).astype(local_out_ref.dtype)
 
   # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
-  mm_dtype = v_t_ref.dtype
+  mm_dtype = v_rows.dtype
   phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
-  state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t_ref[...]), NT_DIMS,
+  state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_rows.T), NT_DIMS,
                                         preferred_element_type=jnp.float32,
                                         precision=precision_for(mm_dtype))
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
-                emit_initial, split):
-  """Reverse walk: dV, df_k (prefix); dK, dV (local; df_k when sketched)."""
+                emit_initial, split, tokens_on_lanes=False):
+  """Reverse walk: dV, df_k (prefix); dK, dV (local; df_k when sketched).
+
+  Causal: q, k, v, g and the dK, dV outputs tokens on rows or, with
+  `tokens_on_lanes`, as (D, b) tiles; non-causal: v^T in, dV on rows out."""
   refs = list(refs)
   if causal:
-    (q_ref, k_ref, v_ref, v_t_ref, fq_t_ref, fk_t_ref, fq_ref, fk_ref,
-     g_ref, dnum_ref, dnum_t_ref, scal_t_ref) = refs[:12]
-    refs = refs[12:]
+    (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
+    refs = refs[8:]
     init_ref = refs.pop(0) if has_initial else None
     local_out_ref, dv_ref, dfk_t_ref = refs[:3]
     refs = refs[3:]
     d_initial_ref = refs.pop(0) if emit_initial else None
     (carry_ref,) = refs
+    v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
+    v_t = v_rows.T
   else:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
-  head_dim = v_t_ref.shape[0]
-  mm_dtype = v_t_ref.dtype
+    v_t = v_t_ref[...]
+  head_dim = v_t.shape[0]
+  mm_dtype = v_t.dtype
   prec = precision_for(mm_dtype)
 
   if causal:
@@ -156,7 +180,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   # Prefix, with [R, rho] of the blocks after this one:
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
   carry = carry_ref[...]
-  v_aug = augment_v_t(v_t_ref[...])
+  v_aug = augment_v_t(v_t)
   dphi_k = split_dot(split_operand(carry, split),
                      split_operand(v_aug, split and "exact"), NN_DIMS)
   dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
@@ -171,25 +195,28 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   # Local block, transposed (keys on rows): L^T = w(k q^T),
   # dL^T = v g^T / den + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum,
   # summed over the group's query heads.
-  group, block = q_ref.shape[0], k_ref.shape[0]
-  h_or_r = k_ref.shape[1] if local_exact else fk_ref.shape[1]
+  group = q_ref.shape[0]
+  k_side = _rows(k_ref[...], tokens_on_lanes) if local_exact else fk_t_ref[...].T
+  q_sides = [_rows(q_ref[gi], tokens_on_lanes) if local_exact else fq_t_ref[gi].T
+             for gi in range(group)]
+  g_rows = [_rows(g_ref[gi], tokens_on_lanes) for gi in range(group)]
+  # dnum on rows in the operand dtype (as rounding it in XLA would).
+  dnum_rows = [dnum_t_ref[gi].T.astype(mm_dtype) for gi in range(group)]
+  block, h_or_r = k_side.shape
+  tile = lambda x, i: x[i * local_tile:(i + 1) * local_tile]
   num_tiles = block // local_tile
-  dv_tiles = []
+  dv_tiles, dk_tiles = [], []
   for j in range(num_tiles):
-    ks = pl.ds(j * local_tile, local_tile)
     dk_acc = jnp.zeros((local_tile, h_or_r), jnp.float32)
     dv_acc = dv[j * local_tile:(j + 1) * local_tile, :]
     for gi in range(group):
       for i in range(j, num_tiles):
         qs = pl.ds(i * local_tile, local_tile)
-        if local_exact:
-          lhs, rhs = k_ref[ks, :], q_ref[gi, qs, :]
-        else:
-          lhs, rhs = fk_ref[ks, :], fq_ref[gi, qs, :]
+        lhs, rhs = tile(k_side, j), tile(q_sides[gi], i)
         s_t = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
                                   precision=precision_for(lhs.dtype))
         w_t = jax.lax.integer_pow(s_t, degree) if local_exact else s_t * s_t
-        vg = jax.lax.dot_general(v_ref[ks, :], g_ref[gi, qs, :], NT_DIMS,
+        vg = jax.lax.dot_general(tile(v_rows, j), tile(g_rows[gi], i), NT_DIMS,
                                  preferred_element_type=jnp.float32, precision=prec)
         dl_t = vg * scal_t_ref[gi, 0:1, qs] + scal_t_ref[gi, 1:2, qs]
         ds_t = _local_grad_scores(s_t, dl_t, degree=degree, local_exact=local_exact)
@@ -199,11 +226,13 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
           w_t = jnp.where(upper, w_t, 0.0)
         dk_acc += jnp.dot(ds_t.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
                           precision=precision_for(rhs.dtype))
-        dv_acc += jnp.dot(w_t.astype(mm_dtype), dnum_ref[gi, qs, :],
+        dv_acc += jnp.dot(w_t.astype(mm_dtype), tile(dnum_rows[gi], i),
                           preferred_element_type=jnp.float32, precision=prec)
-    local_out_ref[ks, :] = dk_acc.astype(local_out_ref.dtype)
+    dk_tiles.append(dk_acc)
     dv_tiles.append(dv_acc)
-  dv_ref[...] = jnp.concatenate(dv_tiles, axis=0).astype(dv_ref.dtype)
+  local_out_ref[...] = _rows(jnp.concatenate(dk_tiles, axis=0),
+                             tokens_on_lanes).astype(local_out_ref.dtype)
+  dv_ref[...] = _rows(jnp.concatenate(dv_tiles, axis=0), tokens_on_lanes).astype(dv_ref.dtype)
   dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
 
   # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
@@ -284,13 +313,17 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   sds = jax.ShapeDtypeStruct
 
   dnum32, scal = _row_terms(o, den, do)
-  q_r, k_r, v_t, fq_t, fk_t = to_kernel_layout(q, k, v, q_features, k_features)
+  # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
+  # views of what the TPU compiler stores by default, no XLA copies.
+  on_lanes = tokens_on_lanes(h)
   rows_g = lambda x: group_view(jnp.transpose(x, (0, 2, 1, 3)), kv)   # -> [B, K, G, T, D]
   cols_g = lambda x: group_view(jnp.transpose(x, (0, 2, 3, 1)), kv)   # -> [B, K, G, D, T]
   k_rows = lambda x: jnp.transpose(x, (0, 2, 1, 3))                   # -> [B, K, T, D]
-  v_r, fk_r = k_rows(v), k_rows(k_features)
-  fq_r, g_r = rows_g(q_features), rows_g(do.astype(mm_dtype))
-  dnum_r = rows_g(dnum32.astype(mm_dtype))
+  k_cols = lambda x: jnp.transpose(x, (0, 2, 3, 1))                   # -> [B, K, D, T]
+  q_view, kv_view = (cols_g, k_cols) if on_lanes else (rows_g, k_rows)
+  q_v, k_v, v_v = q_view(q), kv_view(k), kv_view(v)
+  g_v = q_view(do.astype(mm_dtype))
+  fq_t, fk_t = cols_g(q_features), k_cols(k_features)
   dnum_t = cols_g(dnum32)
   scal_r, scal_t = rows_g(scal), cols_g(scal)
   dden_row = scal_t[:, :, :, 1:2, :]
@@ -322,20 +355,27 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   has_initial = initial_state is not None
   kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype))
 
-  def specs(rev):
-    return [spec((b, h), True, rev), spec((b, h), False, rev), spec((b, h), False, rev),
-            spec((h, b), False, rev), spec((r, b), True, rev), spec((r, b), False, rev),
-            spec((b, r), True, rev), spec((b, r), False, rev), spec((b, h), True, rev)]
+  hd = (h, b) if on_lanes else (b, h)           # a q, k, v, dO, dq, dk, dv block
+  lwd = (lw, b) if on_lanes else (b, lw)        # the local output's block
 
-  ins1 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_t, dden_row, scal_r)
+  def specs(rev):
+    return [spec(hd, True, rev), spec(hd, False, rev), spec(hd, False, rev),
+            spec((r, b), True, rev), spec((r, b), False, rev), spec(hd, True, rev)]
+
+  def shape_of(width, grouped):
+    lead = (b_, kv) + ((group,) if grouped else ())
+    return lead + ((width, t) if on_lanes else (t, width))
+
+  kw["tokens_on_lanes"] = on_lanes
+  ins1 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, dden_row, scal_r)
   ins1 += (initial_state,) if has_initial else ()
   dlocal_q, dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, has_initial=has_initial, local_tile=dq_tile, **kw),
       grid=(b_, kv, nb),
       in_specs=specs(False) + [spec((h, b), True, False), spec((1, b), True, False),
                                spec((b, 2), True, False)] + ([whole] if has_initial else []),
-      out_specs=[spec((b, lw), True, False), spec((r, b), True, False)],
-      out_shape=[sds((b_, kv, group, t, lw), local_dtype), sds((b_, kv, group, r, t), f32)],
+      out_specs=[spec(lwd, True, False), spec((r, b), True, False)],
+      out_shape=[sds(shape_of(lw, True), local_dtype), sds((b_, kv, group, r, t), f32)],
       scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
       compiler_params=params(tiles.dq_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
@@ -346,17 +386,16 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
 
   emit_initial = has_initial
   has_carry = d_final_state is not None
-  ins2 = (q_r, k_r, v_r, v_t, fq_t, fk_t, fq_r, fk_r, g_r, dnum_r, dnum_t, scal_t)
+  ins2 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, scal_t)
   ins2 += (d_final_state,) if has_carry else ()
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial,
                         local_tile=dkv_tile, **kw),
       grid=(b_, kv, nb),
-      in_specs=specs(True) + [spec((b, h), True, True), spec((h, b), True, True),
-                              spec((2, b), True, True)] + ([whole] if has_carry else []),
-      out_specs=[spec((b, lw), False, True), spec((b, h), False, True),
+      in_specs=specs(True) + [spec((h, b), True, True), spec((2, b), True, True)] + ([whole] if has_carry else []),
+      out_specs=[spec(lwd, False, True), spec(hd, False, True),
                  spec((r, b), False, True)] + ([whole] if emit_initial else []),
-      out_shape=[sds((b_, kv, t, lw), local_dtype), sds((b_, kv, t, h), k.dtype),
+      out_shape=[sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
                  sds((b_, kv, r, t), f32)] + (
                      [sds((b_, kv, r * r, rows), f32)] if emit_initial else []),
       scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
@@ -369,8 +408,12 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   dlocal_k, dv_r, dfk_t = outs[:3]
   d_initial = outs[3] if emit_initial else None
 
-  q_back = lambda x: jnp.transpose(x.reshape(b_, n, t, -1), (0, 2, 1, 3))
-  kv_back = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  if on_lanes:
+    q_back = lambda x: jnp.transpose(x.reshape(b_, n, -1, t), (0, 3, 1, 2))
+    kv_back = lambda x: jnp.transpose(x, (0, 3, 1, 2))
+  else:
+    q_back = lambda x: jnp.transpose(x.reshape(b_, n, t, -1), (0, 2, 1, 3))
+    kv_back = lambda x: jnp.transpose(x, (0, 2, 1, 3))
   dv = kv_back(dv_r)
   dfq = jnp.transpose(dfq_t.reshape(b_, n, r, t), (0, 3, 1, 2))
   dfk = jnp.transpose(dfk_t, (0, 3, 1, 2))

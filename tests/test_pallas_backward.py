@@ -57,6 +57,8 @@ CASES = [
     (True, True, 4, 64, 16, 512, 256, {"dq_local_tile": 256, "dkv_local_tile": 128},
      jnp.float32, True),
     pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
+    # H = 128: q, k, v, dO, dq, dk, dv tokens on rows (H = 64 above: on lanes).
+    (True, True, 4, 128, 16, 256, 256, 128, jnp.bfloat16, True),
 ]
 
 
