@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
@@ -78,6 +79,60 @@ def phi_t(f_t, mm_dtype=jnp.float32, *, narrow=False):
   f_t = f_t.astype(dtype)
   r, b = f_t.shape
   return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b).astype(mm_dtype)
+
+
+# Features per tile of `sym_pairs`: the 32-bit sublane tile. Measured best for
+# r = 32 and 64 on v5e and v6e, bf16 phi included (16 and 4 cost more).
+SYM_TILE = 8
+
+
+def sym_pairs(r: int, tile: int = SYM_TILE) -> list[tuple[int, int]]:
+  """The (a, c) feature pairs `phi_sym_t` keeps, in row order.
+
+  phi(a, c) = phi(c, a), so a pair whose c lies in a later tile of `tile`
+  features than a is kept once (its q side doubled) and the mirror pair is
+  dropped; inside a's own tile all pairs stay, so every piece is whole tiles
+  (no unaligned sublane concatenation). r = 32: 640 of the 1024 pairs;
+  r = 64: 2304 of 4096. r not a multiple of tile: all r^2 pairs.
+  """
+  if r % tile:
+    return [(a, c) for a in range(r) for c in range(r)]
+  return [(a, c) for a in range(r) for c in range((a // tile) * tile, r)]
+
+
+def sym_gather_indices(r: int, tile: int = SYM_TILE):
+  """(kept, mirror, to_full) int32 index arrays on an r^2 axis (a r + c):
+  state_sym = (state[..., kept] + state[..., mirror]) / 2 (the symmetric part,
+  all that phi reads), state_full = state_sym[..., to_full]."""
+  pairs = sym_pairs(r, tile)
+  where = {p: j for j, p in enumerate(pairs)}
+  kept = np.array([a * r + c for a, c in pairs], np.int32)
+  mirror = np.array([c * r + a for a, c in pairs], np.int32)
+  to_full = np.array([where.get((a, c), where.get((c, a))) for a in range(r) for c in range(r)],
+                     np.int32)
+  return kept, mirror, to_full
+
+
+def phi_sym_t(f_t, form_dtype, mm_dtype, *, query):
+  """(r, b) -> (R, b): phi^T restricted to `sym_pairs` rows, formed in form_dtype.
+
+  The query side doubles the pairs whose mirror was dropped (exact: a power
+  of two), so phi_sym_q . phi_sym_k = phi_q . phi_k for every token pair.
+  """
+  f = f_t.astype(form_dtype)
+  r, b = f.shape
+  tile = SYM_TILE
+  if r % tile:
+    return (f[:, None, :] * f[None, :, :]).reshape(r * r, b).astype(mm_dtype)
+  twice = f + f if query else f
+  pieces = []
+  for a in range(r):
+    start = (a // tile) * tile
+    end = start + tile
+    pieces.append(f[a:a + 1] * f[start:end])
+    if end < r:
+      pieces.append(twice[a:a + 1] * f[end:])
+  return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
 
 
 def phi_t_vjp(dphi_t, f_t):

@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    NT_DIMS, augment_v_t, group_view, local_weights_t, nbytes, phi_t, precision_for)
+    NT_DIMS, augment_v_t, group_view, local_weights_t, nbytes, phi_sym_t, phi_t, precision_for,
+    sym_gather_indices, sym_pairs)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -53,7 +54,7 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 
 def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_initial,
-                           emit_state, bf16_phi, tokens_on_lanes):
+                           emit_state, phi_form_dtype, tokens_on_lanes):
   refs = list(refs)
   state_block_ref = refs.pop(0) if emit_state else None
   q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref = refs[:5]
@@ -115,7 +116,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       acc_ref[:, qs] = acc
 
     # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
-    phi_q = phi_t(fq_t_ref[g], mm_dtype, narrow=bf16_phi)
+    phi_q = phi_sym_t(fq_t_ref[g], phi_form_dtype, mm_dtype, query=True)
     acc = acc_ref[...] + jnp.dot(state, phi_q, preferred_element_type=jnp.float32,
                                  precision=prec)
     den = bias + acc[head_dim:head_dim + 1, :]
@@ -124,7 +125,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     den_ref[g] = den
 
   # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
-  phi_k = phi_t(fk_t_ref[...], mm_dtype, narrow=bf16_phi)
+  phi_k = phi_sym_t(fk_t_ref[...], phi_form_dtype, mm_dtype, query=False)
   state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
                                         preferred_element_type=jnp.float32, precision=prec)
 
@@ -151,7 +152,8 @@ def forward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
                   causal, local_tile=None, kv_heads=None) -> int:
   """MXU + VPU flops the forward kernels execute (what CostEstimate reports)."""
   kv_heads = kv_heads or heads
-  r2 = sketch_dim * sketch_dim
+  # The causal kernel forms phi on the symmetric pairs only (`sym_pairs`).
+  r2 = len(sym_pairs(sketch_dim)) if causal else sketch_dim * sketch_dim
   rows = head_dim + NORMALISER_ROWS
   per_q_block = 2 * r2 * block_size + 2 * rows * r2 * block_size   # phi_q, read
   per_kv_block = 0
@@ -218,7 +220,16 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   o_dims = (h, t) if on_lanes else (t, h)
   o_shape = jax.ShapeDtypeStruct((b_, kv, group) + o_dims, out_dtype or q.dtype)
   den_shape = jax.ShapeDtypeStruct((b_, kv, group, 1, t), jnp.float32)
-  state_shape = jax.ShapeDtypeStruct((b_, kv, rows, r * r), jnp.float32)
+  # The kernel keeps [S^T; z^T] over the `sym_pairs` of the features only
+  # (phi is symmetric); states cross its boundary on all r^2 pairs.
+  mm_dtype = q.dtype
+  narrow = tiles.bf16_phi and q_features.dtype == mm_dtype and k_features.dtype == mm_dtype
+  phi_form_dtype = jnp.dtype(mm_dtype if narrow else jnp.float32)
+  n_sym = len(sym_pairs(r))
+  kept, mirror, to_full = sym_gather_indices(r)
+  if initial_state is not None:
+    initial_state = (initial_state[..., kept] + initial_state[..., mirror]) * 0.5
+  state_shape = jax.ShapeDtypeStruct((b_, kv, rows, n_sym), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
                         local_tile=tiles.local_tile, kv_heads=kv)
   emit = state_block is not None
@@ -231,7 +242,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   row_spec = pl.BlockSpec((None, None, block_size, h), lambda bi, ni, ti, *_: (bi, ni, ti, 0))
   col_spec = lambda d: pl.BlockSpec((None, None, d, block_size),
                                     lambda bi, ni, ti, *_: (bi, ni, 0, ti))
-  state_spec = pl.BlockSpec((None, None, rows, r * r), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
+  state_spec = pl.BlockSpec((None, None, rows, n_sym), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
   q_spec, kv_spec = (q_cols(h), col_spec(h)) if on_lanes else (q_rows(h), row_spec)
   in_specs = [q_spec, kv_spec, kv_spec, q_cols(r), col_spec(r)] + (
       [state_spec] if has_initial else [])
@@ -240,12 +251,12 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   grid_spec = _compat.pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1 if emit else 0,
       grid=(b_, kv, nb), in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[_compat.pltpu.VMEM((rows, r * r), jnp.float32),
+      scratch_shapes=[_compat.pltpu.VMEM((rows, n_sym), jnp.float32),
                       _compat.pltpu.VMEM((rows, block_size), jnp.float32)])
   kernel = functools.partial(
       _causal_forward_kernel, degree=degree, local_exact=local_exact,
       local_tile=tiles.local_tile, bias=bias, has_initial=has_initial, emit_state=emit,
-      bf16_phi=tiles.bf16_phi, tokens_on_lanes=on_lanes)
+      phi_form_dtype=phi_form_dtype, tokens_on_lanes=on_lanes)
   ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
   outs = pl.pallas_call(
       kernel,
@@ -263,7 +274,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   o = outs[0].reshape((b_, n) + o_dims)
   o = jnp.transpose(o, (0, 3, 1, 2) if on_lanes else (0, 2, 1, 3))
   den = outs[1].reshape(b_, n, 1, t)
-  return (o, den, outs[2]) if emit else (o, den)
+  return (o, den, outs[2][..., to_full]) if emit else (o, den)
 
 
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,

@@ -234,3 +234,40 @@ def test_bf16_phi_is_bit_identical_and_on_by_default_only_on_v6e():
                                      head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
                                      feature_dtype=jnp.bfloat16)
     assert tiles.bf16_phi == (name == "v6e")
+
+
+@pytest.mark.parametrize("r", [32, 64, 12])
+def test_symmetric_phi_gives_the_same_scores_with_fewer_pairs(r):
+  """phi_sym_q . phi_sym_k = phi_q . phi_k for every token pair, with
+  r(r + 8)/2 pairs when 8 divides r (r = 32: 640 of 1024), else all r^2."""
+  from pallas_polysketch import _pallas_common as common
+  key_q, key_k = jax.random.split(jax.random.PRNGKey(r))
+  fq_t = jax.random.normal(key_q, (r, 128), jnp.float32)
+  fk_t = jax.random.normal(key_k, (r, 128), jnp.float32)
+  want = common.phi_t(fq_t).T @ common.phi_t(fk_t)                     # [q token, k token]
+  sym_q = common.phi_sym_t(fq_t, jnp.float32, jnp.float32, query=True)
+  sym_k = common.phi_sym_t(fk_t, jnp.float32, jnp.float32, query=False)
+  pairs = common.sym_pairs(r)
+  assert sym_q.shape == sym_k.shape == (len(pairs), 128)
+  assert len(pairs) == (r * (r + 8) // 2 if r % 8 == 0 else r * r)
+  got = sym_q.T @ sym_k
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_symmetric_state_round_trip():
+  """A state crosses the kernel boundary on all r^2 pairs: full -> kept pairs
+  -> full is the identity on symmetric states and the symmetric part (all
+  phi reads) of any other."""
+  from pallas_polysketch import _pallas_common as common
+  r, h = 16, 24
+  kept, mirror, to_full = common.sym_gather_indices(r)
+  f = jax.random.normal(jax.random.PRNGKey(0), (40, r))
+  v = jax.random.normal(jax.random.PRNGKey(1), (40, h))
+  phi = (f[:, :, None] * f[:, None, :]).reshape(40, r * r)
+  state = (phi.T @ v).T                                                 # [h, r^2], symmetric
+  sym = (state[..., kept] + state[..., mirror]) * 0.5
+  np.testing.assert_array_equal(sym[..., to_full], state)
+  skew = jax.random.normal(jax.random.PRNGKey(2), (h, r * r))
+  back = ((skew[..., kept] + skew[..., mirror]) * 0.5)[..., to_full]
+  sym_part = 0.5 * (skew + skew.reshape(h, r, r).transpose(0, 2, 1).reshape(h, r * r))
+  np.testing.assert_allclose(back, sym_part, rtol=1e-6, atol=1e-6)
