@@ -52,7 +52,8 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
-    outer_sum, phi_t, phi_t_vjp, precision_for, split_dot, split_operand)
+    outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for, split_dot, split_operand,
+    sym_gather_indices, sym_pairs)
 from pallas_polysketch._pallas_forward import tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -105,7 +106,9 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, spli
     # Prefix: dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
     g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
     dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS)
-    dfq_t_ref[sel] = phi_t_vjp(dphi_q, fq_t_ref[sel]).astype(dfq_t_ref.dtype)
+    dfq = (phi_sym_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
+           else phi_t_vjp(dphi_q, fq_t_ref[sel]))
+    dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
     if not causal:
       return
 
@@ -139,7 +142,7 @@ def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, spli
 
   # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
   mm_dtype = v_rows.dtype
-  phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
+  phi_k = phi_sym_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False)
   state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_rows.T), NT_DIMS,
                                         preferred_element_type=jnp.float32,
                                         precision=precision_for(mm_dtype))
@@ -183,8 +186,12 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   v_aug = augment_v_t(v_t)
   dphi_k = split_dot(split_operand(carry, split),
                      split_operand(v_aug, split and "exact"), NN_DIMS)
-  dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
-  phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
+  if causal:     # [R, rho] over the symmetric pairs (`sym_pairs`), as the dq kernel's state
+    dfk_t = phi_sym_vjp(dphi_k, fk_t_ref[...], query=False)
+    phi_k = phi_sym_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False)
+  else:
+    dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
+    phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
   dv = jax.lax.dot_general(phi_k, carry[:, :head_dim].astype(mm_dtype), TN_DIMS,
                            preferred_element_type=jnp.float32, precision=prec)
   if not causal:
@@ -240,7 +247,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
     g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
     # phi_q rounded to bf16 once costs nothing measurable here (the cotangent
     # G is what cancels): two passes, not three.
-    carry_ref[...] += split_dot(split_operand(phi_t(fq_t_ref[gi]), split and "exact"),
+    phi_q = phi_sym_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True)
+    carry_ref[...] += split_dot(split_operand(phi_q, split and "exact"),
                                 split_operand(g_aug, split), NT_DIMS)
 
   if emit_initial:
@@ -253,7 +261,8 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
                    causal, local_tile=None, kv_heads=None) -> tuple[int, int]:
   """Flops of (kernel 1, kernel 2) for CostEstimate and the roofline."""
   kv_heads = kv_heads or heads
-  r2 = sketch_dim * sketch_dim
+  # The causal kernels form phi on the symmetric pairs only (`sym_pairs`).
+  r2 = len(sym_pairs(sketch_dim)) if causal else sketch_dim * sketch_dim
   rows = head_dim + NORMALISER_ROWS
   nb = seq // block_size
   phi = 2 * r2 * block_size
@@ -341,7 +350,16 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       return (bi, ni) + ((0,) if grouped else ()) + tuple(idx)
     return pl.BlockSpec(lead + tuple(shape), index)
 
-  whole = pl.BlockSpec((None, None, r * r, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
+  # The kernels keep [S, z] and [R, rho] over the symmetric pairs (`sym_pairs`);
+  # states and their cotangents cross the boundary on all r^2 pairs.
+  n_sym = len(sym_pairs(r))
+  kept, mirror, to_full = sym_gather_indices(r)
+  if initial_state is not None:
+    initial_state = (initial_state[..., kept, :] + initial_state[..., mirror, :]) * 0.5
+  if d_final_state is not None:    # S_full = S_sym[to_full]: cotangents add up per kept pair
+    d_final_state = jnp.zeros(d_final_state.shape[:-2] + (n_sym, rows), f32).at[
+        ..., to_full, :].add(d_final_state)
+  whole = pl.BlockSpec((None, None, n_sym, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
   params = lambda limit: _compat.TPUCompilerParams(
       dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
   dq_tile = tiles.dq_local_tile or tiles.local_tile
@@ -376,7 +394,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                                spec((b, 2), True, False)] + ([whole] if has_initial else []),
       out_specs=[spec(lwd, True, False), spec((r, b), True, False)],
       out_shape=[sds(shape_of(lw, True), local_dtype), sds((b_, kv, group, r, t), f32)],
-      scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
+      scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dq_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
@@ -397,8 +415,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                  spec((r, b), False, True)] + ([whole] if emit_initial else []),
       out_shape=[sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
                  sds((b_, kv, r, t), f32)] + (
-                     [sds((b_, kv, r * r, rows), f32)] if emit_initial else []),
-      scratch_shapes=[_compat.pltpu.VMEM((r * r, rows), f32)],
+                     [sds((b_, kv, n_sym, rows), f32)] if emit_initial else []),
+      scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
@@ -406,7 +424,11 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       name="polysketch_bwd_dkv",
   )(*ins2)
   dlocal_k, dv_r, dfk_t = outs[:3]
-  d_initial = outs[3] if emit_initial else None
+  d_initial = None
+  if emit_initial:     # through S_sym = (S[kept] + S[mirror]) / 2
+    half = outs[3] * 0.5
+    d_initial = jnp.zeros(outs[3].shape[:-2] + (r * r, rows), f32).at[..., kept, :].add(
+        half).at[..., mirror, :].add(half)
 
   if on_lanes:
     q_back = lambda x: jnp.transpose(x.reshape(b_, n, -1, t), (0, 3, 1, 2))

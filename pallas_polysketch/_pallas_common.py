@@ -135,6 +135,39 @@ def phi_sym_t(f_t, form_dtype, mm_dtype, *, query):
   return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
 
 
+def phi_sym_vjp(dphi, f_t, *, query):
+  """Cotangent of phi_sym_t: (R, b), (r, b) -> (r, b) float32.
+
+  Row (a, c) of phi_sym is w f_a f_c (w = 2 on the query side's doubled
+  pairs, else 1), so it sends w dphi f_c to feature a and w dphi f_a to c.
+  """
+  f = f_t.astype(jnp.float32)
+  dphi = dphi.astype(jnp.float32)
+  r, b = f.shape
+  tile = SYM_TILE
+  if r % tile:
+    return phi_t_vjp(dphi, f_t)
+  doubled = 2.0 if query else 1.0
+  to_c = [jnp.zeros((tile, b), jnp.float32) for _ in range(r // tile)]   # the f_a dphi terms
+  to_a = []                                                               # the f_c dphi terms
+  j = 0
+  for a in range(r):
+    ta = a // tile
+    start = ta * tile
+    fa = f[a:a + 1]
+    d = dphi[j:j + r - start]
+    j += r - start
+    row = jnp.sum(d[:tile] * f[start:start + tile], axis=0, keepdims=True)
+    to_c[ta] = to_c[ta] + fa * d[:tile]
+    for t in range(ta + 1, r // tile):
+      piece = d[(t - ta) * tile:(t - ta + 1) * tile]
+      row = row + doubled * jnp.sum(piece * f[t * tile:(t + 1) * tile], axis=0, keepdims=True)
+      to_c[t] = to_c[t] + (doubled * fa) * piece
+    to_a.append(row)
+  return jnp.concatenate([to_c[t] + jnp.concatenate(to_a[t * tile:(t + 1) * tile], axis=0)
+                          for t in range(r // tile)], axis=0)
+
+
 def phi_t_vjp(dphi_t, f_t):
   """Cotangent of phi_t: (r^2, b), (r, b) -> (r, b) float32; df = (M + M^T) f."""
   r, b = f_t.shape

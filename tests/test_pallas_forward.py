@@ -271,3 +271,14 @@ def test_symmetric_state_round_trip():
   back = ((skew[..., kept] + skew[..., mirror]) * 0.5)[..., to_full]
   sym_part = 0.5 * (skew + skew.reshape(h, r, r).transpose(0, 2, 1).reshape(h, r * r))
   np.testing.assert_allclose(back, sym_part, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("query", [True, False])
+@pytest.mark.parametrize("r", [16, 12])
+def test_symmetric_phi_vjp_is_the_gradient(r, query):
+  from pallas_polysketch import _pallas_common as common
+  f_t = jax.random.normal(jax.random.PRNGKey(r), (r, 128), jnp.float32)
+  dphi = jax.random.normal(jax.random.PRNGKey(1), (len(common.sym_pairs(r)), 128), jnp.float32)
+  _, vjp = jax.vjp(lambda f: common.phi_sym_t(f, jnp.float32, jnp.float32, query=query), f_t)
+  np.testing.assert_allclose(common.phi_sym_vjp(dphi, f_t, query=query), vjp(dphi)[0],
+                             rtol=1e-5, atol=1e-5)
