@@ -53,7 +53,7 @@ from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
     outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for, split_dot, split_operand,
-    sym_gather_indices, sym_pairs)
+    full_state, sym_pairs, sym_state)
 from pallas_polysketch._pallas_forward import tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -353,12 +353,12 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   # The kernels keep [S, z] and [R, rho] over the symmetric pairs (`sym_pairs`);
   # states and their cotangents cross the boundary on all r^2 pairs.
   n_sym = len(sym_pairs(r))
-  kept, mirror, to_full = sym_gather_indices(r)
+  sym_shape = sds((b_, kv, n_sym, rows), f32)
   if initial_state is not None:
-    initial_state = (initial_state[..., kept, :] + initial_state[..., mirror, :]) * 0.5
-  if d_final_state is not None:    # S_full = S_sym[to_full]: cotangents add up per kept pair
-    d_final_state = jnp.zeros(d_final_state.shape[:-2] + (n_sym, rows), f32).at[
-        ..., to_full, :].add(d_final_state)
+    initial_state = sym_state(initial_state, axis=-2)
+  if d_final_state is not None:    # the cotangent of the final state through full_state
+    d_final_state, = jax.linear_transpose(lambda x: full_state(x, r, axis=-2),
+                                          sym_shape)(d_final_state)
   whole = pl.BlockSpec((None, None, n_sym, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
   params = lambda limit: _compat.TPUCompilerParams(
       dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
@@ -425,10 +425,9 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   )(*ins2)
   dlocal_k, dv_r, dfk_t = outs[:3]
   d_initial = None
-  if emit_initial:     # through S_sym = (S[kept] + S[mirror]) / 2
-    half = outs[3] * 0.5
-    d_initial = jnp.zeros(outs[3].shape[:-2] + (r * r, rows), f32).at[..., kept, :].add(
-        half).at[..., mirror, :].add(half)
+  if emit_initial:     # the initial state entered through sym_state
+    d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2),
+                                      sds((b_, kv, r * r, rows), f32))(outs[3])
 
   if on_lanes:
     q_back = lambda x: jnp.transpose(x.reshape(b_, n, -1, t), (0, 3, 1, 2))

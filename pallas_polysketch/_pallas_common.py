@@ -11,6 +11,7 @@ for free from [B, N, ...] as [B, K, G, ...] (query head n = kv head n // G).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,19 @@ def sym_gather_indices(r: int, tile: int = SYM_TILE):
   to_full = np.array([where.get((a, c), where.get((c, a))) for a in range(r) for c in range(r)],
                      np.int32)
   return kept, mirror, to_full
+
+
+def sym_state(state, axis):
+  """A state on all r^2 pairs (at `axis`) -> its symmetric part on the kept
+  pairs (`sym_pairs`), all that phi reads: (S[a, c] + S[c, a]) / 2."""
+  kept, mirror, _ = sym_gather_indices(math.isqrt(state.shape[axis]))
+  return (jnp.take(state, kept, axis=axis) + jnp.take(state, mirror, axis=axis)) * 0.5
+
+
+def full_state(state_sym, r, axis):
+  """The inverse on symmetric states: kept pairs (at `axis`) -> all r^2 pairs."""
+  _, _, to_full = sym_gather_indices(r)
+  return jnp.take(state_sym, to_full, axis=axis)
 
 
 def phi_sym_t(f_t, form_dtype, mm_dtype, *, query):

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, group_view, local_weights_t, nbytes, phi_sym_t, phi_t, precision_for,
-    sym_gather_indices, sym_pairs)
+    full_state, sym_pairs, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -226,9 +226,8 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   narrow = tiles.bf16_phi and q_features.dtype == mm_dtype and k_features.dtype == mm_dtype
   phi_form_dtype = jnp.dtype(mm_dtype if narrow else jnp.float32)
   n_sym = len(sym_pairs(r))
-  kept, mirror, to_full = sym_gather_indices(r)
   if initial_state is not None:
-    initial_state = (initial_state[..., kept] + initial_state[..., mirror]) * 0.5
+    initial_state = sym_state(initial_state, axis=-1)
   state_shape = jax.ShapeDtypeStruct((b_, kv, rows, n_sym), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
                         local_tile=tiles.local_tile, kv_heads=kv)
@@ -274,7 +273,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   o = outs[0].reshape((b_, n) + o_dims)
   o = jnp.transpose(o, (0, 3, 1, 2) if on_lanes else (0, 2, 1, 3))
   den = outs[1].reshape(b_, n, 1, t)
-  return (o, den, outs[2][..., to_full]) if emit else (o, den)
+  return (o, den, full_state(outs[2], r, axis=-1)) if emit else (o, den)
 
 
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,
