@@ -431,6 +431,8 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
           break
     return fus[lo] + (fus[hi] - fus[lo]) * (T - lo) / (hi - lo)
 
+  measured = [t for t in Ts if "layout_copy_bytes" in out["compiled"][t]]
+  tc = measured[-1] if measured else None
   out["per_T"] = {}
   for T in T_targets:
     if any(kernel_model(n, job0, T) is None for n in out["kernels"]):
@@ -438,9 +440,7 @@ def summarise(records: list[dict], T_targets, op: str) -> dict:
     ks = {n: kernel_cycles(n, T) for n in out["kernels"]}
     o = max(0.0, other_cycles(T))
     out["per_T"][T] = dict(kernels=ks, other=o, total=sum(ks.values()) + o)
-    measured = [t for t in Ts if "layout_copy_bytes" in out["compiled"][t]]
     if measured:             # every copied array is [B, T, N, D]: bytes scale as T
-      tc = measured[-1]
       out["per_T"][T]["layout_copy_bytes"] = out["compiled"][tc]["layout_copy_bytes"] * T / tc
   return out
 
