@@ -51,9 +51,9 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, group_view, nbytes,
-    outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for, split_dot, split_operand,
-    full_state, sym_pairs, sym_state)
+    NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, full_state, group_view,
+    kernel_view, nbytes, outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for,
+    public_view, split_dot, split_operand, sym_pairs, sym_state)
 from pallas_polysketch._pallas_forward import tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -325,11 +325,11 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
   # views of what the TPU compiler stores by default, no XLA copies.
   on_lanes = tokens_on_lanes(h)
-  rows_g = lambda x: group_view(jnp.transpose(x, (0, 2, 1, 3)), kv)   # -> [B, K, G, T, D]
-  cols_g = lambda x: group_view(jnp.transpose(x, (0, 2, 3, 1)), kv)   # -> [B, K, G, D, T]
-  k_rows = lambda x: jnp.transpose(x, (0, 2, 1, 3))                   # -> [B, K, T, D]
-  k_cols = lambda x: jnp.transpose(x, (0, 2, 3, 1))                   # -> [B, K, D, T]
-  q_view, kv_view = (cols_g, k_cols) if on_lanes else (rows_g, k_rows)
+  rows_g = functools.partial(kernel_view, on_lanes=False, num_kv_heads=kv)  # [B, K, G, T, D]
+  cols_g = functools.partial(kernel_view, on_lanes=True, num_kv_heads=kv)   # [B, K, G, D, T]
+  k_cols = functools.partial(kernel_view, on_lanes=True)                    # [B, K, D, T]
+  q_view = functools.partial(kernel_view, on_lanes=on_lanes, num_kv_heads=kv)
+  kv_view = functools.partial(kernel_view, on_lanes=on_lanes)
   q_v, k_v, v_v = q_view(q), kv_view(k), kv_view(v)
   g_v = q_view(do.astype(mm_dtype))
   fq_t, fk_t = cols_g(q_features), k_cols(k_features)
@@ -429,15 +429,9 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2),
                                       sds((b_, kv, r * r, rows), f32))(outs[3])
 
-  if on_lanes:
-    q_back = lambda x: jnp.transpose(x.reshape(b_, n, -1, t), (0, 3, 1, 2))
-    kv_back = lambda x: jnp.transpose(x, (0, 3, 1, 2))
-  else:
-    q_back = lambda x: jnp.transpose(x.reshape(b_, n, t, -1), (0, 2, 1, 3))
-    kv_back = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  q_back = kv_back = functools.partial(public_view, on_lanes=on_lanes)
   dv = kv_back(dv_r)
-  dfq = jnp.transpose(dfq_t.reshape(b_, n, r, t), (0, 3, 1, 2))
-  dfk = jnp.transpose(dfk_t, (0, 3, 1, 2))
+  dfq, dfk = (public_view(x, on_lanes=True) for x in (dfq_t, dfk_t))
   if local_exact:
     dq, dk = q_back(dlocal_q), kv_back(dlocal_k)
   else:
@@ -452,8 +446,8 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
   b_, t, kv, h = v.shape
   r = k_features.shape[-1]
   nb = t // block_size
-  v_t = jnp.transpose(v, (0, 2, 3, 1))
-  fk_t = jnp.transpose(k_features, (0, 2, 3, 1))
+  v_t = kernel_view(v, on_lanes=True)
+  fk_t = kernel_view(k_features, on_lanes=True)
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   row = pl.BlockSpec((None, None, block_size, h), lambda bi, ni, ti: (bi, ni, ti, 0))
   _, flops2 = backward_flops(b_, kv, t, h, r, block_size, causal=False)
@@ -475,8 +469,8 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
                                          bytes_accessed=2 * nbytes(v, k_features, d_state)),
       name="polysketch_bwd_state_sum",
   )(d_state, v_t, fk_t)
-  return (jnp.transpose(dv_r, (0, 2, 1, 3)),
-          jnp.transpose(dfk_t, (0, 3, 1, 2)).astype(k_features.dtype))
+  return (public_view(dv_r, on_lanes=False),
+          public_view(dfk_t, on_lanes=True).astype(k_features.dtype))
 
 
 def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
@@ -490,9 +484,9 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   h = o.shape[-1]
   nb = t // block_size
   dnum32, scal = _row_terms(o, den, do)
-  dnum_t = jnp.transpose(dnum32, (0, 2, 3, 1))                     # [B, N, H, T]
-  dden_row = jnp.transpose(scal[..., 1:2], (0, 2, 3, 1))           # [B, N, 1, T]
-  fq_t = jnp.transpose(q_features, (0, 2, 3, 1))                   # [B, N, r, T]
+  dnum_t = kernel_view(dnum32, on_lanes=True)                      # [B, N, H, T]
+  dden_row = kernel_view(scal[..., 1:2], on_lanes=True)            # [B, N, 1, T]
+  fq_t = kernel_view(q_features, on_lanes=True)                    # [B, N, r, T]
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
   dfq_t = pl.pallas_call(
@@ -515,5 +509,5 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   d_state = outer_sum(group_view(dnum_t, kv), group_view(fq_t, kv), group_view(dden_row, kv),
                       block_size=block_size, vmem_limit_bytes=tiles.backward_vmem_limit_bytes,
                       interpret=interpret)
-  dfq = jnp.transpose(dfq_t, (0, 3, 1, 2)).astype(q_features.dtype)
+  dfq = public_view(dfq_t, on_lanes=True).astype(q_features.dtype)
   return dfq, d_state

@@ -67,17 +67,22 @@ def split_dot(a_parts, b_parts, dims):
   return out
 
 
+def phi_form_dtype(feature_dtype, mm_dtype, narrow: bool):
+  """The dtype phi = f (x) f is formed in: float32 unless `narrow` and the
+  features already are in mm_dtype. The product of two bf16 numbers is exact
+  in f32, so forming it in bf16 gives the same bits with half the vregs, a win
+  where the VPU has bf16 (v6e; `TileConfig.bf16_phi`)."""
+  narrow = narrow and jnp.dtype(feature_dtype) == jnp.dtype(mm_dtype)
+  return jnp.dtype(mm_dtype if narrow else jnp.float32)
+
+
 def phi_t(f_t, mm_dtype=jnp.float32, *, narrow=False):
-  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], returned in mm_dtype.
+  """(r, b) -> (r^2, b): phi^T[a r + c, t] = f[a, t] f[c, t], returned in mm_dtype,
+  formed in `phi_form_dtype`.
 
   The reshape merges leading dims only (layout-free for r a multiple of 8).
-  Formed in float32 unless `narrow` and the features already are in mm_dtype:
-  the product of two bf16 numbers is exact in f32, so forming it in bf16
-  gives the same bits with half the vregs, a win where the VPU has bf16 (v6e;
-  `TileConfig.bf16_phi`).
   """
-  dtype = mm_dtype if narrow and f_t.dtype == mm_dtype else jnp.float32
-  f_t = f_t.astype(dtype)
+  f_t = f_t.astype(phi_form_dtype(f_t.dtype, mm_dtype, narrow))
   r, b = f_t.shape
   return (f_t[:, None, :] * f_t[None, :, :]).reshape(r * r, b).astype(mm_dtype)
 
@@ -291,6 +296,22 @@ def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, inte
           bytes_accessed=nbytes(*ins, out_shape)),
       name=f"polysketch_outer_sum_{kind}",
   )(*ins)
+
+
+def kernel_view(x, *, on_lanes: bool, num_kv_heads: int | None = None):
+  """[B, T, N, D] -> [B, N, D, T] (tokens on lanes) or [B, N, T, D] (tokens on
+  rows), grouped to [B, K, G, ...] when num_kv_heads is given: the kernels'
+  views, bitcasts where they match the compiler's default layout."""
+  x = jnp.transpose(x, (0, 2, 3, 1) if on_lanes else (0, 2, 1, 3))
+  return x if num_kv_heads is None else group_view(x, num_kv_heads)
+
+
+def public_view(x, *, on_lanes: bool):
+  """The inverse of kernel_view: [B, N|K, (G,) D, T] or [B, N|K, (G,) T, D]
+  -> [B, T, N, D] (a group axis is merged back into the heads)."""
+  b_, heads = x.shape[0], x.shape[1] * (x.shape[2] if x.ndim == 5 else 1)
+  x = x.reshape((b_, heads) + x.shape[-2:])
+  return jnp.transpose(x, (0, 3, 1, 2) if on_lanes else (0, 2, 1, 3))
 
 
 def nbytes(*arrays) -> int:

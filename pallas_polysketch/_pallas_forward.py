@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    NT_DIMS, augment_v_t, group_view, local_weights_t, nbytes, phi_sym_t, phi_t, precision_for,
+    NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
+    phi_sym_t, phi_t, precision_for, public_view,
     full_state, sym_pairs, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -54,7 +55,7 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 
 def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_initial,
-                           emit_state, phi_form_dtype, tokens_on_lanes):
+                           emit_state, form_dtype, tokens_on_lanes):
   refs = list(refs)
   state_block_ref = refs.pop(0) if emit_state else None
   q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref = refs[:5]
@@ -116,7 +117,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       acc_ref[:, qs] = acc
 
     # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
-    phi_q = phi_sym_t(fq_t_ref[g], phi_form_dtype, mm_dtype, query=True)
+    phi_q = phi_sym_t(fq_t_ref[g], form_dtype, mm_dtype, query=True)
     acc = acc_ref[...] + jnp.dot(state, phi_q, preferred_element_type=jnp.float32,
                                  precision=prec)
     den = bias + acc[head_dim:head_dim + 1, :]
@@ -125,7 +126,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     den_ref[g] = den
 
   # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
-  phi_k = phi_sym_t(fk_t_ref[...], phi_form_dtype, mm_dtype, query=False)
+  phi_k = phi_sym_t(fk_t_ref[...], form_dtype, mm_dtype, query=False)
   state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
                                         preferred_element_type=jnp.float32, precision=prec)
 
@@ -170,11 +171,11 @@ def forward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
 def to_kernel_layout(q, k, v, q_features, k_features):
   """[B, T, N|K, D] -> the kernels' layouts (module docstring)."""
   kv = k.shape[2]
-  q_r = group_view(jnp.transpose(q, (0, 2, 1, 3)), kv)              # [B, K, G, T, H]
-  fq_t = group_view(jnp.transpose(q_features, (0, 2, 3, 1)), kv)    # [B, K, G, r, T]
-  k_r = jnp.transpose(k, (0, 2, 1, 3))                              # [B, K, T, H]
-  v_t = jnp.transpose(v, (0, 2, 3, 1))                              # [B, K, H, T]
-  fk_t = jnp.transpose(k_features, (0, 2, 3, 1))                    # [B, K, r, T]
+  q_r = kernel_view(q, on_lanes=False, num_kv_heads=kv)            # [B, K, G, T, H]
+  fq_t = kernel_view(q_features, on_lanes=True, num_kv_heads=kv)   # [B, K, G, r, T]
+  k_r = kernel_view(k, on_lanes=False)                             # [B, K, T, H]
+  v_t = kernel_view(v, on_lanes=True)                              # [B, K, H, T]
+  fk_t = kernel_view(k_features, on_lanes=True)                    # [B, K, r, T]
   return q_r, k_r, v_t, fq_t, fk_t
 
 
@@ -210,21 +211,18 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   nb = t // block_size
   rows = h + NORMALISER_ROWS
   on_lanes = tokens_on_lanes(h)
-  cols = lambda x: jnp.transpose(x, (0, 2, 3, 1))                  # [B, H, T] views
-  rows_ = lambda x: jnp.transpose(x, (0, 2, 1, 3))
-  view = cols if on_lanes else rows_
-  q_v = group_view(view(q), kv)                                     # [B, K, G, (T, H)|(H, T)]
-  k_v, v_v = view(k), view(v)                                       # [B, K, (T, H)|(H, T)]
-  fq_t = group_view(cols(q_features), kv)                          # [B, K, G, r, T]
-  fk_t = cols(k_features)                                           # [B, K, r, T]
+  q_v = kernel_view(q, on_lanes=on_lanes, num_kv_heads=kv)       # [B, K, G, (T, H)|(H, T)]
+  k_v, v_v = (kernel_view(x, on_lanes=on_lanes) for x in (k, v))  # [B, K, (T, H)|(H, T)]
+  fq_t = kernel_view(q_features, on_lanes=True, num_kv_heads=kv)  # [B, K, G, r, T]
+  fk_t = kernel_view(k_features, on_lanes=True)                   # [B, K, r, T]
   o_dims = (h, t) if on_lanes else (t, h)
   o_shape = jax.ShapeDtypeStruct((b_, kv, group) + o_dims, out_dtype or q.dtype)
   den_shape = jax.ShapeDtypeStruct((b_, kv, group, 1, t), jnp.float32)
   # The kernel keeps [S^T; z^T] over the `sym_pairs` of the features only
   # (phi is symmetric); states cross its boundary on all r^2 pairs.
   mm_dtype = q.dtype
-  narrow = tiles.bf16_phi and q_features.dtype == mm_dtype and k_features.dtype == mm_dtype
-  phi_form_dtype = jnp.dtype(mm_dtype if narrow else jnp.float32)
+  form_dtype = phi_form_dtype(jnp.promote_types(q_features.dtype, k_features.dtype), mm_dtype,
+                              tiles.bf16_phi)
   n_sym = len(sym_pairs(r))
   if initial_state is not None:
     initial_state = sym_state(initial_state, axis=-1)
@@ -255,7 +253,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   kernel = functools.partial(
       _causal_forward_kernel, degree=degree, local_exact=local_exact,
       local_tile=tiles.local_tile, bias=bias, has_initial=has_initial, emit_state=emit,
-      phi_form_dtype=phi_form_dtype, tokens_on_lanes=on_lanes)
+      form_dtype=form_dtype, tokens_on_lanes=on_lanes)
   ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
   outs = pl.pallas_call(
       kernel,
@@ -270,8 +268,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
           bytes_accessed=nbytes(*ins, o_shape, den_shape)),
       name="polysketch_causal_forward",
   )(*(((state_block.astype(jnp.int32),) if emit else ()) + ins))
-  o = outs[0].reshape((b_, n) + o_dims)
-  o = jnp.transpose(o, (0, 3, 1, 2) if on_lanes else (0, 2, 1, 3))
+  o = public_view(outs[0], on_lanes=on_lanes)
   den = outs[1].reshape(b_, n, 1, t)
   return (o, den, full_state(outs[2], r, axis=-1)) if emit else (o, den)
 
@@ -291,7 +288,7 @@ def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, b
   group = n // kv
   h, nb = head_dim, t // block_size
   rows = h + NORMALISER_ROWS
-  fq_t = jnp.transpose(q_features, (0, 2, 3, 1))                   # [B, N, r, T]
+  fq_t = kernel_view(q_features, on_lanes=True)                    # [B, N, r, T]
   mm_dtype = mm_dtype or out_dtype
   o_shape = jax.ShapeDtypeStruct((b_, n, h, t), out_dtype)
   den_shape = jax.ShapeDtypeStruct((b_, n, 1, t), jnp.float32)
@@ -314,4 +311,4 @@ def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, b
           transcendentals=0, bytes_accessed=nbytes(q_features, state, o_shape, den_shape)),
       name="polysketch_state_apply",
   )(state, fq_t)
-  return jnp.transpose(o_t, (0, 3, 1, 2)), den
+  return public_view(o_t, on_lanes=True), den
