@@ -22,6 +22,17 @@ def test_recall_benchmark_runs_end_to_end_and_resumes(tmp_path):
   assert (tmp_path / "recall-tiny.png").stat().st_size > 0
   assert bench.main(argv + ["--resume"]) == report["runs"]     # nothing left to run
 
+  # a second process's runs merge into one table
+  other = bench.main(argv[:argv.index("--variants")] + [
+      "--variants", "polynomial", "--lrs", "1e-3", "--dim", "16", "--sketch-dim", "4",
+      "--block-size", "16", "--eval-batches", "1", "--out-dir", str(tmp_path), "--tag", "other"])
+  merged = bench.main(["--merge", str(tmp_path / "recall-tiny.json"),
+                       str(tmp_path / "recall-other.json"), "--out-dir", str(tmp_path),
+                       "--tag", "both"])
+  assert len(merged) == 5 and other[0] in merged
+  md = (tmp_path / "recall-both.md").read_text()
+  assert "| polynomial |" in md and "| softmax |" in md and " + " in md
+
 
 def test_recall_state_sizes():
   """Softmax's KV cache grows with T; PolySketch keeps r^2 (H + 1) plus one

@@ -46,16 +46,72 @@ def test_text_data_split_and_fixed_val():
     assert m1.shape == (3, 16) and m1.all()
 
 
-def test_recall_data_answers_are_recallable():
+def _pairs_of(row, num_pairs):
+  """The key -> value pairs of one recall sequence: the run of 2 n tokens before the separator."""
+  sep = int(np.nonzero(row == 0)[0][0])
+  region = row[sep - 2 * num_pairs:sep]
+  return sep - 2 * num_pairs, {int(k): int(v) for k, v in zip(region[0::2], region[1::2])}
+
+
+def test_recall_training_answers_are_recallable_from_pairs_at_random_offsets():
   data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=4, num_queries=6)
-  x, y, mask = data.train_batch(np.random.default_rng(0), 5, 40)
-  assert x.shape == y.shape == mask.shape == (5, 40)
-  assert mask.sum() == 5 * 6
-  for row in range(5):
-    pairs = {int(x[row, 2 * i]): int(x[row, 2 * i + 1]) for i in range(4)}
-    assert len(pairs) == 4  # distinct keys
+  x, y, mask = data.train_batch(np.random.default_rng(0), 64, 40)
+  assert x.shape == y.shape == mask.shape == (64, 40)
+  assert mask.sum() == 64 * 6  # every answer is trained on
+  offsets = set()
+  for row in range(64):
+    offset, pairs = _pairs_of(x[row], 4)
+    offsets.add(offset)
+    assert len(pairs) == 4 and all(1 <= k <= 8 for k in pairs)  # distinct keys
+    assert all(9 <= v <= 16 for v in pairs.values())
     for t in np.nonzero(mask[row])[0]:
-      assert int(y[row, t]) == pairs[int(x[row, t])]
+      assert t >= 40 + 1 - 2 * 6 - 1 and int(y[row, t]) == pairs[int(x[row, t])]
+  xs, _, _ = data.train_batch(np.random.default_rng(1), 512, 40)
+  offsets |= {_pairs_of(row, 4)[0] for row in xs}
+  # every offset from the start to the last one that still fits the separator
+  assert offsets == set(range(0, 40 + 1 - 2 * 6 - 2 * 4))
+
+
+def test_recall_validation_puts_pairs_first_and_scores_first_queries_only():
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=4, num_queries=6)
+  batches = data.val_batches(2, 16, 40)
+  for (x, y, mask), (x2, _, _) in zip(batches, data.val_batches(2, 16, 40)):
+    np.testing.assert_array_equal(x, x2)  # the same held-out set every time
+    for row in range(16):
+      offset, pairs = _pairs_of(x[row], 4)
+      assert offset == 0
+      query_at = np.arange(40 + 1 - 2 * 6, 40, 2)
+      seen, expected = set(), []
+      for t in query_at:
+        expected.append(int(x[row, t]) not in seen)
+        seen.add(int(x[row, t]))
+      np.testing.assert_array_equal(mask[row, query_at] == 1, expected)
+      assert mask[row].sum() == len(seen)
+      for t in np.nonzero(mask[row])[0]:
+        assert int(y[row, t]) == pairs[int(x[row, t])]
+
+
+def test_recall_without_random_offset_keeps_pairs_first_in_training():
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=4,
+                              num_queries=6, random_offset=False)
+  x, _, _ = data.train_batch(np.random.default_rng(1), 16, 40)
+  assert all(_pairs_of(x[row], 4)[0] == 0 for row in range(16))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_pairs=9, num_keys=8), "num_pairs=9 must be <= num_keys=8"),
+    (dict(num_queries=0), "num_queries must be >= 1, got 0"),
+    (dict(num_noise=0), "num_noise must be >= 1, got 0"),
+])
+def test_recall_data_rejects_bad_sizes(kw, match):
+  with pytest.raises(ValueError, match=match):
+    train_mod.RecallData(**kw)
+
+
+def test_recall_data_rejects_a_context_too_short():
+  data = train_mod.RecallData(num_pairs=4, num_queries=6)
+  with pytest.raises(ValueError, match="context 20 too short for 4 pairs and 6 queries"):
+    data.train_batch(np.random.default_rng(0), 2, 20)
 
 
 def _tiny_config(**kw):
