@@ -212,41 +212,40 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
-  scratch state, and the largest live temporaries: phi in f32 and the matmul
-  dtype, the phi cotangent and its (r, r, b) products, the local tiles (each
-  kernel's own; dq_local_tile / dkv_local_tile default to local_tile).
+  local tiles (each kernel's own; dq_local_tile / dkv_local_tile default to
+  local_tile), and the state-sized and phi-sized scratch and temporaries over
+  the R = len(sym_pairs(r)) feature pairs the causal kernels keep. The two
+  coefficients per kernel are fitted as an upper bound, with 20% to spare,
+  to the least VMEM limit libtpu 0.0.42.1 compiles each kernel under (found by
+  bisection, `bench/vmem_limits.py`) at (H, r, b, G) from (64, 16, 256, 1)
+  to (128, 64, 256, 2) on v4, v5e and v6e; see BUILD_NOTES.
   state_io: a state block passed in or out (prefill, context parallelism).
   """
+  from pallas_polysketch._pallas_common import sym_pairs  # (it imports this module)
   b, h, r, g = block_size, head_dim, sketch_dim, group
-  r2, rows = sketch_dim * sketch_dim, head_dim + NORMALISER_ROWS
+  n_pairs, rows = len(sym_pairs(sketch_dim)), head_dim + NORMALISER_ROWS
   local_bytes = lambda lt: 4 * _tile_bytes((lt or block_size,) * 2, jnp.float32)
-  local = local_bytes(local_tile)
   f32, mm, ft = jnp.float32, dtype, feature_dtype
-  item = jnp.dtype(dtype).itemsize
-  state_fwd = _tile_bytes((rows, r2), f32)     # [S^T; z^T]
-  state_bwd = _tile_bytes((r2, rows), f32)     # [S, z]: rows on the lanes
-  forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-                      ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
-             + (4 * state_fwd if state_io else 0)
-             + state_fwd + _tile_bytes((rows, b), f32)                 # scratch
-             + r2 * b * (4 + 2 * item) + local + _tile_bytes((rows, r2), mm))
+  state_fwd = _tile_bytes((rows, n_pairs), f32)     # [S^T; z^T]
+  state_bwd = _tile_bytes((n_pairs, rows), f32)     # [S, z]: rows on the lanes
+  phi = n_pairs * b * 4                             # one phi^T in float32
+  forward = int(_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
+                         ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
+                + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
+                + (4 * state_fwd if state_io else 0)
+                + 0.5 * state_fwd + 4.75 * phi)
   common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
                ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
                ((g, h, b), f32))
-  # The float32 state products run at full precision: Mosaic splits the f32
-  # operands into bf16 parts, several state-sized temporaries. Fitted as an
-  # upper bound to what libtpu 0.0.42.1 reported for v5e (dq kernel, bf16):
-  # 4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G) = (64, 32, 256, 1),
-  # (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1), (128, 64, 128, 1),
-  # (64, 32, 256, 4); see BUILD_NOTES.
-  temps = 5.5 * state_bwd + 1.5 * g * r2 * b * 4
   state_in = 2 * state_bwd if state_io else 0
   dq = int(_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
                     ((g, r, b), f32))
-           + state_in + temps + local_bytes(dq_local_tile or local_tile))
+           + local_bytes(dq_local_tile or local_tile) + state_in
+           + 1.0 * state_bwd + 3.25 * g * phi)
   dkv = int(_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
                      ((b, h), mm), ((r, b), f32))
-            + 2 * state_in + temps + local_bytes(dkv_local_tile or local_tile))
+            + local_bytes(dkv_local_tile or local_tile) + 2 * state_in
+            + 2.5 * state_bwd + 1.75 * g * phi)
   return {"forward": forward, "dq": dq, "dkv": dkv}
 
 
