@@ -315,11 +315,13 @@ def _polysketch_attention(q, k, v, q_features, k_features, segment_ids, *, confi
 
 def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
                    normalization_bias, implementation, interpret, tile_config,
-                   padded_len=None):
+                   padded_len=None, symmetric=True):
   """Checks the static arguments and fixes the block and the kernel tiling.
 
   The block is clamped to the 8-rounded sequence; the kernel tiling is resolved
-  only where the Pallas kernels may run. Returns (Config, implementation)."""
+  only where the Pallas kernels may run; `symmetric`: whether the kernels that
+  run keep only the symmetric feature pairs (causal, no segments), which sets
+  their VMEM estimate. Returns (Config, implementation)."""
   degree = _validation.check_degree(degree)
   block_size = _validation.check_block_size(block_size)
   bias = _validation.check_normalization_bias(normalization_bias)
@@ -340,7 +342,8 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
       tiles = tpu_config.resolve_tiles(
           tile_config, block_size=block_size, head_dim=q.shape[-1],
           sketch_dim=q_features.shape[-1], dtype=_kernel_dtype(q.dtype),
-          feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2])
+          feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2],
+          symmetric=symmetric)
   config = Config(degree=degree, block_size=block_size, local_exact=bool(local_exact),
                   bias=bias, interpret=interpret, tiles=tiles)
   return config, implementation
@@ -430,7 +433,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
       normalization_bias=normalization_bias, implementation=implementation,
       interpret=interpret, tile_config=tile_config,
-      padded_len=q.shape[1] if context_axis_name is not None else None)
+      padded_len=q.shape[1] if context_axis_name is not None else None,
+      symmetric=bool(causal) and segment_ids is None)
   if context_axis_name is not None and q.shape[1] % config.block_size:
     raise ValueError(
         f"with context_axis_name={context_axis_name!r} each device's shard of seq must be a "

@@ -213,6 +213,35 @@ def test_each_kernel_has_its_own_vmem_estimate_and_error():
     resolve_v4(2).check_backward()
 
 
+def test_kernels_on_all_feature_pairs_get_the_all_pairs_vmem_estimate():
+  """Packed segments and non-causal attention run kernels that hold all r^2
+  feature pairs: their tiling is checked with the larger all-pairs estimate
+  (with the symmetric one, libtpu ran out of VMEM for the segment dq kernel at
+  H = 128, r = 64 on v5e)."""
+  sym = tpu_config.vmem_estimates(256, 128, 64, jnp.bfloat16, jnp.bfloat16, local_tile=128)
+  full = tpu_config.vmem_estimates(256, 128, 64, jnp.bfloat16, jnp.bfloat16, local_tile=128,
+                                   symmetric=False)
+  assert all(full[k] > sym[k] for k in sym)
+  shape = lambda n, d: jnp.zeros((1, 512, n, d), jnp.bfloat16)
+  args = (shape(2, 128), shape(2, 128), shape(2, 128), shape(2, 64), shape(2, 64))
+  seen = []
+  real = tpu_config.resolve_tiles
+
+  def spy(*a, **kw):
+    seen.append(kw.get("symmetric", True))
+    return real(*a, **kw)
+  tpu_config.resolve_tiles = spy
+  try:
+    ids = jnp.zeros((1, 512), jnp.int32)
+    for causal, segment_ids in ((True, None), (True, ids), (False, None)):
+      jax.eval_shape(lambda *a, c=causal, s=segment_ids: ps.polysketch_attention(
+          *a, causal=c, segment_ids=s, implementation="pallas", interpret=True,
+          tile_config=tpu_config.TileConfig(generation="v5e")), *args)
+  finally:
+    tpu_config.resolve_tiles = real
+  assert seen == [True, False, False]
+
+
 def test_vmem_estimates_bound_what_libtpu_needs():
   """Every estimate is at least 1.2x the least VMEM limit libtpu compiled that
   kernel under (bench/results/vmem_limits.json, bench/vmem_limits.py): an
