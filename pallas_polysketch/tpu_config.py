@@ -205,97 +205,66 @@ def _buffers(*tiles) -> int:
   return 2 * sum(_tile_bytes(shape, dtype) for shape, dtype in tiles)
 
 
-def _all_pairs_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype, *, group,
-                         local_tile, dq_local_tile, dkv_local_tile, state_io):
-  """The estimate for the kernels that hold all r^2 feature pairs (packed
-  segments, non-causal), fitted on 2026-11-24 as an upper bound to what libtpu
-  reported for the dq kernel on v5e when every kernel held all r^2 pairs:
-  4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G) = (64, 32, 256, 1),
-  (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1), (128, 64, 128, 1),
-  (64, 32, 256, 4); see BUILD_NOTES."""
-  b, h, r, g = block_size, head_dim, sketch_dim, group
-  r2, rows = sketch_dim * sketch_dim, head_dim + NORMALISER_ROWS
-  local_bytes = lambda lt: 4 * _tile_bytes((lt or block_size,) * 2, jnp.float32)
-  local = local_bytes(local_tile)
-  f32, mm, ft = jnp.float32, dtype, feature_dtype
-  item = jnp.dtype(dtype).itemsize
-  state_fwd = _tile_bytes((rows, r2), f32)     # [S^T; z^T]
-  state_bwd = _tile_bytes((r2, rows), f32)     # [S, z]: rows on the lanes
-  forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-                      ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
-             + (4 * state_fwd if state_io else 0)
-             + state_fwd + _tile_bytes((rows, b), f32)                 # scratch
-             + r2 * b * (4 + 2 * item) + local + _tile_bytes((rows, r2), mm))
-  common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-               ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
-               ((g, h, b), f32))
-  # The float32 state products run at full precision: Mosaic splits the f32
-  # operands into bf16 parts, several state-sized temporaries. Fitted as an
-  # upper bound to what libtpu 0.0.42.1 reported for v5e (dq kernel, bf16):
-  # 4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G) = (64, 32, 256, 1),
-  # (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1), (128, 64, 128, 1),
-  # (64, 32, 256, 4); see BUILD_NOTES.
-  temps = 5.5 * state_bwd + 1.5 * g * r2 * b * 4
-  state_in = 2 * state_bwd if state_io else 0
-  dq = int(_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
-                    ((g, r, b), f32))
-           + state_in + temps + local_bytes(dq_local_tile or local_tile))
-  dkv = int(_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
-                     ((b, h), mm), ((r, b), f32))
-            + 2 * state_in + temps + local_bytes(dkv_local_tile or local_tile))
-  return {"forward": forward, "dq": dq, "dkv": dkv}
-
-
 def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
                    *, group: int = 1, local_tile: int | None = None,
                    dq_local_tile: int | None = None, dkv_local_tile: int | None = None,
                    state_io: bool = False, symmetric: bool = True) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
-  symmetric: the causal kernels without segments, which keep only the
-  symmetric feature pairs (below). False: the segment and non-causal kernels,
-  which hold all r^2 pairs (`_all_pairs_estimates`).
-
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
   local tiles (each kernel's own; dq_local_tile / dkv_local_tile default to
   local_tile), and the state-sized and phi-sized scratch and temporaries over
-  the R = len(sym_pairs(r)) feature pairs the causal kernels keep. The two
-  coefficients per kernel are fitted as an upper bound, with 20% to spare,
-  to the least VMEM limit libtpu 0.0.42.1 compiles each kernel under (found by
-  bisection, `bench/vmem_limits.py`) at (H, r, b, G) from (64, 16, 256, 1)
-  to (128, 64, 256, 2) on v4, v5e and v6e; see BUILD_NOTES.
+  the feature pairs the kernels hold.
+  symmetric: the causal kernels without segments, which keep only the R =
+    len(sym_pairs(r)) symmetric pairs. False: the segment and non-causal
+    kernels, which hold all r^2 pairs.
   state_io: a state block passed in or out (prefill, context parallelism).
   """
-  if not symmetric:
-    return _all_pairs_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
-                                group=group, local_tile=local_tile, dq_local_tile=dq_local_tile,
-                                dkv_local_tile=dkv_local_tile, state_io=state_io)
   from pallas_polysketch._pallas_common import sym_pairs  # (it imports this module)
   b, h, r, g = block_size, head_dim, sketch_dim, group
-  n_pairs, rows = len(sym_pairs(sketch_dim)), head_dim + NORMALISER_ROWS
+  pairs, rows = (len(sym_pairs(r)) if symmetric else r * r), head_dim + NORMALISER_ROWS
   local_bytes = lambda lt: 4 * _tile_bytes((lt or block_size,) * 2, jnp.float32)
   f32, mm, ft = jnp.float32, dtype, feature_dtype
-  state_fwd = _tile_bytes((rows, n_pairs), f32)     # [S^T; z^T]
-  state_bwd = _tile_bytes((n_pairs, rows), f32)     # [S, z]: rows on the lanes
-  phi = n_pairs * b * 4                             # one phi^T in float32
-  forward = int(_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-                         ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
-                + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
-                + (4 * state_fwd if state_io else 0)
-                + 0.5 * state_fwd + 4.75 * phi)
+  state_fwd = _tile_bytes((rows, pairs), f32)     # [S^T; z^T]
+  state_bwd = _tile_bytes((pairs, rows), f32)     # [S, z]: rows on the lanes
+  phi = pairs * b * 4                             # one phi^T in float32
   common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
                ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
                ((g, h, b), f32))
   state_in = 2 * state_bwd if state_io else 0
-  dq = int(_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
-                    ((g, r, b), f32))
-           + local_bytes(dq_local_tile or local_tile) + state_in
-           + 1.0 * state_bwd + 3.25 * g * phi)
-  dkv = int(_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
-                     ((b, h), mm), ((r, b), f32))
-            + local_bytes(dkv_local_tile or local_tile) + 2 * state_in
-            + 2.5 * state_bwd + 1.75 * g * phi)
-  return {"forward": forward, "dq": dq, "dkv": dkv}
+  forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
+                      ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
+             + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
+             + (4 * state_fwd if state_io else 0))
+  dq = (_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
+                 ((g, r, b), f32))
+        + local_bytes(dq_local_tile or local_tile) + state_in)
+  dkv = (_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
+                  ((b, h), mm), ((r, b), f32))
+         + local_bytes(dkv_local_tile or local_tile) + 2 * state_in)
+  if symmetric:
+    # Scratch and temporaries, two coefficients per kernel fitted as an upper
+    # bound, with 20% to spare, to the least VMEM limit libtpu 0.0.42.1
+    # compiles each kernel under (found by bisection, `bench/vmem_limits.py`)
+    # at (H, r, b, G) from (64, 16, 256, 1) to (128, 64, 256, 2) on v4, v5e
+    # and v6e; see BUILD_NOTES.
+    forward += 0.5 * state_fwd + 4.75 * phi
+    dq += 1.0 * state_bwd + 3.25 * g * phi
+    dkv += 2.5 * state_bwd + 1.75 * g * phi
+  else:
+    # The state scratch, phi in f32 and the matmul dtype and the state in the
+    # matmul dtype; in the backward, the float32 state products' bf16 parts
+    # (Mosaic splits the f32 operands), fitted as an upper bound to what
+    # libtpu 0.0.42.1 reported for the v5e dq kernel when every kernel held
+    # all r^2 pairs: 4.1 / 6.0 / 16.3 / 22.6 / 21.9 / 7.9 MiB at (H, r, b, G)
+    # = (64, 32, 256, 1), (128, 32, 256, 1), (64, 64, 256, 1), (128, 64, 256, 1),
+    # (128, 64, 128, 1), (64, 32, 256, 4); see BUILD_NOTES.
+    item = jnp.dtype(dtype).itemsize
+    forward += state_fwd + pairs * b * (4 + 2 * item) + _tile_bytes((rows, pairs), mm)
+    temps = 5.5 * state_bwd + 1.5 * g * phi
+    dq += temps
+    dkv += temps
+  return {"forward": int(forward), "dq": int(dq), "dkv": int(dkv)}
 
 
 def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
