@@ -17,20 +17,37 @@ Each run is written as soon as it finishes, so a cut-short run keeps what it
 has; --resume skips the runs already in the JSON. --variants picks a subset
 (names below); "softmax-wide" is softmax at --wide-dim (e.g. the width that
 gives it the learned sketch's extra parameters).
+
+On an accelerator, --parallel runs every (variant, seed) as its own process at
+once (small models leave most of a GPU idle from one process), each writing
+<stem>_parts/<variant>_s<seed>.{json,log}, and merges them into <stem>.
+--time-budget SECONDS (with --parallel) first calibrates: every job compiles,
+waits for the others (a file barrier, so all time their steps under the same
+contention) and times --calibrate-steps train steps and one eval batch; then
+--steps becomes the largest multiple of 50 that the slowest job fits in 90%
+of what is left of the budget, the same for every run:
+
+  python bench/lm_quality.py --parallel --time-budget 480 --context 1024 \
+      --batch-size 16 --layers 6 --heads 6 --dim 384 --wide-dim 396 --num-evals 10 \
+      --seeds 0 1 2 --variants softmax,learned+local,random+local,softmax-wide
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 from pallas_polysketch.models.gpt import GPTConfig
-from pallas_polysketch.train import TextData, TrainConfig, train
+from pallas_polysketch.train import TextData, TrainConfig, make_optimizer, make_steps, train
+
+PROCESS_START = time.time()
 
 # name -> (attention, sketch, local_exact)
 VARIANTS = {
@@ -81,11 +98,17 @@ def write_table(path, runs, header):
                  f"{r['params']:,} | {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | "
                  f"{r['lo']:.4f} .. {r['hi']:.4f} | {rel} | {r['step_ms']:.0f} | "
                  f"{r['tokens_per_s']:,.0f} |")
-  lines += ["", "Every run:", "", "| variant | seed | val loss | steps/s | wall s |",
-            "|---|---:|---:|---:|---:|"]
+  lines += ["", "Every run (val loss: at the last step; lowest: the lowest of its evaluations):", "",
+            "| variant | seed | val loss | lowest (step) | steps/s | wall s |",
+            "|---|---:|---:|---:|---:|---:|"]
   for r in runs:
+    h = r["history"]
+    best = int(np.argmin(h["val_loss"]))
     lines.append(f"| {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | "
+                 f"{h['val_loss'][best]:.4f} ({h['val_step'][best]}) | "
                  f"{r['steps_per_s']:.3f} | {r['wall_s']:.0f} |")
+  if runs[0].get("devices"):
+    lines += ["", f"Devices: {runs[0]['devices']}."]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -123,6 +146,250 @@ def plot(path, runs, title):
   plt.close(fig)
 
 
+def model_config(args, data, name):
+  attention, sketch, local_exact = VARIANTS[name]
+  dim = args.wide_dim if name == "softmax-wide" else args.dim
+  return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
+                   embed_dim=dim, attention=attention, sketch=sketch,
+                   sketch_dim=args.sketch_dim, block_size=args.block_size,
+                   local_exact=local_exact)
+
+
+def train_config(args, seed):
+  eval_every = (max(1, args.steps // args.num_evals) if args.num_evals else args.eval_every)
+  return TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
+                     learning_rate=args.lr, warmup_steps=args.warmup, seed=seed,
+                     eval_every=eval_every, eval_batches=args.eval_batches, log_every=10)
+
+
+def write_outputs(stem, args, command, runs, mc, cfg, data_path):
+  """<stem>.json, .md and .png of `runs` (the configs of one of them)."""
+  variants = [v for v in args.variants.split(",")]
+  header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
+            + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
+            + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
+            f"{args.steps} steps ({args.steps * args.batch_size * args.context:,} tokens), "
+            f"lr {args.lr}, seeds {args.seeds}; val loss on "
+            f"{args.eval_batches * args.batch_size * args.context:,} held-out chars. "
+            f"Command: `{command}`")
+  meta = {"command": command, "args": vars(args),
+          "model": dataclasses.asdict(mc) | {"attention": "*", "sketch": "*",
+                                             "local_exact": "*", "embed_dim": "*"},
+          "train": dataclasses.asdict(cfg) | {"seed": "*"},
+          "data": os.path.basename(data_path), "platform": sys.platform,
+          "devices": runs[0].get("devices"), "summary": summarise(runs), "results": runs}
+  with open(stem + ".json", "w") as f:
+    json.dump(meta, f, indent=1)
+  write_table(stem + ".md", runs, header)
+  plot(stem + ".png", runs, f"{os.path.basename(data_path)}, context {args.context}, "
+       f"{args.layers}L/{args.heads}H/{args.dim}d, {args.steps} steps, seeds {args.seeds}")
+
+
+def device_description():
+  import jax
+  d = jax.devices()[0]
+  return f"{len(jax.devices())} x {d.platform} {getattr(d, 'device_kind', '')}, jax {jax.__version__}"
+
+
+# ----------------------------------------------------------------------------
+# --parallel and --time-budget: one process per (variant, seed).
+# ----------------------------------------------------------------------------
+
+RUN_FLAGS = ("data", "context", "steps", "batch_size", "layers", "heads", "dim", "wide_dim",
+             "sketch_dim", "block_size", "lr", "warmup", "eval_every", "eval_batches",
+             "num_evals")
+
+
+def job_argv(args, variant, seed, tag, out_dir):
+  """The command line of one (variant, seed) job: every run flag of `args`."""
+  argv = []
+  for name in RUN_FLAGS:
+    value = getattr(args, name)
+    if value is not None:
+      argv += ["--" + name.replace("_", "-"), str(value)]
+  return argv + ["--variants", variant, "--seeds", str(seed), "--tag", tag, "--out-dir", out_dir]
+
+
+def job_env(num_jobs):
+  """Jobs share one accelerator: none preallocates its memory (each takes what it
+  needs; jobs of different variants need different amounts)."""
+  env = dict(os.environ)
+  if num_jobs > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  return env
+
+
+def run_jobs(jobs, out_dir, extra_argv, args, *, deadline=None, stop_on_failure=False,
+             poll_s=1.0, report_every_s=30.0):
+  """Runs each (variant, seed) job as a process of this script; returns the
+  return codes in job order. Past `deadline` (time.time()) the jobs still running
+  are killed (return code None), and so they are once one fails if
+  stop_on_failure. Every report_every_s, the last line of each log."""
+  os.makedirs(out_dir, exist_ok=True)
+  script = os.path.abspath(__file__)
+  procs = []
+  for variant, seed in jobs:
+    tag = f"{variant}_s{seed}"
+    log = open(os.path.join(out_dir, tag + ".log"), "w")
+    cmd = [sys.executable, script] + job_argv(args, variant, seed, tag, out_dir) + extra_argv
+    procs.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        env=job_env(len(jobs))), log))
+  codes = [None] * len(procs)
+  last_report = time.time()
+  while any(p.poll() is None for _, p, _ in procs):
+    if deadline is not None and time.time() > deadline:
+      for tag, p, _ in procs:
+        if p.poll() is None:
+          print(f"deadline: killing {tag}", flush=True)
+          p.kill()
+      break
+    if stop_on_failure and any(p.poll() not in (None, 0) for _, p, _ in procs):
+      break
+    if time.time() - last_report > report_every_s:
+      last_report = time.time()
+      for tag, _, log in procs:
+        print(f"  {tag}: {last_line(log.name)}", flush=True)
+    time.sleep(poll_s)
+  for i, (tag, p, log) in enumerate(procs):
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+    else:
+      codes[i] = p.returncode
+    log.close()
+    if codes[i] != 0:
+      print(f"job {tag} ended with {codes[i]}; its log ends:\n{tail(log.name, 30)}", flush=True)
+  return codes
+
+
+def last_line(path):
+  lines = [l for l in tail(path, 5).splitlines() if l.strip()]
+  return lines[-1][:160] if lines else "(no output yet)"
+
+
+def tail(path, n):
+  with open(path, errors="replace") as f:
+    return "".join(f.readlines()[-n:])
+
+
+def fit_steps(calibration, budget_s, *, max_steps, num_evals, eval_batches, multiple=50,
+              margin=0.9):
+  """max_steps if every job fits them in margin * budget_s, else the largest
+  multiple of `multiple` steps that it fits: a job costs startup_s + compile_s + steps * step_s
+  + num_evals * eval_batches * eval_s (its calibrated times). Raises ValueError
+  if not even `multiple` steps fit."""
+  def fits(c):
+    fixed = c["startup_s"] + c["compile_s"] + num_evals * eval_batches * c["eval_s"]
+    return (margin * budget_s - fixed) / c["step_s"]
+
+  slow = min(calibration, key=fits)
+  if fits(slow) >= max_steps:
+    return max_steps
+  steps = int(fits(slow) // multiple) * multiple
+  if steps < multiple:
+    raise ValueError(f"time budget {budget_s:.0f} s fits fewer than {multiple} steps (slowest "
+                     f"job {slow['variant']}: {slow['step_s'] * 1e3:.1f} ms/step, "
+                     f"{slow['compile_s']:.0f} s to compile)")
+  return steps
+
+
+def calibrate(args, data, variant, seed, out_path):
+  """One job's calibration: compile (train and eval step), wait at the barrier,
+  time --calibrate-steps train steps and one eval batch; writes JSON."""
+  mc = model_config(args, data, variant)
+  cfg = train_config(args, seed)
+  import jax
+  from flax import nnx
+  from pallas_polysketch.models.gpt import GPT
+  rng = np.random.default_rng(seed)
+  model = GPT(mc, rngs=nnx.Rngs(seed))
+  _, state, train_step, eval_step = make_steps(model, make_optimizer(model, cfg))
+  startup_s = time.time() - PROCESS_START
+  t0 = time.perf_counter()
+  batch = data.train_batch(rng, cfg.batch_size, cfg.context)
+  state, loss, _ = train_step(state, *batch)
+  float(loss)
+  val = data.val_batches(1, cfg.batch_size, cfg.context)[0]
+  float(eval_step(state, *val)[0])
+  compile_s = time.perf_counter() - t0
+  barrier_dir, count = args.barrier, args.barrier_count
+  open(os.path.join(barrier_dir, f"{variant}_s{seed}.ready"), "w").close()
+  t_wait = time.time()
+  while len(glob.glob(os.path.join(barrier_dir, "*.ready"))) < count:
+    if time.time() - t_wait > 1800:
+      raise TimeoutError(f"barrier: fewer than {count} jobs ready after 30 min")
+    time.sleep(0.05)
+  t0 = time.perf_counter()
+  for _ in range(args.calibrate_steps):
+    batch = data.train_batch(rng, cfg.batch_size, cfg.context)
+    state, loss, _ = train_step(state, *batch)
+    float(loss)   # train() syncs on every step too
+  step_s = (time.perf_counter() - t0) / args.calibrate_steps
+  t0 = time.perf_counter()
+  float(eval_step(state, *val)[0])
+  eval_s = time.perf_counter() - t0
+  record = dict(variant=variant, seed=seed, startup_s=startup_s, compile_s=compile_s,
+                step_s=step_s, eval_s=eval_s, calibrate_steps=args.calibrate_steps,
+                devices=device_description())
+  with open(out_path, "w") as f:
+    json.dump(record, f, indent=1)
+  print(json.dumps(record), flush=True)
+  return record
+
+
+def run_parallel(args, data, stem, command):
+  """--parallel (and --time-budget): returns the merged runs."""
+  t_start = time.time()
+  jobs = [(v, s) for s in args.seeds for v in args.variants.split(",")]
+  parts = stem + "_parts"
+  calibration = None
+  if args.time_budget:
+    calib_dir = os.path.join(parts, "calibrate")
+    os.makedirs(calib_dir, exist_ok=True)
+    for f in glob.glob(os.path.join(calib_dir, "*.ready")):
+      os.remove(f)
+    codes = run_jobs(jobs, calib_dir, ["--calibrate-steps", str(args.calibrate_steps),
+                                       "--barrier", calib_dir, "--barrier-count", str(len(jobs))],
+                     args, deadline=t_start + args.time_budget,
+                     stop_on_failure=True)  # the others would wait at the barrier
+    if any(c != 0 for c in codes):
+      raise SystemExit(f"calibration failed (return codes {codes})")
+    calibration = []
+    for variant, seed in jobs:
+      with open(os.path.join(calib_dir, f"{variant}_s{seed}.json")) as f:
+        calibration.append(json.load(f))
+    left = args.time_budget - (time.time() - t_start)
+    num_evals = args.num_evals or None
+    args.steps = fit_steps(calibration, left, max_steps=args.steps,
+                           num_evals=num_evals or 10, eval_batches=args.eval_batches)
+    if not num_evals:
+      args.eval_every = max(1, args.steps // 10)
+    print(f"calibrated ({time.time() - t_start:.0f} s, {left:.0f} s left): --steps {args.steps}",
+          flush=True)
+    for c in calibration:
+      print(f"  {c['variant']:14s} seed {c['seed']}: {c['step_s'] * 1e3:7.1f} ms/step under "
+            f"contention, compile {c['compile_s']:.0f} s, startup {c['startup_s']:.0f} s, "
+            f"eval batch {c['eval_s'] * 1e3:.0f} ms", flush=True)
+  deadline = t_start + args.time_budget if args.time_budget else None
+  codes = run_jobs(jobs, parts, [], args, deadline=deadline)
+  runs = []
+  for (variant, seed), code in zip(jobs, codes):
+    path = os.path.join(parts, f"{variant}_s{seed}.json")
+    if code == 0 and os.path.exists(path):
+      with open(path) as f:
+        runs += json.load(f)["results"]
+  if runs:
+    for r in runs:
+      r["calibration"] = next((c for c in calibration or []
+                               if (c["variant"], c["seed"]) == (r["variant"], r["seed"])), None)
+    write_outputs(stem, args, command, runs, model_config(args, data, "softmax"),
+                  train_config(args, 0), args.data)
+  missing = [j for j, c in zip(jobs, codes) if c != 0]
+  if missing:
+    print(f"not finished: {missing}", flush=True)
+  return runs
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data", default=DEFAULT_DATA)
@@ -139,11 +406,21 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=30)
   p.add_argument("--seeds", type=int, nargs="+", default=[0])
   p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--num-evals", type=int, default=None,
+                 help="evaluate every steps // N steps (instead of --eval-every)")
   p.add_argument("--eval-batches", type=int, default=8)
   p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "softmax-wide"))
   p.add_argument("--tag", default=None, help="output stem (default lm_quality_ctx<context>)")
   p.add_argument("--resume", action="store_true", help="skip the runs already in <stem>.json")
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  p.add_argument("--parallel", action="store_true",
+                 help="one process per (variant, seed), all at once, merged at the end")
+  p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                 help="with --parallel: calibrate, then lower --steps to what fits the budget")
+  p.add_argument("--calibrate-steps", type=int, default=20,
+                 help="timed train steps per job in the --time-budget calibration")
+  p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)   # calibration jobs
+  p.add_argument("--barrier-count", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   variants = args.variants.split(",")
   unknown = [v for v in variants if v not in VARIANTS]
@@ -151,6 +428,14 @@ def main(argv=None):
     p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
   if "softmax-wide" in variants and args.wide_dim is None:
     p.error("--variants softmax-wide needs --wide-dim")
+  if args.time_budget is not None and not args.parallel:
+    p.error("--time-budget needs --parallel")
+  if args.time_budget is not None and args.time_budget <= 0:
+    p.error(f"--time-budget must be positive, got {args.time_budget}")
+  if args.parallel and args.resume:
+    p.error("--resume does not combine with --parallel")
+  if args.num_evals is not None and args.num_evals < 1:
+    p.error(f"--num-evals must be >= 1, got {args.num_evals}")
   if not os.path.exists(args.data):
     print(f"skipped: no data at {args.data} (pass --data PATH to a text file)")
     return []
@@ -158,55 +443,36 @@ def main(argv=None):
   data = TextData.from_file(args.data)
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{args.context}")
+  if args.barrier is not None:   # a --time-budget calibration job
+    return calibrate(args, data, variants[0], args.seeds[0], stem + ".json")
   command = " ".join(["python", "bench/lm_quality.py"]
                      + (argv if argv is not None else sys.argv[1:]))
+  if args.parallel:
+    return run_parallel(args, data, stem, command)
   runs = []
   if args.resume and os.path.exists(stem + ".json"):
     with open(stem + ".json") as f:
       runs = json.load(f)["results"]
   done = {(r["variant"], r["seed"]) for r in runs}
-  header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
-            + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
-            + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
-            f"{args.steps} steps ({args.steps * args.batch_size * args.context:,} tokens), "
-            f"lr {args.lr}, seeds {args.seeds}; val loss on "
-            f"{args.eval_batches * args.batch_size * args.context:,} held-out chars. "
-            f"Command: `{command}`")
   for seed in args.seeds:
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
-                      learning_rate=args.lr, warmup_steps=args.warmup, seed=seed,
-                      eval_every=args.eval_every, eval_batches=args.eval_batches,
-                      log_every=10)
+    cfg = train_config(args, seed)
     for name in variants:
       if (name, seed) in done:
         continue
+      mc = model_config(args, data, name)
       attention, sketch, local_exact = VARIANTS[name]
-      dim = args.wide_dim if name == "softmax-wide" else args.dim
-      mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
-                     embed_dim=dim, attention=attention, sketch=sketch,
-                     sketch_dim=args.sketch_dim, block_size=args.block_size,
-                     local_exact=local_exact)
       print(f"=== {name} seed {seed} ===", flush=True)
       t0 = time.time()
       load_before = os.getloadavg()
       _, res = train(mc, data, cfg, progress=False, log=lambda s: print(s, flush=True))
       res.update(variant=name, seed=seed, attention=attention, sketch=sketch,
-                 local_exact=local_exact, embed_dim=dim, wall_s=time.time() - t0,
-                 load_before=load_before, load_after=os.getloadavg())
+                 local_exact=local_exact, embed_dim=mc.embed_dim, wall_s=time.time() - t0,
+                 load_before=load_before, load_after=os.getloadavg(),
+                 devices=device_description())
       runs.append(res)
       print(f"{name} seed {seed}: val {res['val_loss']:.4f}  {res['steps_per_s']:.3f} steps/s  "
             f"({res['wall_s']:.0f} s)", flush=True)
-      meta = {"command": command, "args": vars(args),
-              "model": dataclasses.asdict(mc) | {"attention": "*", "sketch": "*",
-                                                 "local_exact": "*", "embed_dim": "*"},
-              "train": dataclasses.asdict(cfg) | {"seed": "*"},
-              "data": os.path.basename(args.data), "platform": sys.platform,
-              "summary": summarise(runs), "results": runs}
-      with open(stem + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
-      write_table(stem + ".md", runs, header)
-      plot(stem + ".png", runs, f"{os.path.basename(args.data)}, context {args.context}, "
-           f"{args.layers}L/{args.heads}H/{args.dim}d, {args.steps} steps, seeds {args.seeds}")
+      write_outputs(stem, args, command, runs, mc, cfg, args.data)
   return runs
 
 
