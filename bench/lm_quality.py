@@ -24,12 +24,17 @@ once (small models leave most of a GPU idle from one process), each writing
 --time-budget SECONDS (with --parallel) first calibrates: every job compiles,
 waits for the others (a file barrier, so all time their steps under the same
 contention) and times --calibrate-steps train steps and one eval batch; then
---steps becomes the largest multiple of 50 that the slowest job fits in 90%
-of what is left of the budget, the same for every run:
+--steps (the cap) is lowered, where the budget needs it, to the largest
+multiple of 50 that the slowest job fits in 90% of what is left, the same for
+every run:
 
-  python bench/lm_quality.py --parallel --time-budget 480 --context 1024 \
-      --batch-size 16 --layers 6 --heads 6 --dim 384 --wide-dim 396 --num-evals 10 \
-      --seeds 0 1 2 --variants softmax,learned+local,random+local,softmax-wide
+  XLA_FLAGS=--xla_gpu_autotune_level=0 python bench/lm_quality.py --parallel \\
+      --time-budget 370 --steps 3000 --context 1024 --batch-size 16 --layers 4 --heads 4 \\
+      --dim 256 --lr 3e-3 --warmup 100 --num-evals 10 --eval-batches 4 --seeds 0 1 2 \\
+      --variants softmax,learned+local,random+local    # bench/LM_QUALITY.md, on an H200
+
+Compiling many jobs at once with XLA's GPU autotuning on took minutes (it times candidate kernels on the shared GPU):
+hence the flag above.
 """
 from __future__ import annotations
 
