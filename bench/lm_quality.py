@@ -167,17 +167,28 @@ def train_config(args, seed):
                      eval_every=eval_every, eval_batches=args.eval_batches, log_every=10)
 
 
-def write_outputs(stem, args, command, runs, mc, cfg, data_path):
-  """<stem>.json, .md and .png of `runs` (the configs of one of them)."""
+def write_outputs(stem, args, command, runs, mc, cfg, data_path, *, fitted=None,
+                  not_finished=()):
+  """<stem>.json, .md and .png of `runs` (the configs of one of them).
+
+  fitted: --time-budget's step cap, fitted steps, calibration seconds and the
+  seconds left after it. not_finished: the runs that did not finish (named in
+  the table's header and the JSON)."""
   variants = [v for v in args.variants.split(",")]
   header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
             + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
             + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
             f"{args.steps} steps ({args.steps * args.batch_size * args.context:,} tokens), "
             f"lr {args.lr}, seeds {args.seeds}; val loss on "
-            f"{args.eval_batches * args.batch_size * args.context:,} held-out chars. "
-            f"Command: `{command}`")
-  meta = {"command": command, "args": vars(args),
+            f"{args.eval_batches * args.batch_size * args.context:,} held-out chars, "
+            f"every {cfg.eval_every} steps. "
+            + (f"--time-budget: calibrated in {fitted['calibration_s']:.0f} s, "
+               f"{fitted['steps']} of at most {fitted['steps_cap']} steps fitted in the "
+               f"{fitted['seconds_left']:.0f} s left. " if fitted else "")
+            + (f"**Not finished: {', '.join(not_finished)}.** " if not_finished else "")
+            + f"Command: `{command}`")
+  meta = {"command": command, "args": vars(args), "fitted": fitted,
+          "not_finished": list(not_finished),
           "model": dataclasses.asdict(mc) | {"attention": "*", "sketch": "*",
                                              "local_exact": "*", "embed_dim": "*"},
           "train": dataclasses.asdict(cfg) | {"seed": "*"},
@@ -228,18 +239,36 @@ def run_jobs(jobs, out_dir, extra_argv, args, *, deadline=None, stop_on_failure=
              poll_s=1.0, report_every_s=30.0):
   """Runs each (variant, seed) job as a process of this script; returns the
   return codes in job order. Past `deadline` (time.time()) the jobs still running
-  are killed (return code None), and so they are once one fails if
+  are killed (None or a negative code), and so they are once one fails if
   stop_on_failure. Every report_every_s, the last line of each log."""
   os.makedirs(out_dir, exist_ok=True)
   script = os.path.abspath(__file__)
   procs = []
-  for variant, seed in jobs:
-    tag = f"{variant}_s{seed}"
-    log = open(os.path.join(out_dir, tag + ".log"), "w")
-    cmd = [sys.executable, script] + job_argv(args, variant, seed, tag, out_dir) + extra_argv
-    procs.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        env=job_env(len(jobs))), log))
-  codes = [None] * len(procs)
+  try:
+    for variant, seed in jobs:
+      tag = f"{variant}_s{seed}"
+      log = open(os.path.join(out_dir, tag + ".log"), "w")
+      cmd = [sys.executable, script] + job_argv(args, variant, seed, tag, out_dir) + extra_argv
+      procs.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          env=job_env(len(jobs))), log))
+    _wait(procs, deadline, stop_on_failure, poll_s, report_every_s)
+  finally:   # no job outlives this call (an interrupt, a failure, the deadline)
+    codes = []
+    for tag, p, log in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+        codes.append(None)
+      else:
+        codes.append(p.returncode)
+      log.close()
+  for (tag, _, log), code in zip(procs, codes):
+    if code != 0:
+      print(f"job {tag} ended with {code}; its log ends:\n{tail(log.name, 30)}", flush=True)
+  return codes
+
+
+def _wait(procs, deadline, stop_on_failure, poll_s, report_every_s):
   last_report = time.time()
   while any(p.poll() is None for _, p, _ in procs):
     if deadline is not None and time.time() > deadline:
@@ -255,16 +284,6 @@ def run_jobs(jobs, out_dir, extra_argv, args, *, deadline=None, stop_on_failure=
       for tag, _, log in procs:
         print(f"  {tag}: {last_line(log.name)}", flush=True)
     time.sleep(poll_s)
-  for i, (tag, p, log) in enumerate(procs):
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-    else:
-      codes[i] = p.returncode
-    log.close()
-    if codes[i] != 0:
-      print(f"job {tag} ended with {codes[i]}; its log ends:\n{tail(log.name, 30)}", flush=True)
-  return codes
 
 
 def last_line(path):
@@ -298,6 +317,20 @@ def fit_steps(calibration, budget_s, *, max_steps, num_evals, eval_batches, mult
   return steps
 
 
+def arrive(barrier_dir, tag, phase, count, *, while_waiting=None, timeout_s=1800):
+  """A file barrier: marks `tag` at `phase`, then waits (calling while_waiting,
+  or sleeping) until `count` jobs have."""
+  open(os.path.join(barrier_dir, f"{tag}.{phase}"), "w").close()
+  t0 = time.time()
+  while len(glob.glob(os.path.join(barrier_dir, f"*.{phase}"))) < count:
+    if time.time() - t0 > timeout_s:
+      raise TimeoutError(f"barrier: fewer than {count} jobs at {phase!r} after {timeout_s} s")
+    if while_waiting is None:
+      time.sleep(0.05)
+    else:
+      while_waiting()
+
+
 def calibrate(args, data, variant, seed, out_path):
   """One job's calibration: compile (train and eval step), wait at the barrier,
   time --calibrate-steps train steps and one eval batch; writes JSON."""
@@ -317,22 +350,25 @@ def calibrate(args, data, variant, seed, out_path):
   val = data.val_batches(1, cfg.batch_size, cfg.context)[0]
   float(eval_step(state, *val)[0])
   compile_s = time.perf_counter() - t0
-  barrier_dir, count = args.barrier, args.barrier_count
-  open(os.path.join(barrier_dir, f"{variant}_s{seed}.ready"), "w").close()
-  t_wait = time.time()
-  while len(glob.glob(os.path.join(barrier_dir, "*.ready"))) < count:
-    if time.time() - t_wait > 1800:
-      raise TimeoutError(f"barrier: fewer than {count} jobs ready after 30 min")
-    time.sleep(0.05)
-  t0 = time.perf_counter()
-  for _ in range(args.calibrate_steps):
+  tag = f"{variant}_s{seed}"
+
+  def step():
+    nonlocal state
     batch = data.train_batch(rng, cfg.batch_size, cfg.context)
     state, loss, _ = train_step(state, *batch)
     float(loss)   # train() syncs on every step too
+
+  arrive(args.barrier, tag, "ready", args.barrier_count)
+  t0 = time.perf_counter()
+  for _ in range(args.calibrate_steps):
+    step()
   step_s = (time.perf_counter() - t0) / args.calibrate_steps
   t0 = time.perf_counter()
   float(eval_step(state, *val)[0])
   eval_s = time.perf_counter() - t0
+  # Keep the accelerator as busy as in the real run until every job has timed
+  # its steps: a fast job that stopped would make the slow ones look faster.
+  arrive(args.barrier, tag, "timed", args.barrier_count, while_waiting=step)
   record = dict(variant=variant, seed=seed, startup_s=startup_s, compile_s=compile_s,
                 step_s=step_s, eval_s=eval_s, calibrate_steps=args.calibrate_steps,
                 devices=device_description())
@@ -347,11 +383,12 @@ def run_parallel(args, data, stem, command):
   t_start = time.time()
   jobs = [(v, s) for s in args.seeds for v in args.variants.split(",")]
   parts = stem + "_parts"
-  calibration = None
+  calibration = fitted = None
   if args.time_budget:
     calib_dir = os.path.join(parts, "calibrate")
     os.makedirs(calib_dir, exist_ok=True)
-    for f in glob.glob(os.path.join(calib_dir, "*.ready")):
+    for f in glob.glob(os.path.join(calib_dir, "*.ready")) + glob.glob(
+        os.path.join(calib_dir, "*.timed")):
       os.remove(f)
     codes = run_jobs(jobs, calib_dir, ["--calibrate-steps", str(args.calibrate_steps),
                                        "--barrier", calib_dir, "--barrier-count", str(len(jobs))],
@@ -364,13 +401,15 @@ def run_parallel(args, data, stem, command):
       with open(os.path.join(calib_dir, f"{variant}_s{seed}.json")) as f:
         calibration.append(json.load(f))
     left = args.time_budget - (time.time() - t_start)
-    num_evals = args.num_evals or None
-    args.steps = fit_steps(calibration, left, max_steps=args.steps,
-                           num_evals=num_evals or 10, eval_batches=args.eval_batches)
-    if not num_evals:
-      args.eval_every = max(1, args.steps // 10)
-    print(f"calibrated ({time.time() - t_start:.0f} s, {left:.0f} s left): --steps {args.steps}",
-          flush=True)
+    # train() evaluates every eval_every steps and at the last: at most one more.
+    num_evals = (args.num_evals or -(-args.steps // args.eval_every)) + 1
+    steps_cap = args.steps
+    args.steps = fit_steps(calibration, left, max_steps=args.steps, num_evals=num_evals,
+                           eval_batches=args.eval_batches)
+    fitted = dict(steps_cap=steps_cap, steps=args.steps,
+                  calibration_s=time.time() - t_start, seconds_left=left)
+    print(f"calibrated ({fitted['calibration_s']:.0f} s, {left:.0f} s left): --steps "
+          f"{args.steps} (cap {steps_cap})", flush=True)
     for c in calibration:
       print(f"  {c['variant']:14s} seed {c['seed']}: {c['step_s'] * 1e3:7.1f} ms/step under "
             f"contention, compile {c['compile_s']:.0f} s, startup {c['startup_s']:.0f} s, "
@@ -383,15 +422,15 @@ def run_parallel(args, data, stem, command):
     if code == 0 and os.path.exists(path):
       with open(path) as f:
         runs += json.load(f)["results"]
+  missing = [f"{v} seed {s}" for (v, s), c in zip(jobs, codes) if c != 0]
+  if missing:
+    print(f"not finished: {missing}", flush=True)
   if runs:
     for r in runs:
       r["calibration"] = next((c for c in calibration or []
                                if (c["variant"], c["seed"]) == (r["variant"], r["seed"])), None)
     write_outputs(stem, args, command, runs, model_config(args, data, "softmax"),
-                  train_config(args, 0), args.data)
-  missing = [j for j, c in zip(jobs, codes) if c != 0]
-  if missing:
-    print(f"not finished: {missing}", flush=True)
+                  train_config(args, 0), args.data, fitted=fitted, not_finished=missing)
   return runs
 
 

@@ -1,7 +1,11 @@
 """The LM-quality benchmark runs end to end at tiny sizes over seeds and resumes
 (no loss or timing assertions: those belong to bench/LM_QUALITY.md)."""
+import argparse
 import json
 import re
+import time
+
+import numpy as np
 
 import pytest
 
@@ -67,6 +71,14 @@ def test_fit_steps_fits_the_slowest_job_with_its_fixed_costs():
   assert bench.fit_steps(calib, 300, max_steps=700, num_evals=10, eval_batches=4) == 700
   with pytest.raises(ValueError, match="fits fewer than 50 steps.*slow"):
     bench.fit_steps(calib, 60, max_steps=10_000, num_evals=10, eval_batches=4)
+  # The job that binds is the one with the least time left for steps, not the
+  # slowest step: a long compile can outweigh a faster step.
+  calib = [_calibration(0.2, compile_s=5.0, variant="slow-step"),
+           _calibration(0.15, compile_s=150.0, variant="long-compile")]
+  # slow-step: (270 - 10.2) / 0.2 = 1299 steps; long-compile: (270 - 155.2) / 0.15 = 765
+  assert bench.fit_steps(calib, 300, max_steps=10_000, num_evals=1, eval_batches=4) == 750
+  with pytest.raises(ValueError, match="long-compile"):
+    bench.fit_steps(calib, 180, max_steps=10_000, num_evals=1, eval_batches=4)
 
 
 def test_lm_quality_parallel_with_time_budget(tmp_path):
@@ -75,12 +87,13 @@ def test_lm_quality_parallel_with_time_budget(tmp_path):
   bench = load_bench("lm_quality")
   data = tmp_path / "text.txt"
   data.write_text(TEXT)
-  argv = ["--data", str(data), "--context", "32", "--steps", "20", "--batch-size", "2",
-          "--layers", "1", "--heads", "2", "--dim", "16", "--sketch-dim", "4",
-          "--block-size", "16", "--num-evals", "2", "--eval-batches", "1", "--seeds", "0",
-          "--variants", "softmax,random+local", "--parallel", "--time-budget", "600",
-          "--calibrate-steps", "2", "--out-dir", str(tmp_path), "--tag", "par"]
-  runs = bench.main(argv)
+  run_argv = ["--data", str(data), "--context", "32", "--steps", "20", "--batch-size", "2",
+              "--layers", "1", "--heads", "2", "--dim", "16", "--sketch-dim", "4",
+              "--block-size", "16", "--num-evals", "2", "--eval-batches", "1", "--seeds", "0",
+              "--variants", "softmax,random+local", "--lr", "0.002", "--warmup", "3",
+              "--out-dir", str(tmp_path)]
+  runs = bench.main(run_argv + ["--parallel", "--time-budget", "600", "--calibrate-steps", "2",
+                                "--tag", "par"])
   assert sorted(r["variant"] for r in runs) == ["random+local", "softmax"]
   report = json.loads((tmp_path / "par.json").read_text())
   assert report["args"]["steps"] == 20   # the budget fits more: --steps is the cap
@@ -94,6 +107,26 @@ def test_lm_quality_parallel_with_time_budget(tmp_path):
   assert re.search(r"Devices: \d+ x cpu", md)
   assert sorted(p.name for p in (tmp_path / "par_parts").glob("*.json")) == [
       "random+local_s0.json", "softmax_s0.json"]
+  assert report["fitted"]["steps_cap"] == 20 and report["fitted"]["steps"] == 20
+  assert report["not_finished"] == []
+  # Every run flag reaches the jobs: each equals the same run made in this process.
+  serial = bench.main(run_argv + ["--tag", "serial"])
+  by_variant = {r["variant"]: r for r in runs}
+  for r in serial:
+    p = by_variant[r["variant"]]
+    assert p["params"] == r["params"]
+    np.testing.assert_allclose(p["history"]["val_loss"], r["history"]["val_loss"], rtol=1e-5)
+
+
+def test_lm_quality_run_jobs_kills_at_the_deadline(tmp_path):
+  bench = load_bench("lm_quality")
+  args = argparse.Namespace(**{name: None for name in bench.RUN_FLAGS})
+  t0 = time.time()
+  codes = bench.run_jobs([("softmax", 0), ("softmax", 1)], str(tmp_path), [], args,
+                         deadline=time.time(), poll_s=0.05)
+  assert all(c is None or c < 0 for c in codes)
+  assert time.time() - t0 < 30
+  assert sorted(p.name for p in tmp_path.glob("*.log")) == ["softmax_s0.log", "softmax_s1.log"]
 
 
 @pytest.mark.parametrize("extra, message", [
