@@ -464,8 +464,7 @@ def flops(op, mode, B, N, T, H, r, block, tiles=None):
   f = forward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.local_tile)
   if mode == "fwd":
     return f
-  dq, _ = backward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.dq_local_tile)
-  _, dkv = backward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.dkv_local_tile)
+  dq, dkv = backward_flops(B, N, T, H, r, block, causal=True, local_tile=tiles.dkv_local_tile)
   return f + dq + dkv
 
 
@@ -719,7 +718,6 @@ def main(argv=None):
                  default=["polysketch", "flash", "splash", "features"],
                  help="what to compile (merge partial runs with --from-json)")
   p.add_argument("--local-tile", type=int, default=None, help="TileConfig.local_tile (all kernels)")
-  p.add_argument("--dq-local-tile", type=int, default=None)
   p.add_argument("--dkv-local-tile", type=int, default=None)
   p.add_argument("--block", type=int, default=BLOCK, help="PolySketch block size b")
   p.add_argument("--from-json", nargs="+", metavar="JSON",
@@ -738,7 +736,6 @@ def main(argv=None):
     print("libtpu is not installed: no TPU schedule can be produced; skipping.")
     return 1
   tile = {k: v for k, v in (("local_tile", args.local_tile),
-                            ("dq_local_tile", args.dq_local_tile),
                             ("dkv_local_tile", args.dkv_local_tile)) if v} or None
   BLOCK, TILE = args.block, tile
   all_results = {}

@@ -9,6 +9,8 @@ bisection finds the least limit (to 1/4 MiB) it compiles under. This is what
 each estimate beside the measured need.
 
   python bench/vmem_limits.py --gens v4 v5e v6e        # -> bench/results/vmem_limits.{json,md}
+  python bench/vmem_limits.py --kernels dq dkv         # after a backward change: the forward's
+                                                       # needs kept from the existing JSON
 
 About a minute per (generation, shape) on 2 CPU cores. Needs libtpu (the `tpu` extra).
 """
@@ -123,14 +125,21 @@ def main(argv=None):
   p.add_argument("--gens", nargs="+", default=["v4", "v5e", "v6e"], choices=list(TOPOLOGIES))
   p.add_argument("--shapes", nargs="+", default=None, metavar="H,r,b,G",
                  help="default: " + " ".join(",".join(map(str, s)) for s in SHAPES))
+  p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS,
+                 help="bisect these; the others' needs are kept from --out's JSON")
   p.add_argument("--out", default=os.path.join(RESULTS, "vmem_limits"))
   args = p.parse_args(argv)
+  kept = {}
+  if set(args.kernels) != set(KERNELS):
+    with open(args.out + ".json") as f:
+      kept = {(r["gen"], tuple(r["shape"])): r["need_mib"] for r in json.load(f)["records"]}
   shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split(","))) for s in args.shapes]
   from importlib.metadata import version
   records = []
   for gen in args.gens:
     for h, r, b, g in shapes:
-      need = {k: least_limit(gen, k, h, r, b, g) for k in KERNELS}
+      need = {k: (least_limit(gen, k, h, r, b, g) if k in args.kernels
+                  else kept[(gen, (h, r, b, g))][k]) for k in KERNELS}
       records.append(dict(gen=gen, shape=[h, r, b, g], need_mib=need))
       est = estimates_mib(gen, h, r, b, g)
       print(gen, (h, r, b, g), "need MiB", need, "estimate",

@@ -9,13 +9,15 @@ need, as FlashAttention recomputes P. With g = dO (in XLA beforehand):
 
 Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
 [S, z] (r^2, H + 16) in float32 VMEM from the initial state;
-dPhi_q^T = [S, z] G^T is one NN matmul, then df_q = (M + M^T) f_q. It also
-produces the local dQ (or df_q when the diagonal block is sketched).
+dPhi_q^T = [S, z] G^T is one NN matmul, then df_q = (M + M^T) f_q.
 
 Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
 [R, rho] = d(final state) + sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t']
-(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R, then the local dK,
-dV (df_k). After the first block the carry is the initial state's cotangent.
+(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R. It also computes
+the diagonal block's dQ, dK and dV (df_q, df_k when the block is sketched)
+from one pass over its scores: forming them in both kernels cost the dq kernel
+a third of its cycles. After the first block the carry is the initial state's
+cotangent.
 
 Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
 (`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
@@ -71,96 +73,63 @@ def _rows(x, tokens_on_lanes):
   return x.T if tokens_on_lanes else x
 
 
-def _dq_kernel(*refs, degree, causal, local_exact, local_tile, has_initial, split,
-               tokens_on_lanes=False):
-  """Forward walk: dQ (local) and df_q (prefix; local too when sketched).
-
-  q, k, v, g and the local output come tokens on rows (b, D) or, with
-  `tokens_on_lanes`, as (D, b) tiles (the forward's layouts)."""
+def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False):
+  """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
+  are the dkv kernel's). v comes tokens on rows (b, H) or, with
+  `tokens_on_lanes`, as an (H, b) tile (the forward's layouts)."""
   refs = list(refs)
   if causal:
-    (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, dden_row_ref,
-     scal_ref) = refs[:9]
-    refs = refs[9:]
+    v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref = refs[:5]
+    refs = refs[5:]
     init_ref = refs.pop(0) if has_initial else None
-    local_out_ref, dfq_t_ref, state_ref = refs
-    group = q_ref.shape[0]
-  else:
-    state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
-    group = 1
+    dfq_t_ref, state_ref = refs
+    group = fq_t_ref.shape[0]
 
-  if causal:
     @pl.when(pl.program_id(2) == 0)
     def _():
       if has_initial:
         state_ref[...] = init_ref[...]
       else:
         state_ref[...] = jnp.zeros_like(state_ref)
-    v_rows = _rows(v_ref[...], tokens_on_lanes)                       # (b, H)
-    k_side = (_rows(k_ref[...], tokens_on_lanes) if local_exact
-              else fk_t_ref[...].T)                                   # (b, H | r)
+  else:
+    state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
+    group = 1
 
+  # dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
   state = split_operand(state_ref[...], split)
   for gi in range(group):
     sel = (gi,) if causal else (...,)
-    # Prefix: dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
     g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
     dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS)
     dfq = (phi_sym_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
     dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
-    if not causal:
-      return
-
-    # Local block: dL = g v^T / den + dden, ds = dL * dw/ds, dQ = ds K (or df_q = ds f_k).
-    q_side = _rows(q_ref[gi], tokens_on_lanes) if local_exact else fq_t_ref[gi].T
-    g_rows = _rows(g_ref[gi], tokens_on_lanes)
-    block, width = q_side.shape
-    tile = lambda x, i: x[i * local_tile:(i + 1) * local_tile]
-    out_tiles = []
-    for i in range(block // local_tile):
-      qs = pl.ds(i * local_tile, local_tile)
-      acc = jnp.zeros((local_tile, width), jnp.float32)
-      inv_den = scal_ref[gi, qs, 0:1]
-      dden = scal_ref[gi, qs, 1:2]
-      for j in range(i + 1):
-        lhs, rhs = tile(q_side, i), tile(k_side, j)
-        s = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
-                                precision=precision_for(lhs.dtype))
-        gv = jax.lax.dot_general(tile(g_rows, i), tile(v_rows, j), NT_DIMS,
-                                 preferred_element_type=jnp.float32,
-                                 precision=precision_for(v_rows.dtype))
-        ds = _local_grad_scores(s, gv * inv_den + dden, degree=degree,
-                                local_exact=local_exact)
-        if i == j:
-          ds = jnp.where(causal_mask(local_tile, lower=True), ds, 0.0)
-        acc += jnp.dot(ds.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
-                       precision=precision_for(rhs.dtype))
-      out_tiles.append(acc)
-    local = jnp.concatenate(out_tiles, axis=0)                        # (b, W)
-    local_out_ref[gi] = _rows(local, tokens_on_lanes).astype(local_out_ref.dtype)
+  if not causal:
+    return
 
   # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
-  mm_dtype = v_rows.dtype
+  v_t = v_ref[...] if tokens_on_lanes else v_ref[...].T             # (H, b)
+  mm_dtype = v_t.dtype
   phi_k = phi_sym_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False)
-  state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_rows.T), NT_DIMS,
+  state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t), NT_DIMS,
                                         preferred_element_type=jnp.float32,
                                         precision=precision_for(mm_dtype))
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
                 emit_initial, split, tokens_on_lanes=False):
-  """Reverse walk: dV, df_k (prefix); dK, dV (local; df_k when sketched).
+  """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
+  df_k when sketched), its scores formed once for all three.
 
-  Causal: q, k, v, g and the dK, dV outputs tokens on rows or, with
+  Causal: q, k, v, g and the dQ, dK, dV outputs tokens on rows or, with
   `tokens_on_lanes`, as (D, b) tiles; non-causal: v^T in, dV on rows out."""
   refs = list(refs)
   if causal:
     (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
     refs = refs[8:]
     init_ref = refs.pop(0) if has_initial else None
-    local_out_ref, dv_ref, dfk_t_ref = refs[:3]
-    refs = refs[3:]
+    local_out_ref, dv_ref, dfk_t_ref, dq_local_ref = refs[:4]
+    refs = refs[4:]
     d_initial_ref = refs.pop(0) if emit_initial else None
     (carry_ref,) = refs
     v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
@@ -200,8 +169,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
     return
 
   # Local block, transposed (keys on rows): L^T = w(k q^T),
-  # dL^T = v g^T / den + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum,
-  # summed over the group's query heads.
+  # dL^T = v g^T / den + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum
+  # (summed over the group's query heads) and dQ = (ds^T)^T K.
   group = q_ref.shape[0]
   k_side = _rows(k_ref[...], tokens_on_lanes) if local_exact else fk_t_ref[...].T
   q_sides = [_rows(q_ref[gi], tokens_on_lanes) if local_exact else fq_t_ref[gi].T
@@ -213,6 +182,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   tile = lambda x, i: x[i * local_tile:(i + 1) * local_tile]
   num_tiles = block // local_tile
   dv_tiles, dk_tiles = [], []
+  dq_tiles = [[jnp.zeros((local_tile, h_or_r), jnp.float32) for _ in range(num_tiles)]
+              for _ in range(group)]
   for j in range(num_tiles):
     dk_acc = jnp.zeros((local_tile, h_or_r), jnp.float32)
     dv_acc = dv[j * local_tile:(j + 1) * local_tile, :]
@@ -231,8 +202,12 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
           upper = causal_mask(local_tile, lower=False)
           ds_t = jnp.where(upper, ds_t, 0.0)
           w_t = jnp.where(upper, w_t, 0.0)
-        dk_acc += jnp.dot(ds_t.astype(rhs.dtype), rhs, preferred_element_type=jnp.float32,
+        ds_t = ds_t.astype(rhs.dtype)       # q and k (or f_q and f_k) share a dtype
+        dk_acc += jnp.dot(ds_t, rhs, preferred_element_type=jnp.float32,
                           precision=precision_for(rhs.dtype))
+        dq_tiles[gi][i] += jax.lax.dot_general(ds_t, lhs, TN_DIMS,
+                                               preferred_element_type=jnp.float32,
+                                               precision=precision_for(lhs.dtype))
         dv_acc += jnp.dot(w_t.astype(mm_dtype), tile(dnum_rows[gi], i),
                           preferred_element_type=jnp.float32, precision=prec)
     dk_tiles.append(dk_acc)
@@ -240,6 +215,9 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   local_out_ref[...] = _rows(jnp.concatenate(dk_tiles, axis=0),
                              tokens_on_lanes).astype(local_out_ref.dtype)
   dv_ref[...] = _rows(jnp.concatenate(dv_tiles, axis=0), tokens_on_lanes).astype(dv_ref.dtype)
+  for gi in range(group):
+    dq_local_ref[gi] = _rows(jnp.concatenate(dq_tiles[gi], axis=0),
+                             tokens_on_lanes).astype(dq_local_ref.dtype)
   dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
 
   # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
@@ -259,7 +237,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
 
 def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
                    causal, local_tile=None, kv_heads=None) -> tuple[int, int]:
-  """Flops of (kernel 1, kernel 2) for CostEstimate and the roofline."""
+  """Flops of (kernel 1, kernel 2) for CostEstimate and the roofline; local_tile:
+  kernel 2's diagonal-block tile."""
   kv_heads = kv_heads or heads
   # The causal kernels form phi on the symmetric pairs only (`sym_pairs`).
   r2 = len(sym_pairs(sketch_dim)) if causal else sketch_dim * sketch_dim
@@ -275,8 +254,9 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
     n = block_size // lt
     tiles = n * (n + 1) // 2
     k1_kv = phi + 2 * r2 * rows * block_size                       # state update
-    k1_q += tiles * 3 * (2 * lt * lt * head_dim)                   # s, g v^T, ds k
-    k2_q = phi + 2 * r2 * rows * block_size + tiles * 4 * (2 * lt * lt * head_dim)
+    # The carry update, and the diagonal block (kernel 2's local tile):
+    # s, v g^T, dK, dV and dQ.
+    k2_q = phi + 2 * r2 * rows * block_size + tiles * 5 * (2 * lt * lt * head_dim)
   return (batch * nb * (heads * k1_q + kv_heads * k1_kv),
           batch * nb * (heads * k2_q + kv_heads * k2_kv))
 
@@ -325,7 +305,6 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
   # views of what the TPU compiler stores by default, no XLA copies.
   on_lanes = tokens_on_lanes(h)
-  rows_g = functools.partial(kernel_view, on_lanes=False, num_kv_heads=kv)  # [B, K, G, T, D]
   cols_g = functools.partial(kernel_view, on_lanes=True, num_kv_heads=kv)   # [B, K, G, D, T]
   k_cols = functools.partial(kernel_view, on_lanes=True)                    # [B, K, D, T]
   q_view = functools.partial(kernel_view, on_lanes=on_lanes, num_kv_heads=kv)
@@ -334,7 +313,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   g_v = q_view(do.astype(mm_dtype))
   fq_t, fk_t = cols_g(q_features), k_cols(k_features)
   dnum_t = cols_g(dnum32)
-  scal_r, scal_t = rows_g(scal), cols_g(scal)
+  scal_t = cols_g(scal)
   dden_row = scal_t[:, :, :, 1:2, :]
 
   def spec(shape, grouped, rev):
@@ -362,12 +341,9 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   whole = pl.BlockSpec((None, None, n_sym, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
   params = lambda limit: _compat.TPUCompilerParams(
       dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
-  dq_tile = tiles.dq_local_tile or tiles.local_tile
   dkv_tile = tiles.dkv_local_tile or tiles.local_tile
-  flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=True, local_tile=dq_tile,
-                             kv_heads=kv)
-  _, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=True, local_tile=dkv_tile,
-                             kv_heads=kv)
+  flops1, flops2 = backward_flops(b_, n, t, h, r, block_size, causal=True,
+                                  local_tile=dkv_tile, kv_heads=kv)
   b, lw = "t", (h if local_exact else r)
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
@@ -385,20 +361,22 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     return lead + ((width, t) if on_lanes else (t, width))
 
   kw["tokens_on_lanes"] = on_lanes
-  ins1 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, dden_row, scal_r)
+  ins1 = (v_v, fq_t, fk_t, dnum_t, dden_row)
   ins1 += (initial_state,) if has_initial else ()
-  dlocal_q, dfq_t = pl.pallas_call(
-      functools.partial(_dq_kernel, has_initial=has_initial, local_tile=dq_tile, **kw),
+  dfq_t = pl.pallas_call(
+      functools.partial(_dq_kernel, causal=True, has_initial=has_initial, split=kw["split"],
+                        tokens_on_lanes=on_lanes),
       grid=(b_, kv, nb),
-      in_specs=specs(False) + [spec((h, b), True, False), spec((1, b), True, False),
-                               spec((b, 2), True, False)] + ([whole] if has_initial else []),
-      out_specs=[spec(lwd, True, False), spec((r, b), True, False)],
-      out_shape=[sds(shape_of(lw, True), local_dtype), sds((b_, kv, group, r, t), f32)],
+      in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
+                spec((h, b), True, False), spec((1, b), True, False)]
+               + ([whole] if has_initial else []),
+      out_specs=spec((r, b), True, False),
+      out_shape=sds((b_, kv, group, r, t), f32),
       scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dq_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
-                                         bytes_accessed=nbytes(*ins1) + nbytes(q, q_features)),
+                                         bytes_accessed=nbytes(*ins1) + nbytes(q_features)),
       name="polysketch_bwd_dq",
   )(*ins1)
 
@@ -412,22 +390,23 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       grid=(b_, kv, nb),
       in_specs=specs(True) + [spec((h, b), True, True), spec((2, b), True, True)] + ([whole] if has_carry else []),
       out_specs=[spec(lwd, False, True), spec(hd, False, True),
-                 spec((r, b), False, True)] + ([whole] if emit_initial else []),
+                 spec((r, b), False, True), spec(lwd, True, True)]
+                + ([whole] if emit_initial else []),
       out_shape=[sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
-                 sds((b_, kv, r, t), f32)] + (
+                 sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
                      [sds((b_, kv, n_sym, rows), f32)] if emit_initial else []),
       scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
-                                         bytes_accessed=nbytes(*ins2) + nbytes(k, v, k_features)),
+                                         bytes_accessed=nbytes(*ins2) + nbytes(q, k, v, k_features)),
       name="polysketch_bwd_dkv",
   )(*ins2)
-  dlocal_k, dv_r, dfk_t = outs[:3]
+  dlocal_k, dv_r, dfk_t, dlocal_q = outs[:4]
   d_initial = None
   if emit_initial:     # the initial state entered through sym_state
     d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2),
-                                      sds((b_, kv, r * r, rows), f32))(outs[3])
+                                      sds((b_, kv, r * r, rows), f32))(outs[4])
 
   q_back = kv_back = functools.partial(public_view, on_lanes=on_lanes)
   dv = kv_back(dv_r)
@@ -490,8 +469,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
   dfq_t = pl.pallas_call(
-      functools.partial(_dq_kernel, degree=2, causal=False, local_exact=False,
-                        local_tile=tiles.local_tile, has_initial=False, split=_splits(do.dtype)),
+      functools.partial(_dq_kernel, causal=False, has_initial=False, split=_splits(do.dtype)),
       grid=(b_, n, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)),

@@ -52,9 +52,8 @@ class TpuGeneration:
   vmem_bytes: int               # physical VMEM per TensorCore
   default_scoped_vmem_bytes: int  # what a kernel may use without vmem_limit_bytes
   bf16_vpu: bool = False          # the vector unit computes in bf16 natively
-  # Default diagonal-block tiles of the backward kernels (None: the MXU width),
-  # chosen with the static schedule (bench/TPU_SCHEDULE.md).
-  dq_local_tile: int | None = None
+  # Default diagonal-block tile of the backward (the dkv kernel's; None: the
+  # MXU width), chosen with the static schedule (bench/TPU_SCHEDULE.md).
   dkv_local_tile: int | None = None
 
   @property
@@ -68,10 +67,11 @@ class TpuGeneration:
 
 GENERATIONS = {
     "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB),
-    # dkv in 256 tiles: 1.8% (H=64) and 2.2% (H=128) fewer static cycles at 32k
-    # than 128 on v5e; dq and the forward are faster in 128 tiles (H=128 dq: 7%).
-    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB,
-                         dkv_local_tile=256),
+    # Since the dkv kernel forms the diagonal block's dQ too, 128 tiles suit it
+    # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
+    # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
+    # TileConfig(dkv_local_tile=256) there (bench/TPU_SCHEDULE.md).
+    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
     "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
     "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
                          bf16_vpu=True),
@@ -112,23 +112,22 @@ class TileConfig:
       bf16 (bit-identical to forming it in f32 and rounding). None: where the
       VPU has bf16 (v6e: 6% fewer forward cycles in the static schedule; on
       v5e it costs 11% more).
-    dq_local_tile, dkv_local_tile: the diagonal-block tile of the backward
-      kernels (dQ walking forward; dK, dV walking backward), with the rules of
-      `local_tile`. None: `local_tile` if that is set, else the generation's
-      default for that kernel.
+    dkv_local_tile: the diagonal-block tile of the backward (the dkv kernel,
+      walking backward, forms the diagonal block's dQ, dK and dV; the dq
+      kernel has only the sketched prefix), with the rules of `local_tile`.
+      None: `local_tile` if that is set, else the generation's default.
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
   generation: str | None = None
   bf16_phi: bool | None = None
-  dq_local_tile: int | None = None
   dkv_local_tile: int | None = None
 
   def __post_init__(self):
     if self.generation is not None and self.generation not in GENERATIONS:
       raise ValueError(
           f"unknown TPU generation {self.generation!r}; known: {sorted(GENERATIONS)}")
-    for name in ("local_tile", "dq_local_tile", "dkv_local_tile"):
+    for name in ("local_tile", "dkv_local_tile"):
       tile = getattr(self, name)
       if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)
                                or tile <= 0 or tile % 8):
@@ -140,8 +139,8 @@ class TileConfig:
   def for_generation(cls, generation: str) -> "TileConfig":
     """The default tiling for a generation ("v4", "v5e", "v5p", "v6e")."""
     gen = get_generation(generation)
-    return cls(local_tile=gen.mxu_width, dq_local_tile=gen.dq_local_tile or gen.mxu_width,
-               dkv_local_tile=gen.dkv_local_tile or gen.mxu_width, generation=gen.name)
+    return cls(local_tile=gen.mxu_width, dkv_local_tile=gen.dkv_local_tile or gen.mxu_width,
+               generation=gen.name)
 
 
 def get_generation(name: str | None) -> TpuGeneration:
@@ -161,8 +160,7 @@ class ResolvedTiles:
   bf16_phi: bool = False
   backward_vmem_limit_bytes: int | None = None    # the other backward kernels
   backward_vmem_estimate_bytes: int = 0           # the larger of dq's and dkv's
-  dq_local_tile: int | None = None        # None: local_tile
-  dkv_local_tile: int | None = None
+  dkv_local_tile: int | None = None       # None: local_tile
   dq_vmem_limit_bytes: int | None = None
   dkv_vmem_limit_bytes: int | None = None
   # Why the backward kernels do not fit, raised when a gradient is traced (a
@@ -207,12 +205,12 @@ def _buffers(*tiles) -> int:
 
 def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
                    *, group: int = 1, local_tile: int | None = None,
-                   dq_local_tile: int | None = None, dkv_local_tile: int | None = None,
+                   dkv_local_tile: int | None = None,
                    state_io: bool = False, symmetric: bool = True) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
-  local tiles (each kernel's own; dq_local_tile / dkv_local_tile default to
+  local tiles (the forward's and the dkv kernel's, dkv_local_tile defaulting to
   local_tile), and the state-sized and phi-sized scratch and temporaries over
   the feature pairs the kernels hold.
   symmetric: the causal kernels without segments, which keep only the R =
@@ -236,20 +234,24 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
                       ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
              + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
              + (4 * state_fwd if state_io else 0))
-  dq = (_buffers(*common_in, ((g, 1, b), f32), ((g, b, 2), f32), ((g, b, max(h, r)), mm),
-                 ((g, r, b), f32))
-        + local_bytes(dq_local_tile or local_tile) + state_in)
+  # dq: v, the features, dnum^T and dden in; df_q out.
+  dq = (_buffers(((b, h), mm), ((h, b), mm), ((g, r, b), ft), ((r, b), ft), ((g, b, r), ft),
+                 ((b, r), ft), ((g, h, b), f32), ((g, 1, b), f32), ((g, r, b), f32))
+        + state_in)
+  # dkv: the diagonal block's dQ (out, and its float32 accumulators) beside dK, dV.
   dkv = (_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
-                  ((b, h), mm), ((r, b), f32))
+                  ((b, h), mm), ((r, b), f32), ((g, b, max(h, r)), mm))
+         + _tile_bytes((g, b, max(h, r)), f32)
          + local_bytes(dkv_local_tile or local_tile) + 2 * state_in)
   if symmetric:
     # Scratch and temporaries, two coefficients per kernel fitted as an upper
     # bound, with 20% to spare, to the least VMEM limit libtpu 0.0.42.1
     # compiles each kernel under (found by bisection, `bench/vmem_limits.py`)
     # at (H, r, b, G) from (64, 16, 256, 1) to (128, 64, 256, 2) on v4, v5e
-    # and v6e; see BUILD_NOTES.
+    # and v6e; see BUILD_NOTES. dq refitted (2026-12-04) when its diagonal
+    # block moved to the dkv kernel.
     forward += 0.5 * state_fwd + 4.75 * phi
-    dq += 1.0 * state_bwd + 3.25 * g * phi
+    dq += 1.75 * state_bwd + 2.75 * g * phi
     dkv += 2.5 * state_bwd + 1.75 * g * phi
   else:
     # The state scratch, phi in f32 and the matmul dtype and the state in the
@@ -292,11 +294,10 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
     return lt
 
   local_tile = tile("local_tile", gen.mxu_width)
-  dq_local_tile = tile("dq_local_tile", config.local_tile or gen.dq_local_tile or gen.mxu_width)
   dkv_local_tile = tile("dkv_local_tile",
                         config.local_tile or gen.dkv_local_tile or gen.mxu_width)
   estimates = vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
-                             group=group, local_tile=local_tile, dq_local_tile=dq_local_tile,
+                             group=group, local_tile=local_tile,
                              dkv_local_tile=dkv_local_tile, symmetric=symmetric)
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
@@ -325,7 +326,7 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
                        backward_vmem_limit_bytes=limit_for(backward),
                        backward_vmem_estimate_bytes=backward,
-                       dq_local_tile=dq_local_tile, dkv_local_tile=dkv_local_tile,
+                       dkv_local_tile=dkv_local_tile,
                        dq_vmem_limit_bytes=limit_for(estimates["dq"]),
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        backward_error=errors.get("dq") or errors.get("dkv"))

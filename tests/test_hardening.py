@@ -196,19 +196,20 @@ def test_bf16_gradients_at_layer_magnitudes(layer_inputs, name, kw, v_mean):
 # --- backward VMEM ---------------------------------------------------------------
 
 def test_each_kernel_has_its_own_vmem_estimate_and_error():
-  est = tpu_config.vmem_estimates(256, 128, 64, jnp.bfloat16, jnp.bfloat16, local_tile=128,
-                                  dkv_local_tile=256)   # v5e's tiles
+  est = tpu_config.vmem_estimates(256, 128, 64, jnp.bfloat16, jnp.bfloat16,
+                                  local_tile=128)   # v5e's tiles
   tiles = tpu_config.resolve_tiles(tpu_config.TileConfig(generation="v5e"), block_size=256,
                                    head_dim=128, sketch_dim=64, dtype=jnp.bfloat16,
                                    feature_dtype=jnp.bfloat16)
   assert tiles.backward_vmem_estimate_bytes == max(est["dq"], est["dkv"])
-  # v4 (16 MiB): H = 128, r = 64 trains (libtpu compiles its dq in 8.4 MiB, dkv
-  # in 9.4); with two query heads per kv head the dq kernel does not fit.
+  # v4 (16 MiB): H = 128, r = 64 trains (libtpu compiles its dq in 7.7 MiB, dkv
+  # in 9.7); with two query heads per kv head the dq estimate is over 16 MiB
+  # (libtpu needs 10.2: the fitted bound is conservative there).
   resolve_v4 = lambda group: tpu_config.resolve_tiles(
       tpu_config.TileConfig(generation="v4"), block_size=256, head_dim=128, sketch_dim=64,
       dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16, group=group)
   resolve_v4(1).check_backward()
-  with pytest.raises(ValueError, match=r"the dq kernel needs about 20.1 MiB of VMEM, over the "
+  with pytest.raises(ValueError, match=r"the dq kernel needs about 17.9 MiB of VMEM, over the "
                                        r"v4's 16 MiB"):
     resolve_v4(2).check_backward()
 

@@ -53,8 +53,8 @@ CASES = [
     pytest.param(False, True, 4, 64, 16, 300, 128, None, jnp.float32, True, marks=pytest.mark.slow),
     (False, False, 4, 128, 32, 130, 128, None, jnp.float32, "tpu"),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16, True),
-    # Separate backward tiles: dq in one 256 tile, dkv in 128 tiles, forward in 128.
-    (True, True, 4, 64, 16, 512, 256, {"dq_local_tile": 256, "dkv_local_tile": 128},
+    # Separate tiles: the forward in one 256 tile, the backward's diagonal block (dkv) in 128.
+    (True, True, 4, 64, 16, 512, 256, {"local_tile": 256, "dkv_local_tile": 128},
      jnp.float32, True),
     pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
     # H = 128: q, k, v, dO, dq, dk, dv tokens on rows (H = 64 above: on lanes).

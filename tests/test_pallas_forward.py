@@ -176,33 +176,34 @@ def test_vmem_budget_error_names_the_limit():
 
 
 def test_backward_tiles_resolve_per_kernel():
-  """dq_local_tile / dkv_local_tile: explicit values win; None follows an
-  explicit local_tile, else the generation's default for that kernel; each
-  kernel's VMEM is estimated with its own tile."""
+  """dkv_local_tile (the backward's diagonal block): an explicit value wins;
+  None follows an explicit local_tile, else the generation's default; the dkv
+  kernel's VMEM is estimated with it."""
   resolve = lambda **kw: tpu_config.resolve_tiles(
       tpu_config.TileConfig(**kw), block_size=256, head_dim=64, sketch_dim=32,
       dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16)
-  t = resolve(generation="v5e", dq_local_tile=256, dkv_local_tile=128)
-  assert (t.local_tile, t.dq_local_tile, t.dkv_local_tile) == (128, 256, 128)
+  t = resolve(generation="v5e", local_tile=256, dkv_local_tile=128)
+  assert (t.local_tile, t.dkv_local_tile) == (256, 128)
   est = tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16, local_tile=128,
-                                  dq_local_tile=256, dkv_local_tile=128)
+                                  dkv_local_tile=256)
   base = tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16, local_tile=128)
-  assert est["dq"] > base["dq"] and (est["dkv"], est["forward"]) == (base["dkv"], base["forward"])
-  assert t.backward_vmem_estimate_bytes == max(est["dq"], est["dkv"])
-  t = resolve(generation="v5e", local_tile=256)
-  assert (t.local_tile, t.dq_local_tile, t.dkv_local_tile) == (256, 256, 256)
+  assert est["dkv"] > base["dkv"] and (est["dq"], est["forward"]) == (base["dq"], base["forward"])
+  t = resolve(generation="v5e", local_tile=128)
+  assert (t.local_tile, t.dkv_local_tile) == (128, 128)
+  assert t.backward_vmem_estimate_bytes == max(base["dq"], base["dkv"])
   for name, gen in tpu_config.GENERATIONS.items():
     t = resolve(generation=name)
-    assert t.dq_local_tile == min(gen.dq_local_tile or gen.mxu_width, 256)
     assert t.dkv_local_tile == min(gen.dkv_local_tile or gen.mxu_width, 256)
   with pytest.raises(ValueError, match=r"TileConfig.dkv_local_tile=384 must divide block_size=512"):
     tpu_config.resolve_tiles(tpu_config.TileConfig(dkv_local_tile=384), block_size=512,
                              head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
                              feature_dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"dq_local_tile must be a positive multiple of 8, got 100"):
-    tpu_config.TileConfig(dq_local_tile=100)
-  with pytest.raises(ValueError, match=r"TileConfig.dq_local_tile=64 must be a multiple of 128"):
-    resolve(dq_local_tile=64)
+  with pytest.raises(ValueError, match=r"dkv_local_tile must be a positive multiple of 8, got 100"):
+    tpu_config.TileConfig(dkv_local_tile=100)
+  with pytest.raises(ValueError, match=r"TileConfig.dkv_local_tile=64 must be a multiple of 128"):
+    resolve(dkv_local_tile=64)
+  with pytest.raises(TypeError, match="dq_local_tile"):
+    tpu_config.TileConfig(dq_local_tile=128)   # the dq kernel has no diagonal block
 
 
 def test_per_generation_defaults():
