@@ -140,12 +140,14 @@ def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
   # dnum = dO / den (bf16), dden = -(dO . O) / den (f32): read dO, O, den.
   prep_flops = tokens * (3 * s.head_dim + 2)
   parts = {"xla_prep": (2 * x + row) + (x + row)}
-  # Kernel 1 inputs: q, k, v rows, v^T, f_q^T, f_k^T, f_q, f_k rows, dnum rows,
-  # dnum^T, dden row, dden col. Outputs: dQ (local), df_q^T (f32).
-  k1_in = 3 * x + x + 4 * f + 2 * x + 2 * row
+  # Kernel 1 (the sketched prefix only) inputs: v, f_q^T, f_k^T, dnum^T (f32),
+  # dden. Output: df_q^T (f32).
+  k1_in = x + 2 * f + 2 * x + row
+  # Kernel 2 (prefix and the diagonal block): q, k, v rows, v^T, f_q^T, f_k^T,
+  # f_q, f_k rows, dO, dnum^T, the row scalars. Outputs: dQ, dK, dV, df_k^T.
   k2_in = 3 * x + x + 4 * f + 2 * x + row
   parts["kernel_in"] = k1_in + k2_in
-  parts["kernel_out"] = (x + f32f) + (2 * x + f32f)   # k1: dQ, df_q; k2: dK, dV, df_k
+  parts["kernel_out"] = f32f + (3 * x + f32f)
   if transposes:
     # Before: q, k, v, dnum to [B,N,T,H] and v, dnum to [B,N,H,T] (6 x), the
     # features to both layouts (4 f), dden to row and column (2 row).
