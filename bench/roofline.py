@@ -143,9 +143,9 @@ def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
   # Kernel 1 (the sketched prefix only) inputs: v, f_q^T, f_k^T, dnum^T (f32),
   # dden. Output: df_q^T (f32).
   k1_in = x + 2 * f + 2 * x + row
-  # Kernel 2 (prefix and the diagonal block): q, k, v rows, v^T, f_q^T, f_k^T,
-  # f_q, f_k rows, dO, dnum^T, the row scalars. Outputs: dQ, dK, dV, df_k^T.
-  k2_in = 3 * x + x + 4 * f + 2 * x + row
+  # Kernel 2 (prefix and the diagonal block): q, k, v, dO, f_q^T, f_k^T,
+  # dnum^T (f32), the row scalars (1/den, dden). Outputs: dQ, dK, dV, df_k^T.
+  k2_in = 4 * x + 2 * f + 2 * x + 2 * row
   parts["kernel_in"] = k1_in + k2_in
   parts["kernel_out"] = f32f + (3 * x + f32f)
   if transposes:

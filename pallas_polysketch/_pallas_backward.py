@@ -363,20 +363,21 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   kw["tokens_on_lanes"] = on_lanes
   ins1 = (v_v, fq_t, fk_t, dnum_t, dden_row)
   ins1 += (initial_state,) if has_initial else ()
+  out1 = sds((b_, kv, group, r, t), f32)
   dfq_t = pl.pallas_call(
-      functools.partial(_dq_kernel, causal=True, has_initial=has_initial, split=kw["split"],
-                        tokens_on_lanes=on_lanes),
+      functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
+                        split=_splits(mm_dtype), tokens_on_lanes=on_lanes),
       grid=(b_, kv, nb),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
                 spec((h, b), True, False), spec((1, b), True, False)]
                + ([whole] if has_initial else []),
       out_specs=spec((r, b), True, False),
-      out_shape=sds((b_, kv, group, r, t), f32),
+      out_shape=out1,
       scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dq_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
-                                         bytes_accessed=nbytes(*ins1) + nbytes(q_features)),
+                                         bytes_accessed=nbytes(*ins1, out1)),
       name="polysketch_bwd_dq",
   )(*ins1)
 
@@ -384,6 +385,9 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   has_carry = d_final_state is not None
   ins2 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, scal_t)
   ins2 += (d_final_state,) if has_carry else ()
+  outs2 = [sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
+           sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
+               [sds((b_, kv, n_sym, rows), f32)] if emit_initial else [])
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial,
                         local_tile=dkv_tile, **kw),
@@ -392,14 +396,12 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       out_specs=[spec(lwd, False, True), spec(hd, False, True),
                  spec((r, b), False, True), spec(lwd, True, True)]
                 + ([whole] if emit_initial else []),
-      out_shape=[sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
-                 sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
-                     [sds((b_, kv, n_sym, rows), f32)] if emit_initial else []),
+      out_shape=outs2,
       scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
-                                         bytes_accessed=nbytes(*ins2) + nbytes(q, k, v, k_features)),
+                                         bytes_accessed=nbytes(*ins2, *outs2)),
       name="polysketch_bwd_dkv",
   )(*ins2)
   dlocal_k, dv_r, dfk_t, dlocal_q = outs[:4]
