@@ -129,11 +129,17 @@ def main(argv=None):
                  help="bisect these; the others' needs are kept from --out's JSON")
   p.add_argument("--out", default=os.path.join(RESULTS, "vmem_limits"))
   args = p.parse_args(argv)
-  kept = {}
-  if set(args.kernels) != set(KERNELS):
-    with open(args.out + ".json") as f:
-      kept = {(r["gen"], tuple(r["shape"])): r["need_mib"] for r in json.load(f)["records"]}
   shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split(","))) for s in args.shapes]
+  earlier = []   # --out's records of other (gen, shape)s stay in it
+  if os.path.exists(args.out + ".json"):
+    with open(args.out + ".json") as f:
+      earlier = json.load(f)["records"]
+  kept = {(r["gen"], tuple(r["shape"])): r["need_mib"] for r in earlier}
+  if set(args.kernels) != set(KERNELS):
+    missing = [(gen, s) for gen in args.gens for s in shapes if (gen, tuple(s)) not in kept]
+    if missing:
+      p.error(f"--kernels {' '.join(args.kernels)}: no earlier record in {args.out}.json "
+              f"for {missing}")
   from importlib.metadata import version
   records = []
   for gen in args.gens:
@@ -144,11 +150,13 @@ def main(argv=None):
       est = estimates_mib(gen, h, r, b, g)
       print(gen, (h, r, b, g), "need MiB", need, "estimate",
             {k: round(v, 2) for k, v in est.items()}, flush=True)
+      done = {(r["gen"], tuple(r["shape"])) for r in records}
+      others = [r for r in earlier if (r["gen"], tuple(r["shape"])) not in done]
       with open(args.out + ".json", "w") as f:
         json.dump(dict(command="python bench/vmem_limits.py " + " ".join(argv or sys.argv[1:]),
-                       libtpu=version("libtpu"), records=records), f, indent=1)
+                       libtpu=version("libtpu"), records=others + records), f, indent=1)
   with open(args.out + ".md", "w") as f:
-    f.write(markdown(records))
+    f.write(markdown(others + records))
   return records
 
 
