@@ -174,7 +174,7 @@ def write_outputs(stem, args, command, runs, mc, cfg, data_path, *, fitted=None,
   fitted: --time-budget's step cap, fitted steps, calibration seconds and the
   seconds left after it. not_finished: the runs that did not finish (named in
   the table's header and the JSON)."""
-  variants = [v for v in args.variants.split(",")]
+  variants = args.variants.split(",")
   header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
             + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
             + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
@@ -336,7 +336,6 @@ def calibrate(args, data, variant, seed, out_path):
   time --calibrate-steps train steps and one eval batch; writes JSON."""
   mc = model_config(args, data, variant)
   cfg = train_config(args, seed)
-  import jax
   from flax import nnx
   from pallas_polysketch.models.gpt import GPT
   rng = np.random.default_rng(seed)
@@ -387,9 +386,9 @@ def run_parallel(args, data, stem, command):
   if args.time_budget:
     calib_dir = os.path.join(parts, "calibrate")
     os.makedirs(calib_dir, exist_ok=True)
-    for f in glob.glob(os.path.join(calib_dir, "*.ready")) + glob.glob(
-        os.path.join(calib_dir, "*.timed")):
-      os.remove(f)
+    for phase in ("ready", "timed"):   # barrier files of an earlier run
+      for f in glob.glob(os.path.join(calib_dir, f"*.{phase}")):
+        os.remove(f)
     codes = run_jobs(jobs, calib_dir, ["--calibrate-steps", str(args.calibrate_steps),
                                        "--barrier", calib_dir, "--barrier-count", str(len(jobs))],
                      args, deadline=t_start + args.time_budget,
