@@ -352,10 +352,6 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   hd = (h, b) if on_lanes else (b, h)           # a q, k, v, dO, dq, dk, dv block
   lwd = (lw, b) if on_lanes else (b, lw)        # the local output's block
 
-  def specs(rev):
-    return [spec(hd, True, rev), spec(hd, False, rev), spec(hd, False, rev),
-            spec((r, b), True, rev), spec((r, b), False, rev), spec(hd, True, rev)]
-
   def shape_of(width, grouped):
     lead = (b_, kv) + ((group,) if grouped else ())
     return lead + ((width, t) if on_lanes else (t, width))
@@ -392,7 +388,10 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial,
                         local_tile=dkv_tile, **kw),
       grid=(b_, kv, nb),
-      in_specs=specs(True) + [spec((h, b), True, True), spec((2, b), True, True)] + ([whole] if has_carry else []),
+      in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
+                spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
+                spec((h, b), True, True), spec((2, b), True, True)]
+               + ([whole] if has_carry else []),
       out_specs=[spec(lwd, False, True), spec(hd, False, True),
                  spec((r, b), False, True), spec(lwd, True, True)]
                 + ([whole] if emit_initial else []),
