@@ -208,6 +208,94 @@ def device_description():
 
 
 # ----------------------------------------------------------------------------
+# --stack-seeds: every seed of a variant in one process, vmapped.
+# ----------------------------------------------------------------------------
+
+
+def stacked_steps(mc, cfgs):
+  """One model and optimizer per config of `cfgs` (they differ in seed only),
+  their states stacked on a leading axis, and train()'s jitted steps vmapped
+  over it. Returns (state, train_step, eval_step, params per model); eval_step
+  takes one batch shared by every model."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from pallas_polysketch.models.gpt import GPT, param_count
+  states = []
+  for cfg in cfgs:
+    model = GPT(mc, rngs=nnx.Rngs(cfg.seed))
+    _, state, train_step, eval_step = make_steps(model, make_optimizer(model, cfg))
+    states.append(state)
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  eval_all = jax.jit(lambda state, *batch: jax.vmap(lambda st: eval_step(st, *batch))(state))
+  return state, jax.jit(jax.vmap(train_step)), eval_all, param_count(model)
+
+
+def stacked_batch(data, rngs, cfg):
+  """Each model's next batch from its own RNG (as train() draws it), stacked."""
+  batches = [data.train_batch(rng, cfg.batch_size, cfg.context) for rng in rngs]
+  return [np.stack(parts) for parts in zip(*batches)]
+
+
+def train_stacked(mc, data, cfgs):
+  """train() for every config of `cfgs` (seeds of one variant) at once: the
+  same batches, schedule and evaluations per seed, in one process
+  (`stacked_steps`). A GPU then runs one program with S times the work per
+  kernel instead of time-slicing S processes. Returns train()'s results dict per
+  seed; steps_per_s is the stacked step's rate and tokens_per_s each seed's
+  tokens at that rate."""
+  cfg = cfgs[0]
+  if any(dataclasses.replace(c, seed=cfg.seed) != cfg for c in cfgs):
+    raise ValueError("train_stacked: the configs may differ in seed only")
+  state, train_step, eval_step, params = stacked_steps(mc, cfgs)
+  rngs = [np.random.default_rng(c.seed) for c in cfgs]
+  val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.context)
+  histories = [{"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []}
+               for _ in cfgs]
+  evals = [[] for _ in cfgs]
+  window, eval_window = [], []
+  train_time, timed_steps = 0.0, 0
+  t_start = time.perf_counter()
+  for step in range(1, cfg.steps + 1):
+    batch = stacked_batch(data, rngs, cfg)
+    t0 = time.perf_counter()
+    state, loss, _ = train_step(state, *batch)
+    loss = np.asarray(loss)
+    if step > 1:   # the first step compiles
+      train_time += time.perf_counter() - t0
+      timed_steps += 1
+    if not np.isfinite(loss).all():
+      raise FloatingPointError(f"loss is {loss} at step {step}")
+    window.append(loss)
+    eval_window.append(loss)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+      for h, x in zip(histories, np.mean(window, 0)):
+        h["step"].append(step)
+        h["train_loss"].append(float(x))
+      window = []
+    if step % cfg.eval_every == 0 or step == cfg.steps:
+      out = [eval_step(state, *b) for b in val]
+      vloss = np.mean([np.asarray(l) for l, _ in out], 0)
+      vacc = np.mean([np.asarray(a) for _, a in out], 0)
+      elapsed = time.perf_counter() - t_start
+      for i, (h, e) in enumerate(zip(histories, evals)):
+        h["val_step"].append(step)
+        h["val_loss"].append(float(vloss[i]))
+        h["val_acc"].append(float(vacc[i]))
+        e.append({"step": step, "train_loss": float(np.mean(eval_window, 0)[i]),
+                  "val_loss": float(vloss[i]), "val_acc": float(vacc[i]), "elapsed_s": elapsed})
+      eval_window = []
+      print(f"step {step}: val " + " ".join(f"{x:.4f}" for x in vloss)
+            + f"  {elapsed:.1f}s", flush=True)
+  steps_per_s = timed_steps / train_time if timed_steps else float("nan")
+  return [{"val_loss": h["val_loss"][-1], "val_acc": h["val_acc"][-1],
+           "steps_per_s": steps_per_s,
+           "tokens_per_s": steps_per_s * cfg.batch_size * cfg.context,
+           "elapsed_s": time.perf_counter() - t_start, "params": params, "history": h,
+           "evals": e, "stacked_seeds": len(cfgs)} for h, e in zip(histories, evals)]
+
+
+# ----------------------------------------------------------------------------
 # --parallel and --time-budget: one process per (variant, seed).
 # ----------------------------------------------------------------------------
 
@@ -216,14 +304,21 @@ RUN_FLAGS = ("data", "context", "steps", "batch_size", "layers", "heads", "dim",
              "num_evals")
 
 
-def job_argv(args, variant, seed, tag, out_dir):
-  """The command line of one (variant, seed) job: every run flag of `args`."""
+def job_tag(variant, seeds):
+  return f"{variant}_s{'-'.join(str(s) for s in seeds)}"
+
+
+def job_argv(args, variant, seeds, tag, out_dir):
+  """The command line of one job, a variant's seeds (several: stacked): every
+  run flag of `args`."""
   argv = []
   for name in RUN_FLAGS:
     value = getattr(args, name)
     if value is not None:
       argv += ["--" + name.replace("_", "-"), str(value)]
-  return argv + ["--variants", variant, "--seeds", str(seed), "--tag", tag, "--out-dir", out_dir]
+  return (argv + ["--variants", variant, "--seeds"] + [str(s) for s in seeds]
+          + (["--stack-seeds"] if len(seeds) > 1 else [])
+          + ["--tag", tag, "--out-dir", out_dir])
 
 
 def job_env(num_jobs):
@@ -237,7 +332,7 @@ def job_env(num_jobs):
 
 def run_jobs(jobs, out_dir, extra_argv, args, *, deadline=None, stop_on_failure=False,
              poll_s=1.0, report_every_s=30.0):
-  """Runs each (variant, seed) job as a process of this script; returns the
+  """Runs each (variant, seeds) job as a process of this script; returns the
   return codes in job order. Past `deadline` (time.time()) the jobs still running
   are killed (None or a negative code), and so they are once one fails if
   stop_on_failure. Every report_every_s, the last line of each log."""
@@ -245,10 +340,10 @@ def run_jobs(jobs, out_dir, extra_argv, args, *, deadline=None, stop_on_failure=
   script = os.path.abspath(__file__)
   procs = []
   try:
-    for variant, seed in jobs:
-      tag = f"{variant}_s{seed}"
+    for variant, seeds in jobs:
+      tag = job_tag(variant, seeds)
       log = open(os.path.join(out_dir, tag + ".log"), "w")
-      cmd = [sys.executable, script] + job_argv(args, variant, seed, tag, out_dir) + extra_argv
+      cmd = [sys.executable, script] + job_argv(args, variant, seeds, tag, out_dir) + extra_argv
       procs.append((tag, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                           env=job_env(len(jobs))), log))
     _wait(procs, deadline, stop_on_failure, poll_s, report_every_s)
@@ -331,44 +426,47 @@ def arrive(barrier_dir, tag, phase, count, *, while_waiting=None, timeout_s=1800
       while_waiting()
 
 
-def calibrate(args, data, variant, seed, out_path):
+def calibrate(args, data, variant, seeds, out_path):
   """One job's calibration: compile (train and eval step), wait at the barrier,
-  time --calibrate-steps train steps and one eval batch; writes JSON."""
+  time --calibrate-steps train steps and one eval batch; writes JSON. A job of
+  one seed steps as train() does, of several as train_stacked()."""
   mc = model_config(args, data, variant)
-  cfg = train_config(args, seed)
-  from flax import nnx
-  from pallas_polysketch.models.gpt import GPT
-  rng = np.random.default_rng(seed)
-  model = GPT(mc, rngs=nnx.Rngs(seed))
-  _, state, train_step, eval_step = make_steps(model, make_optimizer(model, cfg))
+  cfgs = [train_config(args, seed) for seed in seeds]
+  rngs = [np.random.default_rng(seed) for seed in seeds]
+  if len(seeds) == 1:
+    from flax import nnx
+    from pallas_polysketch.models.gpt import GPT
+    model = GPT(mc, rngs=nnx.Rngs(seeds[0]))
+    _, state, train_step, eval_step = make_steps(model, make_optimizer(model, cfgs[0]))
+    next_batch = lambda: data.train_batch(rngs[0], cfgs[0].batch_size, cfgs[0].context)
+  else:
+    state, train_step, eval_step, _ = stacked_steps(mc, cfgs)
+    next_batch = lambda: stacked_batch(data, rngs, cfgs[0])
   startup_s = time.time() - PROCESS_START
-  t0 = time.perf_counter()
-  batch = data.train_batch(rng, cfg.batch_size, cfg.context)
-  state, loss, _ = train_step(state, *batch)
-  float(loss)
-  val = data.val_batches(1, cfg.batch_size, cfg.context)[0]
-  float(eval_step(state, *val)[0])
-  compile_s = time.perf_counter() - t0
-  tag = f"{variant}_s{seed}"
 
   def step():
     nonlocal state
-    batch = data.train_batch(rng, cfg.batch_size, cfg.context)
-    state, loss, _ = train_step(state, *batch)
-    float(loss)   # train() syncs on every step too
+    state, loss, _ = train_step(state, *next_batch())
+    np.asarray(loss)   # train() syncs on every step too
 
+  t0 = time.perf_counter()
+  step()
+  val = data.val_batches(1, cfgs[0].batch_size, cfgs[0].context)[0]
+  np.asarray(eval_step(state, *val)[0])
+  compile_s = time.perf_counter() - t0
+  tag = job_tag(variant, seeds)
   arrive(args.barrier, tag, "ready", args.barrier_count)
   t0 = time.perf_counter()
   for _ in range(args.calibrate_steps):
     step()
   step_s = (time.perf_counter() - t0) / args.calibrate_steps
   t0 = time.perf_counter()
-  float(eval_step(state, *val)[0])
+  np.asarray(eval_step(state, *val)[0])
   eval_s = time.perf_counter() - t0
   # Keep the accelerator as busy as in the real run until every job has timed
   # its steps: a fast job that stopped would make the slow ones look faster.
   arrive(args.barrier, tag, "timed", args.barrier_count, while_waiting=step)
-  record = dict(variant=variant, seed=seed, startup_s=startup_s, compile_s=compile_s,
+  record = dict(variant=variant, seeds=list(seeds), startup_s=startup_s, compile_s=compile_s,
                 step_s=step_s, eval_s=eval_s, calibrate_steps=args.calibrate_steps,
                 devices=device_description())
   with open(out_path, "w") as f:
@@ -380,7 +478,10 @@ def calibrate(args, data, variant, seed, out_path):
 def run_parallel(args, data, stem, command):
   """--parallel (and --time-budget): returns the merged runs."""
   t_start = time.time()
-  jobs = [(v, s) for s in args.seeds for v in args.variants.split(",")]
+  if args.stack_seeds:
+    jobs = [(v, tuple(args.seeds)) for v in args.variants.split(",")]
+  else:
+    jobs = [(v, (s,)) for s in args.seeds for v in args.variants.split(",")]
   parts = stem + "_parts"
   calibration = fitted = None
   if args.time_budget:
@@ -396,8 +497,8 @@ def run_parallel(args, data, stem, command):
     if any(c != 0 for c in codes):
       raise SystemExit(f"calibration failed (return codes {codes})")
     calibration = []
-    for variant, seed in jobs:
-      with open(os.path.join(calib_dir, f"{variant}_s{seed}.json")) as f:
+    for variant, seeds in jobs:
+      with open(os.path.join(calib_dir, job_tag(variant, seeds) + ".json")) as f:
         calibration.append(json.load(f))
     left = args.time_budget - (time.time() - t_start)
     # train() evaluates every eval_every steps and at the last: at most one more.
@@ -410,24 +511,25 @@ def run_parallel(args, data, stem, command):
     print(f"calibrated ({fitted['calibration_s']:.0f} s, {left:.0f} s left): --steps "
           f"{args.steps} (cap {steps_cap})", flush=True)
     for c in calibration:
-      print(f"  {c['variant']:14s} seed {c['seed']}: {c['step_s'] * 1e3:7.1f} ms/step under "
+      print(f"  {c['variant']:14s} seeds {c['seeds']}: {c['step_s'] * 1e3:7.1f} ms/step under "
             f"contention, compile {c['compile_s']:.0f} s, startup {c['startup_s']:.0f} s, "
             f"eval batch {c['eval_s'] * 1e3:.0f} ms", flush=True)
   deadline = t_start + args.time_budget if args.time_budget else None
   codes = run_jobs(jobs, parts, [], args, deadline=deadline)
   runs = []
-  for (variant, seed), code in zip(jobs, codes):
-    path = os.path.join(parts, f"{variant}_s{seed}.json")
+  for (variant, seeds), code in zip(jobs, codes):
+    path = os.path.join(parts, job_tag(variant, seeds) + ".json")
     if code == 0 and os.path.exists(path):
       with open(path) as f:
         runs += json.load(f)["results"]
-  missing = [f"{v} seed {s}" for (v, s), c in zip(jobs, codes) if c != 0]
+  missing = [f"{v} seed {s}" for (v, seeds), c in zip(jobs, codes) if c != 0 for s in seeds]
   if missing:
     print(f"not finished: {missing}", flush=True)
   if runs:
     for r in runs:
       r["calibration"] = next((c for c in calibration or []
-                               if (c["variant"], c["seed"]) == (r["variant"], r["seed"])), None)
+                               if c["variant"] == r["variant"] and r["seed"] in c["seeds"]),
+                              None)
     write_outputs(stem, args, command, runs, model_config(args, data, "softmax"),
                   train_config(args, 0), args.data, fitted=fitted, not_finished=missing)
   return runs
@@ -462,6 +564,9 @@ def main(argv=None):
                  help="with --parallel: calibrate, then lower --steps to what fits the budget")
   p.add_argument("--calibrate-steps", type=int, default=20,
                  help="timed train steps per job in the --time-budget calibration")
+  p.add_argument("--stack-seeds", action="store_true",
+                 help="train a variant's seeds at once in one process, vmapped (with "
+                      "--parallel: one process per variant)")
   p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)   # calibration jobs
   p.add_argument("--barrier-count", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -487,7 +592,7 @@ def main(argv=None):
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{args.context}")
   if args.barrier is not None:   # a --time-budget calibration job
-    return calibrate(args, data, variants[0], args.seeds[0], stem + ".json")
+    return calibrate(args, data, variants[0], args.seeds, stem + ".json")
   command = " ".join(["python", "bench/lm_quality.py"]
                      + (argv if argv is not None else sys.argv[1:]))
   if args.parallel:
@@ -497,17 +602,25 @@ def main(argv=None):
     with open(stem + ".json") as f:
       runs = json.load(f)["results"]
   done = {(r["variant"], r["seed"]) for r in runs}
-  for seed in args.seeds:
-    cfg = train_config(args, seed)
-    for name in variants:
-      if (name, seed) in done:
-        continue
-      mc = model_config(args, data, name)
-      attention, sketch, local_exact = VARIANTS[name]
-      print(f"=== {name} seed {seed} ===", flush=True)
-      t0 = time.time()
-      load_before = os.getloadavg()
-      _, res = train(mc, data, cfg, progress=False, log=lambda s: print(s, flush=True))
+  todo = [(name, seed) for seed in args.seeds for name in variants if (name, seed) not in done]
+  if args.stack_seeds:   # one stacked run per variant, of its seeds not done
+    groups = [(name, [s for v, s in todo if v == name]) for name in variants]
+    groups = [g for g in groups if g[1]]
+  else:
+    groups = [(name, [seed]) for name, seed in todo]
+  for name, seeds in groups:
+    mc = model_config(args, data, name)
+    cfgs = [train_config(args, seed) for seed in seeds]
+    attention, sketch, local_exact = VARIANTS[name]
+    print(f"=== {name} seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))} ===",
+          flush=True)
+    t0 = time.time()
+    load_before = os.getloadavg()
+    if args.stack_seeds:
+      results = train_stacked(mc, data, cfgs)
+    else:
+      results = [train(mc, data, cfgs[0], progress=False, log=lambda s: print(s, flush=True))[1]]
+    for seed, res in zip(seeds, results):
       res.update(variant=name, seed=seed, attention=attention, sketch=sketch,
                  local_exact=local_exact, embed_dim=mc.embed_dim, wall_s=time.time() - t0,
                  load_before=load_before, load_after=os.getloadavg(),
@@ -515,7 +628,7 @@ def main(argv=None):
       runs.append(res)
       print(f"{name} seed {seed}: val {res['val_loss']:.4f}  {res['steps_per_s']:.3f} steps/s  "
             f"({res['wall_s']:.0f} s)", flush=True)
-      write_outputs(stem, args, command, runs, mc, cfg, args.data)
+    write_outputs(stem, args, command, runs, mc, cfgs[0], args.data)
   return runs
 
 

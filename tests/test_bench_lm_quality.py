@@ -54,7 +54,7 @@ def test_lm_quality_skips_without_data(tmp_path, capsys):
 
 
 def _calibration(step_s, compile_s=10.0, startup_s=5.0, eval_s=0.05, variant="v"):
-  return dict(variant=variant, seed=0, step_s=step_s, compile_s=compile_s,
+  return dict(variant=variant, seeds=[0], step_s=step_s, compile_s=compile_s,
               startup_s=startup_s, eval_s=eval_s)
 
 
@@ -100,7 +100,7 @@ def test_lm_quality_parallel_with_time_budget(tmp_path):
   for r in report["results"]:
     assert r["history"]["val_step"] == [10, 20]
     c = r["calibration"]
-    assert (c["variant"], c["seed"], c["calibrate_steps"]) == (r["variant"], r["seed"], 2)
+    assert (c["variant"], c["seeds"], c["calibrate_steps"]) == (r["variant"], [r["seed"]], 2)
     assert c["step_s"] > 0 and c["compile_s"] > 0
   md = (tmp_path / "par.md").read_text()
   assert "| softmax | softmax |" in md and "| softmax | 1 |" in md
@@ -123,7 +123,7 @@ def test_lm_quality_run_jobs_kills_at_the_deadline(tmp_path):
   bench = load_bench("lm_quality")
   args = argparse.Namespace(**{name: None for name in bench.RUN_FLAGS})
   t0 = time.time()
-  codes = bench.run_jobs([("softmax", 0), ("softmax", 1)], str(tmp_path), [], args,
+  codes = bench.run_jobs([("softmax", (0,)), ("softmax", (1,))], str(tmp_path), [], args,
                          deadline=time.time(), poll_s=0.05)
   assert all(c is None or c < 0 for c in codes)
   assert time.time() - t0 < 30
@@ -141,3 +141,52 @@ def test_lm_quality_rejects_bad_parallel_flags(tmp_path, capsys, extra, message)
   with pytest.raises(SystemExit):
     bench.main(["--out-dir", str(tmp_path)] + extra)
   assert message in capsys.readouterr().err
+
+
+def _tiny_argv(tmp_path, *extra):
+  data = tmp_path / "text.txt"
+  data.write_text(TEXT)
+  return ["--data", str(data), "--context", "32", "--steps", "6", "--batch-size", "2",
+          "--layers", "1", "--heads", "2", "--dim", "16", "--sketch-dim", "4",
+          "--block-size", "16", "--eval-every", "3", "--eval-batches", "2", "--lr", "0.003",
+          "--warmup", "2", "--out-dir", str(tmp_path), *extra]
+
+
+def test_lm_quality_stacked_seeds_equal_separate_runs(tmp_path):
+  """--stack-seeds trains a variant's seeds vmapped in one program: each seed's
+  losses equal its own train() run (the random sketch's fixed features too)."""
+  bench = load_bench("lm_quality")
+  argv = _tiny_argv(tmp_path, "--seeds", "0", "1", "--variants", "random+local")
+  serial = bench.main(argv + ["--tag", "serial"])
+  stacked = bench.main(argv + ["--tag", "stacked", "--stack-seeds"])
+  assert [(r["variant"], r["seed"]) for r in stacked] == [("random+local", 0), ("random+local", 1)]
+  by_run = {(r["variant"], r["seed"]): r for r in serial}
+  for r in stacked:
+    s = by_run[(r["variant"], r["seed"])]
+    assert r["params"] == s["params"] and r["stacked_seeds"] == 2
+    assert r["history"]["step"] == s["history"]["step"]
+    assert r["history"]["val_step"] == s["history"]["val_step"] == [3, 6]
+    np.testing.assert_allclose(r["history"]["train_loss"], s["history"]["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(r["history"]["val_loss"], s["history"]["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(r["history"]["val_acc"], s["history"]["val_acc"], atol=1e-6)
+  # The seeds are different runs, not one run copied.
+  assert stacked[0]["history"]["val_loss"] != stacked[1]["history"]["val_loss"]
+  report = json.loads((tmp_path / "stacked.json").read_text())
+  assert [r["n"] for r in report["summary"]] == [2]
+  # --resume skips the seeds already run; a new seed runs alone.
+  more = bench.main(argv + ["--tag", "stacked", "--stack-seeds", "--resume", "--seeds", "0", "1", "2"])
+  assert [r["seed"] for r in more] == [0, 1, 2] and more[2]["stacked_seeds"] == 1
+
+
+def test_lm_quality_parallel_stacked_seeds(tmp_path):
+  """--parallel --stack-seeds: one process per variant, its seeds stacked; the
+  calibration times the stacked step."""
+  bench = load_bench("lm_quality")
+  argv = _tiny_argv(tmp_path, "--seeds", "0", "1", "--variants", "softmax")
+  runs = bench.main(argv + ["--parallel", "--stack-seeds", "--time-budget", "600",
+                            "--calibrate-steps", "2", "--tag", "par"])
+  assert sorted(p.name for p in (tmp_path / "par_parts").glob("*.json")) == ["softmax_s0-1.json"]
+  assert [(r["seed"], r["stacked_seeds"]) for r in runs] == [(0, 2), (1, 2)]
+  assert runs[0]["history"]["val_loss"] != runs[1]["history"]["val_loss"]
+  for r in runs:
+    assert r["calibration"]["seeds"] == [0, 1] and r["calibration"]["step_s"] > 0
