@@ -34,7 +34,12 @@ every run:
       --variants softmax,learned+local,random+local    # bench/LM_QUALITY.md, on an H200
 
 Compiling many jobs at once with XLA's GPU autotuning on took minutes (it times candidate kernels on the shared GPU):
-hence the flag above.
+hence the flag above. But on one GPU, --parallel does not pay for models this
+small (measured on an H200, LM_QUALITY.md): processes side by side time-slice
+it, and autotuning off costs 3-4x per step. There, run one process at a time
+with autotuning on (bench/gpu_quality_run.sh). --stack-seeds trains a
+variant's seeds at once, vmapped in one process (1.25-1.3x the seed-steps/s of
+one seed per process, measured with autotuning off).
 """
 from __future__ import annotations
 
