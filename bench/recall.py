@@ -67,7 +67,8 @@ def run_one(args, variant, seq, pairs, lr):
   attention, sketch, local_exact = VARIANTS[variant]
   data = RecallData(num_keys=max(args.keys, pairs), num_values=args.values,
                     num_noise=args.noise, num_pairs=pairs,
-                    num_queries=args.queries, seed=1234 + seq + pairs)  # random_offset
+                    num_queries=min(args.queries, pairs) if args.distinct_queries else args.queries,
+                    seed=1234 + seq + pairs, distinct_queries=args.distinct_queries)  # random_offset
   mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                  embed_dim=args.dim, attention=attention, sketch=sketch,
                  sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
@@ -155,6 +156,8 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--queries", type=int, default=16)
+  p.add_argument("--distinct-queries", action="store_true",
+                 help="each query a different key of the pairs: min(--queries, pairs) of them")
   p.add_argument("--keys", type=int, default=8, help="key vocabulary (at least --pairs)")
   p.add_argument("--values", type=int, default=8, help="value vocabulary")
   p.add_argument("--noise", type=int, default=8, help="noise vocabulary")
@@ -175,8 +178,9 @@ def main(argv=None):
   setup = (f"{args.pairs} pairs of {args.keys} keys / {args.values} values, "
            f"{args.layers} layers, width {args.dim} ({args.heads} heads of "
            f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}, block {args.block_size}, "
-           f"{args.steps} steps of {args.batch_size} sequences, {args.queries} queries per "
-           f"sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}")
+           f"{args.steps} steps of {args.batch_size} sequences, "
+           + (f"min(pairs, {args.queries}) distinct" if args.distinct_queries else f"{args.queries}")
+           + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}")
   meta = dict(command=command, setup=setup, lrs=args.lrs, args=vars(args),
               load_before=os.getloadavg())
   os.makedirs(args.out_dir, exist_ok=True)

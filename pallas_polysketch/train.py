@@ -154,14 +154,20 @@ class RecallData:
   the plateau of guessing among the values in context (T = 32, 4 pairs, 4
   queries); with it, it learns T = 64, 4 pairs in about 1200 steps
   (`bench/LM_QUALITY.md`).
+
+  With `distinct_queries` each sequence queries num_queries different keys of
+  its pairs (as Zoology's MQAR queries every key once): no answer can then be
+  copied from an earlier query's answer, in training either, so the loss
+  rewards only retrieval from the pairs. It needs num_queries <= num_pairs.
   """
 
   def __init__(self, num_keys: int = 16, num_values: int = 16, num_noise: int = 16,
                num_pairs: int = 8, num_queries: int = 16, seed: int = 1234,
-               random_offset: bool = True):
+               random_offset: bool = True, distinct_queries: bool = False):
     self.num_keys, self.num_values, self.num_noise = num_keys, num_values, num_noise
     self.num_pairs, self.num_queries = num_pairs, num_queries
     self.random_offset = bool(random_offset)
+    self.distinct_queries = bool(distinct_queries)
     self.vocab_size = 1 + num_keys + num_values + num_noise
     self.val_seed = seed
     for name, value in (("num_keys", num_keys), ("num_values", num_values),
@@ -172,6 +178,9 @@ class RecallData:
       raise ValueError(f"num_noise must be >= 1, got {num_noise}")
     if num_pairs > num_keys:
       raise ValueError(f"num_pairs={num_pairs} must be <= num_keys={num_keys}")
+    if distinct_queries and num_queries > num_pairs:
+      raise ValueError(f"distinct_queries: num_queries={num_queries} must be <= "
+                       f"num_pairs={num_pairs} (each query a different key)")
 
   def _make(self, rng: np.random.Generator, batch_size: int, context: int, *, validation: bool):
     n, m = self.num_pairs, self.num_queries
@@ -190,7 +199,10 @@ class RecallData:
     at = offset[:, None] + 2 * np.arange(n)
     seq[rows, at], seq[rows, at + 1] = keys, vals
     seq[rows[:, 0], offset + 2 * n] = 0
-    which = rng.integers(0, n, (batch_size, m))
+    if self.distinct_queries:
+      which = np.argsort(rng.random((batch_size, n)), axis=1)[:, :m]
+    else:
+      which = rng.integers(0, n, (batch_size, m))
     seq[:, q_start::2] = keys[rows, which]
     seq[:, q_start + 1::2] = vals[rows, which]
     mask = np.zeros((batch_size, context), np.float32)

@@ -98,8 +98,26 @@ def test_recall_without_random_offset_keeps_pairs_first_in_training():
   assert all(_pairs_of(x[row], 4)[0] == 0 for row in range(16))
 
 
+def test_recall_distinct_queries_ask_each_key_at_most_once():
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=6,
+                              num_queries=6, distinct_queries=True)
+  query_at = np.arange(40 + 1 - 2 * 6, 40, 2)
+  x, y, mask = data.train_batch(np.random.default_rng(0), 64, 40)
+  asked = set()
+  for row in range(64):
+    _, pairs = _pairs_of(x[row], 6)
+    queries = [int(q) for q in x[row, query_at]]
+    assert sorted(queries) == sorted(pairs)   # every key once, in a random order
+    asked.add(tuple(queries))
+    assert [int(a) for a in y[row, query_at]] == [pairs[q] for q in queries]
+  assert len(asked) > 32
+  _, _, val_mask = data.val_batches(1, 16, 40)[0]
+  assert (val_mask[:, query_at] == 1).all()   # every query is a key's first
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(num_pairs=9, num_keys=8), "num_pairs=9 must be <= num_keys=8"),
+    (dict(num_pairs=4, num_queries=5, distinct_queries=True), "num_queries=5 must be <= num_pairs=4"),
     (dict(num_queries=0), "num_queries must be >= 1, got 0"),
     (dict(num_noise=0), "num_noise must be >= 1, got 0"),
 ])
