@@ -34,6 +34,17 @@ def layer_inputs(seed, batch, seq, heads, kv_heads, head_dim, sketch_dim, *, deg
   return tuple(x.astype(dtype) for x in (q, k, v, fq, fk)), cot
 
 
+# float32 tolerances derived from the dtype (tests/test_hardening.py's header):
+# (q.k)^p multiplies the relative error of q.k (at most H * eps for a length-H
+# dot product) by p, so outputs are good to about p H eps32 of their scale, and
+# gradients, through one more product of the same kind, to 2 p H eps32.
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+
+
+def f32_tol(degree, head_dim, grad=False):
+  return (2 if grad else 1) * degree * head_dim * EPS32
+
+
 def rel_err(got, want):
   """max |got - want| / max |want| in float64."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
