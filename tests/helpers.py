@@ -34,6 +34,21 @@ def layer_inputs(seed, batch, seq, heads, kv_heads, head_dim, sketch_dim, *, deg
   return tuple(x.astype(dtype) for x in (q, k, v, fq, fk)), cot
 
 
+# Prefill from a nonzero DecodeState differentiated through its output and the
+# returned state (tests/test_pallas_backward.py, in interpret mode), and the
+# same programs lowered and compiled for TPU (tests/test_tpu_compile.py).
+PREFILL_GRADIENT_CASES = {
+    # name: (heads, kv_heads, head_dim, sketch_dim, local_exact, block, chunk, prefixes,
+    #        scales of the cotangents of the returned S and z)
+    # A sketched diagonal block, GQA; fills 44 and 100, so the returned state is
+    # that at block 0 (row 0: the initial state itself) and block 1 (of 2).
+    # r = 16: 192 symmetric pairs, so the dkv kernel copies the state's cotangent
+    # into VMEM in two chunks (INJECT_CHUNK = 128), the second one partial.
+    "sketched_gqa": (2, 1, 64, 16, False, 128, 40, (300, 356), (1e-5, 1e-4)),
+    # H = 128: q, k, v, dO, dq, dk, dv tokens on rows; state at blocks 1, 2 of 3.
+    "h128_gqa": (2, 1, 128, 16, True, 128, 200, (300, 356), (3e-6, 4e-5)),
+}
+
 # float32 tolerances derived from the dtype (tests/test_hardening.py's header):
 # (q.k)^p multiplies the relative error of q.k (at most H * eps for a length-H
 # dot product) by p, so outputs are good to about p H eps32 of their scale, and
