@@ -48,6 +48,11 @@ PREFILL_GRADIENT_CASES = {
     # H = 128: q, k, v, dO, dq, dk, dv tokens on rows; state at blocks 1, 2 of 3.
     "h128_gqa": (2, 1, 128, 16, True, 128, 200, (300, 356), (3e-6, 4e-5)),
 }
+# Context parallelism on the Pallas path with an initial state, a sketched
+# diagonal block, H = 128 and GQA (tests/test_sharding.py; test_tpu_compile.py).
+CONTEXT_PARALLEL_CASE = dict(devices=2, seq=512, heads=2, kv_heads=1, head_dim=128,
+                             sketch_dim=16, local_exact=False, block=128)
+
 
 # float32 tolerances derived from the dtype (tests/test_hardening.py's header):
 # (q.k)^p multiplies the relative error of q.k (at most H * eps for a length-H
