@@ -7,8 +7,9 @@ where the forward kernels want [S^T; z^T; 0].
 
 - `causal(..., initial_state)`: causal attention from a given state; its VJP
   also returns the initial state's cotangent (context parallelism).
-- `causal_with_state(..., state_block)`: forward only, also returns the state at
-  the start of a block chosen per row (chunked prefill).
+- `causal_with_state(..., state_block)`: also returns the state at the start of
+  a block chosen per row (chunked prefill); its VJP takes that state's
+  cotangent too (the dkv kernel adds it to its carry at that block).
 - `state_sum(v, k_features)`: the whole-sequence state, and `apply_state`:
   the non-causal read of one; non-causal attention is their composition.
 """
@@ -66,8 +67,9 @@ def _causal_bwd(static, residuals, do):
 causal.defvjp(_causal_fwd, _causal_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def causal_with_state(q, k, v, q_features, k_features, initial_state, state_block, static):
-  """Forward only: (o, the rz state at the start of block state_block[b])."""
+  """(o, the rz state at the start of block state_block[b]); state_block int32 [B]."""
   degree, block_size, local_exact, bias, tiles, interpret = static
   o, _, state = causal_forward(q, k, v, q_features, k_features, degree=degree,
                                block_size=block_size, local_exact=local_exact, bias=bias,
@@ -75,6 +77,33 @@ def causal_with_state(q, k, v, q_features, k_features, initial_state, state_bloc
                                initial_state=_fwd_layout(initial_state),
                                state_block=state_block)
   return o, jnp.swapaxes(state, -1, -2)
+
+
+def _causal_with_state_fwd(q, k, v, q_features, k_features, initial_state, state_block,
+                           static):
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  o, den, state = causal_forward(q, k, v, q_features, k_features, degree=degree,
+                                 block_size=block_size, local_exact=local_exact, bias=bias,
+                                 tiles=tiles, interpret=interpret,
+                                 initial_state=_fwd_layout(initial_state),
+                                 state_block=state_block, out_dtype=jnp.float32)
+  residuals = (q, k, v, q_features, k_features, initial_state, state_block, o, den)
+  return (o.astype(q.dtype), jnp.swapaxes(state, -1, -2)), residuals
+
+
+def _causal_with_state_bwd(static, residuals, cotangents):
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  q, k, v, q_features, k_features, initial_state, state_block, o, den = residuals
+  do, d_state = cotangents
+  tiles.check_backward()
+  grads, d_initial = causal_backward(
+      q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
+      local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state,
+      d_final_state=d_state, state_block=state_block)
+  return grads + (d_initial, None)      # state_block: an integer, no cotangent
+
+
+causal_with_state.defvjp(_causal_with_state_fwd, _causal_with_state_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

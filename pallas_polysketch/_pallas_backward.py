@@ -12,12 +12,16 @@ Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
 dPhi_q^T = [S, z] G^T is one NN matmul, then df_q = (M + M^T) f_q.
 
 Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
-[R, rho] = d(final state) + sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t']
-(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R. It also computes
-the diagonal block's dQ, dK and dV (df_q, df_k when the block is sketched)
-from one pass over its scores: forming them in both kernels cost the dq kernel
-a third of its cycles. After the first block the carry is the initial state's
-cotangent.
+[R, rho] = d(returned state) + sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t']
+(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R. The returned
+state's cotangent joins the carry where the forward took the state, per row
+(a scalar-prefetch block index, as in the forward's): before the last block
+for the final state, before block c - 1 for the state at the start of block
+c (chunked prefill; c = 0: straight to the initial state's cotangent). It also
+computes the diagonal block's dQ, dK and dV (df_q, df_k when the block is
+sketched) from one pass over its scores: forming them in both kernels cost the
+dq kernel a third of its cycles. After the first block the carry is the
+initial state's cotangent.
 
 Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
 (`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
@@ -116,22 +120,28 @@ def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False):
                                         precision=precision_for(mm_dtype))
 
 
-def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
+def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
                 emit_initial, split, tokens_on_lanes=False):
   """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
   df_k when sketched), its scores formed once for all three.
 
   Causal: q, k, v, g and the dQ, dK, dV outputs tokens on rows or, with
-  `tokens_on_lanes`, as (D, b) tiles; non-causal: v^T in, dV on rows out."""
+  `tokens_on_lanes`, as (D, b) tiles; non-causal: v^T in, dV on rows out.
+  inject: the returned state's cotangent (left in HBM) and, prefetched, the
+  block c it was taken at per batch row; it joins the carry before block
+  c - 1, copied in through a small VMEM buffer: a state-sized input block
+  would take 2 x 2.25 MiB of VMEM at H = 128, r = 64, past v4's 16 MiB."""
   refs = list(refs)
+  state_block_ref = refs.pop(0) if inject else None
   if causal:
     (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
     refs = refs[8:]
-    init_ref = refs.pop(0) if has_initial else None
+    d_state_ref = refs.pop(0) if inject else None
     local_out_ref, dv_ref, dfk_t_ref, dq_local_ref = refs[:4]
     refs = refs[4:]
     d_initial_ref = refs.pop(0) if emit_initial else None
-    (carry_ref,) = refs
+    carry_ref, *buf = refs
+    (d_state_buf,) = buf if inject else (None,)
     v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
     v_t = v_rows.T
   else:
@@ -144,10 +154,22 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, has_initial,
   if causal:
     @pl.when(pl.program_id(2) == 0)
     def _():
-      if has_initial:
-        carry_ref[...] = init_ref[...]
-      else:
-        carry_ref[...] = jnp.zeros_like(carry_ref)
+      carry_ref[...] = jnp.zeros_like(carry_ref)
+
+    if inject:
+      # The state at the start of block c depends on blocks before c only.
+      block_now = pl.num_programs(2) - 1 - pl.program_id(2)
+
+      bi, ki = pl.program_id(0), pl.program_id(1)
+
+      @pl.when(block_now == state_block_ref[bi] - 1)
+      def _():
+        pairs, chunk = carry_ref.shape[0], d_state_buf.shape[0]
+        for start in range(0, pairs, chunk):
+          size = min(chunk, pairs - start)
+          _compat.pltpu.sync_copy(d_state_ref.at[bi, ki, pl.ds(start, size)],
+                                  d_state_buf.at[pl.ds(0, size)])
+          carry_ref[pl.ds(start, size), :] += d_state_buf[pl.ds(0, size), :]
 
   # Prefix, with [R, rho] of the blocks after this one:
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
@@ -278,15 +300,22 @@ def _splits(dtype):
   return jnp.dtype(dtype) == jnp.bfloat16
 
 
+# Rows of the returned state's cotangent copied into VMEM at a time.
+INJECT_CHUNK = 128
+
+
 def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, block_size,
                     local_exact, tiles: ResolvedTiles, interpret=False,
-                    initial_state=None, d_final_state=None):
-  """Gradients of the causal forward for cotangents do (and the final state's).
+                    initial_state=None, d_final_state=None, state_block=None):
+  """Gradients of the causal forward for cotangents do (and the returned state's).
 
   Args:
     q, do, o [B, T, N, H]; k, v [B, T, K, H]; q_features [B, T, N, r],
     k_features [B, T, K, r]; den [B, N, 1, T] float32 from the forward;
-    initial_state, d_final_state: None or [B, K, r^2, H + 16] float32 ([S, z]).
+    initial_state, d_final_state: None or [B, K, r^2, H + 16] float32 ([S, z]);
+    d_final_state is the cotangent of the state the forward returned: the
+    final one, or with state_block (int32 [B], as `causal_forward` takes it)
+    the state at the start of block state_block[b].
   Returns:
     dq, dk, dv, dq_features, dk_features in the input shapes and dtypes, and the
     initial state's cotangent [B, K, r^2, H + 16] (None without initial_state).
@@ -322,7 +351,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     lead = (None, None) + ((group,) if grouped else ())
     tok_axis = shape.index("t")
     shape = tuple(block_size if d == "t" else d for d in shape)
-    def index(bi, ni, ti):
+    def index(bi, ni, ti, *_):       # *_: the dkv kernel's prefetched state_block
       blk = nb - 1 - ti if rev else ti
       idx = [0, 0]
       idx[tok_axis] = blk
@@ -335,10 +364,15 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   sym_shape = sds((b_, kv, n_sym, rows), f32)
   if initial_state is not None:
     initial_state = sym_state(initial_state, axis=-2)
-  if d_final_state is not None:    # the cotangent of the final state through full_state
+  inject = d_final_state is not None
+  if inject:    # the cotangent of the returned state through full_state
     d_final_state, = jax.linear_transpose(lambda x: full_state(x, r, axis=-2),
                                           sym_shape)(d_final_state)
-  whole = pl.BlockSpec((None, None, n_sym, rows), lambda bi, ni, ti: (bi, ni, 0, 0))
+    # The forward emits the state after the last block for any block >= nb.
+    state_block = jnp.minimum(
+        jnp.full((b_,), nb, jnp.int32) if state_block is None
+        else state_block.astype(jnp.int32), nb)
+  whole = pl.BlockSpec((None, None, n_sym, rows), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
   params = lambda limit: _compat.TPUCompilerParams(
       dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
   dkv_tile = tiles.dkv_local_tile or tiles.local_tile
@@ -378,36 +412,42 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   )(*ins1)
 
   emit_initial = has_initial
-  has_carry = d_final_state is not None
   ins2 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, scal_t)
-  ins2 += (d_final_state,) if has_carry else ()
+  ins2 += (d_final_state,) if inject else ()
   outs2 = [sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
            sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
                [sds((b_, kv, n_sym, rows), f32)] if emit_initial else [])
   outs = pl.pallas_call(
-      functools.partial(_dkv_kernel, has_initial=has_carry, emit_initial=emit_initial,
+      functools.partial(_dkv_kernel, inject=inject, emit_initial=emit_initial,
                         local_tile=dkv_tile, **kw),
-      grid=(b_, kv, nb),
-      in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
-                spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
-                spec((h, b), True, True), spec((2, b), True, True)]
-               + ([whole] if has_carry else []),
-      out_specs=[spec(lwd, False, True), spec(hd, False, True),
-                 spec((r, b), False, True), spec(lwd, True, True)]
-                + ([whole] if emit_initial else []),
+      grid_spec=_compat.pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1 if inject else 0,
+          grid=(b_, kv, nb),
+          in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
+                    spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
+                    spec((h, b), True, True), spec((2, b), True, True)]
+                   + ([pl.BlockSpec(memory_space=pl.ANY)] if inject else []),
+          out_specs=[spec(lwd, False, True), spec(hd, False, True),
+                     spec((r, b), False, True), spec(lwd, True, True)]
+                    + ([whole] if emit_initial else []),
+          scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)]
+                         + ([_compat.pltpu.VMEM((min(n_sym, INJECT_CHUNK), rows), f32)]
+                            if inject else [])),
       out_shape=outs2,
-      scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)],
       compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops2, transcendentals=0,
                                          bytes_accessed=nbytes(*ins2, *outs2)),
       name="polysketch_bwd_dkv",
-  )(*ins2)
+  )(*(((state_block,) if inject else ()) + ins2))
   dlocal_k, dv_r, dfk_t, dlocal_q = outs[:4]
   d_initial = None
   if emit_initial:     # the initial state entered through sym_state
+    d_initial = outs[4]
+    if inject:         # a state returned at block 0 is the initial state
+      d_initial += jnp.where((state_block == 0)[:, None, None, None], d_final_state, 0.0)
     d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2),
-                                      sds((b_, kv, r * r, rows), f32))(outs[4])
+                                      sds((b_, kv, r * r, rows), f32))(d_initial)
 
   q_back = kv_back = functools.partial(public_view, on_lanes=on_lanes)
   dv = kv_back(dv_r)
@@ -433,7 +473,7 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
   _, flops2 = backward_flops(b_, kv, t, h, r, block_size, causal=False)
   dv_r, dfk_t = pl.pallas_call(
       functools.partial(_dkv_kernel, degree=2, causal=False, local_exact=False,
-                        local_tile=tiles.local_tile, has_initial=False, emit_initial=False,
+                        local_tile=tiles.local_tile, inject=False, emit_initial=False,
                         split=_splits(v.dtype)),
       grid=(b_, kv, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),

@@ -133,7 +133,10 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
   """Causal PolySketch attention over a chunk, continuing `state`.
 
   Prefilling in chunks of any lengths equals one prefill of the whole, which
-  equals `polysketch_attention` on the whole sequence (causal).
+  equals `polysketch_attention` on the whole sequence (causal). Differentiable
+  on both backends, through the output and the returned state, with respect to
+  the inputs and the given state (only its part symmetric in the feature pair
+  (a, c) of the r^2 axis: every state the op makes is symmetric there).
 
   Args:
     q [batch, seq, num_heads, head_dim], k, v [batch, seq, num_kv_heads,

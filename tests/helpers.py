@@ -34,6 +34,37 @@ def layer_inputs(seed, batch, seq, heads, kv_heads, head_dim, sketch_dim, *, deg
   return tuple(x.astype(dtype) for x in (q, k, v, fq, fk)), cot
 
 
+# Prefill from a nonzero DecodeState differentiated through its output and the
+# returned state (tests/test_pallas_backward.py, in interpret mode), and the
+# same programs lowered and compiled for TPU (tests/test_tpu_compile.py).
+PREFILL_GRADIENT_CASES = {
+    # name: (heads, kv_heads, head_dim, sketch_dim, local_exact, block, chunk, prefixes,
+    #        scales of the cotangents of the returned S and z)
+    # A sketched diagonal block, GQA; fills 44 and 100, so the returned state is
+    # that at block 0 (row 0: the initial state itself) and block 1 (of 2).
+    # r = 16: 192 symmetric pairs, so the dkv kernel copies the state's cotangent
+    # into VMEM in two chunks (INJECT_CHUNK = 128), the second one partial.
+    "sketched_gqa": (2, 1, 64, 16, False, 128, 40, (300, 356), (1e-5, 1e-4)),
+    # H = 128: q, k, v, dO, dq, dk, dv tokens on rows; state at blocks 1, 2 of 3.
+    "h128_gqa": (2, 1, 128, 16, True, 128, 200, (300, 356), (3e-6, 4e-5)),
+}
+# Context parallelism on the Pallas path with an initial state, a sketched
+# diagonal block, H = 128 and GQA (tests/test_sharding.py; test_tpu_compile.py).
+CONTEXT_PARALLEL_CASE = dict(devices=2, seq=512, heads=2, kv_heads=1, head_dim=128,
+                             sketch_dim=16, local_exact=False, block=128)
+
+
+# float32 tolerances derived from the dtype (tests/test_hardening.py's header):
+# (q.k)^p multiplies the relative error of q.k (at most H * eps for a length-H
+# dot product) by p, so outputs are good to about p H eps32 of their scale, and
+# gradients, through one more product of the same kind, to 2 p H eps32.
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+
+
+def f32_tol(degree, head_dim, grad=False):
+  return (2 if grad else 1) * degree * head_dim * EPS32
+
+
 def rel_err(got, want):
   """max |got - want| / max |want| in float64."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

@@ -22,14 +22,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 import pallas_polysketch as ps
 from pallas_polysketch import ref, tpu_config
-from helpers import BACKENDS, layer_inputs as make_layer_inputs, rel_err
+from helpers import BACKENDS, f32_tol, layer_inputs as make_layer_inputs, rel_err
 
-EPS32 = float(jnp.finfo(jnp.float32).eps)
 BF16_ROUND = 2.0 ** -8
-
-
-def f32_tol(degree, head_dim, grad=False):
-  return (2 if grad else 1) * degree * head_dim * EPS32
 
 
 def _reference64(args, **kw):

@@ -1,4 +1,7 @@
 """The custom VJP and the two backward kernels in interpret mode (DESIGN §1.4)."""
+import dataclasses
+import functools
+import math
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,6 +16,8 @@ from jax.test_util import check_grads
 
 import pallas_polysketch as ps
 from pallas_polysketch import ref, tpu_config
+from pallas_polysketch.polynomial import repeat_kv
+from helpers import BACKENDS, PREFILL_GRADIENT_CASES, f32_tol, layer_inputs, rel_err
 
 # f32: the kernels and jax.grad of the materialised reference sum the same
 # terms in different orders; 1e-4 of each gradient's scale is far above that
@@ -204,3 +209,201 @@ def test_split_dot_keeps_float32_operands_to_2_pow_minus_16():
   parts = split_operand(b16, "exact")
   assert len(parts) == 1 and parts[0].dtype == jnp.bfloat16
   assert err(split_dot(split_operand(a, True), parts, NN_DIMS)) < 2 ** -15
+
+
+# --- states in and out: prefill's gradients (DESIGN §1.5) -------------------------
+#
+# `prefill` is the public op that takes a prefix state (a DecodeState: S, z and
+# the incomplete block's tokens) and returns the new one. Differentiating a
+# loss of its output AND its returned state sends the backward kernels an
+# initial state (dq kernel: S, z rebuilt from it; dkv kernel: its cotangent
+# out) and a nonzero cotangent of the returned state, which the dkv kernel adds
+# to its carry at the block the state was taken at, per row.
+
+STATE_CASES = PREFILL_GRADIENT_CASES      # (helpers.py)
+# The cases' cotangent scales for S and z: at the layer's magnitudes phi_k
+# reaches (H / sqrt(r))^2 (about 256 at H = 64, r = 16) and S, z sum it over
+# hundreds of tokens, so unit cotangents of S and z would swamp the output's
+# share of dv and df_k; scaled, each term moves the gradients by thousands of
+# tolerances (at least 100 asserted in the test).
+LOSS_TERMS = ("out", "prefix_state", "normalizer")
+STATE_GRADS = ("q", "k", "v", "q_features", "k_features", "prefix_state", "normalizer",
+               "tail_k", "tail_v", "tail_k_features")
+
+
+def _prefilled(case, seed=21):
+  """(chunk, state, cotangents): per row, the DecodeState after that row's own
+  prefix of LayerNorm'd inputs, as DESIGN §1.5 defines it (S, z summed over its
+  complete blocks, the rest in the tail), the chunk that follows it, and
+  cotangents for the output and the returned S and z."""
+  heads, kv, h, r, local_exact, block, chunk_len, prefixes, (c_s, c_z) = case
+  batch = len(prefixes)
+  args, cot = layer_inputs(seed, batch, max(prefixes) + chunk_len, heads, kv, h, r)
+  _, k, v, _, fk = args
+  s0, z0, tails = [], [], []
+  for row, p in enumerate(prefixes):
+    done = p // block * block
+    phi = ps.self_tensor(fk[row:row + 1, :done])
+    s0.append(jnp.einsum("btkc,btkh->bkch", phi, v[row:row + 1, :done], precision="highest"))
+    z0.append(jnp.sum(phi, axis=1))
+    tails.append([jnp.pad(x[row:row + 1, done:p], ((0, 0), (0, block - (p - done)), (0, 0),
+                                                   (0, 0))) for x in (k, v, fk)])
+  tail_k, tail_v, tail_fk = (jnp.concatenate(xs, axis=0) for xs in zip(*tails))
+  state = ps.DecodeState(
+      prefix_state=jnp.concatenate(s0, axis=0), normalizer=jnp.concatenate(z0, axis=0),
+      tail_k=tail_k, tail_v=tail_v, tail_k_features=tail_fk,
+      fill=jnp.array([p % block for p in prefixes], jnp.int32), block_size=block,
+      local_exact=local_exact)
+  chunk = tuple(jnp.stack([x[row, p:p + chunk_len] for row, p in enumerate(prefixes)])
+                for x in args)
+  ks = jax.random.split(jax.random.key(seed + 1), 2)
+  cotangents = dict(out=cot[:, :chunk_len],
+                    prefix_state=c_s * jax.random.normal(ks[0], state.prefix_state.shape),
+                    normalizer=c_z * jax.random.normal(ks[1], state.normalizer.shape))
+  return chunk, state, cotangents
+
+
+def _state_leaves(state):
+  return (state.prefix_state, state.normalizer, state.tail_k, state.tail_v,
+          state.tail_k_features)
+
+
+def _prefill_grads(run, chunk, state, cotangents):
+  """Gradients (named as STATE_GRADS) of the sum over LOSS_TERMS of <cotangent, value>
+  for run(chunk, s0, z0, tail_k, tail_v, tail_fk) -> dict(out, prefix_state, normalizer)."""
+  def loss(*a):
+    got = run(a[:5], *a[5:])
+    return sum(jnp.sum(got[t] * cotangents[t].astype(got[t].dtype)) for t in LOSS_TERMS)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(10))))(*chunk, *_state_leaves(state))
+  return dict(zip(STATE_GRADS, grads))
+
+
+def _prefill_op(state, block, local_exact, backend):
+  def run(chunk, s0, z0, tail_k, tail_v, tail_fk):
+    st = dataclasses.replace(state, prefix_state=s0, normalizer=z0, tail_k=tail_k,
+                             tail_v=tail_v, tail_k_features=tail_fk)
+    out, new = ps.prefill(*chunk, state=st, block_size=block, local_exact=local_exact,
+                          **backend)
+    return dict(out=out, prefix_state=new.prefix_state, normalizer=new.normalizer)
+  return run
+
+
+def _prefill_reference(fills, block, local_exact, degree=4):
+  """prefill from the materialised weights (`ref.polysketch_weights`), row by row:
+  the row's `fill` tail tokens then the chunk, blocks counted from the tail's
+  start; the initial S, z read through phi_q and added to by the complete blocks."""
+  def run(chunk, s0, z0, tail_k, tail_v, tail_fk):
+    outs, ss, zs = [], [], []
+    for row, fill in enumerate(fills):
+      q, k, v, fq, fk = (x[row:row + 1] for x in chunk)
+      n, t = q.shape[2], q.shape[1]
+      before = lambda x: jnp.zeros((1, fill) + x.shape[2:], x.dtype)
+      join = lambda tail, x: jnp.concatenate([tail[row:row + 1, :fill].astype(x.dtype), x], 1)
+      q, fq = jnp.concatenate([before(q), q], 1), jnp.concatenate([before(fq), fq], 1)
+      k, v, fk = join(tail_k, k), join(tail_v, v), join(tail_fk, fk)
+      w = ref.polysketch_weights(q, k, fq, fk, degree=degree, block_size=block,
+                                 causal=True, local_exact=local_exact)    # [1, N, L, L]
+      group = n // k.shape[2]
+      s_q, z_q = (jnp.repeat(x[row:row + 1], group, axis=1) for x in (s0, z0))
+      phi_q = ps.self_tensor(fq)
+      num = (jnp.einsum("bnij,bjnh->binh", w, repeat_kv(v, n))
+             + jnp.einsum("binc,bnch->binh", phi_q, s_q))
+      den = (1.0 + jnp.sum(w, axis=-1).transpose(0, 2, 1)
+             + jnp.einsum("binc,bnc->bin", phi_q, z_q))
+      outs.append((num / den[..., None])[:, fill:])
+      complete = (fill + t) // block * block
+      phi_k = ps.self_tensor(fk[:, :complete])
+      ss.append(s0[row:row + 1] + jnp.einsum("bjkc,bjkh->bkch", phi_k, v[:, :complete]))
+      zs.append(z0[row:row + 1] + jnp.sum(phi_k, axis=1))
+    cat = lambda xs: jnp.concatenate(xs, axis=0)
+    return dict(out=cat(outs), prefix_state=cat(ss), normalizer=cat(zs))
+  return run
+
+
+def _symmetric_part(g):
+  """[B, K, r^2, ...] -> its part symmetric in the feature pair (a, c) of a r + c.
+
+  Every state the op makes is symmetric in (a, c) (phi = f (x) f), and the
+  backends read only a state's symmetric part (Pallas (S + S^T) / 2, xla the
+  upper triangle), so only the symmetric part of a state's gradient is defined."""
+  g = np.asarray(g)
+  r = math.isqrt(g.shape[2])
+  pairs = g.reshape(g.shape[:2] + (r, r) + g.shape[3:])
+  return ((pairs + np.swapaxes(pairs, 2, 3)) / 2).reshape(g.shape)
+
+
+def _reference_parts64(fills, block, local_exact, chunk, state, cotangents):
+  """The reference's gradients in float64, of each loss term alone ({term: grads},
+  the loss being linear in its cotangents), and as "out_from_zero" those of the
+  output's term from a zero initial S, z. One compilation."""
+  run = _prefill_reference(fills, block, local_exact)
+
+  @jax.jit
+  def parts(chunk, leaves, cotangents):
+    (s0, z0, *tails) = leaves
+    def vjp_from(s0, z0):
+      return jax.vjp(lambda *a: run(a[:5], *a[5:]), *chunk, s0, z0, *tails)[1]
+    vjp = vjp_from(s0, z0)
+    only = lambda t: {u: c if u == t else jnp.zeros_like(c) for u, c in cotangents.items()}
+    grads = {t: vjp(only(t)) for t in LOSS_TERMS}
+    grads["out_from_zero"] = vjp_from(jnp.zeros_like(s0), jnp.zeros_like(z0))(only("out"))
+    return grads
+
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)), tree)
+    grads = parts(to64(chunk), to64(_state_leaves(state)), to64(cotangents))
+    return {t: _defined_part(dict(zip(STATE_GRADS, g))) for t, g in grads.items()}
+
+
+def _defined_part(grads):
+  """The gradients as numpy arrays, the initial state's symmetric part only."""
+  return {name: _symmetric_part(g) if name in ("prefix_state", "normalizer") else np.asarray(g)
+          for name, g in grads.items()}
+
+
+# The TPU interpreter (random order of the parallel grid axes, NaN-filled
+# scratch, simulated DMAs) besides plain interpret mode (DESIGN §3.2).
+STATE_BACKENDS = dict(BACKENDS, pallas_tpu_interpreter=dict(
+    implementation="pallas", interpret=pltpu.InterpretParams(random_seed=5)))
+
+
+@pytest.mark.parametrize("case,backend", [
+    pytest.param(case, backend, marks=pytest.mark.slow)    # CI time: one case suffices
+    if (case, backend) == ("h128_gqa", "pallas_tpu_interpreter") else (case, backend)
+    for case in STATE_CASES for backend in STATE_BACKENDS])
+def test_prefill_gradients_through_initial_and_returned_state(case, backend):
+  """jax.grad of <out, c_o> + <S_new, c_S> + <z_new, c_z> for prefill from a
+  nonzero DecodeState, on both backends, against the float64 materialised
+  reference: the gradients of q, k, v, both features, the initial S, z (their
+  symmetric part, `_symmetric_part`) and the tail tokens. Each loss term and
+  the initial state change the reference's gradients by far more than the
+  tolerance, so dropping the returned state's cotangent (or adding it at the
+  wrong block) or ignoring the initial state fails."""
+  heads, kv, h, r, local_exact, block, chunk_len, prefixes, _ = STATE_CASES[case]
+  chunk, state, cotangents = _prefilled(STATE_CASES[case])
+  fills = [int(f) for f in np.asarray(state.fill)]
+  assert fills == [p % block for p in prefixes]
+  tol = f32_tol(4, h, grad=True)
+  parts = _reference_parts64(fills, block, local_exact, chunk, state, cotangents)
+  # The loss is linear in its cotangents: the gradient is the sum of the terms'.
+  want = {name: sum(parts[t][name] for t in LOSS_TERMS) for name in STATE_GRADS}
+
+  # Not vacuous: leaving out any loss term moves these gradients by > 100 tol ...
+  for term, moved in (("out", ("v", "q_features", "k_features", "prefix_state")),
+                      ("prefix_state", ("v", "k_features", "prefix_state")),
+                      ("normalizer", ("k_features", "normalizer"))):
+    for name in moved:
+      assert rel_err(want[name] - parts[term][name], want[name]) > 100 * tol, (term, name)
+  # ... and so does a zero initial state, in the output's gradients.
+  assert rel_err(parts["out_from_zero"]["q_features"], parts["out"]["q_features"]) > 100 * tol
+
+  got = _defined_part(_prefill_grads(
+      _prefill_op(state, block, local_exact, STATE_BACKENDS[backend]), chunk, state, cotangents))
+  for name in STATE_GRADS:
+    assert got[name].shape == want[name].shape, name
+    if not local_exact and name in ("q", "k", "tail_k"):
+      # A sketched diagonal block sees q and k only through their features.
+      np.testing.assert_array_equal(got[name], 0.0)
+      np.testing.assert_array_equal(want[name], 0.0)
+      continue
+    assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))

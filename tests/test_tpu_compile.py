@@ -14,10 +14,13 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_polysketch as ps
+from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.tpu_config import TileConfig
+from helpers import CONTEXT_PARALLEL_CASE, PREFILL_GRADIENT_CASES
 
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
@@ -103,6 +106,108 @@ def test_gqa_and_prefill_lower_for_tpu(kv_heads):
   exported = jax.export.export(jax.jit(prefill), platforms=["tpu"])(*shapes)
   assert "tpu_custom_call" in exported.mlir_module()
   assert exported.out_avals[0].shape == (1, 512, 4, 64)
+
+
+# --- states in and out: prefill's gradient, context parallelism -------------------
+# The programs tests/test_pallas_backward.py and test_sharding.py differentiate in
+# interpret mode with a nonzero initial state (and a returned state's cotangent,
+# which the dkv kernel takes as a prefetched block index and an HBM operand).
+
+def _prefill_grad(case, tile_config=None):
+  """Gradient of a loss of prefill's output and returned S, z, with respect to
+  q, k, v, both features and the initial S, z (a DecodeState built in the jit)."""
+  _, _, _, _, local_exact, block, _, _, _ = case
+
+  def fn(q, k, v, fq, fk, s0, z0, tail_k, tail_v, tail_fk, fill):
+    def loss(q, k, v, fq, fk, s0, z0):
+      state = ps.DecodeState(s0, z0, tail_k, tail_v, tail_fk, fill, block_size=block,
+                             local_exact=local_exact)
+      out, new = ps.prefill(q, k, v, fq, fk, state=state, block_size=block,
+                            local_exact=local_exact, implementation="pallas",
+                            tile_config=tile_config)
+      return (jnp.sum(out.astype(jnp.float32)) + jnp.sum(new.prefix_state)
+              + jnp.sum(new.normalizer))
+    return jax.grad(loss, argnums=tuple(range(7)))(q, k, v, fq, fk, s0, z0)
+  return fn
+
+
+def _prefill_shapes(case, dtype=jnp.float32, sharding=None):
+  heads, kv, h, r, _, block, chunk, prefixes, _ = case
+  b = len(prefixes)
+  kw = {} if sharding is None else {"sharding": sharding}
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, **kw)
+  return _shapes(b, chunk, heads, h, r, dtype, sharding, kv_heads=kv) + [
+      sds((b, kv, r * r, h), jnp.float32), sds((b, kv, r * r), jnp.float32),
+      sds((b, block, kv, h), dtype), sds((b, block, kv, h), dtype),
+      sds((b, block, kv, r), dtype), sds((b,), jnp.int32)]
+
+
+def _context_parallel_grad(mesh, tile_config=None):
+  c = CONTEXT_PARALLEL_CASE
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=c["block"],
+                                    local_exact=c["local_exact"], implementation="pallas",
+                                    tile_config=tile_config)
+  return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(5)))
+
+
+def _context_parallel_shapes(mesh, dtype=jnp.float32):
+  from jax.sharding import NamedSharding, PartitionSpec
+  c = CONTEXT_PARALLEL_CASE
+  sharding = NamedSharding(mesh, PartitionSpec(None, "seq"))
+  return _shapes(1, c["seq"], c["heads"], c["head_dim"], c["sketch_dim"], dtype, sharding,
+                 kv_heads=c["kv_heads"])
+
+
+@pytest.mark.parametrize("case", list(PREFILL_GRADIENT_CASES))
+def test_prefill_gradient_lowers_for_tpu(case):
+  exported = jax.export.export(jax.jit(_prefill_grad(PREFILL_GRADIENT_CASES[case])),
+                               platforms=["tpu"])(*_prefill_shapes(PREFILL_GRADIENT_CASES[case]))
+  text = exported.mlir_module()
+  for name in ("polysketch_causal_forward", "polysketch_bwd_dq", "polysketch_bwd_dkv"):
+    assert name in text, name
+
+
+def test_context_parallel_gradient_lowers_for_tpu():
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:CONTEXT_PARALLEL_CASE["devices"]]), ("seq",))
+  exported = jax.export.export(jax.jit(_context_parallel_grad(mesh)), platforms=["tpu"])(
+      *_context_parallel_shapes(mesh))
+  assert exported.mlir_module().count("tpu_custom_call") >= 5  # fwd, dq, dkv, state sum, its VJP
+
+
+def test_prefill_gradient_over_vmem_says_why_before_lowering():
+  """Where the backward kernels cannot fit (two query heads per kv head at
+  H = 128, r = 64 on v4), differentiating prefill raises the tiling's ValueError
+  while the gradient is traced, before any kernel is lowered."""
+  big_gqa = (4, 2, 128, 64, True, 256, 1024, (300,), None)
+  fn = _prefill_grad(big_gqa, TileConfig.for_generation("v4"))
+  with pytest.raises(ValueError, match=r"the dq kernel needs about .* MiB of VMEM, over "
+                                       r"the v4's 16 MiB"):
+    jax.export.export(jax.jit(fn), platforms=["tpu"])(*_prefill_shapes(big_gqa, jnp.bfloat16))
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("generation", list(TOPOLOGIES))
+def test_libtpu_compiles_state_gradients(generation):
+  """Mosaic's passes accept the backward kernels with states in and out: the
+  prefill gradients and the context-parallel gradient the interpret-mode tests
+  run (float32, as there), and the prefill gradient at the largest tile set in
+  bf16 (H = 128, r = 64, b = 256), which fits v4's 16 MiB of VMEM only because
+  the returned state's cotangent stays in HBM (a state-sized input block ran
+  out of VMEM by 2.5 MiB there)."""
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, SingleDeviceSharding
+  device = _topology_device(generation)
+  sharding = SingleDeviceSharding(device)
+  config = TileConfig.for_generation(generation)
+  for case in PREFILL_GRADIENT_CASES.values():
+    jax.jit(_prefill_grad(case, config)).lower(*_prefill_shapes(case, sharding=sharding)).compile()
+  big = (2, 2, 128, 64, True, 256, 1024, (300,), None)
+  jax.jit(_prefill_grad(big, config)).lower(
+      *_prefill_shapes(big, jnp.bfloat16, sharding)).compile()
+  topology = topologies.get_topology_desc(TOPOLOGIES[generation], "tpu")
+  mesh = Mesh(np.array(topology.devices[:CONTEXT_PARALLEL_CASE["devices"]]), ("seq",))
+  jax.jit(_context_parallel_grad(mesh, config)).lower(*_context_parallel_shapes(mesh)).compile()
 
 
 def _topology_device(generation):
