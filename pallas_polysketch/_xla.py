@@ -159,12 +159,14 @@ symmetric_features.defvjp(_symmetric_features_fwd, _symmetric_features_bwd)
 
 def state_to_psi(s, z):
   """Public state (S [B, K, r^2, H], z [B, K, r^2]) -> [S | z]^T over psi,
-  [B, K, H + 1, r(r+1)/2]. Exact: S is symmetric in the pair (a, c)."""
+  [B, K, H + 1, r(r+1)/2]. phi . S reads only the part of S symmetric in the
+  pair (a, c), (S[a, c] + S[c, a]) / 2, so that is what psi keeps: exact for
+  every S (the states the op makes are symmetric), as the kernels' `sym_state`."""
   r = int(round(s.shape[2] ** 0.5))
   ia, ic, _ = _pairs(r)
-  coef = np.where(ia == ic, 1.0, np.sqrt(2.0)).astype(s.dtype)
+  coef = np.where(ia == ic, 0.5, np.sqrt(0.5)).astype(s.dtype)
   full = jnp.concatenate([s, z[..., None]], axis=-1)       # [B, K, r^2, H + 1]
-  psi = jnp.take(full, ia * r + ic, axis=2) * coef[:, None]
+  psi = (jnp.take(full, ia * r + ic, axis=2) + jnp.take(full, ic * r + ia, axis=2)) * coef[:, None]
   return jnp.swapaxes(psi, -1, -2)
 
 

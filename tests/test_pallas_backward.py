@@ -323,9 +323,9 @@ def _prefill_reference(fills, block, local_exact, degree=4):
 def _symmetric_part(g):
   """[B, K, r^2, ...] -> its part symmetric in the feature pair (a, c) of a r + c.
 
-  Every state the op makes is symmetric in (a, c) (phi = f (x) f), and the
-  backends read only a state's symmetric part (Pallas (S + S^T) / 2, xla the
-  upper triangle), so only the symmetric part of a state's gradient is defined."""
+  Every state the op makes is symmetric in (a, c) (phi = f (x) f), and both
+  backends read and return only a state's symmetric part (S + S^T) / 2, so only
+  the symmetric part of a state's gradient is defined."""
   g = np.asarray(g)
   r = math.isqrt(g.shape[2])
   pairs = g.reshape(g.shape[:2] + (r, r) + g.shape[3:])
@@ -359,6 +359,31 @@ def _defined_part(grads):
   """The gradients as numpy arrays, the initial state's symmetric part only."""
   return {name: _symmetric_part(g) if name in ("prefix_state", "normalizer") else np.asarray(g)
           for name, g in grads.items()}
+
+
+def test_prefill_reads_the_symmetric_part_of_any_state():
+  """phi . S reads only the part of S symmetric in (a, c). A state that is not
+  symmetric gives, on both backends, what its symmetric part gives (the xla
+  path once doubled the upper triangle instead) and returns a symmetric state."""
+  case = STATE_CASES["sketched_gqa"]
+  heads, kv, h, r, local_exact, block, chunk_len, prefixes, _ = case
+  chunk, state, _ = _prefilled(case)
+  s0 = state.prefix_state
+  skew = jax.random.normal(jax.random.key(3), s0.shape) * jnp.std(s0)
+  pairs = skew.reshape(s0.shape[:2] + (r, r) + s0.shape[3:])
+  skew = (pairs - jnp.swapaxes(pairs, 2, 3)).reshape(s0.shape)    # antisymmetric in (a, c)
+  tol = f32_tol(4, h)
+  outs = {}
+  for backend, kw in BACKENDS.items():
+    for name, s in (("sym", s0), ("skewed", s0 + skew)):
+      out, new = ps.prefill(*chunk, state=dataclasses.replace(state, prefix_state=s),
+                            block_size=block, local_exact=local_exact, **kw)
+      outs[backend, name] = (np.asarray(out), np.asarray(new.prefix_state))
+    for i in range(2):
+      assert rel_err(outs[backend, "skewed"][i], outs[backend, "sym"][i]) < tol, (backend, i)
+  assert rel_err(outs["pallas", "skewed"][0], outs["xla", "skewed"][0]) < tol
+  # Not vacuous: the skew is large against the state.
+  assert rel_err(_symmetric_part(s0 + skew), np.asarray(s0 + skew)) > 0.3
 
 
 # The TPU interpreter (random order of the parallel grid axes, NaN-filled
