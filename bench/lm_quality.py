@@ -433,25 +433,18 @@ def arrive(barrier_dir, tag, phase, count, *, while_waiting=None, timeout_s=1800
 
 def calibrate(args, data, variant, seeds, out_path):
   """One job's calibration: compile (train and eval step), wait at the barrier,
-  time --calibrate-steps train steps and one eval batch; writes JSON. A job of
-  one seed steps as train() does, of several as train_stacked()."""
+  time --calibrate-steps train steps and one eval batch; writes JSON. The job's
+  seeds step as train_stacked() steps them (one seed: a stack of one, the cost
+  of train()'s step)."""
   mc = model_config(args, data, variant)
   cfgs = [train_config(args, seed) for seed in seeds]
   rngs = [np.random.default_rng(seed) for seed in seeds]
-  if len(seeds) == 1:
-    from flax import nnx
-    from pallas_polysketch.models.gpt import GPT
-    model = GPT(mc, rngs=nnx.Rngs(seeds[0]))
-    _, state, train_step, eval_step = make_steps(model, make_optimizer(model, cfgs[0]))
-    next_batch = lambda: data.train_batch(rngs[0], cfgs[0].batch_size, cfgs[0].context)
-  else:
-    state, train_step, eval_step, _ = stacked_steps(mc, cfgs)
-    next_batch = lambda: stacked_batch(data, rngs, cfgs[0])
+  state, train_step, eval_step, _ = stacked_steps(mc, cfgs)
   startup_s = time.time() - PROCESS_START
 
   def step():
     nonlocal state
-    state, loss, _ = train_step(state, *next_batch())
+    state, loss, _ = train_step(state, *stacked_batch(data, rngs, cfgs[0]))
     np.asarray(loss)   # train() syncs on every step too
 
   t0 = time.perf_counter()

@@ -126,6 +126,9 @@ def test_lm_quality_run_jobs_kills_at_the_deadline(tmp_path):
   codes = bench.run_jobs([("softmax", (0,)), ("softmax", (1,))], str(tmp_path), [], args,
                          deadline=time.time(), poll_s=0.05)
   assert all(c is None or c < 0 for c in codes)
+  # A job of several seeds trains them stacked.
+  argv = bench.job_argv(args, "softmax", (0, 1), "softmax_s0-1", str(tmp_path))
+  assert argv[-8:-1] == ["--seeds", "0", "1", "--stack-seeds", "--tag", "softmax_s0-1", "--out-dir"]
   assert time.time() - t0 < 30
   assert sorted(p.name for p in tmp_path.glob("*.log")) == ["softmax_s0.log", "softmax_s1.log"]
 
@@ -176,17 +179,3 @@ def test_lm_quality_stacked_seeds_equal_separate_runs(tmp_path):
   # --resume skips the seeds already run; a new seed runs alone.
   more = bench.main(argv + ["--tag", "stacked", "--stack-seeds", "--resume", "--seeds", "0", "1", "2"])
   assert [r["seed"] for r in more] == [0, 1, 2] and more[2]["stacked_seeds"] == 1
-
-
-def test_lm_quality_parallel_stacked_seeds(tmp_path):
-  """--parallel --stack-seeds: one process per variant, its seeds stacked; the
-  calibration times the stacked step."""
-  bench = load_bench("lm_quality")
-  argv = _tiny_argv(tmp_path, "--seeds", "0", "1", "--variants", "softmax")
-  runs = bench.main(argv + ["--parallel", "--stack-seeds", "--time-budget", "600",
-                            "--calibrate-steps", "2", "--tag", "par"])
-  assert sorted(p.name for p in (tmp_path / "par_parts").glob("*.json")) == ["softmax_s0-1.json"]
-  assert [(r["seed"], r["stacked_seeds"]) for r in runs] == [(0, 2), (1, 2)]
-  assert runs[0]["history"]["val_loss"] != runs[1]["history"]["val_loss"]
-  for r in runs:
-    assert r["calibration"]["seeds"] == [0, 1] and r["calibration"]["step_s"] > 0
