@@ -195,6 +195,9 @@ def main(argv=None):
         merged[(r["variant"], r["seq"], r["pairs"], r["lr"])] = r
     meta = {k: v for k, v in doc.items() if k != "runs"}
     meta["command"] = " + ".join(commands)
+    lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
+    meta["setup"] = meta["setup"].replace(f"lr {meta['lrs']}", f"lr {lrs}")
+    meta["lrs"] = lrs
     runs = sorted(merged.values(), key=lambda r: (r["seq"], r["pairs"],
                                                   list(VARIANTS).index(r["variant"]), r["lr"]))
     write_outputs(stem, meta, runs)
