@@ -95,6 +95,9 @@ def _worker(spec_path: str, out_path: str) -> None:
       fn, args = _tiny_kernel(arr, B, N, T, H)
     elif job["op"] == "polysketch":
       tc = TileConfig(generation=spec["gen"], **job.get("tile", {}))
+      # The forward's grid steps walk several blocks (`kernel_model`).
+      job["fwd_blocks_per_step"] = (tc.blocks_per_step
+                                    or GENERATIONS[spec["gen"]].forward_blocks_per_step)
       fwd = lambda q, k, v, fq, fk: polysketch_attention(
           q, k, v, fq, fk, block_size=job["block"], implementation="pallas", tile_config=tc)
       args = [arr(B, T, N, H)] * 3 + [arr(B, T, N, r)] * 2
@@ -287,7 +290,11 @@ def kernel_model(name: str, job: dict, T: int):
   B, N = job["B"], job["N"]
   if name.startswith("polysketch_"):
     nb = T // job["block"]
-    # Every pl.when in our kernels runs at one block index (first or last).
+    if name.startswith("polysketch_causal_forward"):
+      # Records from before the forward walked several blocks per step lack it.
+      from pallas_polysketch._pallas_forward import blocks_per_step
+      nb //= blocks_per_step(nb, job.get("fwd_blocks_per_step", 1))
+    # Every pl.when in our kernels runs at one grid index (first or last).
     return B * N * nb, lambda spans: [1.0 / nb] * len(spans)
   if name.startswith("splash_"):
     bq, bkv, _ = job["splash_blocks"]

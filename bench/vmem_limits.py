@@ -102,8 +102,11 @@ def least_limit(gen, kernel, h, r, b, g, lo=0.5, hi=64.0, step=0.25) -> float:
 
 
 def estimates_mib(gen, h, r, b, g):
-  lt = min(tpu_config.get_generation(gen).mxu_width, b)
-  est = tpu_config.vmem_estimates(b, h, r, jnp.bfloat16, jnp.bfloat16, group=g, local_tile=lt)
+  generation = tpu_config.get_generation(gen)
+  lt = min(generation.mxu_width, b)
+  # `compiles` runs 4 blocks, so the forward's grid step holds min(4, default) of them.
+  est = tpu_config.vmem_estimates(b, h, r, jnp.bfloat16, jnp.bfloat16, group=g, local_tile=lt,
+                                  blocks_per_step=min(4, generation.forward_blocks_per_step))
   return {k: est[k] / MiB for k in KERNELS}
 
 

@@ -106,12 +106,14 @@ def sym_pairs(r: int, tile: int = SYM_TILE) -> list[tuple[int, int]]:
   return [(a, c) for a in range(r) for c in range((a // tile) * tile, r)]
 
 
-def sym_gather_indices(r: int, tile: int = SYM_TILE):
+def sym_gather_indices(r: int, tile: int = SYM_TILE, pairs=None):
   """(kept, mirror, to_full) int32 index arrays on an r^2 axis (a r + c):
   state_sym = (state[..., kept] + state[..., mirror]) / 2 (the symmetric part,
   all that phi reads), state_full = state_sym[..., to_full]."""
-  pairs = sym_pairs(r, tile)
-  where = {p: j for j, p in enumerate(pairs)}
+  pairs = sym_pairs(r, tile) if pairs is None else pairs
+  where = {}
+  for j, p in enumerate(pairs):
+    where.setdefault(p, j)
   kept = np.array([a * r + c for a, c in pairs], np.int32)
   mirror = np.array([c * r + a for a, c in pairs], np.int32)
   to_full = np.array([where.get((a, c), where.get((c, a))) for a in range(r) for c in range(r)],
@@ -119,16 +121,17 @@ def sym_gather_indices(r: int, tile: int = SYM_TILE):
   return kept, mirror, to_full
 
 
-def sym_state(state, axis):
+def sym_state(state, axis, pairs=None):
   """A state on all r^2 pairs (at `axis`) -> its symmetric part on the kept
-  pairs (`sym_pairs`), all that phi reads: (S[a, c] + S[c, a]) / 2."""
-  kept, mirror, _ = sym_gather_indices(math.isqrt(state.shape[axis]))
+  pairs (`sym_pairs`, or the given ones), all that phi reads:
+  (S[a, c] + S[c, a]) / 2."""
+  kept, mirror, _ = sym_gather_indices(math.isqrt(state.shape[axis]), pairs=pairs)
   return (jnp.take(state, kept, axis=axis) + jnp.take(state, mirror, axis=axis)) * 0.5
 
 
-def full_state(state_sym, r, axis):
+def full_state(state_sym, r, axis, pairs=None):
   """The inverse on symmetric states: kept pairs (at `axis`) -> all r^2 pairs."""
-  _, _, to_full = sym_gather_indices(r)
+  _, _, to_full = sym_gather_indices(r, pairs=pairs)
   return jnp.take(state_sym, to_full, axis=axis)
 
 
@@ -151,6 +154,121 @@ def phi_sym_t(f_t, form_dtype, mm_dtype, *, query):
     pieces.append(f[a:a + 1] * f[start:end])
     if end < r:
       pieces.append(twice[a:a + 1] * f[end:])
+  return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
+
+
+def _rot_tile(r: int, packed: bool) -> int | None:
+  """Rows per tile of `rot_plan`: a whole vreg of the form dtype (16 packed
+  bf16 rows, 8 float32 rows); None where r is no multiple of it."""
+  if packed and r % 16 == 0:
+    return 16
+  return 8 if r % 8 == 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def rot_plan(r: int, packed: bool):
+  """The pieces `phi_rot_t` forms, one vreg-tile each, and the pairs they hold.
+
+  Features come in tiles of t rows (t = 8 float32 rows, or 16 bf16 rows packed
+  two to a 32-bit sublane, `packed`). A piece is tile i times tile k rotated
+  by m sublanes (and, packed, with the two rows of each sublane swapped): row
+  x of tile i meets row rho(x) of tile k. Inside a tile, the rotations by
+  m = 0 .. 4 (swapped or not) meet every pair of its features; across tiles
+  i < k all 8 rotations (x 2) meet each pair once. So every piece is a whole
+  vreg (no sublane shuffles but the rotations) and r = 32 keeps 576 rows
+  packed, 544 in float32 (against `sym_pairs`' 640).
+
+  Returns (pieces, pairs): pieces a tuple of (i, k, m, swap, weight), weight
+  the query side's factor (2: the mirror pair is not kept; 1: the diagonal, or
+  a pair every row of the piece holds twice); pairs the (a, c) of each row.
+  None where r is no multiple of 8.
+  """
+  t = _rot_tile(r, packed)
+  if t is None:
+    return None
+  packed = t == 16
+  n = r // t
+  rows = np.arange(t)
+
+  def partner(m, swap):
+    if packed:
+      j, h = rows // 2, rows % 2
+      return 2 * ((j - m) % 8) + (1 - h if swap else h)
+    return (rows - m) % 8
+
+  specs = []
+  for i in range(n):
+    for k in range(i, n):
+      for m in range(5 if k == i else 8):
+        for swap in ((False, True) if packed else (False,)):
+          specs.append((i, k, m, swap))
+  rows_of = [[(i * t + x, k * t + y) for x, y in zip(rows, partner(m, swap))]
+             for i, k, m, swap in specs]
+  count = {}
+  for piece in rows_of:
+    for a, c in piece:
+      key = (min(a, c), max(a, c))
+      count[key] = count.get(key, 0) + 1
+  assert len(count) == r * (r + 1) // 2, "rot_plan misses pairs"
+  pieces, pairs = [], []
+  for spec, piece in zip(specs, rows_of):
+    w = {(1 if a == c else 2) / count[(min(a, c), max(a, c))] for a, c in piece}
+    assert len(w) == 1 and w <= {1.0, 2.0}, (spec, w)
+    pieces.append(spec + (int(w.pop()),))
+    pairs.extend((int(a), int(c)) for a, c in piece)
+  return tuple(pieces), tuple(pairs)
+
+
+def rot_pairs(r: int, packed: bool) -> list[tuple[int, int]]:
+  """The (a, c) pairs of the rows of `phi_rot_t` (`sym_pairs` where r is no
+  multiple of 8: all r^2 pairs)."""
+  plan = rot_plan(r, packed)
+  return list(plan[1]) if plan else sym_pairs(r)
+
+
+def rot_packed(*feature_dtypes) -> bool:
+  """Whether `phi_rot_t` takes its pieces from 16-bit features (`rot_plan`)."""
+  return all(jnp.dtype(d).itemsize == 2 for d in feature_dtypes)
+
+
+def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed):
+  """(r, b) -> (R, b): phi^T on the rows of `rot_pairs(r, packed)`, multiplied
+  in form_dtype, the query side weighted as `phi_sym_t`'s, so
+  phi_rot_q . phi_rot_k = phi_q . phi_k for every token pair.
+
+  Every piece is a whole vreg (`rot_plan`): a feature tile times a sublane
+  rotation of one (pltpu.roll); packed (16-bit features, `rot_packed`), the
+  rotations and the swap of the two rows of a 32-bit sublane act on the
+  features' 32-bit view (pltpu.bitcast), whatever dtype the products are
+  formed in, so forming in bf16 or float32 gives the same rows and bits.
+  `phi_sym_t`'s pieces of 8 rows instead broadcast single rows and realign
+  half vregs.
+  """
+  r, b = f_t.shape
+  plan = rot_plan(r, packed)
+  if plan is None:
+    return phi_sym_t(f_t, form_dtype, mm_dtype, query=query)
+  t = _rot_tile(r, packed)
+  packed = t == 16
+  f = f_t if packed else f_t.astype(form_dtype)
+  tiles = [f[i * t:(i + 1) * t] for i in range(r // t)]
+  if packed:
+    words = [_compat.pltpu.bitcast(x, jnp.uint32) for x in tiles]
+    swapped = [(w << 16) | (w >> 16) for w in words]
+    tiles = [x.astype(form_dtype) for x in tiles]
+  twice = [x + x for x in tiles] if query else tiles
+  cache = {}
+
+  def operand(k, m, swap):
+    if (k, m, swap) not in cache:
+      x = (swapped if swap else words)[k] if packed else tiles[k]
+      x = _compat.pltpu.roll(x, m, 0) if m else x
+      cache[(k, m, swap)] = (_compat.pltpu.bitcast(x, f_t.dtype).astype(form_dtype)
+                             if packed else x)
+    return cache[(k, m, swap)]
+
+  pieces = [(twice if w == 2 else tiles)[i] * operand(k, m, swap)
+            for i, k, m, swap, w in plan[0]]
   return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
 
 
@@ -217,13 +335,14 @@ def causal_mask(n, *, lower):
   return row >= col if lower else row <= col
 
 
-def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal):
+def local_weights_t(q, k, fq_t, fk_t, *, degree, local_exact, diagonal, q_cols=False):
   """Transposed local weights L^T[j, i] of one (key tile, query tile) pair, f32.
 
   q, k: (n, H) tiles; fq_t, fk_t: (r, n). `diagonal` zeroes j > i.
   """
   if local_exact:
-    s_t = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32,
+    s_t = jax.lax.dot_general(k, q, NN_DIMS if q_cols else NT_DIMS,
+                              preferred_element_type=jnp.float32,
                               precision=precision_for(q.dtype))
     w_t = jax.lax.integer_pow(s_t, degree)
   else:

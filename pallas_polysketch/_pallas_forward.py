@@ -18,8 +18,10 @@ kernel transposes the (b, H) tiles it needs in the other orientation in VMEM
 (O(bH) per block on the XLU, small beside the O(r^2 H b) MXU work). The
 features (r < 128) always come tokens on lanes.
 
-Grid (B, K, T/b) over kv heads: batch and heads "parallel", blocks last and
-"arbitrary" (they carry the prefix state). The state of a kv head is updated
+Grid (B, K, T/(m b)) over kv heads: batch and heads "parallel", blocks last and
+"arbitrary" (they carry the prefix state). The causal kernel walks m blocks
+per grid step, in order (`TileConfig.blocks_per_step`): the step's fixed
+pipeline work is shared and the blocks' MXU and vector work overlap. The state of a kv head is updated
 once per block and read by the G query heads of its group. phi^T = f^T (x) f^T
 (r^2, b) is formed in VMEM from the r-dim features (DESIGN §2 option 3: the
 reshape merges leading dims only). The state lives in one float32 VMEM scratch
@@ -44,8 +46,8 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
-    phi_sym_t, phi_t, precision_for, public_view,
-    full_state, sym_pairs, sym_state)
+    phi_rot_t, phi_t, precision_for, public_view,
+    full_state, rot_packed, rot_pairs, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -55,7 +57,8 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 
 def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_initial,
-                           emit_state, form_dtype, tokens_on_lanes):
+                           emit_state, form_dtype, packed, tokens_on_lanes, block,
+                           sub_blocks):
   refs = list(refs)
   state_block_ref = refs.pop(0) if emit_state else None
   q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref = refs[:5]
@@ -70,7 +73,6 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
   mm_dtype = q_ref.dtype
   prec = precision_for(mm_dtype)
   group = q_ref.shape[0]
-  block = fk_t_ref.shape[1]
   head_dim = v_ref.shape[0] if tokens_on_lanes else v_ref.shape[1]
 
   @pl.when(t == 0)
@@ -83,59 +85,102 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
   if emit_state:
     emit_at = state_block_ref[pl.program_id(0)]
 
-    @pl.when(t == emit_at)
-    def _():
-      state_out_ref[...] = state_ref[...]
+  def tokens(ref, axis, s):
+    """The view of sub-block s of a ref whose token axis is `axis`."""
+    if sub_blocks == 1:
+      return ref
+    idx = [slice(None)] * len(ref.shape)
+    idx[axis] = pl.ds(s * block, block)
+    return ref.at[tuple(idx)]
 
-  v_aug = augment_v_t(v_ref[...] if tokens_on_lanes else v_ref[...].T)  # (H + 16, b)
-  state = state_ref[...].astype(mm_dtype)
-  num_tiles = block // local_tile
-  if local_exact and tokens_on_lanes:
-    k_rows = k_ref[...].T                                             # (b, H)
-  for g in range(group):
-    if not local_exact:                         # the sketched local block reads features only
-      q_tile = k_tile = lambda i: None
-    elif tokens_on_lanes:
-      q_rows = q_ref[g].T
-      q_tile = lambda i: q_rows[i * local_tile:(i + 1) * local_tile]
-      k_tile = lambda j: k_rows[j * local_tile:(j + 1) * local_tile]
-    else:
-      q_tile = lambda i: q_ref[g, pl.ds(i * local_tile, local_tile), :]
-      k_tile = lambda j: k_ref[pl.ds(j * local_tile, local_tile), :]
-    # Exact (or sketched) diagonal block, in local_tile x local_tile tiles;
-    # tiles above the diagonal are all zero and skipped.
-    for i in range(num_tiles):
-      qs = pl.ds(i * local_tile, local_tile)
-      acc = jnp.zeros((head_dim + NORMALISER_ROWS, local_tile), jnp.float32)
-      for j in range(i + 1):
-        ks = pl.ds(j * local_tile, local_tile)
-        w_t = local_weights_t(q_tile(i), k_tile(j), fq_t_ref[g, :, qs],
-                              fk_t_ref[:, ks], degree=degree, local_exact=local_exact,
-                              diagonal=i == j)
-        acc += jnp.dot(v_aug[:, j * local_tile:(j + 1) * local_tile], w_t.astype(mm_dtype),
-                       preferred_element_type=jnp.float32, precision=prec)
-      acc_ref[:, qs] = acc
+  # A grid step walks `sub_blocks` blocks in order (TileConfig.blocks_per_step).
+  for s in range(sub_blocks):
+    if emit_state:
+      @pl.when(t * sub_blocks + s == emit_at)
+      def _():
+        state_out_ref[...] = state_ref[...]
 
-    # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
-    phi_q = phi_sym_t(fq_t_ref[g], form_dtype, mm_dtype, query=True)
-    acc = acc_ref[...] + jnp.dot(state, phi_q, preferred_element_type=jnp.float32,
-                                 precision=prec)
-    den = bias + acc[head_dim:head_dim + 1, :]
-    o_t = divide_by_denominator(acc[:head_dim, :], den)
-    o_ref[g] = (o_t if tokens_on_lanes else o_t.T).astype(o_ref.dtype)
-    den_ref[g] = den
-
-  # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
-  phi_k = phi_sym_t(fk_t_ref[...], form_dtype, mm_dtype, query=False)
-  state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
-                                        preferred_element_type=jnp.float32, precision=prec)
+    _forward_block(
+        tokens(q_ref, 2 if tokens_on_lanes else 1, s),
+        tokens(k_ref, 1 if tokens_on_lanes else 0, s),
+        tokens(v_ref, 1 if tokens_on_lanes else 0, s),
+        tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
+        tokens(o_ref, 2 if tokens_on_lanes else 1, s), tokens(den_ref, 2, s),
+        state_ref, acc_ref, degree=degree, local_exact=local_exact, local_tile=local_tile,
+        bias=bias, form_dtype=form_dtype, packed=packed, tokens_on_lanes=tokens_on_lanes,
+        block=block,
+        mm_dtype=mm_dtype, prec=prec, group=group, head_dim=head_dim)
 
   if emit_state:
     last = pl.num_programs(2) - 1
 
-    @pl.when((t == last) & (emit_at > last))
+    @pl.when((t == last) & (emit_at > (last + 1) * sub_blocks - 1))
     def _():
       state_out_ref[...] = state_ref[...]
+
+
+def _forward_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, o_ref, den_ref, state_ref,
+                   acc_ref, *, degree, local_exact, local_tile, bias, form_dtype, packed,
+                   tokens_on_lanes, block, mm_dtype, prec, group, head_dim):
+  """One block of the causal forward: reads the state, then adds the block to it."""
+  v_aug = augment_v_t(v_ref[...] if tokens_on_lanes else v_ref[...].T)  # (H + 16, b)
+  state = state_ref[...].astype(mm_dtype)     # read before the update below
+  num_tiles = block // local_tile
+  if local_exact and tokens_on_lanes:
+    k_rows = k_ref[...].T                                             # (b, H)
+
+  def tiles(g):
+    """The (q, k) local tiles of query head g: q as (H, n) columns when tokens
+    are on lanes (an NN score matmul, one transpose fewer), else (n, H) rows."""
+    if not local_exact:                         # the sketched local block reads features only
+      return (lambda i: None), (lambda j: None)
+    if tokens_on_lanes:
+      q_cols = q_ref[g]
+      return (lambda i: q_cols[:, i * local_tile:(i + 1) * local_tile],
+              lambda j: k_rows[j * local_tile:(j + 1) * local_tile])
+    return (lambda i: q_ref[g, pl.ds(i * local_tile, local_tile), :],
+            lambda j: k_ref[pl.ds(j * local_tile, local_tile), :])
+
+  # The MXU work in the order that schedules best (bench/TPU_SCHEDULE.md):
+  # per query head the prefix read, then (once) the state update, then the
+  # diagonal block, whose vector work (powers, mask) overlaps the MXU pops of
+  # the first two.
+  for g in range(group):
+    # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
+    phi_q = phi_rot_t(fq_t_ref[g], form_dtype, mm_dtype, query=True, packed=packed)
+    prefix = jnp.dot(state, phi_q, preferred_element_type=jnp.float32, precision=prec)
+
+    if g == 0:
+      # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
+      phi_k = phi_rot_t(fk_t_ref[...], form_dtype, mm_dtype, query=False,
+                        packed=packed)
+      state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
+                                            preferred_element_type=jnp.float32, precision=prec)
+
+    # Exact (or sketched) diagonal block, in local_tile x local_tile tiles;
+    # tiles above the diagonal are all zero and skipped.
+    q_tile, k_tile = tiles(g)
+    w = {}
+    for i in range(num_tiles):
+      qs = pl.ds(i * local_tile, local_tile)
+      for j in range(i + 1):
+        ks = pl.ds(j * local_tile, local_tile)
+        w[i, j] = local_weights_t(q_tile(i), k_tile(j), fq_t_ref[g, :, qs],
+                                  fk_t_ref[:, ks], degree=degree, local_exact=local_exact,
+                                  diagonal=i == j, q_cols=tokens_on_lanes).astype(mm_dtype)
+    for i in range(num_tiles):
+      acc = None
+      for j in range(i + 1):
+        term = jnp.dot(v_aug[:, j * local_tile:(j + 1) * local_tile], w[i, j],
+                       preferred_element_type=jnp.float32, precision=prec)
+        acc = term if acc is None else acc + term
+      acc_ref[:, pl.ds(i * local_tile, local_tile)] = acc
+
+    acc = acc_ref[...] + prefix
+    den = bias + acc[head_dim:head_dim + 1, :]
+    o_t = divide_by_denominator(acc[:head_dim, :], den)
+    o_ref[g] = (o_t if tokens_on_lanes else o_t.T).astype(o_ref.dtype)
+    den_ref[g] = den
 
 
 def _state_apply_kernel(state_ref, fq_t_ref, o_t_ref, den_ref, *, bias, bf16_phi, mm_dtype):
@@ -153,8 +198,9 @@ def forward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
                   causal, local_tile=None, kv_heads=None) -> int:
   """MXU + VPU flops the forward kernels execute (what CostEstimate reports)."""
   kv_heads = kv_heads or heads
-  # The causal kernel forms phi on the symmetric pairs only (`sym_pairs`).
-  r2 = len(sym_pairs(sketch_dim)) if causal else sketch_dim * sketch_dim
+  # The causal kernel forms phi on the symmetric pairs only (`rot_pairs`;
+  # counted for float32 forming, the 16-bit one keeps a few more rows).
+  r2 = len(rot_pairs(sketch_dim, False)) if causal else sketch_dim * sketch_dim
   rows = head_dim + NORMALISER_ROWS
   per_q_block = 2 * r2 * block_size + 2 * rows * r2 * block_size   # phi_q, read
   per_kv_block = 0
@@ -166,6 +212,12 @@ def forward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
     per_q_block += tiles * (2 * lt * lt * head_dim + 2 * rows * lt * lt)  # scores, L V
   nb = seq // block_size
   return batch * nb * (heads * per_q_block + kv_heads * per_kv_block)
+
+
+def blocks_per_step(num_blocks: int, most: int) -> int:
+  """The blocks the causal forward walks per grid step: the largest divisor of
+  num_blocks up to `most` (`TileConfig.blocks_per_step`)."""
+  return max(m for m in range(1, max(1, min(most, num_blocks)) + 1) if num_blocks % m == 0)
 
 
 def to_kernel_layout(q, k, v, q_features, k_features):
@@ -205,6 +257,8 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
     [B, K, H + 16, r^2] float32.
   """
   b_, t, n, h = q.shape
+  sub_blocks = blocks_per_step(t // block_size, tiles.blocks_per_step)
+  step = block_size * sub_blocks
   kv = k.shape[2]
   group = n // kv
   r = q_features.shape[-1]
@@ -218,26 +272,28 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   o_dims = (h, t) if on_lanes else (t, h)
   o_shape = jax.ShapeDtypeStruct((b_, kv, group) + o_dims, out_dtype or q.dtype)
   den_shape = jax.ShapeDtypeStruct((b_, kv, group, 1, t), jnp.float32)
-  # The kernel keeps [S^T; z^T] over the `sym_pairs` of the features only
+  # The kernel keeps [S^T; z^T] over the `rot_pairs` of the features only
   # (phi is symmetric); states cross its boundary on all r^2 pairs.
   mm_dtype = q.dtype
   form_dtype = phi_form_dtype(jnp.promote_types(q_features.dtype, k_features.dtype), mm_dtype,
                               tiles.bf16_phi)
-  n_sym = len(sym_pairs(r))
+  packed = rot_packed(q_features.dtype, k_features.dtype)
+  pairs = rot_pairs(r, packed)
+  n_sym = len(pairs)
   if initial_state is not None:
-    initial_state = sym_state(initial_state, axis=-1)
+    initial_state = sym_state(initial_state, axis=-1, pairs=pairs)
   state_shape = jax.ShapeDtypeStruct((b_, kv, rows, n_sym), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
                         local_tile=tiles.local_tile, kv_heads=kv)
   emit = state_block is not None
   has_initial = initial_state is not None
   # Index maps take (b, kv head, block) and, with emit, the prefetched ref.
-  q_rows = lambda d: pl.BlockSpec((None, None, group, block_size, d),
+  q_rows = lambda d: pl.BlockSpec((None, None, group, step, d),
                                   lambda bi, ni, ti, *_: (bi, ni, 0, ti, 0))
-  q_cols = lambda d: pl.BlockSpec((None, None, group, d, block_size),
+  q_cols = lambda d: pl.BlockSpec((None, None, group, d, step),
                                   lambda bi, ni, ti, *_: (bi, ni, 0, 0, ti))
-  row_spec = pl.BlockSpec((None, None, block_size, h), lambda bi, ni, ti, *_: (bi, ni, ti, 0))
-  col_spec = lambda d: pl.BlockSpec((None, None, d, block_size),
+  row_spec = pl.BlockSpec((None, None, step, h), lambda bi, ni, ti, *_: (bi, ni, ti, 0))
+  col_spec = lambda d: pl.BlockSpec((None, None, d, step),
                                     lambda bi, ni, ti, *_: (bi, ni, 0, ti))
   state_spec = pl.BlockSpec((None, None, rows, n_sym), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
   q_spec, kv_spec = (q_cols(h), col_spec(h)) if on_lanes else (q_rows(h), row_spec)
@@ -247,13 +303,14 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   out_shape = [o_shape, den_shape] + ([state_shape] if emit else [])
   grid_spec = _compat.pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1 if emit else 0,
-      grid=(b_, kv, nb), in_specs=in_specs, out_specs=out_specs,
+      grid=(b_, kv, nb // sub_blocks), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[_compat.pltpu.VMEM((rows, n_sym), jnp.float32),
                       _compat.pltpu.VMEM((rows, block_size), jnp.float32)])
   kernel = functools.partial(
       _causal_forward_kernel, degree=degree, local_exact=local_exact,
       local_tile=tiles.local_tile, bias=bias, has_initial=has_initial, emit_state=emit,
-      form_dtype=form_dtype, tokens_on_lanes=on_lanes)
+      form_dtype=form_dtype, packed=packed, tokens_on_lanes=on_lanes, block=block_size,
+      sub_blocks=sub_blocks)
   ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
   outs = pl.pallas_call(
       kernel,
@@ -270,7 +327,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   )(*(((state_block.astype(jnp.int32),) if emit else ()) + ins))
   o = public_view(outs[0], on_lanes=on_lanes)
   den = outs[1].reshape(b_, n, 1, t)
-  return (o, den, full_state(outs[2], r, axis=-1)) if emit else (o, den)
+  return (o, den, full_state(outs[2], r, axis=-1, pairs=pairs)) if emit else (o, den)
 
 
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,

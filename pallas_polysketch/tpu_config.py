@@ -55,6 +55,8 @@ class TpuGeneration:
   # Default diagonal-block tile of the backward (the dkv kernel's; None: the
   # MXU width), chosen with the static schedule (bench/TPU_SCHEDULE.md).
   dkv_local_tile: int | None = None
+  # Blocks the causal forward walks per grid step (`TileConfig.blocks_per_step`).
+  forward_blocks_per_step: int = 1
 
   @property
   def peak_bf16_flops(self) -> float:
@@ -71,10 +73,14 @@ GENERATIONS = {
     # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
     # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
     # TileConfig(dkv_local_tile=256) there (bench/TPU_SCHEDULE.md).
-    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB),
+    # Four blocks per forward grid step: the step's fixed pipeline work (DMA
+    # set-up, ~120 bundles) is shared and the blocks' MXU and vector work
+    # overlap (bench/TPU_SCHEDULE.md).
+    "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB,
+                         forward_blocks_per_step=4),
     "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
     "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
-                         bf16_vpu=True),
+                         bf16_vpu=True, forward_blocks_per_step=4),
 }
 DEFAULT_GENERATION = "v5e"
 
@@ -116,12 +122,17 @@ class TileConfig:
       walking backward, forms the diagonal block's dQ, dK and dV; the dq
       kernel has only the sketched prefix), with the rules of `local_tile`.
       None: `local_tile` if that is set, else the generation's default.
+    blocks_per_step: how many blocks the causal forward kernel walks per grid
+      step, in order (the largest divisor of the number of blocks up to this
+      is used): the step's fixed pipeline work is shared and the blocks' work
+      overlaps. None: the generation's default (4 on v5e and v6e, else 1).
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
   generation: str | None = None
   bf16_phi: bool | None = None
   dkv_local_tile: int | None = None
+  blocks_per_step: int | None = None
 
   def __post_init__(self):
     if self.generation is not None and self.generation not in GENERATIONS:
@@ -132,6 +143,10 @@ class TileConfig:
       if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)
                                or tile <= 0 or tile % 8):
         raise ValueError(f"{name} must be a positive multiple of 8, got {tile!r}")
+    if self.blocks_per_step is not None and (
+        isinstance(self.blocks_per_step, bool) or not isinstance(self.blocks_per_step, int)
+        or self.blocks_per_step <= 0):
+      raise ValueError(f"blocks_per_step must be a positive int, got {self.blocks_per_step!r}")
     if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
       raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
 
@@ -161,6 +176,7 @@ class ResolvedTiles:
   backward_vmem_limit_bytes: int | None = None    # the other backward kernels
   backward_vmem_estimate_bytes: int = 0           # the larger of dq's and dkv's
   dkv_local_tile: int | None = None       # None: local_tile
+  blocks_per_step: int = 1                # the forward kernel's, before fitting the blocks
   dq_vmem_limit_bytes: int | None = None
   dkv_vmem_limit_bytes: int | None = None
   # Why the backward kernels do not fit, raised when a gradient is traced (a
@@ -206,7 +222,8 @@ def _buffers(*tiles) -> int:
 def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, feature_dtype,
                    *, group: int = 1, local_tile: int | None = None,
                    dkv_local_tile: int | None = None,
-                   state_io: bool = False, symmetric: bool = True) -> dict[str, int]:
+                   state_io: bool = False, symmetric: bool = True,
+                   blocks_per_step: int = 1) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
@@ -217,6 +234,7 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
     len(sym_pairs(r)) symmetric pairs. False: the segment and non-causal
     kernels, which hold all r^2 pairs.
   state_io: a state block passed in or out (prefill, context parallelism).
+  blocks_per_step: the forward's (its pipelined blocks hold that many blocks).
   """
   from pallas_polysketch._pallas_common import sym_pairs  # (it imports this module)
   b, h, r, g = block_size, head_dim, sketch_dim, group
@@ -230,8 +248,9 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
                ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
                ((g, h, b), f32))
   state_in = 2 * state_bwd if state_io else 0
-  forward = (_buffers(((g, b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-                      ((r, b), ft), ((g, h, b), f32), ((g, 1, b), f32))
+  bs = b * blocks_per_step
+  forward = (_buffers(((g, bs, h), mm), ((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft),
+                      ((r, bs), ft), ((g, h, bs), f32), ((g, 1, bs), f32))
              + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
              + (4 * state_fwd if state_io else 0))
   # dq: v, the features, dnum^T and dden in; df_q out.
@@ -249,7 +268,9 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
     # compiles each kernel under (found by bisection, `bench/vmem_limits.py`)
     # at (H, r, b, G) from (64, 16, 256, 1) to (128, 64, 256, 2) on v4, v5e
     # and v6e; see BUILD_NOTES. dq refitted (2026-12-04) when its diagonal
-    # block moved to the dkv kernel.
+    # block moved to the dkv kernel. The forward's grid step walking 4 blocks
+    # on v5e and v6e (2026-12-04): only its pipelined blocks grow (above); the
+    # estimate stays 1.7-7x over the need there (bench/results/vmem_limits.md).
     forward += 0.5 * state_fwd + 4.75 * phi
     dq += 1.75 * state_bwd + 2.75 * g * phi
     dkv += 2.5 * state_bwd + 1.75 * g * phi
@@ -294,11 +315,13 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
     return lt
 
   local_tile = tile("local_tile", gen.mxu_width)
+  blocks_per_step = config.blocks_per_step or gen.forward_blocks_per_step
   dkv_local_tile = tile("dkv_local_tile",
                         config.local_tile or gen.dkv_local_tile or gen.mxu_width)
   estimates = vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
                              group=group, local_tile=local_tile,
-                             dkv_local_tile=dkv_local_tile, symmetric=symmetric)
+                             dkv_local_tile=dkv_local_tile, symmetric=symmetric,
+                             blocks_per_step=blocks_per_step)
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
   errors = {}
@@ -326,7 +349,7 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
                        backward_vmem_limit_bytes=limit_for(backward),
                        backward_vmem_estimate_bytes=backward,
-                       dkv_local_tile=dkv_local_tile,
+                       dkv_local_tile=dkv_local_tile, blocks_per_step=blocks_per_step,
                        dq_vmem_limit_bytes=limit_for(estimates["dq"]),
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        backward_error=errors.get("dq") or errors.get("dkv"))

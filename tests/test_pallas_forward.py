@@ -86,8 +86,10 @@ def test_block_axis_marked_parallel_is_caught_by_tpu_interpreter(monkeypatch):
   interpreter (fresh NaN scratch, parallel semantics) gives a wrong answer,
   while plain interpret mode does not notice."""
   q, k, v, fq, fk = _inputs(jax.random.PRNGKey(2), 2, 512, 2, 64, 16)
-  tiles = tpu_config.resolve_tiles(None, block_size=128, head_dim=64, sketch_dim=16,
-                                   dtype=q.dtype, feature_dtype=fq.dtype)
+  # Two grid steps of two blocks each: the state crosses steps and sub-blocks.
+  tiles = tpu_config.resolve_tiles(tpu_config.TileConfig(blocks_per_step=2), block_size=128,
+                                   head_dim=64, sketch_dim=16, dtype=q.dtype,
+                                   feature_dtype=fq.dtype)
   want = ref.polysketch_attention_quadratic(q, k, v, fq, fk, block_size=128)
   kw = dict(degree=4, block_size=128, local_exact=True, bias=1.0, tiles=tiles)
 
@@ -253,6 +255,53 @@ def test_symmetric_phi_gives_the_same_scores_with_fewer_pairs(r):
   assert len(pairs) == (r * (r + 8) // 2 if r % 8 == 0 else r * r)
   got = sym_q.T @ sym_k
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("r", [16, 24, 32, 64, 12])
+def test_rotated_phi_gives_the_same_scores_with_whole_vreg_pieces(r, packed):
+  """The forward's phi (`phi_rot_t`): rows are exactly f_a f_c of `rot_pairs`
+  (bf16 features, formed in bf16 or float32 alike), every unordered pair is
+  kept, and phi_rot_q . phi_rot_k = phi_q . phi_k; r = 32 keeps 576 rows
+  packed, 544 in float32 (against `sym_pairs`' 640)."""
+  from pallas_polysketch import _pallas_common as common
+  dtype = jnp.bfloat16 if packed else jnp.float32
+  key_q, key_k = jax.random.split(jax.random.PRNGKey(r))
+  fq_t = jax.random.normal(key_q, (r, 128), jnp.float32).astype(dtype)
+  fk_t = jax.random.normal(key_k, (r, 128), jnp.float32).astype(dtype)
+  pairs = common.rot_pairs(r, packed)
+  if r % 8 == 0:
+    assert {(min(a, c), max(a, c)) for a, c in pairs} == {
+        (a, c) for a in range(r) for c in range(a, r)}
+  if r == 32:
+    assert len(pairs) == (576 if packed else 544)
+  form = jax.jit(lambda f, form_dtype, query: common.phi_rot_t(
+      f, form_dtype, jnp.float32, query=query, packed=packed), static_argnums=(1, 2))
+  rows_k = form(fk_t, dtype, False)
+  f = np.asarray(fk_t.astype(jnp.float32))
+  want_rows = np.stack([f[a] * f[c] for a, c in pairs]).astype(dtype).astype(np.float32)
+  np.testing.assert_array_equal(rows_k, want_rows)
+  if packed:      # forming in float32 gives the same bits (bf16 products are exact)
+    np.testing.assert_array_equal(form(fk_t, jnp.float32, False).astype(dtype), rows_k)
+  want = common.phi_t(fq_t.astype(jnp.float32)).T @ common.phi_t(fk_t.astype(jnp.float32))
+  got = (form(fq_t, jnp.float32, True).T @ form(fk_t, jnp.float32, False))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_rotated_state_round_trip():
+  """States cross the forward kernel's boundary on all r^2 pairs, its own
+  `rot_pairs` (some twice) inside."""
+  from pallas_polysketch import _pallas_common as common
+  r, h = 32, 24
+  f = jax.random.normal(jax.random.PRNGKey(0), (40, r))
+  v = jax.random.normal(jax.random.PRNGKey(1), (40, h))
+  phi = (f[:, :, None] * f[:, None, :]).reshape(40, r * r)
+  state = (phi.T @ v).T                                                 # [h, r^2], symmetric
+  for packed in (False, True):
+    pairs = common.rot_pairs(r, packed)
+    sym = common.sym_state(state, axis=-1, pairs=pairs)
+    assert sym.shape == (h, len(pairs))
+    np.testing.assert_array_equal(common.full_state(sym, r, axis=-1, pairs=pairs), state)
 
 
 def test_symmetric_state_round_trip():
