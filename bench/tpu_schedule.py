@@ -83,7 +83,7 @@ def _worker(spec_path: str, out_path: str) -> None:
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   from jax.sharding import SingleDeviceSharding
   from pallas_polysketch import polysketch_attention
-  from pallas_polysketch.tpu_config import TileConfig
+  from pallas_polysketch.tpu_config import TileConfig, resolve_tiles
 
   topo = topologies.get_topology_desc(TOPOLOGIES[spec["gen"]], "tpu")
   sharding = SingleDeviceSharding(topo.devices[0])
@@ -95,9 +95,11 @@ def _worker(spec_path: str, out_path: str) -> None:
       fn, args = _tiny_kernel(arr, B, N, T, H)
     elif job["op"] == "polysketch":
       tc = TileConfig(generation=spec["gen"], **job.get("tile", {}))
-      # The forward's grid steps walk several blocks (`kernel_model`).
-      job["fwd_blocks_per_step"] = (tc.blocks_per_step
-                                    or GENERATIONS[spec["gen"]].forward_blocks_per_step)
+      # The causal kernels' grid steps walk several blocks (`kernel_model`).
+      resolved = resolve_tiles(tc, block_size=job["block"], head_dim=H, sketch_dim=r,
+                               dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16)
+      for kernel in ("", "dq_", "dkv_"):
+        job[(kernel or "fwd_") + "blocks_per_step"] = getattr(resolved, kernel + "blocks_per_step")
       fwd = lambda q, k, v, fq, fk: polysketch_attention(
           q, k, v, fq, fk, block_size=job["block"], implementation="pallas", tile_config=tc)
       args = [arr(B, T, N, H)] * 3 + [arr(B, T, N, r)] * 2
@@ -290,10 +292,14 @@ def kernel_model(name: str, job: dict, T: int):
   B, N = job["B"], job["N"]
   if name.startswith("polysketch_"):
     nb = T // job["block"]
+    # The causal kernels' grid steps walk several blocks; records from before
+    # the forward (the backward) did lack fwd_ (dq_, dkv_) blocks_per_step.
+    from pallas_polysketch._pallas_forward import blocks_per_step
     if name.startswith("polysketch_causal_forward"):
-      # Records from before the forward walked several blocks per step lack it.
-      from pallas_polysketch._pallas_forward import blocks_per_step
       nb //= blocks_per_step(nb, job.get("fwd_blocks_per_step", 1))
+    elif name.startswith(("polysketch_bwd_dq", "polysketch_bwd_dkv")):
+      kernel = name.split("_")[2].split(".")[0]           # dq | dkv
+      nb //= blocks_per_step(nb, job.get(kernel + "_blocks_per_step", 1))
     # Every pl.when in our kernels runs at one grid index (first or last).
     return B * N * nb, lambda spans: [1.0 / nb] * len(spans)
   if name.startswith("splash_"):

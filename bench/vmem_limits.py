@@ -36,6 +36,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 MiB = 1 << 20
 KERNELS = ("forward", "dq", "dkv")
+# Blocks compiled: the most any default grid step walks (`tpu_config.GENERATIONS`).
+BLOCKS = 8
 # (H, r, b, G)
 SHAPES = [(64, 16, 256, 1), (64, 32, 256, 1), (128, 32, 256, 1), (64, 64, 256, 1),
           (128, 64, 256, 1), (128, 64, 128, 1), (64, 32, 512, 1), (64, 32, 256, 4),
@@ -66,7 +68,7 @@ def compiles(gen, kernel, limit, h, r, b, g) -> bool:
   from jax.sharding import SingleDeviceSharding
   device = topologies.get_topology_desc(TOPOLOGIES[gen], "tpu").devices[0]
   kv = 4
-  sds = lambda heads, d: jax.ShapeDtypeStruct((1, 4 * b, heads, d), jnp.bfloat16,
+  sds = lambda heads, d: jax.ShapeDtypeStruct((1, BLOCKS * b, heads, d), jnp.bfloat16,
                                               sharding=SingleDeviceSharding(device))
   args = [sds(kv * g, h), sds(kv, h), sds(kv, h), sds(kv * g, r), sds(kv, r)]
   attend = functools.partial(ps.polysketch_attention, block_size=b, implementation="pallas",
@@ -104,9 +106,12 @@ def least_limit(gen, kernel, h, r, b, g, lo=0.5, hi=64.0, step=0.25) -> float:
 def estimates_mib(gen, h, r, b, g):
   generation = tpu_config.get_generation(gen)
   lt = min(generation.mxu_width, b)
-  # `compiles` runs 4 blocks, so the forward's grid step holds min(4, default) of them.
-  est = tpu_config.vmem_estimates(b, h, r, jnp.bfloat16, jnp.bfloat16, group=g, local_tile=lt,
-                                  blocks_per_step=min(4, generation.forward_blocks_per_step))
+  # `compiles` runs BLOCKS blocks, so a kernel's grid step holds min(BLOCKS, its default).
+  est = tpu_config.vmem_estimates(
+      b, h, r, jnp.bfloat16, jnp.bfloat16, group=g, local_tile=lt,
+      blocks_per_step=min(BLOCKS, generation.forward_blocks_per_step),
+      dq_blocks_per_step=min(BLOCKS, generation.dq_blocks_per_step),
+      dkv_blocks_per_step=min(BLOCKS, generation.dkv_blocks_per_step))
   return {k: est[k] / MiB for k in KERNELS}
 
 

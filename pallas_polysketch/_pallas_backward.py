@@ -59,8 +59,8 @@ from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, full_state, group_view,
     kernel_view, nbytes, outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for,
-    public_view, split_dot, split_operand, sym_pairs, sym_state)
-from pallas_polysketch._pallas_forward import tokens_on_lanes
+    public_view, split_dot, split_operand, sub_block, sym_pairs, sym_state)
+from pallas_polysketch._pallas_forward import blocks_per_step, tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -77,28 +77,42 @@ def _rows(x, tokens_on_lanes):
   return x.T if tokens_on_lanes else x
 
 
-def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False):
+def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False, block=None,
+               sub_blocks=1):
   """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
   are the dkv kernel's). v comes tokens on rows (b, H) or, with
-  `tokens_on_lanes`, as an (H, b) tile (the forward's layouts)."""
+  `tokens_on_lanes`, as an (H, b) tile (the forward's layouts). Causal: a grid
+  step walks `sub_blocks` blocks of `block` tokens in order."""
   refs = list(refs)
-  if causal:
-    v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref = refs[:5]
-    refs = refs[5:]
-    init_ref = refs.pop(0) if has_initial else None
-    dfq_t_ref, state_ref = refs
-    group = fq_t_ref.shape[0]
-
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-      if has_initial:
-        state_ref[...] = init_ref[...]
-      else:
-        state_ref[...] = jnp.zeros_like(state_ref)
-  else:
+  if not causal:
     state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
-    group = 1
+    _dq_block(None, fq_t_ref, None, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref,
+              causal=False, split=split, tokens_on_lanes=tokens_on_lanes)
+    return
+  v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref = refs[:5]
+  refs = refs[5:]
+  init_ref = refs.pop(0) if has_initial else None
+  dfq_t_ref, state_ref = refs
 
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    if has_initial:
+      state_ref[...] = init_ref[...]
+    else:
+      state_ref[...] = jnp.zeros_like(state_ref)
+
+  tokens = lambda ref, axis, s: sub_block(ref, axis, s, block, sub_blocks)
+  for s in range(sub_blocks):
+    _dq_block(tokens(v_ref, 1 if tokens_on_lanes else 0, s), tokens(fq_t_ref, 2, s),
+              tokens(fk_t_ref, 1, s), tokens(dnum_t_ref, 2, s), tokens(dden_row_ref, 2, s),
+              tokens(dfq_t_ref, 2, s), state_ref, causal=True, split=split,
+              tokens_on_lanes=tokens_on_lanes)
+
+
+def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref, *,
+              causal, split, tokens_on_lanes):
+  """One block of the dq kernel: reads the state, then adds the block to it."""
+  group = fq_t_ref.shape[0] if causal else 1
   # dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
   state = split_operand(state_ref[...], split)
   for gi in range(group):
@@ -121,45 +135,46 @@ def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False):
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
-                emit_initial, split, tokens_on_lanes=False):
+                emit_initial, split, tokens_on_lanes=False, block=None, sub_blocks=1):
   """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
   df_k when sketched), its scores formed once for all three.
 
   Causal: q, k, v, g and the dQ, dK, dV outputs tokens on rows or, with
   `tokens_on_lanes`, as (D, b) tiles; non-causal: v^T in, dV on rows out.
+  Causal, a grid step walks `sub_blocks` blocks of `block` tokens, last first.
   inject: the returned state's cotangent (left in HBM) and, prefetched, the
   block c it was taken at per batch row; it joins the carry before block
   c - 1, copied in through a small VMEM buffer: a state-sized input block
   would take 2 x 2.25 MiB of VMEM at H = 128, r = 64, past v4's 16 MiB."""
   refs = list(refs)
   state_block_ref = refs.pop(0) if inject else None
-  if causal:
-    (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
-    refs = refs[8:]
-    d_state_ref = refs.pop(0) if inject else None
-    local_out_ref, dv_ref, dfk_t_ref, dq_local_ref = refs[:4]
-    refs = refs[4:]
-    d_initial_ref = refs.pop(0) if emit_initial else None
-    carry_ref, *buf = refs
-    (d_state_buf,) = buf if inject else (None,)
-    v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
-    v_t = v_rows.T
-  else:
+  kw = dict(degree=degree, local_exact=local_exact, local_tile=local_tile, split=split,
+            tokens_on_lanes=tokens_on_lanes)
+  if not causal:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
-    v_t = v_t_ref[...]
-  head_dim = v_t.shape[0]
-  mm_dtype = v_t.dtype
-  prec = precision_for(mm_dtype)
+    _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, None, dv_ref,
+               dfk_t_ref, None, carry_ref, causal=False, prepare=lambda: None, **kw)
+    return
+  (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
+  refs = refs[8:]
+  d_state_ref = refs.pop(0) if inject else None
+  local_out_ref, dv_ref, dfk_t_ref, dq_local_ref = refs[:4]
+  refs = refs[4:]
+  d_initial_ref = refs.pop(0) if emit_initial else None
+  carry_ref, *buf = refs
+  (d_state_buf,) = buf if inject else (None,)
 
-  if causal:
-    @pl.when(pl.program_id(2) == 0)
-    def _():
-      carry_ref[...] = jnp.zeros_like(carry_ref)
+  def prepare(s):
+    """The carry's set-up before block s of the step reads it (after the
+    block's v is loaded: that order schedules best on v5e)."""
+    if s == sub_blocks - 1:
+      @pl.when(pl.program_id(2) == 0)
+      def _():
+        carry_ref[...] = jnp.zeros_like(carry_ref)
 
     if inject:
       # The state at the start of block c depends on blocks before c only.
-      block_now = pl.num_programs(2) - 1 - pl.program_id(2)
-
+      block_now = (pl.num_programs(2) - 1 - pl.program_id(2)) * sub_blocks + s
       bi, ki = pl.program_id(0), pl.program_id(1)
 
       @pl.when(block_now == state_block_ref[bi] - 1)
@@ -170,6 +185,39 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
           _compat.pltpu.sync_copy(d_state_ref.at[bi, ki, pl.ds(start, size)],
                                   d_state_buf.at[pl.ds(0, size)])
           carry_ref[pl.ds(start, size), :] += d_state_buf[pl.ds(0, size), :]
+
+  # The token axis of a kv head's (D, b) | (b, D) tile and of a group's.
+  kv_axis, q_axis = (1, 2) if tokens_on_lanes else (0, 1)
+  tokens = lambda ref, axis, s: sub_block(ref, axis, s, block, sub_blocks)
+  for s in reversed(range(sub_blocks)):
+    _dkv_block(tokens(q_ref, q_axis, s), tokens(k_ref, kv_axis, s),
+               tokens(v_ref, kv_axis, s), tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
+               tokens(g_ref, q_axis, s), tokens(dnum_t_ref, 2, s), tokens(scal_t_ref, 2, s),
+               tokens(local_out_ref, kv_axis, s), tokens(dv_ref, kv_axis, s),
+               tokens(dfk_t_ref, 1, s), tokens(dq_local_ref, q_axis, s), carry_ref,
+               causal=True, prepare=functools.partial(prepare, s), **kw)
+
+  if emit_initial:
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+      d_initial_ref[...] = carry_ref[...]
+
+
+def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref,
+               local_out_ref, dv_ref, dfk_t_ref, dq_local_ref, carry_ref, *, causal, degree,
+               local_exact, local_tile, split, tokens_on_lanes, prepare):
+  """One block of the dkv kernel (v_ref is v^T when not causal): reads the
+  carry of the blocks after it (`prepare()` sets it up), then adds the block
+  to it."""
+  if causal:
+    v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
+    v_t = v_rows.T
+  else:
+    v_t = v_ref[...]
+  prepare()
+  head_dim = v_t.shape[0]
+  mm_dtype = v_t.dtype
+  prec = precision_for(mm_dtype)
 
   # Prefix, with [R, rho] of the blocks after this one:
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
@@ -250,11 +298,6 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
     phi_q = phi_sym_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True)
     carry_ref[...] += split_dot(split_operand(phi_q, split and "exact"),
                                 split_operand(g_aug, split), NT_DIMS)
-
-  if emit_initial:
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
-    def _():
-      d_initial_ref[...] = carry_ref[...]
 
 
 def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
@@ -345,14 +388,22 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   scal_t = cols_g(scal)
   dden_row = scal_t[:, :, :, 1:2, :]
 
+  # A grid step walks several blocks (`TileConfig.dq_blocks_per_step`,
+  # `dkv_blocks_per_step`): the dq kernel dq_sub of them, the dkv kernel dkv_sub.
+  dq_sub = blocks_per_step(nb, tiles.dq_blocks_per_step)
+  dkv_sub = blocks_per_step(nb, tiles.dkv_blocks_per_step)
+
   def spec(shape, grouped, rev):
-    """Block (G?, shape) of the block walked at step ti (reversed: nb - 1 - ti);
-    shape is (b, D) (tokens on rows) or (D, b) given as ("t", D) / (D, "t")."""
+    """Block (G?, shape) of the step walked at ti (the dq kernel's; reversed,
+    the dkv kernel's at steps - 1 - ti); shape is (b, D) (tokens on rows) or
+    (D, b) given as ("t", D) / (D, "t")."""
     lead = (None, None) + ((group,) if grouped else ())
     tok_axis = shape.index("t")
-    shape = tuple(block_size if d == "t" else d for d in shape)
+    sub = dkv_sub if rev else dq_sub
+    steps = nb // sub
+    shape = tuple(block_size * sub if d == "t" else d for d in shape)
     def index(bi, ni, ti, *_):       # *_: the dkv kernel's prefetched state_block
-      blk = nb - 1 - ti if rev else ti
+      blk = steps - 1 - ti if rev else ti
       idx = [0, 0]
       idx[tok_axis] = blk
       return (bi, ni) + ((0,) if grouped else ()) + tuple(idx)
@@ -396,8 +447,9 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   out1 = sds((b_, kv, group, r, t), f32)
   dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
-                        split=_splits(mm_dtype), tokens_on_lanes=on_lanes),
-      grid=(b_, kv, nb),
+                        split=_splits(mm_dtype), tokens_on_lanes=on_lanes,
+                        block=block_size, sub_blocks=dq_sub),
+      grid=(b_, kv, nb // dq_sub),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
                 spec((h, b), True, False), spec((1, b), True, False)]
                + ([whole] if has_initial else []),
@@ -419,10 +471,10 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                [sds((b_, kv, n_sym, rows), f32)] if emit_initial else [])
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, inject=inject, emit_initial=emit_initial,
-                        local_tile=dkv_tile, **kw),
+                        local_tile=dkv_tile, block=block_size, sub_blocks=dkv_sub, **kw),
       grid_spec=_compat.pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1 if inject else 0,
-          grid=(b_, kv, nb),
+          grid=(b_, kv, nb // dkv_sub),
           in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
                     spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
                     spec((h, b), True, True), spec((2, b), True, True)]

@@ -313,6 +313,16 @@ def phi_t_vjp(dphi_t, f_t):
   return jnp.sum(m * f[None, :, :], axis=1) + jnp.sum(m * f[:, None, :], axis=0)
 
 
+def sub_block(ref, axis, s, block, count):
+  """The view of block s of a ref that holds `count` blocks of `block` tokens
+  on `axis` (a kernel's grid step walking several blocks)."""
+  if count == 1:
+    return ref
+  idx = [slice(None)] * len(ref.shape)
+  idx[axis] = pl.ds(s * block, block)
+  return ref.at[tuple(idx)]
+
+
 def augment_v_t(v_t):
   """(H, b) -> (H + 16, b): [V^T; 1; 0]."""
   h, b = v_t.shape

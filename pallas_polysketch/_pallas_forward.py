@@ -47,7 +47,7 @@ from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
     phi_rot_t, phi_t, precision_for, public_view,
-    full_state, rot_packed, rot_pairs, sym_state)
+    full_state, rot_packed, rot_pairs, sub_block, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -85,13 +85,7 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
   if emit_state:
     emit_at = state_block_ref[pl.program_id(0)]
 
-  def tokens(ref, axis, s):
-    """The view of sub-block s of a ref whose token axis is `axis`."""
-    if sub_blocks == 1:
-      return ref
-    idx = [slice(None)] * len(ref.shape)
-    idx[axis] = pl.ds(s * block, block)
-    return ref.at[tuple(idx)]
+  tokens = lambda ref, axis, s: sub_block(ref, axis, s, block, sub_blocks)
 
   # A grid step walks `sub_blocks` blocks in order (TileConfig.blocks_per_step).
   for s in range(sub_blocks):

@@ -55,8 +55,11 @@ class TpuGeneration:
   # Default diagonal-block tile of the backward (the dkv kernel's; None: the
   # MXU width), chosen with the static schedule (bench/TPU_SCHEDULE.md).
   dkv_local_tile: int | None = None
-  # Blocks the causal forward walks per grid step (`TileConfig.blocks_per_step`).
+  # Blocks the causal kernels walk per grid step (`TileConfig.blocks_per_step`,
+  # `dq_blocks_per_step`, `dkv_blocks_per_step`).
   forward_blocks_per_step: int = 1
+  dq_blocks_per_step: int = 1
+  dkv_blocks_per_step: int = 1
 
   @property
   def peak_bf16_flops(self) -> float:
@@ -68,19 +71,29 @@ class TpuGeneration:
 
 
 GENERATIONS = {
-    "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB),
+    # Blocks per grid step, forward / dq / dkv (`TileConfig.blocks_per_step`):
+    # a step's fixed pipeline work (DMA set-up, ~120 bundles) is shared and the
+    # blocks' MXU and vector work overlap. Chosen with the static schedule at
+    # H = 64, r = 32, b = 256 (bundles per block, 1 -> the count here; 2k
+    # compiles, bench/TPU_SCHEDULE.md): v4 1185 -> 948 / 2588 -> 2336 / 3657 ->
+    # 3379; v5e 927 -> 747 / 1384 -> 1182 / dkv 2451 (2 a step: 2468, 4: 2506);
+    # v5p 990 -> 774 / 1398 -> 1275 / dkv 2507 (4: 2510); v6e 730 -> 530 /
+    # 1152 -> 860 / 1919 -> 1510 (4 a step: 572 / 922 / 1598).
+    # v4 keeps one block a step in the backward: 4 cut its dq and dkv bundles
+    # too, but needed more VMEM than the estimate (fitted at 1) allows for.
+    "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB,
+                        forward_blocks_per_step=4),
     # Since the dkv kernel forms the diagonal block's dQ too, 128 tiles suit it
     # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
     # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
     # TileConfig(dkv_local_tile=256) there (bench/TPU_SCHEDULE.md).
-    # Four blocks per forward grid step: the step's fixed pipeline work (DMA
-    # set-up, ~120 bundles) is shared and the blocks' MXU and vector work
-    # overlap (bench/TPU_SCHEDULE.md).
     "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB,
-                         forward_blocks_per_step=4),
-    "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB),
+                         forward_blocks_per_step=4, dq_blocks_per_step=8),
+    "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB,
+                         forward_blocks_per_step=4, dq_blocks_per_step=4),
     "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
-                         bf16_vpu=True, forward_blocks_per_step=4),
+                         bf16_vpu=True, forward_blocks_per_step=8, dq_blocks_per_step=8,
+                         dkv_blocks_per_step=8),
 }
 DEFAULT_GENERATION = "v5e"
 
@@ -125,7 +138,11 @@ class TileConfig:
     blocks_per_step: how many blocks the causal forward kernel walks per grid
       step, in order (the largest divisor of the number of blocks up to this
       is used): the step's fixed pipeline work is shared and the blocks' work
-      overlaps. None: the generation's default (4 on v5e and v6e, else 1).
+      overlaps. None: the generation's default (`GENERATIONS`), halved until the
+      kernel fits the VMEM budget.
+    dq_blocks_per_step, dkv_blocks_per_step: the same for the backward's dq
+      and dkv kernels. None: `blocks_per_step` if that is set, else the
+      generation's default.
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
@@ -133,6 +150,8 @@ class TileConfig:
   bf16_phi: bool | None = None
   dkv_local_tile: int | None = None
   blocks_per_step: int | None = None
+  dq_blocks_per_step: int | None = None
+  dkv_blocks_per_step: int | None = None
 
   def __post_init__(self):
     if self.generation is not None and self.generation not in GENERATIONS:
@@ -143,10 +162,11 @@ class TileConfig:
       if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)
                                or tile <= 0 or tile % 8):
         raise ValueError(f"{name} must be a positive multiple of 8, got {tile!r}")
-    if self.blocks_per_step is not None and (
-        isinstance(self.blocks_per_step, bool) or not isinstance(self.blocks_per_step, int)
-        or self.blocks_per_step <= 0):
-      raise ValueError(f"blocks_per_step must be a positive int, got {self.blocks_per_step!r}")
+    for name in ("blocks_per_step", "dq_blocks_per_step", "dkv_blocks_per_step"):
+      count = getattr(self, name)
+      if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                or count <= 0):
+        raise ValueError(f"{name} must be a positive int, got {count!r}")
     if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
       raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
 
@@ -176,7 +196,10 @@ class ResolvedTiles:
   backward_vmem_limit_bytes: int | None = None    # the other backward kernels
   backward_vmem_estimate_bytes: int = 0           # the larger of dq's and dkv's
   dkv_local_tile: int | None = None       # None: local_tile
-  blocks_per_step: int = 1                # the forward kernel's, before fitting the blocks
+  # Blocks per grid step, before fitting the number of blocks (`blocks_per_step`).
+  blocks_per_step: int = 1                # the forward kernel's
+  dq_blocks_per_step: int = 1
+  dkv_blocks_per_step: int = 1
   dq_vmem_limit_bytes: int | None = None
   dkv_vmem_limit_bytes: int | None = None
   # Why the backward kernels do not fit, raised when a gradient is traced (a
@@ -223,7 +246,8 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
                    *, group: int = 1, local_tile: int | None = None,
                    dkv_local_tile: int | None = None,
                    state_io: bool = False, symmetric: bool = True,
-                   blocks_per_step: int = 1) -> dict[str, int]:
+                   blocks_per_step: int = 1, dq_blocks_per_step: int = 1,
+                   dkv_blocks_per_step: int = 1) -> dict[str, int]:
   """Bytes of VMEM each kernel needs: {"forward", "dq", "dkv"}.
 
   Pipelined blocks (double-buffered, padded to the (sublane, 128) tile), the
@@ -234,7 +258,8 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
     len(sym_pairs(r)) symmetric pairs. False: the segment and non-causal
     kernels, which hold all r^2 pairs.
   state_io: a state block passed in or out (prefill, context parallelism).
-  blocks_per_step: the forward's (its pipelined blocks hold that many blocks).
+  blocks_per_step, dq_blocks_per_step, dkv_blocks_per_step: blocks per grid
+    step of each kernel (its pipelined blocks hold that many blocks).
   """
   from pallas_polysketch._pallas_common import sym_pairs  # (it imports this module)
   b, h, r, g = block_size, head_dim, sketch_dim, group
@@ -244,22 +269,25 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   state_fwd = _tile_bytes((rows, pairs), f32)     # [S^T; z^T]
   state_bwd = _tile_bytes((pairs, rows), f32)     # [S, z]: rows on the lanes
   phi = pairs * b * 4                             # one phi^T in float32
-  common_in = (((g, b, h), mm), ((b, h), mm), ((b, h), mm), ((h, b), mm), ((g, r, b), ft),
-               ((r, b), ft), ((g, b, r), ft), ((b, r), ft), ((g, b, h), mm),
-               ((g, h, b), f32))
   state_in = 2 * state_bwd if state_io else 0
-  bs = b * blocks_per_step
+  bs = b * blocks_per_step          # the tokens of a grid step's pipelined blocks
   forward = (_buffers(((g, bs, h), mm), ((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft),
                       ((r, bs), ft), ((g, h, bs), f32), ((g, 1, bs), f32))
              + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
              + (4 * state_fwd if state_io else 0))
   # dq: v, the features, dnum^T and dden in; df_q out.
-  dq = (_buffers(((b, h), mm), ((h, b), mm), ((g, r, b), ft), ((r, b), ft), ((g, b, r), ft),
-                 ((b, r), ft), ((g, h, b), f32), ((g, 1, b), f32), ((g, r, b), f32))
+  bs = b * dq_blocks_per_step
+  dq = (_buffers(((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft), ((r, bs), ft),
+                 ((g, bs, r), ft), ((bs, r), ft), ((g, h, bs), f32), ((g, 1, bs), f32),
+                 ((g, r, bs), f32))
         + state_in)
   # dkv: the diagonal block's dQ (out, and its float32 accumulators) beside dK, dV.
-  dkv = (_buffers(*common_in, ((g, b, h), mm), ((g, 2, b), f32), ((b, max(h, r)), mm),
-                  ((b, h), mm), ((r, b), f32), ((g, b, max(h, r)), mm))
+  bs = b * dkv_blocks_per_step
+  dkv = (_buffers(((g, bs, h), mm), ((bs, h), mm), ((bs, h), mm), ((h, bs), mm),
+                  ((g, r, bs), ft), ((r, bs), ft), ((g, bs, r), ft), ((bs, r), ft),
+                  ((g, bs, h), mm), ((g, h, bs), f32), ((g, bs, h), mm), ((g, 2, bs), f32),
+                  ((bs, max(h, r)), mm), ((bs, h), mm), ((r, bs), f32),
+                  ((g, bs, max(h, r)), mm))
          + _tile_bytes((g, b, max(h, r)), f32)
          + local_bytes(dkv_local_tile or local_tile) + 2 * state_in)
   if symmetric:
@@ -315,15 +343,30 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
     return lt
 
   local_tile = tile("local_tile", gen.mxu_width)
-  blocks_per_step = config.blocks_per_step or gen.forward_blocks_per_step
   dkv_local_tile = tile("dkv_local_tile",
                         config.local_tile or gen.dkv_local_tile or gen.mxu_width)
-  estimates = vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
-                             group=group, local_tile=local_tile,
-                             dkv_local_tile=dkv_local_tile, symmetric=symmetric,
-                             blocks_per_step=blocks_per_step)
+  # Blocks per grid step: the given ones (None: the generation's default)...
+  given = dict(blocks_per_step=config.blocks_per_step,
+               dq_blocks_per_step=config.dq_blocks_per_step or config.blocks_per_step,
+               dkv_blocks_per_step=config.dkv_blocks_per_step or config.blocks_per_step)
+  counts = {name: given[name] or getattr(gen, name if name != "blocks_per_step"
+                                         else "forward_blocks_per_step")
+            for name in given}
+  estimate = lambda: vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
+                                    group=group, local_tile=local_tile,
+                                    dkv_local_tile=dkv_local_tile, symmetric=symmetric,
+                                    **counts)
+  estimates = estimate()
   limit = config.vmem_limit_bytes
   budget = limit or gen.vmem_bytes
+  # ... a default count halved until its kernel fits (a given one is kept: it
+  # fails below if it does not fit).
+  count_of = {"forward": "blocks_per_step", "dq": "dq_blocks_per_step",
+              "dkv": "dkv_blocks_per_step"}
+  for kernel, name in count_of.items():
+    while given[name] is None and counts[name] > 1 and estimates[kernel] > budget:
+      counts[name] //= 2
+      estimates = estimate()
   errors = {}
   for kernel, estimate in estimates.items():
     if estimate > budget:
@@ -333,7 +376,10 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
           f"block_size={block_size}, sketch_dim={sketch_dim}, head_dim={head_dim}, "
           f"{group} query head(s) per kv head ({jnp.dtype(dtype).name}): the {kernel} "
           f"kernel needs about {estimate / MiB:.1f} MiB of VMEM, over {source} "
-          f"({budget / MiB:.1f} MiB): use a smaller block_size or sketch_dim")
+          f"({budget / MiB:.1f} MiB) with {counts[count_of[kernel]]} block(s) a grid "
+          f"step: use a smaller block_size or sketch_dim"
+          + (f", or a smaller TileConfig.{count_of[kernel]}" if counts[count_of[kernel]] > 1
+             else ""))
   if "forward" in errors:
     raise ValueError(errors["forward"])
 
@@ -349,7 +395,7 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        vmem_estimate_bytes=estimates["forward"], bf16_phi=bf16_phi,
                        backward_vmem_limit_bytes=limit_for(backward),
                        backward_vmem_estimate_bytes=backward,
-                       dkv_local_tile=dkv_local_tile, blocks_per_step=blocks_per_step,
+                       dkv_local_tile=dkv_local_tile, **counts,
                        dq_vmem_limit_bytes=limit_for(estimates["dq"]),
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        backward_error=errors.get("dq") or errors.get("dkv"))

@@ -64,6 +64,13 @@ CASES = [
     pytest.param(False, True, 4, 64, 16, 256, 128, None, jnp.bfloat16, True, marks=pytest.mark.slow),
     # H = 128: q, k, v, dO, dq, dk, dv tokens on rows (H = 64 above: on lanes).
     (True, True, 4, 128, 16, 256, 256, 128, jnp.bfloat16, True),
+    # Several blocks a grid step, each kernel its own count, 4 blocks: the dq
+    # kernel's state and the dkv kernel's reverse carry cross sub-blocks and
+    # steps (2 x 2), or stay in one step (4) beside one block a step (1).
+    (True, True, 4, 64, 16, 512, 128, {"dq_blocks_per_step": 2, "dkv_blocks_per_step": 2},
+     jnp.float32, "tpu"),
+    (True, False, 4, 128, 16, 512, 128, {"dq_blocks_per_step": 1, "dkv_blocks_per_step": 4,
+                                         "blocks_per_step": 2}, jnp.float32, True),
 ]
 
 

@@ -192,7 +192,11 @@ def test_backward_tiles_resolve_per_kernel():
   assert est["dkv"] > base["dkv"] and (est["dq"], est["forward"]) == (base["dq"], base["forward"])
   t = resolve(generation="v5e", local_tile=128)
   assert (t.local_tile, t.dkv_local_tile) == (128, 128)
-  assert t.backward_vmem_estimate_bytes == max(base["dq"], base["dkv"])
+  v5e = tpu_config.GENERATIONS["v5e"]
+  own = tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16, local_tile=128,
+                                  dq_blocks_per_step=v5e.dq_blocks_per_step,
+                                  dkv_blocks_per_step=v5e.dkv_blocks_per_step)
+  assert t.backward_vmem_estimate_bytes == max(own["dq"], own["dkv"])
   for name, gen in tpu_config.GENERATIONS.items():
     t = resolve(generation=name)
     assert t.dkv_local_tile == min(gen.dkv_local_tile or gen.mxu_width, 256)
@@ -206,6 +210,47 @@ def test_backward_tiles_resolve_per_kernel():
     resolve(dkv_local_tile=64)
   with pytest.raises(TypeError, match="dq_local_tile"):
     tpu_config.TileConfig(dq_local_tile=128)   # the dq kernel has no diagonal block
+
+
+def test_blocks_per_step_resolve_per_kernel():
+  """dq_ / dkv_blocks_per_step: an explicit value wins; None follows an
+  explicit blocks_per_step, else the generation's default per kernel; each
+  kernel's VMEM estimate counts its own pipelined blocks; bad counts say why."""
+  resolve = lambda **kw: tpu_config.resolve_tiles(
+      tpu_config.TileConfig(**kw), block_size=256, head_dim=64, sketch_dim=32,
+      dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16)
+  counts = lambda t: (t.blocks_per_step, t.dq_blocks_per_step, t.dkv_blocks_per_step)
+  assert counts(resolve(blocks_per_step=2, dkv_blocks_per_step=3)) == (2, 2, 3)
+  assert counts(resolve(dq_blocks_per_step=5)) == (
+      tpu_config.GENERATIONS["v5e"].forward_blocks_per_step, 5,
+      tpu_config.GENERATIONS["v5e"].dkv_blocks_per_step)
+  for name, gen in tpu_config.GENERATIONS.items():
+    assert counts(resolve(generation=name)) == (
+        gen.forward_blocks_per_step, gen.dq_blocks_per_step, gen.dkv_blocks_per_step)
+  est = lambda **kw: tpu_config.vmem_estimates(256, 64, 32, jnp.bfloat16, jnp.bfloat16,
+                                               local_tile=128, **kw)
+  base, more = est(), est(dq_blocks_per_step=4)
+  assert more["dq"] > base["dq"] and (more["forward"], more["dkv"]) == (base["forward"],
+                                                                      base["dkv"])
+  more = est(dkv_blocks_per_step=4)
+  assert more["dkv"] > base["dkv"] and (more["forward"], more["dq"]) == (base["forward"],
+                                                                       base["dq"])
+  # A default count is halved until its kernel fits the generation's VMEM; a
+  # given one is kept and refused when it does not fit.
+  big = lambda **kw: tpu_config.resolve_tiles(
+      tpu_config.TileConfig(generation="v4", **kw), block_size=256, head_dim=128,
+      sketch_dim=64, dtype=jnp.bfloat16, feature_dtype=jnp.bfloat16, group=2)
+  v4 = tpu_config.GENERATIONS["v4"]
+  t = big()
+  assert 1 <= t.blocks_per_step < v4.forward_blocks_per_step
+  assert t.vmem_estimate_bytes <= v4.vmem_bytes
+  with pytest.raises(ValueError, match=r"forward kernel needs about .* with 8 block\(s\) a "
+                                       r"grid step: .* a smaller TileConfig.blocks_per_step"):
+    big(blocks_per_step=8)
+  for name in ("blocks_per_step", "dq_blocks_per_step", "dkv_blocks_per_step"):
+    for bad in (0, -1, 2.0, True):
+      with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {bad!r}"):
+        tpu_config.TileConfig(**{name: bad})
 
 
 def test_per_generation_defaults():

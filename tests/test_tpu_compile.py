@@ -82,6 +82,8 @@ INTERPRET_CONFIGS = [
     (1, 256, None), (129, 256, None), (255, 256, None), (513, 256, None), (200, 256, None),
     (384, 128, None), (64, 64, None), (128, 128, None),
     (512, 256, {"local_tile": 256, "dkv_local_tile": 128}),
+    (512, 128, {"dq_blocks_per_step": 2, "dkv_blocks_per_step": 2}),
+    (512, 128, {"dq_blocks_per_step": 1, "dkv_blocks_per_step": 4, "blocks_per_step": 2}),
 ]
 
 
