@@ -30,77 +30,67 @@ def _fwd_layout(state_rz):
   return None if state_rz is None else jnp.swapaxes(state_rz, -1, -2)
 
 
+def _forward(static, q, k, v, q_features, k_features, initial_state, **kw):
+  """causal_forward with static = (degree, block_size, local_exact, bias, tiles,
+  interpret) and initial_state in the rz layout."""
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  return causal_forward(q, k, v, q_features, k_features, degree=degree,
+                        block_size=block_size, local_exact=local_exact, bias=bias,
+                        tiles=tiles, interpret=interpret,
+                        initial_state=_fwd_layout(initial_state), **kw)
+
+
+def _backward(static, residuals, do, **kw):
+  degree, block_size, local_exact, bias, tiles, interpret = static
+  q, k, v, q_features, k_features, initial_state, o, den = residuals
+  tiles.check_backward()
+  grads, d_initial = causal_backward(
+      q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
+      local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state,
+      **kw)
+  return grads + (d_initial,)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def causal(q, k, v, q_features, k_features, initial_state, static):
   """static: (degree, block_size, local_exact, bias, tiles, interpret)."""
   # Not differentiated: o straight in q's dtype (the VJP's forward keeps it in f32).
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  o, _ = causal_forward(q, k, v, q_features, k_features, degree=degree,
-                        block_size=block_size, local_exact=local_exact, bias=bias,
-                        tiles=tiles, interpret=interpret,
-                        initial_state=_fwd_layout(initial_state))
-  return o
+  return _forward(static, q, k, v, q_features, k_features, initial_state)[0]
 
 
 def _causal_fwd(q, k, v, q_features, k_features, initial_state, static):
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  o, den = causal_forward(q, k, v, q_features, k_features, degree=degree,
-                          block_size=block_size, local_exact=local_exact, bias=bias,
-                          tiles=tiles, interpret=interpret,
-                          initial_state=_fwd_layout(initial_state), out_dtype=jnp.float32)
+  o, den = _forward(static, q, k, v, q_features, k_features, initial_state,
+                    out_dtype=jnp.float32)
   # Residuals: inputs, the float32 output (the backward's dden = -(g . O) / den
   # cancels against the state terms: a bf16 O costs 20x in the gradient where
   # v varies little around its mean) and the [B, N, 1, T] denominator; never states.
   return o.astype(q.dtype), (q, k, v, q_features, k_features, initial_state, o, den)
 
 
-def _causal_bwd(static, residuals, do):
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  q, k, v, q_features, k_features, initial_state, o, den = residuals
-  tiles.check_backward()
-  grads, d_initial = causal_backward(
-      q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
-      local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state)
-  return grads + (d_initial,)
-
-
-causal.defvjp(_causal_fwd, _causal_bwd)
+causal.defvjp(_causal_fwd, _backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def causal_with_state(q, k, v, q_features, k_features, initial_state, state_block, static):
   """(o, the rz state at the start of block state_block[b]); state_block int32 [B]."""
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  o, _, state = causal_forward(q, k, v, q_features, k_features, degree=degree,
-                               block_size=block_size, local_exact=local_exact, bias=bias,
-                               tiles=tiles, interpret=interpret,
-                               initial_state=_fwd_layout(initial_state),
-                               state_block=state_block)
+  o, _, state = _forward(static, q, k, v, q_features, k_features, initial_state,
+                         state_block=state_block)
   return o, jnp.swapaxes(state, -1, -2)
 
 
 def _causal_with_state_fwd(q, k, v, q_features, k_features, initial_state, state_block,
                            static):
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  o, den, state = causal_forward(q, k, v, q_features, k_features, degree=degree,
-                                 block_size=block_size, local_exact=local_exact, bias=bias,
-                                 tiles=tiles, interpret=interpret,
-                                 initial_state=_fwd_layout(initial_state),
-                                 state_block=state_block, out_dtype=jnp.float32)
-  residuals = (q, k, v, q_features, k_features, initial_state, state_block, o, den)
+  o, den, state = _forward(static, q, k, v, q_features, k_features, initial_state,
+                           state_block=state_block, out_dtype=jnp.float32)
+  residuals = (q, k, v, q_features, k_features, initial_state, o, den), state_block
   return (o.astype(q.dtype), jnp.swapaxes(state, -1, -2)), residuals
 
 
 def _causal_with_state_bwd(static, residuals, cotangents):
-  degree, block_size, local_exact, bias, tiles, interpret = static
-  q, k, v, q_features, k_features, initial_state, state_block, o, den = residuals
+  residuals, state_block = residuals
   do, d_state = cotangents
-  tiles.check_backward()
-  grads, d_initial = causal_backward(
-      q, k, v, q_features, k_features, o, den, do, degree=degree, block_size=block_size,
-      local_exact=local_exact, tiles=tiles, interpret=interpret, initial_state=initial_state,
-      d_final_state=d_state, state_block=state_block)
-  return grads + (d_initial, None)      # state_block: an integer, no cotangent
+  grads = _backward(static, residuals, do, d_final_state=d_state, state_block=state_block)
+  return grads + (None,)      # state_block: an integer, no cotangent
 
 
 causal_with_state.defvjp(_causal_with_state_fwd, _causal_with_state_bwd)
