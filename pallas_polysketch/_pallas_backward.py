@@ -8,12 +8,15 @@ need, as FlashAttention recomputes P. With g = dO (in XLA beforehand):
   V^T  = [v^T; 1; 0]            (H + 16, b)         as in the forward
 
 Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
-[S, z] (r^2, H + 16) in float32 VMEM from the initial state;
-dPhi_q^T = [S, z] G^T is one NN matmul, then df_q = (M + M^T) f_q.
+[S, z] (P, H + 16) in float32 VMEM from the initial state;
+dPhi_q^T = [S, z] G^T is one NN matmul, then df_q its cotangent through phi.
+Both kernels form phi and its cotangent from whole-vreg float32 pieces
+(`phi_rot_t`, `phi_rot_vjp`: P = len(rot_pairs(r, False)) rows, 544 for
+r = 32), whatever the features' dtype.
 
 Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
 [R, rho] = d(returned state) + sum_{t' > t} Phi_q,t'^T [dnum_t', dden_t']
-(r^2, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R. The returned
+(P, H + 16): dPhi_k^T = [R, rho] V^T (NN), dV += Phi_k R. The returned
 state's cotangent joins the carry where the forward took the state, per row
 (a scalar-prefetch block index, as in the forward's): before the last block
 for the final state, before block c - 1 for the state at the start of block
@@ -58,8 +61,8 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, full_state, group_view,
-    kernel_view, nbytes, outer_sum, phi_sym_t, phi_sym_vjp, phi_t, phi_t_vjp, precision_for,
-    public_view, split_dot, split_operand, sub_block, sym_pairs, sym_state)
+    kernel_view, nbytes, outer_sum, phi_rot_t, phi_rot_vjp, phi_t, phi_t_vjp, precision_for,
+    public_view, rot_pairs, split_dot, split_operand, sub_block, sym_state)
 from pallas_polysketch._pallas_forward import blocks_per_step, tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -119,7 +122,7 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, st
     sel = (gi,) if causal else (...,)
     g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
     dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS)
-    dfq = (phi_sym_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
+    dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
     dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
   if not causal:
@@ -128,7 +131,7 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, st
   # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
   v_t = v_ref[...] if tokens_on_lanes else v_ref[...].T             # (H, b)
   mm_dtype = v_t.dtype
-  phi_k = phi_sym_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False)
+  phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
   state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t), NT_DIMS,
                                         preferred_element_type=jnp.float32,
                                         precision=precision_for(mm_dtype))
@@ -225,9 +228,9 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   v_aug = augment_v_t(v_t)
   dphi_k = split_dot(split_operand(carry, split),
                      split_operand(v_aug, split and "exact"), NN_DIMS)
-  if causal:     # [R, rho] over the symmetric pairs (`sym_pairs`), as the dq kernel's state
-    dfk_t = phi_sym_vjp(dphi_k, fk_t_ref[...], query=False)
-    phi_k = phi_sym_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False)
+  if causal:     # [R, rho] on the float32 `rot_pairs`, as the dq kernel's state
+    dfk_t = phi_rot_vjp(dphi_k, fk_t_ref[...], query=False)
+    phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
   else:
     dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
     phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
@@ -295,7 +298,7 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
     g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
     # phi_q rounded to bf16 once costs nothing measurable here (the cotangent
     # G is what cancels): two passes, not three.
-    phi_q = phi_sym_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True)
+    phi_q = phi_rot_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True, packed=False)
     carry_ref[...] += split_dot(split_operand(phi_q, split and "exact"),
                                 split_operand(g_aug, split), NT_DIMS)
 
@@ -305,8 +308,8 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
   """Flops of (kernel 1, kernel 2) for CostEstimate and the roofline; local_tile:
   kernel 2's diagonal-block tile."""
   kv_heads = kv_heads or heads
-  # The causal kernels form phi on the symmetric pairs only (`sym_pairs`).
-  r2 = len(sym_pairs(sketch_dim)) if causal else sketch_dim * sketch_dim
+  # The causal kernels form phi on the float32 `rot_pairs` only.
+  r2 = len(rot_pairs(sketch_dim, False)) if causal else sketch_dim * sketch_dim
   rows = head_dim + NORMALISER_ROWS
   nb = seq // block_size
   phi = 2 * r2 * block_size
@@ -409,15 +412,18 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
       return (bi, ni) + ((0,) if grouped else ()) + tuple(idx)
     return pl.BlockSpec(lead + tuple(shape), index)
 
-  # The kernels keep [S, z] and [R, rho] over the symmetric pairs (`sym_pairs`);
-  # states and their cotangents cross the boundary on all r^2 pairs.
-  n_sym = len(sym_pairs(r))
+  # The kernels keep [S, z] and [R, rho] on the pairs of phi's float32 pieces
+  # (`rot_pairs(r, False)`, whatever the features' dtype: the backward forms
+  # phi in float32); states and their cotangents cross the boundary on all
+  # r^2 pairs.
+  pairs = rot_pairs(r, False)
+  n_sym = len(pairs)
   sym_shape = sds((b_, kv, n_sym, rows), f32)
   if initial_state is not None:
-    initial_state = sym_state(initial_state, axis=-2)
+    initial_state = sym_state(initial_state, axis=-2, pairs=pairs)
   inject = d_final_state is not None
   if inject:    # the cotangent of the returned state through full_state
-    d_final_state, = jax.linear_transpose(lambda x: full_state(x, r, axis=-2),
+    d_final_state, = jax.linear_transpose(lambda x: full_state(x, r, axis=-2, pairs=pairs),
                                           sym_shape)(d_final_state)
     # The forward emits the state after the last block for any block >= nb.
     state_block = jnp.minimum(
@@ -498,7 +504,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     d_initial = outs[4]
     if inject:         # a state returned at block 0 is the initial state
       d_initial += jnp.where((state_block == 0)[:, None, None, None], d_final_state, 0.0)
-    d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2),
+    d_initial, = jax.linear_transpose(lambda x: sym_state(x, axis=-2, pairs=pairs),
                                       sds((b_, kv, r * r, rows), f32))(d_initial)
 
   q_back = kv_back = functools.partial(public_view, on_lanes=on_lanes)

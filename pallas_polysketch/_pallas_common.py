@@ -272,6 +272,45 @@ def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed):
   return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
 
 
+def phi_rot_vjp(dphi, f_t, *, query):
+  """Cotangent of `phi_rot_t` with packed=False: (R, b), (r, b) -> (r, b) float32.
+
+  A piece is (w f_i) * roll(f_k, m) (tiles of 8 float32 rows), so it sends
+  w dphi * roll(f_k, m) to tile i and roll(w dphi * f_i, -m) to tile k: whole
+  vregs and sublane rotations, as the forward's pieces (`phi_sym_vjp` instead
+  sums each feature's row over sublanes). r no multiple of 8: `phi_sym_vjp`.
+  """
+  r, b = f_t.shape
+  plan = rot_plan(r, False)
+  if plan is None:
+    return phi_sym_vjp(dphi, f_t, query=query)
+  t = _rot_tile(r, False)
+  f = f_t.astype(jnp.float32)
+  dphi = dphi.astype(jnp.float32)
+  tiles = [f[i * t:(i + 1) * t] for i in range(r // t)]
+  twice = [x + x for x in tiles] if query else None
+  rolled = {}
+  # Tile i's cotangent from pieces of weight 1 and of weight 2 (doubled once).
+  to_i = [[None, None] for _ in tiles]
+  to_k = [None for _ in tiles]
+  add = lambda acc, x: x if acc is None else acc + x
+  for j, (i, k, m, _, w) in enumerate(plan[0]):
+    w = w if query else 1
+    d = dphi[j * t:(j + 1) * t]
+    if (k, m) not in rolled:
+      rolled[(k, m)] = _compat.pltpu.roll(tiles[k], m, 0) if m else tiles[k]
+    to_i[i][w - 1] = add(to_i[i][w - 1], d * rolled[(k, m)])
+    back = d * twice[i] if w == 2 else d * tiles[i]
+    to_k[k] = add(to_k[k], _compat.pltpu.roll(back, t - m, 0) if m else back)
+  out = []
+  for (ones, twos), ks in zip(to_i, to_k):
+    acc = ks
+    acc = add(acc, ones) if ones is not None else acc
+    acc = add(acc, twos + twos) if twos is not None else acc
+    out.append(acc)
+  return jnp.concatenate(out, axis=0)
+
+
 def phi_sym_vjp(dphi, f_t, *, query):
   """Cotangent of phi_sym_t: (R, b), (r, b) -> (r, b) float32.
 

@@ -254,8 +254,10 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   local tiles (the forward's and the dkv kernel's, dkv_local_tile defaulting to
   local_tile), and the state-sized and phi-sized scratch and temporaries over
   the feature pairs the kernels hold.
-  symmetric: the causal kernels without segments, which keep only the R =
-    len(sym_pairs(r)) symmetric pairs. False: the segment and non-causal
+  symmetric: the causal kernels without segments, which keep one row per
+    pair of phi's symmetric pieces (`rot_pairs`: 544 or 576 at r = 32),
+    counted here as len(sym_pairs(r)) (640), the bound the fit was made
+    with. False: the segment and non-causal
     kernels, which hold all r^2 pairs.
   state_io: a state block passed in or out (prefill, context parallelism).
   blocks_per_step, dq_blocks_per_step, dkv_blocks_per_step: blocks per grid

@@ -378,3 +378,26 @@ def test_symmetric_phi_vjp_is_the_gradient(r, query):
   _, vjp = jax.vjp(lambda f: common.phi_sym_t(f, jnp.float32, jnp.float32, query=query), f_t)
   np.testing.assert_allclose(common.phi_sym_vjp(dphi, f_t, query=query), vjp(dphi)[0],
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query", [True, False])
+@pytest.mark.parametrize("r", [32, 16, 12])
+def test_rotated_phi_vjp_is_the_gradient(r, query):
+  """The backward kernels' phi cotangent (`phi_rot_vjp`) is the gradient of
+  the rows of `phi_rot_t` (float32 pieces), written independently here as
+  w f_a f_c over `rot_pairs` (w: the query side's piece weights)."""
+  from pallas_polysketch import _pallas_common as common
+  pairs = common.rot_pairs(r, False)
+  plan = common.rot_plan(r, False)
+  weights = (np.repeat([w for *_, w in plan[0]], 8).astype(np.float32)
+             if plan and query else np.ones(len(pairs), np.float32))
+  a_idx, c_idx = (np.array(x) for x in zip(*pairs))
+  f_t = jax.random.normal(jax.random.PRNGKey(r), (r, 256), jnp.float32)
+  dphi = jax.random.normal(jax.random.PRNGKey(1), (len(pairs), 256), jnp.float32)
+  rows = lambda f: weights[:, None] * f[a_idx] * f[c_idx]
+  formed = jax.jit(lambda f: common.phi_rot_t(f, jnp.float32, jnp.float32, query=query,
+                                              packed=False))(f_t)
+  np.testing.assert_allclose(formed, rows(f_t), rtol=1e-6, atol=1e-6)
+  _, vjp = jax.vjp(rows, f_t)
+  got = jax.jit(lambda d, f: common.phi_rot_vjp(d, f, query=query))(dphi, f_t)
+  np.testing.assert_allclose(got, vjp(dphi)[0], rtol=1e-5, atol=1e-5)
