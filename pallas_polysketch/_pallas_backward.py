@@ -80,8 +80,8 @@ def _rows(x, tokens_on_lanes):
   return x.T if tokens_on_lanes else x
 
 
-def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False, block=None,
-               sub_blocks=1):
+def _dq_kernel(*refs, causal, has_initial, split, stack=False, tokens_on_lanes=False,
+               block=None, sub_blocks=1):
   """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
   are the dkv kernel's). v comes tokens on rows (b, H) or, with
   `tokens_on_lanes`, as an (H, b) tile (the forward's layouts). Causal: a grid
@@ -90,7 +90,7 @@ def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False, block=N
   if not causal:
     state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
     _dq_block(None, fq_t_ref, None, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref,
-              causal=False, split=split, tokens_on_lanes=tokens_on_lanes)
+              causal=False, split=split, stack=stack, tokens_on_lanes=tokens_on_lanes)
     return
   v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref = refs[:5]
   refs = refs[5:]
@@ -108,12 +108,12 @@ def _dq_kernel(*refs, causal, has_initial, split, tokens_on_lanes=False, block=N
   for s in range(sub_blocks):
     _dq_block(tokens(v_ref, 1 if tokens_on_lanes else 0, s), tokens(fq_t_ref, 2, s),
               tokens(fk_t_ref, 1, s), tokens(dnum_t_ref, 2, s), tokens(dden_row_ref, 2, s),
-              tokens(dfq_t_ref, 2, s), state_ref, causal=True, split=split,
+              tokens(dfq_t_ref, 2, s), state_ref, causal=True, split=split, stack=stack,
               tokens_on_lanes=tokens_on_lanes)
 
 
 def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref, *,
-              causal, split, tokens_on_lanes):
+              causal, split, stack, tokens_on_lanes):
   """One block of the dq kernel: reads the state, then adds the block to it."""
   group = fq_t_ref.shape[0] if causal else 1
   # dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
@@ -121,7 +121,7 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, st
   for gi in range(group):
     sel = (gi,) if causal else (...,)
     g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
-    dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS)
+    dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS, stack=stack)
     dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
     dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
@@ -138,7 +138,8 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, st
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
-                emit_initial, split, tokens_on_lanes=False, block=None, sub_blocks=1):
+                emit_initial, split, stack=False, tokens_on_lanes=False, block=None,
+                sub_blocks=1):
   """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
   df_k when sketched), its scores formed once for all three.
 
@@ -152,7 +153,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
   refs = list(refs)
   state_block_ref = refs.pop(0) if inject else None
   kw = dict(degree=degree, local_exact=local_exact, local_tile=local_tile, split=split,
-            tokens_on_lanes=tokens_on_lanes)
+            stack=stack, tokens_on_lanes=tokens_on_lanes)
   if not causal:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
     _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, None, dv_ref,
@@ -208,7 +209,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
 
 def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref,
                local_out_ref, dv_ref, dfk_t_ref, dq_local_ref, carry_ref, *, causal, degree,
-               local_exact, local_tile, split, tokens_on_lanes, prepare):
+               local_exact, local_tile, split, stack, tokens_on_lanes, prepare):
   """One block of the dkv kernel (v_ref is v^T when not causal): reads the
   carry of the blocks after it (`prepare()` sets it up), then adds the block
   to it."""
@@ -227,7 +228,7 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   carry = carry_ref[...]
   v_aug = augment_v_t(v_t)
   dphi_k = split_dot(split_operand(carry, split),
-                     split_operand(v_aug, split and "exact"), NN_DIMS)
+                     split_operand(v_aug, split and "exact"), NN_DIMS, stack=stack)
   if causal:     # [R, rho] on the float32 `rot_pairs`, as the dq kernel's state
     dfk_t = phi_rot_vjp(dphi_k, fk_t_ref[...], query=False)
     phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
@@ -438,7 +439,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   b, lw = "t", (h if local_exact else r)
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
-  kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype))
+  kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype),
+            stack=tiles.stack_split_products)
 
   hd = (h, b) if on_lanes else (b, h)           # a q, k, v, dO, dq, dk, dv block
   lwd = (lw, b) if on_lanes else (b, lw)        # the local output's block
@@ -453,8 +455,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   out1 = sds((b_, kv, group, r, t), f32)
   dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
-                        split=_splits(mm_dtype), tokens_on_lanes=on_lanes,
-                        block=block_size, sub_blocks=dq_sub),
+                        split=_splits(mm_dtype), stack=tiles.stack_split_products,
+                        tokens_on_lanes=on_lanes, block=block_size, sub_blocks=dq_sub),
       grid=(b_, kv, nb // dq_sub),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
                 spec((h, b), True, False), spec((1, b), True, False)]

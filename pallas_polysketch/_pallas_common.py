@@ -48,23 +48,44 @@ def split_operand(x, split):
   return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def split_dot(a_parts, b_parts, dims):
+def split_dot(a_parts, b_parts, dims, stack=None):
   """sum of the products of `split_operand` parts, f32 accumulation, without
   lo x lo (below 2^-16 of the result): one pass at HIGHEST for float32 parts
   (six bf16 passes in Mosaic), three bf16 passes for two split operands, two
   when one is exact. The backward's cancelling state products take it: bf16
   rounding of their float32 operands cost 20x in dq at small value spreads
-  (BUILD_NOTES, issue 11), HIGHEST costs 3x the kernel's cycles."""
+  (BUILD_NOTES, issue 11), HIGHEST costs 3x the kernel's cycles.
+  stack: the bf16 terms as one product stacked along the contraction
+  (`_stacked_dot`), for 256-wide MXUs (`ResolvedTiles.stack_split_products`)."""
+  terms = [(a, b) for i, a in enumerate(a_parts) for j, b in enumerate(b_parts) if i + j <= 1]
+  if len(terms) > 1 and stack:
+    return _stacked_dot(terms, dims)
   out = None
-  for i, a in enumerate(a_parts):
-    for j, b in enumerate(b_parts):
-      if i + j > 1:
-        continue
-      prec = HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
-      term = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                                 precision=prec)
-      out = term if out is None else out + term
+  for a, b in terms:
+    prec = HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
+    term = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=prec)
+    out = term if out is None else out + term
   return out
+
+
+def _pad_to(x, axis, size):
+  if x.shape[axis] == size:
+    return x
+  pad = list(x.shape)
+  pad[axis] = size - x.shape[axis]
+  return jnp.concatenate([x, jnp.zeros(pad, x.dtype)], axis=axis)
+
+
+def _stacked_dot(terms, dims):
+  """The bf16 terms of `split_dot` as one MXU product, stacked along the
+  contraction, each part zero-padded to a multiple of 128: on a 256-wide MXU
+  a contraction of H + 16 = 80 fills a third of the array, three stacked
+  parts (384) two passes, not three."""
+  (ca,), (cb,) = dims[0]
+  width = -(-terms[0][0].shape[ca] // 128) * 128
+  a = jnp.concatenate([_pad_to(x, ca, width) for x, _ in terms], axis=ca)
+  b = jnp.concatenate([_pad_to(y, cb, width) for _, y in terms], axis=cb)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def phi_form_dtype(feature_dtype, mm_dtype, narrow: bool):

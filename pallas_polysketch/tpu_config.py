@@ -202,6 +202,9 @@ class ResolvedTiles:
   dkv_blocks_per_step: int = 1
   dq_vmem_limit_bytes: int | None = None
   dkv_vmem_limit_bytes: int | None = None
+  # The causal backward's split bf16 products as one product stacked along the
+  # contraction (`_pallas_common.split_dot`): 256-wide MXUs (v6e).
+  stack_split_products: bool = False
   # Why the backward kernels do not fit, raised when a gradient is traced (a
   # forward-only call, e.g. inference, may still run this tiling).
   backward_error: str | None = None
@@ -400,4 +403,5 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        dkv_local_tile=dkv_local_tile, **counts,
                        dq_vmem_limit_bytes=limit_for(estimates["dq"]),
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
+                       stack_split_products=gen.mxu_width >= 256,
                        backward_error=errors.get("dq") or errors.get("dkv"))

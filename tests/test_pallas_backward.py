@@ -71,6 +71,8 @@ CASES = [
      jnp.float32, "tpu"),
     (True, False, 4, 128, 16, 512, 128, {"dq_blocks_per_step": 1, "dkv_blocks_per_step": 4,
                                          "blocks_per_step": 2}, jnp.float32, True),
+    # v6e's tiles in bf16: the split products stacked along the contraction.
+    (True, True, 4, 64, 32, 512, 256, {"generation": "v6e"}, jnp.bfloat16, "tpu"),
 ]
 
 
@@ -209,6 +211,11 @@ def test_split_dot_keeps_float32_operands_to_2_pow_minus_16():
   scale = np.abs(np.asarray(a, np.float64)) @ np.abs(np.asarray(b, np.float64))
   err = lambda got: float(np.max(np.abs(np.asarray(got, np.float64) - exact) / scale))
   assert err(split_dot(split_operand(a, True), split_operand(b, True), NN_DIMS)) < 2 ** -15
+  # Stacked along the contraction (256-wide MXUs): the same three terms.
+  stacked = split_dot(split_operand(a, True), split_operand(b, True), NN_DIMS, stack=True)
+  assert err(stacked) < 2 ** -15
+  np.testing.assert_allclose(stacked, split_dot(split_operand(a, True), split_operand(b, True),
+                                                NN_DIMS), rtol=0, atol=2 ** -20 * np.max(scale))
   assert err(split_dot(split_operand(a, "exact"), split_operand(b, "exact"), NN_DIMS)) > 2 ** -10
   assert err(split_dot(split_operand(a, False), split_operand(b, False), NN_DIMS)) < 2 ** -20
   b16 = b.astype(jnp.bfloat16).astype(jnp.float32)

@@ -84,6 +84,7 @@ INTERPRET_CONFIGS = [
     (512, 256, {"local_tile": 256, "dkv_local_tile": 128}),
     (512, 128, {"dq_blocks_per_step": 2, "dkv_blocks_per_step": 2}),
     (512, 128, {"dq_blocks_per_step": 1, "dkv_blocks_per_step": 4, "blocks_per_step": 2}),
+    (512, 256, {"generation": "v6e"}),
 ]
 
 
