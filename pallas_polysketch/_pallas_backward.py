@@ -75,11 +75,6 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _rows(x, tokens_on_lanes):
-  """A (D, b) tile given tokens on lanes -> (b, D), transposed in VMEM."""
-  return x.T if tokens_on_lanes else x
-
-
 def _dq_kernel(*refs, causal, has_initial, split, stack=False, tokens_on_lanes=False,
                block=None, sub_blocks=1):
   """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
@@ -213,15 +208,14 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   """One block of the dkv kernel (v_ref is v^T when not causal): reads the
   carry of the blocks after it (`prepare()` sets it up), then adds the block
   to it."""
-  if causal:
-    v_rows = _rows(v_ref[...], tokens_on_lanes)                        # (b, H)
-    v_t = v_rows.T
-  else:
-    v_t = v_ref[...]
+  on_lanes = tokens_on_lanes or not causal
+  v_side = v_ref[...]                                       # (H, b) on lanes, else (b, H)
+  v_t = v_side if on_lanes else v_side.T
   prepare()
   head_dim = v_t.shape[0]
   mm_dtype = v_t.dtype
-  prec = precision_for(mm_dtype)
+  mm = lambda a, b, dims, dtype=mm_dtype: jax.lax.dot_general(
+      a, b, dims, preferred_element_type=jnp.float32, precision=precision_for(dtype))
 
   # Prefix, with [R, rho] of the blocks after this one:
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
@@ -235,63 +229,66 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   else:
     dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
     phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
-  dv = jax.lax.dot_general(phi_k, carry[:, :head_dim].astype(mm_dtype), TN_DIMS,
-                           preferred_element_type=jnp.float32, precision=prec)
+  r_v = carry[:, :head_dim].astype(mm_dtype)
   if not causal:
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dv_ref[...] = mm(phi_k, r_v, TN_DIMS).astype(dv_ref.dtype)        # (b, H)
     dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
     return
+  dv = mm(r_v, phi_k, TN_DIMS) if on_lanes else mm(phi_k, r_v, TN_DIMS)
 
-  # Local block, transposed (keys on rows): L^T = w(k q^T),
-  # dL^T = v g^T / den + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum
-  # (summed over the group's query heads) and dQ = (ds^T)^T K.
+  # Local block, keys on the scores' rows: L^T = w(k q^T), dL^T = v g^T / den
+  # + dden, ds^T = dL^T * dw/ds; dK = ds^T Q, dV += L^T dnum (summed over the
+  # group's query heads) and dQ = (ds^T)^T K. Tokens on lanes ((D, b) tiles,
+  # H = 64) every product takes and gives them so, transposing nothing.
   group = q_ref.shape[0]
-  k_side = _rows(k_ref[...], tokens_on_lanes) if local_exact else fk_t_ref[...].T
-  q_sides = [_rows(q_ref[gi], tokens_on_lanes) if local_exact else fq_t_ref[gi].T
-             for gi in range(group)]
-  g_rows = [_rows(g_ref[gi], tokens_on_lanes) for gi in range(group)]
-  # dnum on rows in the operand dtype (as rounding it in XLA would).
-  dnum_rows = [dnum_t_ref[gi].T.astype(mm_dtype) for gi in range(group)]
-  block, h_or_r = k_side.shape
-  tile = lambda x, i: x[i * local_tile:(i + 1) * local_tile]
-  num_tiles = block // local_tile
+  if on_lanes:
+    axis, scores = 1, TN_DIMS
+    dk_of = lambda ds, q: mm(q, ds, NT_DIMS, q.dtype)               # (D, lt)
+    dq_of = lambda ds, k: mm(k, ds, NN_DIMS, k.dtype)
+    dv_of = lambda w, dnum: mm(dnum, w, NT_DIMS)
+    side = lambda x, f: x if local_exact else f
+    dnum_sides = [dnum_t_ref[gi].astype(mm_dtype) for gi in range(group)]
+  else:
+    axis, scores = 0, NT_DIMS
+    dk_of = lambda ds, q: mm(ds, q, NN_DIMS, q.dtype)               # (lt, D)
+    dq_of = lambda ds, k: mm(ds, k, TN_DIMS, k.dtype)
+    dv_of = lambda w, dnum: mm(w, dnum, NN_DIMS)
+    side = lambda x, f: x if local_exact else f.T
+    # dnum on rows in the operand dtype (as rounding it in XLA would).
+    dnum_sides = [dnum_t_ref[gi].T.astype(mm_dtype) for gi in range(group)]
+  k_side = side(k_ref[...], fk_t_ref[...])
+  q_sides = [side(q_ref[gi], fq_t_ref[gi]) for gi in range(group)]
+  g_sides = [g_ref[gi] for gi in range(group)]
+  tile = lambda x, i: jax.lax.slice_in_dim(x, i * local_tile, (i + 1) * local_tile, axis=axis)
+  num_tiles = k_side.shape[axis] // local_tile
   dv_tiles, dk_tiles = [], []
-  dq_tiles = [[jnp.zeros((local_tile, h_or_r), jnp.float32) for _ in range(num_tiles)]
-              for _ in range(group)]
+  dq_tiles = [[None] * num_tiles for _ in range(group)]
+  add = lambda acc, x: x if acc is None else acc + x
   for j in range(num_tiles):
-    dk_acc = jnp.zeros((local_tile, h_or_r), jnp.float32)
-    dv_acc = dv[j * local_tile:(j + 1) * local_tile, :]
+    dk_acc, dv_acc = None, tile(dv, j)
     for gi in range(group):
       for i in range(j, num_tiles):
         qs = pl.ds(i * local_tile, local_tile)
-        lhs, rhs = tile(k_side, j), tile(q_sides[gi], i)
-        s_t = jax.lax.dot_general(lhs, rhs, NT_DIMS, preferred_element_type=jnp.float32,
-                                  precision=precision_for(lhs.dtype))
+        k_j, q_i = tile(k_side, j), tile(q_sides[gi], i)
+        s_t = mm(k_j, q_i, scores, k_j.dtype)                          # (lt_k, lt_q)
         w_t = jax.lax.integer_pow(s_t, degree) if local_exact else s_t * s_t
-        vg = jax.lax.dot_general(tile(v_rows, j), tile(g_rows[gi], i), NT_DIMS,
-                                 preferred_element_type=jnp.float32, precision=prec)
+        vg = mm(tile(v_side, j), tile(g_sides[gi], i), scores)
         dl_t = vg * scal_t_ref[gi, 0:1, qs] + scal_t_ref[gi, 1:2, qs]
         ds_t = _local_grad_scores(s_t, dl_t, degree=degree, local_exact=local_exact)
         if i == j:
           upper = causal_mask(local_tile, lower=False)
           ds_t = jnp.where(upper, ds_t, 0.0)
           w_t = jnp.where(upper, w_t, 0.0)
-        ds_t = ds_t.astype(rhs.dtype)       # q and k (or f_q and f_k) share a dtype
-        dk_acc += jnp.dot(ds_t, rhs, preferred_element_type=jnp.float32,
-                          precision=precision_for(rhs.dtype))
-        dq_tiles[gi][i] += jax.lax.dot_general(ds_t, lhs, TN_DIMS,
-                                               preferred_element_type=jnp.float32,
-                                               precision=precision_for(lhs.dtype))
-        dv_acc += jnp.dot(w_t.astype(mm_dtype), tile(dnum_rows[gi], i),
-                          preferred_element_type=jnp.float32, precision=prec)
+        ds_t = ds_t.astype(q_i.dtype)       # q and k (or f_q and f_k) share a dtype
+        dk_acc = add(dk_acc, dk_of(ds_t, q_i))
+        dq_tiles[gi][i] = add(dq_tiles[gi][i], dq_of(ds_t, k_j))
+        dv_acc += dv_of(w_t.astype(mm_dtype), tile(dnum_sides[gi], i))
     dk_tiles.append(dk_acc)
     dv_tiles.append(dv_acc)
-  local_out_ref[...] = _rows(jnp.concatenate(dk_tiles, axis=0),
-                             tokens_on_lanes).astype(local_out_ref.dtype)
-  dv_ref[...] = _rows(jnp.concatenate(dv_tiles, axis=0), tokens_on_lanes).astype(dv_ref.dtype)
+  local_out_ref[...] = jnp.concatenate(dk_tiles, axis=axis).astype(local_out_ref.dtype)
+  dv_ref[...] = jnp.concatenate(dv_tiles, axis=axis).astype(dv_ref.dtype)
   for gi in range(group):
-    dq_local_ref[gi] = _rows(jnp.concatenate(dq_tiles[gi], axis=0),
-                             tokens_on_lanes).astype(dq_local_ref.dtype)
+    dq_local_ref[gi] = jnp.concatenate(dq_tiles[gi], axis=axis).astype(dq_local_ref.dtype)
   dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
 
   # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
