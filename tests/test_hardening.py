@@ -70,7 +70,10 @@ def _inputs_for_lengths(seq):
   return make_layer_inputs(0, 1, seq, 2, 1, 16, 8)
 
 
-@pytest.mark.parametrize("implementation,interpret", [("xla", False), ("pallas", True)])
+# The xla path's run is slow-marked: test_default_implementation_at_the_lengths_that_failed
+# runs the CPU default (xla) at the lengths that failed.
+@pytest.mark.parametrize("implementation,interpret", [
+    pytest.param("xla", False, marks=pytest.mark.slow), ("pallas", True)])
 def test_default_arguments_work_at_every_class_of_length(implementation, interpret):
   """seq = 129..255 used to raise "local_tile=128 must divide block_size" on every
   path, the default one on CPU included."""
