@@ -179,9 +179,20 @@ def test_bf16_gradients_at_layer_magnitudes(layer_inputs, name, kw, v_mean):
   """bf16, LayerNorm'd q, k, values with a mean as large as their spread. The
   backward's S^T dnum + z dden cancels there; it used to be formed from bf16
   states, dnum and O (error 6e-2 on df_q; now 2e-2, and 4e-3 on the others)."""
+  _check_bf16_layer_gradients(layer_inputs, dict(kw, block_size=128), v_mean)
+
+
+def test_bf16_gradients_at_layer_magnitudes_stacked_products(layer_inputs):
+  """The same with v6e's tiles: the cancelling products' split bf16 terms
+  stacked along one contraction (`ResolvedTiles.stack_split_products`)."""
+  kw = dict(BACKENDS["pallas"], block_size=128,
+            tile_config=tpu_config.TileConfig(generation="v6e"))
+  _check_bf16_layer_gradients(layer_inputs, kw, 1.0)
+
+
+def _check_bf16_layer_gradients(layer_inputs, kw, v_mean):
   args, cot = layer_inputs(3, 1, 1024, 2, 2, 64, 16, dtype=jnp.bfloat16, v_mean=v_mean,
                            v_spread=0.5 if v_mean else 1.0)
-  kw = dict(kw, block_size=128)
   fn = lambda *a: ps.polysketch_attention(*a, **kw)
   out = fn(*args)
   assert rel_err(out, _reference64(args, block_size=128)) < 5 * BF16_ROUND

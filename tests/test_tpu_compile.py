@@ -225,6 +225,20 @@ def _topology_device(generation):
 
 
 @pytest.mark.tpu_compile
+def test_libtpu_compiles_v6e_stacked_backward_at_the_interpret_shapes():
+  """The bf16 gradients the interpret tests run with v6e's tiles (the split
+  products stacked, `ResolvedTiles.stack_split_products`): block 128 at
+  r = 16 (test_hardening) and block 256 at r = 32 (test_pallas_backward)."""
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(_topology_device("v6e"))
+  config = TileConfig(generation="v6e")
+  for seq, heads, kv_heads, r, block in ((1024, 2, 2, 16, 128), (512, 2, 2, 32, 256)):
+    grad = functools.partial(_grad, block_size=block, tile_config=config)
+    shapes = _shapes(1, seq, heads, 64, r, jnp.bfloat16, sharding, kv_heads=kv_heads)
+    jax.jit(grad).lower(*shapes).compile()
+
+
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("generation", list(TOPOLOGIES))
 def test_libtpu_compiles_forward_and_gradient(generation):
   from jax.sharding import SingleDeviceSharding
