@@ -91,10 +91,10 @@ def step_fn(sds, job):
   return step, [jax.tree.map(to_sds, params), jax.tree.map(to_sds, opt_state), tokens, tokens]
 
 
-def rest_model(records):
+def rest_model(records, attentions=ATTENTIONS):
   """{attention: (a, b, c, d)} of rest(L, T) = a + b L + c T + d L T (cycles)."""
   out = {}
-  for att in ATTENTIONS:
+  for att in attentions:
     pts = {}
     for rec in records:
       j = rec["job"]
@@ -187,6 +187,23 @@ def _write(doc, args, sched, generations) -> str:
   return md
 
 
+def _kept_rest(args, ver):
+  """The existing <tag>.json, for compiling only some attentions' rest into it."""
+  path = os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
+  if not os.path.exists(path):
+    raise SystemExit(f"--attentions {' '.join(args.attentions)} updates {path}, which is missing")
+  doc = json.load(open(path))
+  if doc.get("libtpu") != ver:
+    raise SystemExit(f"{path} was compiled with libtpu {doc.get('libtpu')}, this is {ver}: "
+                     f"compile every attention")
+  for gen in args.gens:
+    kept = doc["generations"].get(gen, {}).get("rest", {})
+    missing = [a for a in ATTENTIONS if a not in args.attentions and a not in kept]
+    if missing:
+      raise SystemExit(f"{path} has no {gen} rest for {missing}: compile them too")
+  return doc
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gens", nargs="+", default=["v5e", "v6e"])
@@ -194,6 +211,9 @@ def main(argv=None):
                  help="tpu_schedule JSON with the H=64 attention rows")
   p.add_argument("--tag", default="gpt_step")
   p.add_argument("--from-json", help="re-report a gpt_step JSON against --schedule")
+  p.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
+                 help="compile only these models' rest; the others' come from the existing "
+                      "<tag>.json (same libtpu), e.g. after a change to the sketch features")
   args = p.parse_args(argv)
   ver = tpu_schedule.libtpu_version()
   sched = json.load(open(args.schedule))
@@ -212,11 +232,14 @@ def main(argv=None):
       return 1
     doc = dict(libtpu=ver, config=GPT2_SMALL, layers=LAYERS, compile_layers=COMPILE_LAYERS,
                compile_seqs=COMPILE_SEQS, generations={})
+    if set(args.attentions) != set(ATTENTIONS):
+      doc = _kept_rest(args, ver)
     for gen in args.gens:
       jobs = [dict(op="gpt", attention=a, layers=l, T=t, B=1, N=12, H=64, r=32, block="gpt")
-              for a in ATTENTIONS for l in COMPILE_LAYERS for t in COMPILE_SEQS]
+              for a in args.attentions for l in COMPILE_LAYERS for t in COMPILE_SEQS]
       recs = tpu_schedule.run_jobs(gen, jobs)
-      doc["generations"][gen] = dict(rest=rest_model(recs))
+      rest = doc["generations"].setdefault(gen, dict(rest={}))["rest"]
+      rest.update(rest_model(recs, args.attentions))
       _write(doc, args, sched, GENERATIONS)     # after each generation: compiles are slow
     print(_write(doc, args, sched, GENERATIONS))
   return 0

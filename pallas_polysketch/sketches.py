@@ -228,6 +228,41 @@ def _sketch_head_dim(params: dict) -> int:
 # Learned sketch (paper §4).
 # ----------------------------------------------------------------------------
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_parts(x):
+  """(x / 2, tanh(u), x^2) in float32 for x, u = c x (1 + a x^2):
+  gelu(x) = x (1 + tanh(u)) / 2."""
+  x32 = x.astype(jnp.float32)
+  x2 = x32 * x32
+  return 0.5 * x32, jnp.tanh(x32 * (_GELU_C + (_GELU_C * _GELU_A) * x2)), x2
+
+
+@jax.custom_vjp
+def _gelu(x):
+  """jax.nn.gelu (the tanh form) of x in float32 arithmetic, returned in x's
+  dtype. Its VJP keeps only x and recomputes tanh with the derivative written
+  out: fewer vector ops than autodiff's on TPU (BUILD_NOTES, "What the
+  learned sketch costs")."""
+  half_x, t, _ = _gelu_parts(x)
+  return (half_x + half_x * t).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return _gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+  half_x, t, x2 = _gelu_parts(x)
+  # d gelu / dx = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2
+  slope = (0.5 + 0.5 * t) + half_x * (1.0 - t * t) * (_GELU_C + (3 * _GELU_C * _GELU_A) * x2)
+  return ((slope * dy.astype(jnp.float32)).astype(x.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 def _normalized(x):
   """LayerNorm without its affine, computed in float32: [..., d] -> float32 [..., d]."""
   x32 = x.astype(jnp.float32)
@@ -274,7 +309,7 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> 
 def _dense_block(p, x):
   """LayerNorm -> Dense(8r) -> GELU -> Dense(r) on x [..., d_in]."""
   x = _layer_norm(x, p["ln_scale"], p["ln_bias"])
-  return jax.nn.gelu(x @ p["w_in"].astype(x.dtype)) @ p["w_out"].astype(x.dtype)
+  return _gelu(x @ p["w_in"].astype(x.dtype)) @ p["w_out"].astype(x.dtype)
 
 
 def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
@@ -312,9 +347,10 @@ def _learned_features(params: dict, x: jax.Array) -> jax.Array:
   x_hat = _normalized(x)
   w_in = jnp.concatenate([p[0]["ln_scale"][:, None] * p[0]["w_in"] for p in (b1, b2)], axis=1)
   c_in = jnp.concatenate([p[0]["ln_bias"] @ p[0]["w_in"] for p in (b1, b2)])
-  hidden = jax.nn.gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))    # [..., 2 * 8r]
+  hidden = _gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))    # [..., 2 * 8r]
   width = b1[0]["w_in"].shape[1]
   g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width] @ p[0]["w_out"].astype(dt))
             for i, p in enumerate((b1, b2)))
   scale = math.sqrt(g1.shape[-1])
   return scale * jnp.tanh(g1 * g2 / scale)
+

@@ -188,6 +188,40 @@ def test_learned_sketch_tpu_form_is_the_same_function():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+def _gelu64(z):
+  return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
+def _half_ulp(dtype, want):
+  """Half a unit in the last place of `want` in `dtype` (normal range)."""
+  mant = jnp.finfo(dtype).nmant
+  return 0.5 * 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - mant)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_learned_sketch_gelu_and_its_written_out_vjp(dtype):
+  """The sketch's GELU (float32 arithmetic, derivative written out) against
+  float64 NumPy: the value and x's cotangent rounded once to the dtype, the
+  derivative against a central difference of the float64 formula."""
+  from pallas_polysketch import sketches
+  x = np.concatenate([np.linspace(-9, 9, 4001), 4.0 * np.random.default_rng(3).standard_normal(4000)])
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)   # representable in dtype
+  dy = np.asarray(jnp.asarray(np.random.default_rng(4).standard_normal(x.size), dtype)
+                  .astype(jnp.float32), np.float64)
+  y, vjp = jax.vjp(sketches._gelu, jnp.asarray(x, dtype))
+  (dx,) = vjp(jnp.asarray(dy, dtype))
+  assert y.dtype == dtype and dx.dtype == dtype
+  h = 1e-6
+  want_y = _gelu64(x)
+  want_dx = (_gelu64(x + h) - _gelu64(x - h)) / (2 * h) * dy
+  # float32 arithmetic inside: a few float32 ulps of slack, then one rounding to dtype.
+  f32_slack = 16 * np.finfo(np.float32).eps
+  for got, want, scale in ((y, want_y, np.abs(x)), (dx, want_dx, np.abs(dy) * (1 + np.abs(x)))):
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    bound = (_half_ulp(dtype, want) if dtype == jnp.bfloat16 else 0) + f32_slack * (scale + 1e-30) + 1e-12
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
+
+
 def test_learned_sketch_keeps_the_shape_when_lowered_for_tpu():
   """Exported for TPU the features never reshape x to a matrix (a layout copy
   there); exported for CPU they do (faster weight gradients there)."""
