@@ -327,6 +327,9 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
   reshape is a layout copy of x and of the features (and again in the
   backward), about a third of the forward's cycles there (BUILD_NOTES, "What
   the learned sketch costs"), so x keeps its shape.
+
+  Differentiable in reverse mode (`jax.grad`, `jax.vjp`), as the attention
+  op is; not in forward mode (`jax.jvp`): the GELU inside has a custom VJP.
   """
   head_dim = params["branch1"][0]["w_in"].shape[0]
   if x.shape[-1] != head_dim:
