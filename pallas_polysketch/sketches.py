@@ -263,6 +263,7 @@ def _gelu_bwd(x, dy):
 
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
+
 def _normalized(x):
   """LayerNorm without its affine, computed in float32: [..., d] -> float32 [..., d]."""
   x32 = x.astype(jnp.float32)
@@ -356,4 +357,3 @@ def _learned_features(params: dict, x: jax.Array) -> jax.Array:
             for i, p in enumerate((b1, b2)))
   scale = math.sqrt(g1.shape[-1])
   return scale * jnp.tanh(g1 * g2 / scale)
-

@@ -9,6 +9,8 @@ import pytest
 import pallas_polysketch as ps
 from pallas_polysketch import ref
 
+from helpers import EPS32
+
 H = 8
 
 
@@ -137,6 +139,11 @@ def test_learned_sketch_shapes_and_bounds():
   assert not np.allclose(params["branch1"][0]["w_in"], params["branch2"][0]["w_in"])
 
 
+def _gelu64(z):
+  """jax.nn.gelu's default tanh approximation in float64."""
+  return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+
+
 def test_learned_sketch_formula():
   """f(x) = sqrt(r) tanh(g1(x) * g2(x) / sqrt(r)), with each g written out in NumPy."""
   r = 4
@@ -146,16 +153,13 @@ def test_learned_sketch_formula():
       lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
   x = rng.standard_normal((2, 5, H))   # leading dims: computed as one [10, H] matrix
 
-  def gelu(z):  # jax.nn.gelu's default tanh approximation
-    return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
-
   def branch(blocks, z):
     for p in blocks:
       p = {name: np.asarray(a, np.float64) for name, a in p.items()}
       mu = z.mean(-1, keepdims=True)
       var = ((z - mu) ** 2).mean(-1, keepdims=True)
       z = (z - mu) / np.sqrt(var + 1e-5) * p["ln_scale"] + p["ln_bias"]
-      z = gelu(z @ p["w_in"]) @ p["w_out"]
+      z = _gelu64(z @ p["w_in"]) @ p["w_out"]
     return z
 
   want = math.sqrt(r) * np.tanh(branch(params["branch1"], x) * branch(params["branch2"], x)
@@ -188,10 +192,6 @@ def test_learned_sketch_tpu_form_is_the_same_function():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
-def _gelu64(z):
-  return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
-
-
 def _half_ulp(dtype, want):
   """Half a unit in the last place of `want` in `dtype` (normal range)."""
   mant = jnp.finfo(dtype).nmant
@@ -215,7 +215,7 @@ def test_learned_sketch_gelu_and_its_written_out_vjp(dtype):
   want_y = _gelu64(x)
   want_dx = (_gelu64(x + h) - _gelu64(x - h)) / (2 * h) * dy
   # float32 arithmetic inside: a few float32 ulps of slack, then one rounding to dtype.
-  f32_slack = 16 * np.finfo(np.float32).eps
+  f32_slack = 16 * EPS32
   for got, want, scale in ((y, want_y, np.abs(x)), (dx, want_dx, np.abs(dy) * (1 + np.abs(x)))):
     got = np.asarray(got.astype(jnp.float32), np.float64)
     bound = (_half_ulp(dtype, want) if dtype == jnp.bfloat16 else 0) + f32_slack * (scale + 1e-30) + 1e-12
