@@ -196,6 +196,11 @@ def _kept_rest(args, ver):
   if doc.get("libtpu") != ver:
     raise SystemExit(f"{path} was compiled with libtpu {doc.get('libtpu')}, this is {ver}: "
                      f"compile every attention")
+  now = dict(config=GPT2_SMALL, layers=LAYERS, compile_layers=list(COMPILE_LAYERS),
+             compile_seqs=list(COMPILE_SEQS))
+  changed = [k for k, v in now.items() if doc.get(k) != v]
+  if changed:
+    raise SystemExit(f"{path} was compiled with other {', '.join(changed)}: compile every attention")
   for gen in args.gens:
     kept = doc["generations"].get(gen, {}).get("rest", {})
     missing = [a for a in ATTENTIONS if a not in args.attentions and a not in kept]

@@ -112,3 +112,27 @@ def test_a_schedule_without_the_rows_fails_before_compiling(tmp_path):
   with pytest.raises(SystemExit, match="anchor_cycles"):
     gpt_step.main(["--gens", "v5e", "--schedule", str(tmp_path / "old.json"),
                    "--tag", str(tmp_path / "x")])
+
+
+def test_compiling_one_attention_keeps_the_others_rest_only_when_comparable(tmp_path, monkeypatch):
+  """--attentions polysketch merges into <tag>.json; it refuses a file compiled
+  with another libtpu or model, or without the kept model's rest."""
+  import json
+  import types
+  monkeypatch.setattr(gpt_step.tpu_schedule, "RESULTS", str(tmp_path))
+  doc = dict(libtpu="1.0", config=gpt_step.GPT2_SMALL, layers=gpt_step.LAYERS,
+             compile_layers=list(gpt_step.COMPILE_LAYERS), compile_seqs=list(gpt_step.COMPILE_SEQS),
+             generations={"v5e": dict(rest={"softmax": dict(coef=[1, 2, 3, 4])})})
+  args = types.SimpleNamespace(tag="g", gens=["v5e"], attentions=["polysketch"])
+  with pytest.raises(SystemExit, match="missing"):
+    gpt_step._kept_rest(args, "1.0")
+  path = tmp_path / "g.json"
+  path.write_text(json.dumps(doc))
+  assert gpt_step._kept_rest(args, "1.0")["generations"]["v5e"]["rest"]["softmax"]["coef"] == [1, 2, 3, 4]
+  with pytest.raises(SystemExit, match="libtpu 1.0, this is 2.0"):
+    gpt_step._kept_rest(args, "2.0")
+  with pytest.raises(SystemExit, match="no v6e rest"):
+    gpt_step._kept_rest(types.SimpleNamespace(tag="g", gens=["v6e"], attentions=["polysketch"]), "1.0")
+  path.write_text(json.dumps(dict(doc, config=dict(gpt_step.GPT2_SMALL, sketch_dim=16))))
+  with pytest.raises(SystemExit, match="other config"):
+    gpt_step._kept_rest(args, "1.0")
