@@ -76,11 +76,16 @@ def run_one(args, variant, seq, pairs, lr):
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
                     learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
                     weight_decay=args.weight_decay,
-                    eval_every=args.steps, eval_batches=args.eval_batches, log_every=50)
+                    eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches,
+                    log_every=50)
   t0 = time.time()
-  _, res = train(mc, data, cfg, progress=False)
+  label = f"{variant} T={seq} pairs={pairs} lr={lr:g}"
+  _, res = train(mc, data, cfg, progress=False,
+                 log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
+  curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
+                elapsed_s=e["elapsed_s"]) for e in res["evals"]]
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, val_acc=res["val_acc"],
-              val_loss=res["val_loss"], params=res.get("params"),
+              val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
                                         args.block_size))
@@ -167,6 +172,9 @@ def main(argv=None):
   p.add_argument("--sketch-dim", type=int, default=16)
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--eval-batches", type=int, default=4)
+  p.add_argument("--eval-every", type=int, default=0,
+                 help="also evaluate every this many steps (each run's `curve` in the JSON, "
+                      "printed as it goes); 0: at the end only")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--tag", default="cpu")
   p.add_argument("--resume", action="store_true")
@@ -211,7 +219,8 @@ def main(argv=None):
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
     if (variant, seq, pairs, lr) in done:
       continue
-    if 2 * (pairs + args.queries) + 1 > seq:
+    queries = min(args.queries, pairs) if args.distinct_queries else args.queries
+    if 2 * (pairs + queries) + 1 > seq:
       continue
     r = run_one(args, variant, seq, pairs, lr)
     runs.append(r)

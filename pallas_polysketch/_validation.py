@@ -34,6 +34,20 @@ def check_block_size(block_size, *, name: str = "block_size") -> int:
   return int(block_size)
 
 
+def check_bool(name: str, value) -> bool:
+  """A Python or NumPy bool: a truthy string such as "no" would silently turn
+  the option on."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+  return bool(value)
+
+
+def check_nonempty(name: str, x, layout: str) -> None:
+  if any(d == 0 for d in x.shape):
+    raise ValueError(f"{name} has an empty axis: shape {tuple(x.shape)} ({layout}); "
+                     "every axis must be >= 1")
+
+
 def check_float_dtype(name: str, x) -> None:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype, got {x.dtype} (shape {x.shape})")

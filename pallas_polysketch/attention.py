@@ -325,6 +325,7 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
   degree = _validation.check_degree(degree)
   block_size = _validation.check_block_size(block_size)
   bias = _validation.check_normalization_bias(normalization_bias)
+  local_exact = _validation.check_bool("local_exact", local_exact)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -344,7 +345,7 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
           sketch_dim=q_features.shape[-1], dtype=_kernel_dtype(q.dtype),
           feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2],
           symmetric=symmetric)
-  config = Config(degree=degree, block_size=block_size, local_exact=bool(local_exact),
+  config = Config(degree=degree, block_size=block_size, local_exact=local_exact,
                   bias=bias, interpret=interpret, tiles=tiles)
   return config, implementation
 
@@ -428,13 +429,23 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   computed in float32 on both paths.
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  _validation.check_nonempty("q", q, "[batch, seq, num_heads, head_dim]")
+  causal = _validation.check_bool("causal", causal)
   segment_ids = _validation.check_segment_ids(segment_ids, q)
+  if context_axis_name is not None:
+    try:
+      jax.lax.axis_size(context_axis_name)
+    except NameError as e:
+      raise ValueError(
+          f"context_axis_name={context_axis_name!r} is not a mesh axis of an enclosing "
+          "shard_map; call polysketch_attention inside jax.shard_map over that axis "
+          "(or use sharded_polysketch_attention)") from e
   config, implementation = resolve_config(
       q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
       normalization_bias=normalization_bias, implementation=implementation,
       interpret=interpret, tile_config=tile_config,
       padded_len=q.shape[1] if context_axis_name is not None else None,
-      symmetric=bool(causal) and segment_ids is None)
+      symmetric=causal and segment_ids is None)
   if context_axis_name is not None and q.shape[1] % config.block_size:
     raise ValueError(
         f"with context_axis_name={context_axis_name!r} each device's shard of seq must be a "
@@ -443,7 +454,7 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
   args = (q, k, v, q_features, k_features)
   if upcast:
     args = tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in args)
-  out = _polysketch_attention(*args, segment_ids, config=config, causal=bool(causal),
+  out = _polysketch_attention(*args, segment_ids, config=config, causal=causal,
                               implementation=implementation,
                               context_axis_name=context_axis_name)
   return out.astype(q.dtype)

@@ -90,6 +90,10 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
   degree = _validation.check_degree(degree)
   block_size = _validation.check_block_size(block_size)
   bias = _validation.check_normalization_bias(normalization_bias)
+  local_exact = _validation.check_bool("local_exact", local_exact)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating dtype (that of the stored keys, values and key "
+                    f"features), got {jnp.dtype(dtype)}")
   r2 = sketch_dim * sketch_dim
   tail = lambda d: jnp.zeros((batch, block_size, num_kv_heads, d), dtype)
   return DecodeState(
@@ -97,12 +101,16 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
       normalizer=jnp.zeros((batch, num_kv_heads, r2), jnp.float32),
       tail_k=tail(head_dim), tail_v=tail(head_dim), tail_k_features=tail(sketch_dim),
       fill=jnp.zeros((batch,), jnp.int32), degree=degree, block_size=block_size,
-      local_exact=bool(local_exact), normalization_bias=bias)
+      local_exact=local_exact, normalization_bias=bias)
 
 
 def _check_state_matches(state, q, k, q_features, what):
   if not isinstance(state, DecodeState):
     raise TypeError(f"state must be a DecodeState, got {type(state).__name__}")
+  for name in ("tail_k", "tail_v", "tail_k_features"):
+    if not jnp.issubdtype(getattr(state, name).dtype, jnp.floating):
+      raise TypeError(f"state.{name} must have a floating dtype, got "
+                      f"{getattr(state, name).dtype}: it would truncate the stored tokens")
   b, _, n, h = q.shape
   kv, r = k.shape[2], q_features.shape[3]
   for name, got, want in (("batch", b, state.batch), ("num_kv_heads", kv, state.num_kv_heads),
@@ -157,7 +165,7 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
                               dtype=k.dtype, normalization_bias=normalization_bias)
   _check_state_matches(state, q, k, q_features, "prefill's input")
   _check_static_matches(state, degree=degree, block_size=block_size,
-                        local_exact=bool(local_exact),
+                        local_exact=_validation.check_bool("local_exact", local_exact),
                         normalization_bias=float(normalization_bias))
   b = state.block_size
   # The chunk is laid after the incomplete block's fill tokens, so blocks stay

@@ -206,8 +206,8 @@ class PolySketchAttention(nnx.Module):
     self.sketch_scaling = sketch_scaling
     self.degree = degree
     self.block_size = block_size
-    self.local_exact = bool(local_exact)
-    self.causal = bool(causal)
+    self.local_exact = _validation.check_bool("local_exact", local_exact)
+    self.causal = _validation.check_bool("causal", causal)
     self.rope = bool(rope)
     self.dtype = dtype
     self.param_dtype = param_dtype

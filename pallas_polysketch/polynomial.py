@@ -25,7 +25,9 @@ RECIPROCAL_LIMIT = 2.0 ** 126
 
 def divide_by_denominator(num, den):
   """num / den, den > 0 broadcastable to num; exact for den up to float32's max,
-  NaN (never a silent 0) where den overflowed to inf."""
+  NaN (never a silent 0) where den overflowed to inf. num must be finite: a
+  numerator that overflowed (|sum_j w_ij v_j| past float32's max, e.g.
+  |q.k| ~ 5e7 at p = 4, far beyond LayerNorm'd inputs) stays +-inf."""
   scale = jnp.where(den > _LARGE_DENOMINATOR, _DENOMINATOR_SCALE, 1.0).astype(den.dtype)
   out = (num * scale) / (den * scale)
   return jnp.where(jnp.isfinite(den), out, jnp.nan)
@@ -109,5 +111,5 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
   degree = _validation.check_degree(degree)
   bias = _validation.check_normalization_bias(normalization_bias)
   segment_ids = _validation.check_segment_ids(segment_ids, q)
-  return _polynomial_attention(q, k, v, segment_ids, degree=degree, causal=bool(causal),
+  return _polynomial_attention(q, k, v, segment_ids, degree=degree, causal=_validation.check_bool("causal", causal),
                                normalization_bias=bias)

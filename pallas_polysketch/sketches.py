@@ -20,6 +20,9 @@ LAYER_NORM_EPS = 1e-5
 
 def self_tensor(features: jax.Array) -> jax.Array:
   """phi = f (x) f, flattened: [..., r] -> [..., r*r], phi[a*r + b] = f[a] f[b]."""
+  if getattr(features, "ndim", 0) < 1:
+    raise ValueError(f"features must have rank >= 1 ([..., r]), got shape "
+                     f"{getattr(features, 'shape', None)}")
   r = features.shape[-1]
   outer = features[..., :, None] * features[..., None, :]
   return outer.reshape(*features.shape[:-1], r * r)
@@ -332,6 +335,11 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
   Differentiable in reverse mode (`jax.grad`, `jax.vjp`), as the attention
   op is; not in forward mode (`jax.jvp`): the GELU inside has a custom VJP.
   """
+  if not (isinstance(params, collections.abc.Mapping)
+          and set(params) == {"branch1", "branch2"}):
+    got = sorted(params) if isinstance(params, collections.abc.Mapping) else type(params).__name__
+    raise ValueError(f"params is not a learned sketch from learned_sketch_init: got keys {got}, "
+                     "expected ['branch1', 'branch2']")
   head_dim = params["branch1"][0]["w_in"].shape[0]
   if x.shape[-1] != head_dim:
     raise ValueError(f"x has last dim {x.shape[-1]}, the sketch was built for head_dim {head_dim}")

@@ -34,6 +34,22 @@ def test_recall_benchmark_runs_end_to_end_and_resumes(tmp_path):
   assert "| polynomial |" in md and "| softmax |" in md and " + " in md
 
 
+def test_recall_curve_and_distinct_queries_at_short_context(tmp_path, capsys):
+  """--eval-every records each run's accuracy curve; with --distinct-queries a
+  context that fits pairs + min(queries, pairs) queries runs (it was skipped
+  when checked against --queries)."""
+  bench = load_bench("recall")
+  runs = bench.main(["--seqs", "16", "--pairs", "2", "--distinct-queries", "--queries", "16",
+                     "--steps", "3", "--eval-every", "2", "--batch-size", "4",
+                     "--variants", "softmax", "--dim", "16", "--block-size", "8",
+                     "--eval-batches", "1", "--out-dir", str(tmp_path), "--tag", "curve"])
+  assert len(runs) == 1
+  curve = runs[0]["curve"]
+  assert [c["step"] for c in curve] == [2, 3]
+  assert curve[-1]["val_acc"] == runs[0]["val_acc"]
+  assert "softmax T=16 pairs=2" in capsys.readouterr().out
+
+
 def test_recall_state_sizes():
   """Softmax's KV cache grows with T; PolySketch keeps r^2 (H + 1) plus one
   block of keys and values; local blocks alone keep just the block."""

@@ -1,5 +1,6 @@
 """Bad arguments raise ValueError / TypeError naming the argument and what it got,
 before tracing reaches JAX internals."""
+import dataclasses
 import re
 
 import jax
@@ -292,3 +293,51 @@ def test_pallas_rejects_blocks_it_cannot_tile(block_size):
                                        rf"kernel: it must be a multiple of 128 .* \(>= 304\)"):
     ps.polysketch_attention(q, k, v, fq, fk, block_size=block_size, implementation="pallas",
                             interpret=True)
+
+
+# --- found by an independent cross-check (2026-12-05) ---------------------------
+
+@pytest.mark.parametrize("arg,value", [("causal", "no"), ("local_exact", "no"),
+                                       ("causal", 1), ("local_exact", None)])
+def test_flags_must_be_bools(arg, value):
+  """A truthy string would silently switch the option on."""
+  with pytest.raises(TypeError, match=f"{arg} must be a bool, got {value!r}"):
+    attention(block_size=8, **{arg: value})
+  assert attention(block_size=8, **{arg: np.bool_(True)}).shape == (B, T, N, H)
+
+
+@pytest.mark.parametrize("shape", [(B, 0, N, H), (0, T, N, H)])
+def test_empty_batch_or_sequence(shape):
+  q = jnp.ones(shape)
+  f = jnp.ones(shape[:3] + (R,))
+  with pytest.raises(ValueError, match=r"q has an empty axis: shape " + _shape(*shape)):
+    ps.polysketch_attention(q, q, q, f, f, block_size=8)
+
+
+def test_context_axis_name_outside_shard_map():
+  with pytest.raises(ValueError, match="context_axis_name='x' is not a mesh axis"):
+    attention(block_size=8, context_axis_name="x")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_decode_state_dtype_must_be_floating(dtype):
+  """An integer tail would truncate the stored keys and values silently."""
+  with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+    ps.init_decode_state(1, 2, 8, 4, block_size=8, dtype=dtype)
+  state = ps.init_decode_state(1, 2, 8, 4, block_size=8)
+  bad = dataclasses.replace(state, tail_v=state.tail_v.astype(dtype))
+  q = jnp.ones((1, 1, 2, 8))
+  f = jnp.ones((1, 1, 2, 4))
+  with pytest.raises(TypeError, match="must have a floating dtype"):
+    ps.decode_step(bad, q, q, q, f, f)
+
+
+def test_learned_sketch_features_given_other_params():
+  params = ps.random_sketch_init(jax.random.PRNGKey(0), 8, 4)
+  with pytest.raises(ValueError, match="not a learned sketch from learned_sketch_init"):
+    ps.learned_sketch_features(params, jnp.ones((2, 8)))
+
+
+def test_self_tensor_needs_a_feature_axis():
+  with pytest.raises(ValueError, match=r"features must have rank >= 1"):
+    ps.self_tensor(jnp.float32(2.0))
