@@ -9,7 +9,9 @@ need, as FlashAttention recomputes P. With g = dO (in XLA beforehand):
 
 Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
 [S, z] (P, H + 16) in float32 VMEM from the initial state;
-dPhi_q^T = [S, z] G^T is one NN matmul, then df_q its cotangent through phi.
+dPhi_q^T = S dnum^T + z dden^T = (S g^T) / den + z dden^T (one matmul with
+dO itself, then a column scale and a rank-1 term on the VPU), then df_q its
+cotangent through phi.
 Both kernels form phi and its cotangent from whole-vreg float32 pieces
 (`phi_rot_t`, `phi_rot_vjp`: P = len(rot_pairs(r, False)) rows, 544 for
 r = 32), whatever the features' dtype.
@@ -29,8 +31,9 @@ initial state's cotangent.
 Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
 (`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
 H = 128), views of the TPU compiler's default [B, T, N, H] layout; the
-kernels transpose the tiles they need on rows in VMEM. Features, dnum^T and
-the row scalars come tokens on lanes, from XLA.
+kernels transpose the tiles they need on rows in VMEM. Features, dnum^T (the
+dkv kernel's) and the row scalars (1 / den, dden) come tokens on lanes, from
+XLA.
 
 Both grids run over kv heads; the G query heads of a group are handled inside
 the kernel, so the state is rebuilt once per kv head and dK, dV, df_k are
@@ -40,10 +43,14 @@ Precision. [S, z] G^T and [R, rho] V^T cancel: S^T dnum + z dden =
 (S^T g - z (g . O)) / den is small where O is close to what the state predicts.
 So those products keep their float32 operands (dnum, dden, the state and its
 cotangent) to about 2^-17: at HIGHEST in f32 kernels, as bf16 hi + lo pairs
-in bf16 kernels (`split_dot`: three bf16 MXU passes for [S, z] G^T, two for
+in bf16 kernels (`split_dot`: two bf16 MXU passes for S g^T (g = dO is exact
+in bf16; z dden^T and the 1 / den scale in float32 on the VPU), two for
 [R, rho] V^T (V is exact in bf16) and for Phi_q^T G (phi_q rounded to bf16
 once: measured harmless, bench/bf16_gradients.py)), never rounded to one
-bf16, and the local dL = (g v^T) / den + dden is formed from
+bf16. Where H fills whole MXU passes (`ResolvedTiles.normaliser_apart`: H =
+128 on 128-wide MXUs) the normaliser's 16 rows would take a pass of their
+own in every split term, so rho 1^T, z's update and rho's are float32
+broadcasts and lane sums on the VPU there. The local dL = (g v^T) / den + dden is formed from
 the bf16 cotangent g itself (exact bf16 products, f32 accumulation) rather
 than from a rounded dnum.
 
@@ -75,19 +82,20 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _dq_kernel(*refs, causal, has_initial, split, stack=False, tokens_on_lanes=False,
-               block=None, sub_blocks=1):
+def _dq_kernel(*refs, causal, has_initial, split, stack=False, apart=False,
+               tokens_on_lanes=False, block=None, sub_blocks=1):
   """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
-  are the dkv kernel's). v comes tokens on rows (b, H) or, with
-  `tokens_on_lanes`, as an (H, b) tile (the forward's layouts). Causal: a grid
-  step walks `sub_blocks` blocks of `block` tokens in order."""
+  are the dkv kernel's). v and dO come tokens on rows (b, H) or, with
+  `tokens_on_lanes`, as (H, b) tiles (the forward's layouts; non-causal: on
+  lanes). Causal: a grid step walks `sub_blocks` blocks of `block` tokens in
+  order."""
   refs = list(refs)
   if not causal:
-    state_ref, fq_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref = refs
-    _dq_block(None, fq_t_ref, None, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref,
-              causal=False, split=split, stack=stack, tokens_on_lanes=tokens_on_lanes)
+    state_ref, fq_t_ref, g_ref, scal_t_ref, dfq_t_ref = refs
+    _dq_block(None, fq_t_ref, None, g_ref, scal_t_ref, dfq_t_ref, state_ref,
+              causal=False, split=split, stack=stack, apart=apart, tokens_on_lanes=True)
     return
-  v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref = refs[:5]
+  v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref = refs[:5]
   refs = refs[5:]
   init_ref = refs.pop(0) if has_initial else None
   dfq_t_ref, state_ref = refs
@@ -99,24 +107,34 @@ def _dq_kernel(*refs, causal, has_initial, split, stack=False, tokens_on_lanes=F
     else:
       state_ref[...] = jnp.zeros_like(state_ref)
 
+  kv_axis, q_axis = (1, 2) if tokens_on_lanes else (0, 1)
   tokens = lambda ref, axis, s: sub_block(ref, axis, s, block, sub_blocks)
   for s in range(sub_blocks):
-    _dq_block(tokens(v_ref, 1 if tokens_on_lanes else 0, s), tokens(fq_t_ref, 2, s),
-              tokens(fk_t_ref, 1, s), tokens(dnum_t_ref, 2, s), tokens(dden_row_ref, 2, s),
-              tokens(dfq_t_ref, 2, s), state_ref, causal=True, split=split, stack=stack,
+    _dq_block(tokens(v_ref, kv_axis, s), tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
+              tokens(g_ref, q_axis, s), tokens(scal_t_ref, 2, s), tokens(dfq_t_ref, 2, s),
+              state_ref, causal=True, split=split, stack=stack, apart=apart,
               tokens_on_lanes=tokens_on_lanes)
 
 
-def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, state_ref, *,
-              causal, split, stack, tokens_on_lanes):
+def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref, *,
+              causal, split, stack, apart, tokens_on_lanes):
   """One block of the dq kernel: reads the state, then adds the block to it."""
   group = fq_t_ref.shape[0] if causal else 1
-  # dPhi_q^T = [S, z] G^T with the state of the blocks before this one.
-  state = split_operand(state_ref[...], split)
+  state_all = state_ref[...]
+  head_dim = state_all.shape[1] - NORMALISER_ROWS
+  # dPhi_q^T = S dnum^T + z dden^T with the state of the blocks before this one,
+  # and dnum = g / den: (S g^T) / den, where g (dO) is exact in the operand
+  # dtype, so only S is split (two bf16 passes; a split dnum took three), and
+  # z dden^T is a float32 rank-1 product on the VPU.
+  s_parts = split_operand(state_all[:, :head_dim], split)
+  z = state_all[:, head_dim:head_dim + 1]
   for gi in range(group):
     sel = (gi,) if causal else (...,)
-    g_aug = augment_g_t(dnum_t_ref[sel].astype(jnp.float32), dden_row_ref[sel])
-    dphi_q = split_dot(state, split_operand(g_aug, split), NN_DIMS, stack=stack)
+    g = g_ref[sel]                                    # (H, b) on lanes, else (b, H)
+    s_g = split_dot(s_parts, split_operand(g, split and "exact"),
+                    NN_DIMS if tokens_on_lanes else NT_DIMS, stack=stack)
+    scal = scal_t_ref[sel]                            # (2, b): 1 / den, dden
+    dphi_q = s_g * scal[0:1] + z * scal[1:2]
     dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
     dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
@@ -127,13 +145,20 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, dnum_t_ref, dden_row_ref, dfq_t_ref, st
   v_t = v_ref[...] if tokens_on_lanes else v_ref[...].T             # (H, b)
   mm_dtype = v_t.dtype
   phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
-  state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t), NT_DIMS,
-                                        preferred_element_type=jnp.float32,
-                                        precision=precision_for(mm_dtype))
+  if apart:
+    state_ref[:, :head_dim] += jax.lax.dot_general(phi_k, v_t, NT_DIMS,
+                                                   preferred_element_type=jnp.float32,
+                                                   precision=precision_for(mm_dtype))
+    state_ref[:, head_dim:head_dim + 1] += jnp.sum(phi_k.astype(jnp.float32), axis=1,
+                                                   keepdims=True)
+  else:
+    state_ref[...] += jax.lax.dot_general(phi_k, augment_v_t(v_t), NT_DIMS,
+                                          preferred_element_type=jnp.float32,
+                                          precision=precision_for(mm_dtype))
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
-                emit_initial, split, stack=False, tokens_on_lanes=False, block=None,
+                emit_initial, split, stack=False, apart=False, tokens_on_lanes=False, block=None,
                 sub_blocks=1):
   """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
   df_k when sketched), its scores formed once for all three.
@@ -148,7 +173,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
   refs = list(refs)
   state_block_ref = refs.pop(0) if inject else None
   kw = dict(degree=degree, local_exact=local_exact, local_tile=local_tile, split=split,
-            stack=stack, tokens_on_lanes=tokens_on_lanes)
+            stack=stack, apart=apart, tokens_on_lanes=tokens_on_lanes)
   if not causal:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
     _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, None, dv_ref,
@@ -204,7 +229,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
 
 def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref,
                local_out_ref, dv_ref, dfk_t_ref, dq_local_ref, carry_ref, *, causal, degree,
-               local_exact, local_tile, split, stack, tokens_on_lanes, prepare):
+               local_exact, local_tile, split, stack, apart, tokens_on_lanes, prepare):
   """One block of the dkv kernel (v_ref is v^T when not causal): reads the
   carry of the blocks after it (`prepare()` sets it up), then adds the block
   to it."""
@@ -220,9 +245,15 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   # Prefix, with [R, rho] of the blocks after this one:
   # dPhi_k^T = [R, rho] [V^T; 1] (f32: it cancels), dV = Phi_k R.
   carry = carry_ref[...]
-  v_aug = augment_v_t(v_t)
-  dphi_k = split_dot(split_operand(carry, split),
-                     split_operand(v_aug, split and "exact"), NN_DIMS, stack=stack)
+  # rho 1^T on the VPU where H fills whole 128-row passes: on every MXU here
+  # (v6e's stacked split terms pad each part to 128 rows too).
+  if head_dim % 128 == 0:
+    dphi_k = split_dot(split_operand(carry[:, :head_dim], split),
+                       split_operand(v_t, split and "exact"), NN_DIMS, stack=stack)
+    dphi_k = dphi_k + carry[:, head_dim:head_dim + 1]
+  else:
+    dphi_k = split_dot(split_operand(carry, split),
+                       split_operand(augment_v_t(v_t), split and "exact"), NN_DIMS, stack=stack)
   if causal:     # [R, rho] on the float32 `rot_pairs`, as the dq kernel's state
     dfk_t = phi_rot_vjp(dphi_k, fk_t_ref[...], query=False)
     phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
@@ -291,14 +322,21 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
     dq_local_ref[gi] = jnp.concatenate(dq_tiles[gi], axis=axis).astype(dq_local_ref.dtype)
   dfk_t_ref[...] = dfk_t.astype(dfk_t_ref.dtype)
 
-  # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32.
+  # Update: [R, rho] += Phi_q^T [dnum, dden] over the group, in f32 (with
+  # `apart`: R on the MXU, rho a float32 lane sum on the VPU).
   for gi in range(group):
-    g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
     # phi_q rounded to bf16 once costs nothing measurable here (the cotangent
     # G is what cancels): two passes, not three.
     phi_q = phi_rot_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True, packed=False)
-    carry_ref[...] += split_dot(split_operand(phi_q, split and "exact"),
-                                split_operand(g_aug, split), NT_DIMS)
+    phi_q = split_operand(phi_q, split and "exact")
+    if apart:
+      carry_ref[:, :head_dim] += split_dot(
+          phi_q, split_operand(dnum_t_ref[gi].astype(jnp.float32), split), NT_DIMS)
+      carry_ref[:, head_dim:head_dim + 1] += jnp.sum(
+          phi_q[0].astype(jnp.float32) * scal_t_ref[gi, 1:2, :], axis=1, keepdims=True)
+    else:
+      g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
+      carry_ref[...] += split_dot(phi_q, split_operand(g_aug, split), NT_DIMS)
 
 
 def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
@@ -311,8 +349,9 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
   rows = head_dim + NORMALISER_ROWS
   nb = seq // block_size
   phi = 2 * r2 * block_size
-  # Per query head: the state (or carry) product and the phi vjp.
-  k1_q = phi + 2 * r2 * rows * block_size + 4 * r2 * block_size
+  # Per query head: the state (or carry) product and the phi vjp (the dq
+  # kernel's product contracts over H; 1/den and z dden^T on the VPU).
+  k1_q = phi + 2 * r2 * head_dim * block_size + 3 * r2 * block_size + 4 * r2 * block_size
   k2_kv = phi + 2 * r2 * rows * block_size + 2 * r2 * head_dim * block_size + 4 * r2 * block_size
   k1_kv = k2_q = 0
   if causal:
@@ -387,7 +426,6 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   fq_t, fk_t = cols_g(q_features), k_cols(k_features)
   dnum_t = cols_g(dnum32)
   scal_t = cols_g(scal)
-  dden_row = scal_t[:, :, :, 1:2, :]
 
   # A grid step walks several blocks (`TileConfig.dq_blocks_per_step`,
   # `dkv_blocks_per_step`): the dq kernel dq_sub of them, the dkv kernel dkv_sub.
@@ -437,7 +475,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
   kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype),
-            stack=tiles.stack_split_products)
+            stack=tiles.stack_split_products, apart=tiles.normaliser_apart)
 
   hd = (h, b) if on_lanes else (b, h)           # a q, k, v, dO, dq, dk, dv block
   lwd = (lw, b) if on_lanes else (b, lw)        # the local output's block
@@ -447,16 +485,17 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
     return lead + ((width, t) if on_lanes else (t, width))
 
   kw["tokens_on_lanes"] = on_lanes
-  ins1 = (v_v, fq_t, fk_t, dnum_t, dden_row)
+  ins1 = (v_v, fq_t, fk_t, g_v, scal_t)
   ins1 += (initial_state,) if has_initial else ()
   out1 = sds((b_, kv, group, r, t), f32)
   dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
                         split=_splits(mm_dtype), stack=tiles.stack_split_products,
+                        apart=tiles.normaliser_apart,
                         tokens_on_lanes=on_lanes, block=block_size, sub_blocks=dq_sub),
       grid=(b_, kv, nb // dq_sub),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
-                spec((h, b), True, False), spec((1, b), True, False)]
+                spec(hd, True, False), spec((2, b), True, False)]
                + ([whole] if has_initial else []),
       out_specs=spec((r, b), True, False),
       out_shape=out1,
@@ -562,7 +601,9 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   nb = t // block_size
   dnum32, scal = _row_terms(o, den, do)
   dnum_t = kernel_view(dnum32, on_lanes=True)                      # [B, N, H, T]
-  dden_row = kernel_view(scal[..., 1:2], on_lanes=True)            # [B, N, 1, T]
+  g_t = kernel_view(do, on_lanes=True)                             # [B, N, H, T]
+  scal_t = kernel_view(scal, on_lanes=True)                        # [B, N, 2, T]
+  dden_row = scal_t[:, :, 1:2, :]
   fq_t = kernel_view(q_features, on_lanes=True)                    # [B, N, r, T]
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
@@ -571,7 +612,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
       grid=(b_, n, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)),
-                col(r), col(h), col(1)],
+                col(r), col(h), col(2)],
       out_specs=col(r),
       out_shape=jax.ShapeDtypeStruct((b_, n, r, t), jnp.float32),
       compiler_params=_compat.TPUCompilerParams(
@@ -579,9 +620,9 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
           vmem_limit_bytes=tiles.backward_vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=_compat.CostEstimate(flops=flops1, transcendentals=0,
-                                         bytes_accessed=nbytes(state, q_features, dnum_t)),
+                                         bytes_accessed=nbytes(state, q_features, g_t, scal_t)),
       name="polysketch_bwd_apply_state",
-  )(state, fq_t, dnum_t, dden_row)
+  )(state, fq_t, g_t, scal_t)
   d_state = outer_sum(group_view(dnum_t, kv), group_view(fq_t, kv), group_view(dden_row, kv),
                       block_size=block_size, vmem_limit_bytes=tiles.backward_vmem_limit_bytes,
                       interpret=interpret)

@@ -205,6 +205,14 @@ class ResolvedTiles:
   # The causal backward's split bf16 products as one product stacked along the
   # contraction (`_pallas_common.split_dot`): 256-wide MXUs (v6e).
   stack_split_products: bool = False
+  # The causal backward's state updates keep the normaliser out of the MXU
+  # (z's and rho's updates as float32 lane sums on the VPU) where H fills
+  # whole passes of the MXU: the 16 normaliser rows would take a pass of
+  # their own (v5e, H = 128, r = 64, bundles a block: the dq kernel's update
+  # 531 fewer, the dkv kernel's carry update 1795 fewer; on v6e, where
+  # H + 16 = 144 fits one 256-wide pass, the lane sums cost more than they
+  # save; BUILD_NOTES).
+  normaliser_apart: bool = False
   # Why the backward kernels do not fit, raised when a gradient is traced (a
   # forward-only call, e.g. inference, may still run this tiling).
   backward_error: str | None = None
@@ -404,4 +412,5 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        dq_vmem_limit_bytes=limit_for(estimates["dq"]),
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        stack_split_products=gen.mxu_width >= 256,
+                       normaliser_apart=head_dim % gen.mxu_width == 0,
                        backward_error=errors.get("dq") or errors.get("dkv"))

@@ -190,8 +190,17 @@ def test_bf16_gradients_at_layer_magnitudes_stacked_products(layer_inputs):
   _check_bf16_layer_gradients(layer_inputs, kw, 1.0)
 
 
-def _check_bf16_layer_gradients(layer_inputs, kw, v_mean):
-  args, cot = layer_inputs(3, 1, 1024, 2, 2, 64, 16, dtype=jnp.bfloat16, v_mean=v_mean,
+def test_bf16_gradients_at_layer_magnitudes_h128_normaliser_apart(layer_inputs):
+  """H = 128 with v5e's tiles: the backward's normaliser terms (z's and rho's
+  updates, rho 1^T) leave the MXU products for float32 VPU sums
+  (`ResolvedTiles.normaliser_apart`); the cancellation is kept as tightly."""
+  kw = dict(BACKENDS["pallas"], block_size=128,
+            tile_config=tpu_config.TileConfig(generation="v5e"))
+  _check_bf16_layer_gradients(layer_inputs, kw, 1.0, head_dim=128)
+
+
+def _check_bf16_layer_gradients(layer_inputs, kw, v_mean, head_dim=64):
+  args, cot = layer_inputs(3, 1, 1024, 2, 2, head_dim, 16, dtype=jnp.bfloat16, v_mean=v_mean,
                            v_spread=0.5 if v_mean else 1.0)
   fn = lambda *a: ps.polysketch_attention(*a, **kw)
   out = fn(*args)

@@ -73,6 +73,9 @@ CASES = [
                                          "blocks_per_step": 2}, jnp.float32, True),
     # v6e's tiles in bf16: the split products stacked along the contraction.
     (True, True, 4, 64, 32, 512, 256, {"generation": "v6e"}, jnp.bfloat16, "tpu"),
+    # H = 128 on v6e: the normaliser inside the MXU products (on v5e, the
+    # default, H = 128 keeps it apart: `ResolvedTiles.normaliser_apart`).
+    (True, True, 4, 128, 16, 512, 256, {"generation": "v6e"}, jnp.bfloat16, True),
 ]
 
 
@@ -446,3 +449,23 @@ def test_prefill_gradients_through_initial_and_returned_state(case, backend):
       np.testing.assert_array_equal(want[name], 0.0)
       continue
     assert rel_err(got[name], want[name]) < tol, (name, rel_err(got[name], want[name]))
+
+
+def test_normaliser_apart_and_inside_agree():
+  """H = 128: the backward with the normaliser's terms on the VPU (v5e's
+  tiles: 128-wide MXU) and inside the MXU products (v6e's: 256-wide) give the
+  same gradients, and the tiling says which one runs."""
+  resolve = lambda gen, h: tpu_config.resolve_tiles(
+      tpu_config.TileConfig(generation=gen), block_size=256, head_dim=h, sketch_dim=16,
+      dtype=jnp.float32, feature_dtype=jnp.float32, group=2)
+  assert resolve("v5e", 128).normaliser_apart and resolve("v4", 128).normaliser_apart
+  assert not resolve("v6e", 128).normaliser_apart and not resolve("v5e", 64).normaliser_apart
+  args, cotangent = _inputs(jax.random.PRNGKey(7), 1, 512, 4, 128, 16, jnp.float32)
+  k, v, fk = (x[:, :, ::2] for x in (args[1], args[2], args[4]))    # GQA: 2 kv heads
+  args = (args[0], k, v, args[3], fk)
+  grads = {gen: _grads(lambda *a: ps.polysketch_attention(
+      *a, block_size=256, implementation="pallas", interpret=True,
+      tile_config=tpu_config.TileConfig(generation=gen, local_tile=128)), args, cotangent)
+      for gen in ("v5e", "v6e")}
+  for name, a, b in zip(ARGNAMES, grads["v5e"], grads["v6e"]):
+    assert _rel_err(a, b) < F32_RTOL, (name, _rel_err(a, b))
