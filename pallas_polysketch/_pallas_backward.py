@@ -9,9 +9,9 @@ need, as FlashAttention recomputes P. With g = dO (in XLA beforehand):
 
 Kernel 1 (`_dq_kernel`) walks blocks forward, rebuilding the state
 [S, z] (P, H + 16) in float32 VMEM from the initial state;
-dPhi_q^T = S dnum^T + z dden^T = (S g^T) / den + z dden^T (one matmul with
-dO itself, then a column scale and a rank-1 term on the VPU), then df_q its
-cotangent through phi.
+dPhi_q^T = S dnum^T + z dden^T = (S g^T - z (g . O)^T) / den (one matmul
+with dO itself and a rank-1 term on the VPU), then df_q its cotangent through
+phi, scaled by 1 / den per token (the cotangent is linear per token).
 Both kernels form phi and its cotangent from whole-vreg float32 pieces
 (`phi_rot_t`, `phi_rot_vjp`: P = len(rot_pairs(r, False)) rows, 544 for
 r = 32), whatever the features' dtype.
@@ -123,9 +123,9 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
   state_all = state_ref[...]
   head_dim = state_all.shape[1] - NORMALISER_ROWS
   # dPhi_q^T = S dnum^T + z dden^T with the state of the blocks before this one,
-  # and dnum = g / den: (S g^T) / den, where g (dO) is exact in the operand
-  # dtype, so only S is split (two bf16 passes; a split dnum took three), and
-  # z dden^T is a float32 rank-1 product on the VPU.
+  # and dnum = g / den: (S g^T - z (g . O)^T) / den, where g (dO) is exact in
+  # the operand dtype, so only S is split (two bf16 passes; a split dnum took
+  # three), and the z term is a float32 rank-1 product on the VPU.
   s_parts = split_operand(state_all[:, :head_dim], split)
   z = state_all[:, head_dim:head_dim + 1]
   for gi in range(group):
@@ -133,11 +133,13 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
     g = g_ref[sel]                                    # (H, b) on lanes, else (b, H)
     s_g = split_dot(s_parts, split_operand(g, split and "exact"),
                     NN_DIMS if tokens_on_lanes else NT_DIMS, stack=stack)
-    scal = scal_t_ref[sel]                            # (2, b): 1 / den, dden
-    dphi_q = s_g * scal[0:1] + z * scal[1:2]
+    inv_den, dden = scal_t_ref[sel][0:1], scal_t_ref[sel][1:2]   # (1, b) rows
+    # The 1 / den of each token scales its column of dPhi_q, and the phi
+    # cotangent is linear per token: scale the (r, b) df_q instead.
+    dphi_q = s_g + z * (dden / inv_den)               # dden / inv_den = -(g . O)
     dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
-    dfq_t_ref[sel] = dfq.astype(dfq_t_ref.dtype)
+    dfq_t_ref[sel] = (dfq * inv_den).astype(dfq_t_ref.dtype)
   if not causal:
     return
 
