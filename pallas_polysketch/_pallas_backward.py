@@ -32,7 +32,8 @@ Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
 (`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
 H = 128), views of the TPU compiler's default [B, T, N, H] layout; the
 kernels transpose the tiles they need on rows in VMEM. Features, dnum^T (the
-dkv kernel's) and the row scalars (1 / den, dden) come tokens on lanes, from
+dkv kernel's) and the row scalars (1 / den, dden, the power of two the dq
+kernel scales dO by: `_row_terms`) come tokens on lanes, from
 XLA.
 
 Both grids run over kv heads; the G query heads of a group are handled inside
@@ -130,16 +131,18 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
   z = state_all[:, head_dim:head_dim + 1]
   for gi in range(group):
     sel = (gi,) if causal else (...,)
-    g = g_ref[sel]                                    # (H, b) on lanes, else (b, H)
-    s_g = split_dot(s_parts, split_operand(g, split and "exact"),
-                    NN_DIMS if tokens_on_lanes else NT_DIMS, stack=stack)
-    inv_den, dden = scal_t_ref[sel][0:1], scal_t_ref[sel][1:2]   # (1, b) rows
-    # The 1 / den of each token scales its column of dPhi_q, and the phi
-    # cotangent is linear per token: scale the (r, b) df_q instead.
-    dphi_q = s_g + z * (dden / inv_den)               # dden / inv_den = -(g . O)
+    g_t = g_ref[sel] if tokens_on_lanes else g_ref[sel].T     # (H, b)
+    scal = scal_t_ref[sel]
+    inv_den, dden, scale = scal[0:1], scal[1:2], scal[2:3]  # (1, b) rows
+    # Exact: a power of two, < 1 only where den > 2^100 (`_row_terms`).
+    g_t = (g_t.astype(jnp.float32) * scale).astype(g_t.dtype)
+    s_g = split_dot(s_parts, split_operand(g_t, split and "exact"), NN_DIMS, stack=stack)
+    # The 1 / (den scale) of each token scales its column of dPhi_q, and the
+    # phi cotangent is linear per token: scale the (r, b) df_q instead.
+    dphi_q = s_g + z * (dden / inv_den * scale)       # dden / inv_den = -(g . O)
     dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
-    dfq_t_ref[sel] = (dfq * inv_den).astype(dfq_t_ref.dtype)
+    dfq_t_ref[sel] = (dfq * (inv_den / scale)).astype(dfq_t_ref.dtype)
   if not causal:
     return
 
@@ -368,15 +371,25 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
           batch * nb * (heads * k2_q + kv_heads * k2_kv))
 
 
+# The dq kernel multiplies its state by dO itself and divides by den after;
+# where den is past 2^DQ_SCALE_EXPONENT it first scales the row of dO by an
+# exact power of two (`_row_terms`), so S g^T stays as far from float32's max
+# as S dnum^T was.
+DQ_SCALE_EXPONENT = 100
+
+
 def _row_terms(o, den, do):
-  """g (input dtype), dnum (input dtype and f32), and per-row (1/den, dden), all
-  [B, T, N, ...], from do [B, T, N, H] and den [B, N, 1, T]."""
+  """dnum (f32) [B, T, N, H] and per-row (1/den, dden, s) [B, T, N, 3] from
+  do [B, T, N, H] and den [B, N, 1, T]; s = 2^-k, k = max(0, e - 100) for
+  den = m 2^e: the power of two the dq kernel scales dO's row by."""
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
   do32 = do.astype(jnp.float32)
   inv_den = reciprocal_denominator(den_btn)
   dnum32 = do32 * inv_den[..., None]
   dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
-  return dnum32, jnp.stack([inv_den, dden], axis=-1)             # [B, T, N, 2]
+  _, exponent = jnp.frexp(den_btn)
+  scale = jnp.ldexp(jnp.ones_like(den_btn), -jnp.maximum(exponent - DQ_SCALE_EXPONENT, 0))
+  return dnum32, jnp.stack([inv_den, dden, scale], axis=-1)      # [B, T, N, 3]
 
 
 def _splits(dtype):
@@ -497,7 +510,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                         tokens_on_lanes=on_lanes, block=block_size, sub_blocks=dq_sub),
       grid=(b_, kv, nb // dq_sub),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),
-                spec(hd, True, False), spec((2, b), True, False)]
+                spec(hd, True, False), spec((3, b), True, False)]
                + ([whole] if has_initial else []),
       out_specs=spec((r, b), True, False),
       out_shape=out1,
@@ -523,7 +536,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
           grid=(b_, kv, nb // dkv_sub),
           in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
                     spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
-                    spec((h, b), True, True), spec((2, b), True, True)]
+                    spec((h, b), True, True), spec((3, b), True, True)]
                    + ([pl.BlockSpec(memory_space=pl.ANY)] if inject else []),
           out_specs=[spec(lwd, False, True), spec(hd, False, True),
                      spec((r, b), False, True), spec(lwd, True, True)]
@@ -604,7 +617,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   dnum32, scal = _row_terms(o, den, do)
   dnum_t = kernel_view(dnum32, on_lanes=True)                      # [B, N, H, T]
   g_t = kernel_view(do, on_lanes=True)                             # [B, N, H, T]
-  scal_t = kernel_view(scal, on_lanes=True)                        # [B, N, 2, T]
+  scal_t = kernel_view(scal, on_lanes=True)                        # [B, N, 3, T]
   dden_row = scal_t[:, :, 1:2, :]
   fq_t = kernel_view(q_features, on_lanes=True)                    # [B, N, r, T]
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
@@ -614,7 +627,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
       grid=(b_, n, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),
                              lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)),
-                col(r), col(h), col(2)],
+                col(r), col(h), col(3)],
       out_specs=col(r),
       out_shape=jax.ShapeDtypeStruct((b_, n, r, t), jnp.float32),
       compiler_params=_compat.TPUCompilerParams(

@@ -45,3 +45,28 @@ def test_gradients_past_the_reciprocal_limit_are_nan():
   grad = jax.grad(lambda q: jnp.sum(ps.polysketch_attention(q, k, v, fq, fk, block_size=256,
                                                             implementation="xla")))(q)
   assert np.isnan(np.asarray(grad)).any()    # rows with den >= 2^126 cannot be represented
+
+
+@pytest.mark.parametrize("name,kw", list(BACKENDS.items()))
+def test_gradients_with_a_state_near_float32s_max(name, kw):
+  """den = 2^125 from the sketched prefix, whose state S is about 2^120: the
+  dq kernel's S dO^T alone would reach 2^128 (inf); it scales dO's rows by a
+  power of two first (`_pallas_backward._row_terms`). Against float64."""
+  from pallas_polysketch.ref import polysketch_attention_quadratic
+  t, h, r = 256, 64, 8
+  half = (jnp.arange(t) % 128 >= 64)[None, :, None, None]
+  q = jnp.zeros((1, t, 1, h))
+  v = jnp.where(half, 2.0, 1.0) + 0.01 * jax.random.normal(jax.random.key(0), (1, t, 1, h))
+  fq = jnp.zeros((1, t, 1, r)).at[..., :2].set(4.0)
+  big = jnp.float32(2.0 ** 57)      # two key directions, phi_k = 2^114, z = 2^120 each
+  fk = jnp.zeros((1, t, 1, r)).at[..., 0].set(jnp.where(half[..., 0], 0.0, big))
+  fk = fk.at[..., 1].set(jnp.where(half[..., 0], big, 0.0))
+  g = 4.0 + 0.1 * jax.random.normal(jax.random.key(1), (1, t, 1, h))
+  got = jax.grad(lambda fq: jnp.sum(ps.polysketch_attention(
+      q, q, v, fq, fk, block_size=128, **kw) * g))(fq)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(x, jnp.float64)
+    want = jax.grad(lambda fq: jnp.sum(polysketch_attention_quadratic(
+        f64(q), f64(q), f64(v), fq, f64(fk), block_size=128) * f64(g)))(f64(fq))
+    assert np.all(np.isfinite(np.asarray(got)))
+    assert float(jnp.max(jnp.abs(f64(got) - want)) / jnp.max(jnp.abs(want))) < 1e-5
