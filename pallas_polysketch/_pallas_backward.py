@@ -380,8 +380,9 @@ DQ_SCALE_EXPONENT = 100
 
 def _row_terms(o, den, do):
   """dnum (f32) [B, T, N, H] and per-row (1/den, dden, s) [B, T, N, 3] from
-  do [B, T, N, H] and den [B, N, 1, T]; s = 2^-k, k = max(0, e - 100) for
-  den = m 2^e: the power of two the dq kernel scales dO's row by."""
+  do [B, T, N, H] and den [B, N, 1, T]; s = 2^-k, k = max(0, e -
+  DQ_SCALE_EXPONENT) for den = m 2^e: the power of two the dq kernel scales
+  dO's row by."""
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
   do32 = do.astype(jnp.float32)
   inv_den = reciprocal_denominator(den_btn)

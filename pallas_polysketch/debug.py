@@ -184,6 +184,8 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
   bias = _validation.check_normalization_bias(normalization_bias)
   degree = _validation.check_degree(degree)
   block_size = _validation.check_block_size(block_size)
+  causal = _validation.check_bool("causal", causal)
+  local_exact = _validation.check_bool("local_exact", local_exact)
   inputs = (q, k, v, q_features, k_features)
   for name, x in zip(INPUTS, inputs):
     found = _first_nonfinite_entry(name, x)
@@ -195,7 +197,7 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
   ex_first, ex_value, sk_first, sk_value, den = (
       np.asarray(x) for x in _weight_checks(
           q, k, q_features, k_features, degree=degree, block_size=block,
-          causal=bool(causal), local_exact=bool(local_exact), normalization_bias=bias))
+          causal=causal, local_exact=local_exact, normalization_bias=bias))
   for name, first, value in (("exact_weights", ex_first, ex_value),
                              ("sketched_weights", sk_first, sk_value)):
     pos = _first_bad(np.transpose(first >= 0, (0, 2, 1)))  # [B, T, N]

@@ -111,5 +111,6 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
   degree = _validation.check_degree(degree)
   bias = _validation.check_normalization_bias(normalization_bias)
   segment_ids = _validation.check_segment_ids(segment_ids, q)
-  return _polynomial_attention(q, k, v, segment_ids, degree=degree, causal=_validation.check_bool("causal", causal),
+  causal = _validation.check_bool("causal", causal)
+  return _polynomial_attention(q, k, v, segment_ids, degree=degree, causal=causal,
                                normalization_bias=bias)

@@ -341,3 +341,13 @@ def test_learned_sketch_features_given_other_params():
 def test_self_tensor_needs_a_feature_axis():
   with pytest.raises(ValueError, match=r"features must have rank >= 1"):
     ps.self_tensor(jnp.float32(2.0))
+
+
+@pytest.mark.parametrize("arg", ["causal", "local_exact"])
+def test_find_nonfinite_and_polynomial_flags_must_be_bools(arg):
+  q, k, v, fq, fk = _arrays()
+  with pytest.raises(TypeError, match=f"{arg} must be a bool, got 'no'"):
+    ps.find_nonfinite(q, k, v, fq, fk, block_size=8, **{arg: "no"})
+  if arg == "causal":
+    with pytest.raises(TypeError, match="causal must be a bool, got 'no'"):
+      ps.polynomial_attention(q, k, v, causal="no")

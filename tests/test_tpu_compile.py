@@ -80,7 +80,7 @@ INTERPRET_CONFIGS = [
     (300, 128, None), (256, 256, 128), (200, 128, None), (130, 128, None), (136, 128, None),
     (160, 128, None), (72, 128, None), (512, 128, None), (1024, 128, None), (512, 256, None),
     (1, 256, None), (129, 256, None), (255, 256, None), (513, 256, None), (200, 256, None),
-    (384, 128, None), (64, 64, None), (128, 128, None),
+    (384, 128, None), (64, 64, None), (128, 128, None), (256, 128, None),
     (512, 256, {"local_tile": 256, "dkv_local_tile": 128}),
     (512, 128, {"dq_blocks_per_step": 2, "dkv_blocks_per_step": 2}),
     (512, 128, {"dq_blocks_per_step": 1, "dkv_blocks_per_step": 4, "blocks_per_step": 2}),
@@ -236,6 +236,35 @@ def test_libtpu_compiles_v6e_stacked_backward_at_the_interpret_shapes():
     grad = functools.partial(_grad, block_size=block, tile_config=config)
     shapes = _shapes(1, seq, heads, 64, r, jnp.bfloat16, sharding, kv_heads=kv_heads)
     jax.jit(grad).lower(*shapes).compile()
+
+
+# The gradients the interpret tests of the backward's normaliser paths run
+# (`ResolvedTiles.normaliser_apart`): (generation, seq, heads, kv heads, H, r,
+# block, local_tile, dtype).
+NORMALISER_INTERPRET_CASES = [
+    ("v5e", 512, 4, 2, 128, 16, 256, 128, jnp.float32),   # test_normaliser_apart_and_inside_agree
+    ("v6e", 512, 4, 2, 128, 16, 256, 128, jnp.float32),
+    ("v6e", 512, 2, 2, 128, 16, 256, None, jnp.bfloat16),  # test_pallas_backward CASES
+    ("v5e", 1024, 2, 2, 128, 16, 128, None, jnp.bfloat16),  # test_hardening, H = 128
+    ("v5e", 256, 1, 1, 64, 8, 128, None, jnp.float32),      # test_overflow, large state
+]
+
+
+@pytest.mark.parametrize("case", NORMALISER_INTERPRET_CASES, ids=lambda c: f"{c[0]}-{c[4]}-{c[1]}")
+def test_normaliser_interpret_cases_lower_and_compile(case):
+  """Lowered for TPU always, and compiled by libtpu for their generation when
+  it is installed."""
+  gen, seq, heads, kv, h, r, block, local_tile, dtype = case
+  config = TileConfig(generation=gen, local_tile=local_tile)
+  grad = jax.jit(functools.partial(_grad, block_size=block, tile_config=config))
+  exported = jax.export.export(grad, platforms=["tpu"])(
+      *_shapes(1, seq, heads, h, r, dtype, kv_heads=kv))
+  assert exported.mlir_module().count("tpu_custom_call") >= 3
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(_topology_device(gen))
+  grad.lower(*_shapes(1, seq, heads, h, r, dtype, sharding, kv_heads=kv)).compile()
 
 
 @pytest.mark.tpu_compile
