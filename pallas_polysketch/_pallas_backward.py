@@ -13,7 +13,7 @@ dPhi_q^T = S dnum^T + z dden^T = (S g^T - z (g . O)^T) / den (one matmul
 with dO itself and a rank-1 term on the VPU), then df_q its cotangent through
 phi, scaled by 1 / den per token (the cotangent is linear per token).
 Both kernels form phi and its cotangent from whole-vreg float32 pieces
-(`phi_rot_t`, `phi_rot_vjp`: P = len(rot_pairs(r, False)) rows, 544 for
+(`phi_rot_t`, `phi_rot_vjp`: P = len(rot_pairs(r, False)) rows, 528 for
 r = 32), whatever the features' dtype.
 
 Kernel 2 (`_dkv_kernel`) walks blocks in reverse carrying
@@ -83,7 +83,7 @@ def _local_grad_scores(s, dl, *, degree, local_exact):
   return dl * (2.0 * s)
 
 
-def _dq_kernel(*refs, causal, has_initial, split, stack=False, apart=False,
+def _dq_kernel(*refs, causal, has_initial, split, stack=False, apart=False, merged=True,
                tokens_on_lanes=False, block=None, sub_blocks=1):
   """Forward walk: df_q of the sketched prefix (the diagonal block's gradients
   are the dkv kernel's). v and dO come tokens on rows (b, H) or, with
@@ -94,7 +94,8 @@ def _dq_kernel(*refs, causal, has_initial, split, stack=False, apart=False,
   if not causal:
     state_ref, fq_t_ref, g_ref, scal_t_ref, dfq_t_ref = refs
     _dq_block(None, fq_t_ref, None, g_ref, scal_t_ref, dfq_t_ref, state_ref,
-              causal=False, split=split, stack=stack, apart=apart, tokens_on_lanes=True)
+              causal=False, split=split, stack=stack, apart=apart, merged=merged,
+              tokens_on_lanes=True)
     return
   v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref = refs[:5]
   refs = refs[5:]
@@ -113,12 +114,12 @@ def _dq_kernel(*refs, causal, has_initial, split, stack=False, apart=False,
   for s in range(sub_blocks):
     _dq_block(tokens(v_ref, kv_axis, s), tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
               tokens(g_ref, q_axis, s), tokens(scal_t_ref, 2, s), tokens(dfq_t_ref, 2, s),
-              state_ref, causal=True, split=split, stack=stack, apart=apart,
+              state_ref, causal=True, split=split, stack=stack, apart=apart, merged=merged,
               tokens_on_lanes=tokens_on_lanes)
 
 
 def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref, *,
-              causal, split, stack, apart, tokens_on_lanes):
+              causal, split, stack, apart, merged, tokens_on_lanes):
   """One block of the dq kernel: reads the state, then adds the block to it."""
   group = fq_t_ref.shape[0] if causal else 1
   state_all = state_ref[...]
@@ -127,20 +128,31 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
   # and dnum = g / den: (S g^T - z (g . O)^T) / den, where g (dO) is exact in
   # the operand dtype, so only S is split (two bf16 passes; a split dnum took
   # three), and the z term is a float32 rank-1 product on the VPU.
-  s_parts = split_operand(state_all[:, :head_dim], split)
+  # Where den > 2^100, S g^T must stay below float32's max: an exact power of
+  # two (`_row_terms`) scales dO's rows or, with `apart` (H = 128: dO comes on
+  # rows and is transposed here, so scaling S costs less), S by the block's
+  # smallest one; df_q is divided by the same factor.
+  s = state_all[:, :head_dim]
+  if apart:
+    scale_rows = [scal_t_ref[(gi,) if causal else ...][2:3] for gi in range(group)]
+    block_scale = jnp.min(functools.reduce(jnp.minimum, scale_rows), axis=1, keepdims=True)
+    s = s * block_scale
+  s_parts = split_operand(s, split)
   z = state_all[:, head_dim:head_dim + 1]
   for gi in range(group):
     sel = (gi,) if causal else (...,)
     g_t = g_ref[sel] if tokens_on_lanes else g_ref[sel].T     # (H, b)
     scal = scal_t_ref[sel]
     inv_den, dden, scale = scal[0:1], scal[1:2], scal[2:3]  # (1, b) rows
-    # Exact: a power of two, < 1 only where den > 2^100 (`_row_terms`).
-    g_t = (g_t.astype(jnp.float32) * scale).astype(g_t.dtype)
+    if apart:
+      scale = block_scale
+    else:
+      g_t = (g_t.astype(jnp.float32) * scale).astype(g_t.dtype)
     s_g = split_dot(s_parts, split_operand(g_t, split and "exact"), NN_DIMS, stack=stack)
     # The 1 / (den scale) of each token scales its column of dPhi_q, and the
     # phi cotangent is linear per token: scale the (r, b) df_q instead.
     dphi_q = s_g + z * (dden / inv_den * scale)       # dden / inv_den = -(g . O)
-    dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True) if causal
+    dfq = (phi_rot_vjp(dphi_q, fq_t_ref[sel], query=True, merged=merged) if causal
            else phi_t_vjp(dphi_q, fq_t_ref[sel]))
     dfq_t_ref[sel] = (dfq * (inv_den / scale)).astype(dfq_t_ref.dtype)
   if not causal:
@@ -149,7 +161,8 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
   # Update: [S, z] += Phi_k^T [V, 1], in the forward's operand dtype.
   v_t = v_ref[...] if tokens_on_lanes else v_ref[...].T             # (H, b)
   mm_dtype = v_t.dtype
-  phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
+  phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False,
+                    merged=merged)
   if apart:
     state_ref[:, :head_dim] += jax.lax.dot_general(phi_k, v_t, NT_DIMS,
                                                    preferred_element_type=jnp.float32,
@@ -163,8 +176,8 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
 
 
 def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
-                emit_initial, split, stack=False, apart=False, tokens_on_lanes=False, block=None,
-                sub_blocks=1):
+                emit_initial, split, stack=False, apart=False, merged=True,
+                tokens_on_lanes=False, block=None, sub_blocks=1):
   """Reverse walk: dV, df_k (prefix); the diagonal block's dQ, dK, dV (df_q,
   df_k when sketched), its scores formed once for all three.
 
@@ -178,7 +191,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
   refs = list(refs)
   state_block_ref = refs.pop(0) if inject else None
   kw = dict(degree=degree, local_exact=local_exact, local_tile=local_tile, split=split,
-            stack=stack, apart=apart, tokens_on_lanes=tokens_on_lanes)
+            stack=stack, apart=apart, merged=merged, tokens_on_lanes=tokens_on_lanes)
   if not causal:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
     _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, None, dv_ref,
@@ -234,7 +247,8 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
 
 def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref,
                local_out_ref, dv_ref, dfk_t_ref, dq_local_ref, carry_ref, *, causal, degree,
-               local_exact, local_tile, split, stack, apart, tokens_on_lanes, prepare):
+               local_exact, local_tile, split, stack, apart, merged, tokens_on_lanes,
+               prepare):
   """One block of the dkv kernel (v_ref is v^T when not causal): reads the
   carry of the blocks after it (`prepare()` sets it up), then adds the block
   to it."""
@@ -260,8 +274,9 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
     dphi_k = split_dot(split_operand(carry, split),
                        split_operand(augment_v_t(v_t), split and "exact"), NN_DIMS, stack=stack)
   if causal:     # [R, rho] on the float32 `rot_pairs`, as the dq kernel's state
-    dfk_t = phi_rot_vjp(dphi_k, fk_t_ref[...], query=False)
-    phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False)
+    dfk_t = phi_rot_vjp(dphi_k, fk_t_ref[...], query=False, merged=merged)
+    phi_k = phi_rot_t(fk_t_ref[...], jnp.float32, mm_dtype, query=False, packed=False,
+                      merged=merged)
   else:
     dfk_t = phi_t_vjp(dphi_k, fk_t_ref[...])
     phi_k = phi_t(fk_t_ref[...]).astype(mm_dtype)
@@ -332,7 +347,8 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   for gi in range(group):
     # phi_q rounded to bf16 once costs nothing measurable here (the cotangent
     # G is what cancels): two passes, not three.
-    phi_q = phi_rot_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True, packed=False)
+    phi_q = phi_rot_t(fq_t_ref[gi], jnp.float32, jnp.float32, query=True, packed=False,
+                      merged=merged)
     phi_q = split_operand(phi_q, split and "exact")
     if apart:
       carry_ref[:, :head_dim] += split_dot(
@@ -468,7 +484,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   # (`rot_pairs(r, False)`, whatever the features' dtype: the backward forms
   # phi in float32); states and their cotangents cross the boundary on all
   # r^2 pairs.
-  pairs = rot_pairs(r, False)
+  pairs = rot_pairs(r, False, tiles.merged_rotations)
   n_sym = len(pairs)
   sym_shape = sds((b_, kv, n_sym, rows), f32)
   if initial_state is not None:
@@ -491,7 +507,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   local_dtype = q.dtype if local_exact else f32
   has_initial = initial_state is not None
   kw = dict(degree=degree, causal=True, local_exact=local_exact, split=_splits(mm_dtype),
-            stack=tiles.stack_split_products, apart=tiles.normaliser_apart)
+            stack=tiles.stack_split_products, apart=tiles.normaliser_apart,
+            merged=tiles.merged_rotations)
 
   hd = (h, b) if on_lanes else (b, h)           # a q, k, v, dO, dq, dk, dv block
   lwd = (lw, b) if on_lanes else (b, lw)        # the local output's block
@@ -507,7 +524,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   dfq_t = pl.pallas_call(
       functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
                         split=_splits(mm_dtype), stack=tiles.stack_split_products,
-                        apart=tiles.normaliser_apart,
+                        apart=tiles.normaliser_apart, merged=tiles.merged_rotations,
                         tokens_on_lanes=on_lanes, block=block_size, sub_blocks=dq_sub),
       grid=(b_, kv, nb // dq_sub),
       in_specs=[spec(hd, False, False), spec((r, b), True, False), spec((r, b), False, False),

@@ -187,7 +187,7 @@ def _rot_tile(r: int, packed: bool) -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
-def rot_plan(r: int, packed: bool):
+def rot_plan(r: int, packed: bool, merged: bool = True):
   """The pieces `phi_rot_t` forms, one vreg-tile each, and the pairs they hold.
 
   Features come in tiles of t rows (t = 8 float32 rows, or 16 bf16 rows packed
@@ -197,12 +197,17 @@ def rot_plan(r: int, packed: bool):
   m = 0 .. 4 (swapped or not) meet every pair of its features; across tiles
   i < k all 8 rotations (x 2) meet each pair once. So every piece is a whole
   vreg (no sublane shuffles but the rotations) and r = 32 keeps 576 rows
-  packed, 544 in float32 (against `sym_pairs`' 640).
+  packed, 528 in float32 (against `sym_pairs`' 640): r (r + 1) / 2, every pair
+  once. In float32 the rotation by 4 inside a tile meets each of its 4 pairs
+  twice, so two tiles i < k share one such piece (`merged`): rows 0..3 from
+  tile i, rows 4..7 from tile k, each with its partner 4 sublanes away,
+  u * roll(v, 4) for u = (f_i above, f_k below) and v = (f_k above, f_i below).
 
-  Returns (pieces, pairs): pieces a tuple of (i, k, m, swap, weight), weight
-  the query side's factor (2: the mirror pair is not kept; 1: the diagonal, or
-  a pair every row of the piece holds twice); pairs the (a, c) of each row.
-  None where r is no multiple of 8.
+  Returns (pieces, pairs): pieces a tuple of (i, k, m, swap, merged, weight),
+  weight the query side's factor (2: the mirror pair is not kept; 1: the
+  diagonal, or a pair every row of the piece holds twice); pairs the (a, c)
+  of each row. None where r is no multiple of 8. merged=False keeps the
+  float32 rotations by 4 apart (544 rows at r = 32; `ResolvedTiles.merged_rotations`).
   """
   t = _rot_tile(r, packed)
   if t is None:
@@ -222,9 +227,19 @@ def rot_plan(r: int, packed: bool):
     for k in range(i, n):
       for m in range(5 if k == i else 8):
         for swap in ((False, True) if packed else (False,)):
-          specs.append((i, k, m, swap))
-  rows_of = [[(i * t + x, k * t + y) for x, y in zip(rows, partner(m, swap))]
-             for i, k, m, swap in specs]
+          if k == i and m == 4 and merged and not packed and (i ^ 1) < n:
+            if i % 2 == 0:                       # tiles i and i + 1 share one piece
+              specs.append((i, i + 1, 4, False, True))
+            continue
+          specs.append((i, k, m, swap, False))
+
+  def rows_of_piece(i, k, m, swap, merged):
+    if merged:
+      return [(i * t + x, i * t + x + 4) for x in range(4)] + [
+          (k * t + x, k * t + x - 4) for x in range(4, 8)]
+    return [(i * t + x, k * t + y) for x, y in zip(rows, partner(m, swap))]
+
+  rows_of = [rows_of_piece(*spec) for spec in specs]
   count = {}
   for piece in rows_of:
     for a, c in piece:
@@ -240,10 +255,10 @@ def rot_plan(r: int, packed: bool):
   return tuple(pieces), tuple(pairs)
 
 
-def rot_pairs(r: int, packed: bool) -> list[tuple[int, int]]:
+def rot_pairs(r: int, packed: bool, merged: bool = True) -> list[tuple[int, int]]:
   """The (a, c) pairs of the rows of `phi_rot_t` (`sym_pairs` where r is no
   multiple of 8: all r^2 pairs)."""
-  plan = rot_plan(r, packed)
+  plan = rot_plan(r, packed, merged)
   return list(plan[1]) if plan else sym_pairs(r)
 
 
@@ -252,7 +267,7 @@ def rot_packed(*feature_dtypes) -> bool:
   return all(jnp.dtype(d).itemsize == 2 for d in feature_dtypes)
 
 
-def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed):
+def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed, merged=True):
   """(r, b) -> (R, b): phi^T on the rows of `rot_pairs(r, packed)`, multiplied
   in form_dtype, the query side weighted as `phi_sym_t`'s, so
   phi_rot_q . phi_rot_k = phi_q . phi_k for every token pair.
@@ -266,7 +281,7 @@ def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed):
   half vregs.
   """
   r, b = f_t.shape
-  plan = rot_plan(r, packed)
+  plan = rot_plan(r, packed, merged)
   if plan is None:
     return phi_sym_t(f_t, form_dtype, mm_dtype, query=query)
   t = _rot_tile(r, packed)
@@ -288,12 +303,24 @@ def phi_rot_t(f_t, form_dtype, mm_dtype, *, query, packed):
                              if packed else x)
     return cache[(k, m, swap)]
 
-  pieces = [(twice if w == 2 else tiles)[i] * operand(k, m, swap)
-            for i, k, m, swap, w in plan[0]]
+  pieces = []
+  for i, k, m, swap, merged, w in plan[0]:
+    left = twice if w == 2 else tiles
+    if merged:
+      upper = _upper_rows(tiles[i].shape)
+      pieces.append(jnp.where(upper, left[i], left[k])
+                    * _compat.pltpu.roll(jnp.where(upper, tiles[k], tiles[i]), m, 0))
+    else:
+      pieces.append(left[i] * operand(k, m, swap))
   return jnp.concatenate(pieces, axis=0).astype(mm_dtype)
 
 
-def phi_rot_vjp(dphi, f_t, *, query):
+def _upper_rows(shape):
+  """(8, b) bool: rows 0..3, the half of a `merged` piece from its tile i."""
+  return jax.lax.broadcasted_iota(jnp.int32, shape, 0) < shape[0] // 2
+
+
+def phi_rot_vjp(dphi, f_t, *, query, merged=True):
   """Cotangent of `phi_rot_t` with packed=False: (R, b), (r, b) -> (r, b) float32.
 
   A piece is (w f_i) * roll(f_k, m) (tiles of 8 float32 rows), so it sends
@@ -302,7 +329,7 @@ def phi_rot_vjp(dphi, f_t, *, query):
   sums each feature's row over sublanes). r no multiple of 8: `phi_sym_vjp`.
   """
   r, b = f_t.shape
-  plan = rot_plan(r, False)
+  plan = rot_plan(r, False, merged)
   if plan is None:
     return phi_sym_vjp(dphi, f_t, query=query)
   t = _rot_tile(r, False)
@@ -315,9 +342,20 @@ def phi_rot_vjp(dphi, f_t, *, query):
   to_i = [[None, None] for _ in tiles]
   to_k = [None for _ in tiles]
   add = lambda acc, x: x if acc is None else acc + x
-  for j, (i, k, m, _, w) in enumerate(plan[0]):
+  for j, (i, k, m, _, merged, w) in enumerate(plan[0]):
     w = w if query else 1
     d = dphi[j * t:(j + 1) * t]
+    if merged:
+      # u * roll(v, 4) with u's rows from tiles i | k (above | below), v's
+      # from tiles k | i: tile i takes u's cotangent above and v's below.
+      upper = _upper_rows(d.shape)
+      to_u = d * _compat.pltpu.roll(jnp.where(upper, tiles[k], tiles[i]), m, 0)
+      to_u = to_u + to_u if w == 2 else to_u
+      left = twice if w == 2 else tiles
+      to_v = _compat.pltpu.roll(d * jnp.where(upper, left[i], left[k]), t - m, 0)
+      to_k[i] = add(to_k[i], jnp.where(upper, to_u, to_v))
+      to_k[k] = add(to_k[k], jnp.where(upper, to_v, to_u))
+      continue
     if (k, m) not in rolled:
       rolled[(k, m)] = _compat.pltpu.roll(tiles[k], m, 0) if m else tiles[k]
     to_i[i][w - 1] = add(to_i[i][w - 1], d * rolled[(k, m)])

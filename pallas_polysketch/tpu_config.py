@@ -60,6 +60,9 @@ class TpuGeneration:
   forward_blocks_per_step: int = 1
   dq_blocks_per_step: int = 1
   dkv_blocks_per_step: int = 1
+  # The dq kernel's where H fills whole MXU passes (H = 128 on 128-wide MXUs;
+  # None: dq_blocks_per_step).
+  wide_head_dq_blocks_per_step: int | None = None
 
   @property
   def peak_bf16_flops(self) -> float:
@@ -87,8 +90,11 @@ GENERATIONS = {
     # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
     # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
     # TileConfig(dkv_local_tile=256) there (bench/TPU_SCHEDULE.md).
+    # At H = 128, r = 64 v5e's dq kernel takes 4 blocks a step (3564 bundles a
+    # block against 3788 with 8; 914 against 823 at H = 64).
     "v5e": TpuGeneration("v5e", 1, 197e12, 819e9, 1500e6, 128, 128 * MiB, 16 * MiB,
-                         forward_blocks_per_step=4, dq_blocks_per_step=8),
+                         forward_blocks_per_step=4, dq_blocks_per_step=8,
+                         wide_head_dq_blocks_per_step=4),
     "v5p": TpuGeneration("v5p", 2, 459e12, 2765e9, 1750e6, 128, 64 * MiB, 16 * MiB,
                          forward_blocks_per_step=4, dq_blocks_per_step=4),
     "v6e": TpuGeneration("v6e", 1, 918e12, 1638e9, 1750e6, 256, 128 * MiB, 32 * MiB,
@@ -213,6 +219,11 @@ class ResolvedTiles:
   # H + 16 = 144 fits one 256-wide pass, the lane sums cost more than they
   # save; BUILD_NOTES).
   normaliser_apart: bool = False
+  # The causal backward's phi shares one float32 piece between the rotations
+  # by 4 of two feature tiles (`_pallas_common.rot_plan`: r (r + 1) / 2 rows,
+  # 528 at r = 32 instead of 544) on 128-wide MXUs; on v6e the dkv kernel's
+  # selects measured slower and needed more scoped VMEM than its default.
+  merged_rotations: bool = True
   # Why the backward kernels do not fit, raised when a gradient is traced (a
   # forward-only call, e.g. inference, may still run this tiling).
   backward_error: str | None = None
@@ -287,7 +298,10 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   forward = (_buffers(((g, bs, h), mm), ((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft),
                       ((r, bs), ft), ((g, h, bs), f32), ((g, 1, bs), f32))
              + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
-             + (4 * state_fwd if state_io else 0))
+             + (4 * state_fwd if state_io else 0)
+             # The features' Gram matrix where the normaliser leaves the MXU
+             # (counted everywhere: 16 KiB at r = 64).
+             + (5 if state_io else 1) * _tile_bytes((r, r), f32))
   # dq: v, the features, dnum^T and dden in; df_q out.
   bs = b * dq_blocks_per_step
   dq = (_buffers(((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft), ((r, bs), ft),
@@ -365,6 +379,9 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
   counts = {name: given[name] or getattr(gen, name if name != "blocks_per_step"
                                          else "forward_blocks_per_step")
             for name in given}
+  if given["dq_blocks_per_step"] is None and head_dim % gen.mxu_width == 0:
+    counts["dq_blocks_per_step"] = (gen.wide_head_dq_blocks_per_step
+                                    or counts["dq_blocks_per_step"])
   estimate = lambda: vmem_estimates(block_size, head_dim, sketch_dim, dtype, feature_dtype,
                                     group=group, local_tile=local_tile,
                                     dkv_local_tile=dkv_local_tile, symmetric=symmetric,
@@ -413,4 +430,5 @@ def resolve_tiles(config: TileConfig | None, *, block_size: int, head_dim: int,
                        dkv_vmem_limit_bytes=limit_for(estimates["dkv"]),
                        stack_split_products=gen.mxu_width >= 256,
                        normaliser_apart=head_dim % gen.mxu_width == 0,
+                       merged_rotations=gen.mxu_width < 256,
                        backward_error=errors.get("dq") or errors.get("dkv"))

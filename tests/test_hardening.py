@@ -217,7 +217,8 @@ def _check_bf16_layer_gradients(layer_inputs, kw, v_mean, head_dim=64):
 def test_each_kernel_has_its_own_vmem_estimate_and_error():
   v5e = tpu_config.GENERATIONS["v5e"]
   est = tpu_config.vmem_estimates(256, 128, 64, jnp.bfloat16, jnp.bfloat16,   # v5e's tiles
-                                  local_tile=128, dq_blocks_per_step=v5e.dq_blocks_per_step,
+                                  local_tile=128,
+                                  dq_blocks_per_step=v5e.wide_head_dq_blocks_per_step,
                                   dkv_blocks_per_step=v5e.dkv_blocks_per_step)
   tiles = tpu_config.resolve_tiles(tpu_config.TileConfig(generation="v5e"), block_size=256,
                                    head_dim=128, sketch_dim=64, dtype=jnp.bfloat16,

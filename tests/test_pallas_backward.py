@@ -460,6 +460,16 @@ def test_normaliser_apart_and_inside_agree():
       dtype=jnp.float32, feature_dtype=jnp.float32, group=2)
   assert resolve("v5e", 128).normaliser_apart and resolve("v4", 128).normaliser_apart
   assert not resolve("v6e", 128).normaliser_apart and not resolve("v5e", 64).normaliser_apart
+  # v5e's phi shares the rotations by 4 of two feature tiles (r = 16: 136 rows), v6e's not
+  # (144): the gradients below cross both plans too.
+  assert resolve("v5e", 128).merged_rotations and not resolve("v6e", 128).merged_rotations
+  # At H = 128 v5e's dq kernel walks 4 blocks a step (8 at H = 64); a given count is kept.
+  assert resolve("v5e", 128).dq_blocks_per_step == 4
+  assert resolve("v5e", 64).dq_blocks_per_step == 8
+  assert tpu_config.resolve_tiles(
+      tpu_config.TileConfig(generation="v5e", dq_blocks_per_step=2), block_size=256,
+      head_dim=128, sketch_dim=16, dtype=jnp.float32,
+      feature_dtype=jnp.float32).dq_blocks_per_step == 2
   args, cotangent = _inputs(jax.random.PRNGKey(7), 1, 512, 4, 128, 16, jnp.float32)
   k, v, fk = (x[:, :, ::2] for x in (args[1], args[2], args[4]))    # GQA: 2 kv heads
   args = (args[0], k, v, args[3], fk)

@@ -308,7 +308,7 @@ def test_rotated_phi_gives_the_same_scores_with_whole_vreg_pieces(r, packed):
   """The forward's phi (`phi_rot_t`): rows are exactly f_a f_c of `rot_pairs`
   (bf16 features, formed in bf16 or float32 alike), every unordered pair is
   kept, and phi_rot_q . phi_rot_k = phi_q . phi_k; r = 32 keeps 576 rows
-  packed, 544 in float32 (against `sym_pairs`' 640)."""
+  packed, 528 in float32 (each pair once; `sym_pairs` keeps 640)."""
   from pallas_polysketch import _pallas_common as common
   dtype = jnp.bfloat16 if packed else jnp.float32
   key_q, key_k = jax.random.split(jax.random.PRNGKey(r))
@@ -319,7 +319,9 @@ def test_rotated_phi_gives_the_same_scores_with_whole_vreg_pieces(r, packed):
     assert {(min(a, c), max(a, c)) for a, c in pairs} == {
         (a, c) for a in range(r) for c in range(a, r)}
   if r == 32:
-    assert len(pairs) == (576 if packed else 544)
+    assert len(pairs) == (576 if packed else 528)
+  if r % 16 == 0 and not packed:      # the rotations by 4 of tile pairs share pieces
+    assert len(pairs) == r * (r + 1) // 2
   form = jax.jit(lambda f, form_dtype, query: common.phi_rot_t(
       f, form_dtype, jnp.float32, query=query, packed=packed), static_argnums=(1, 2))
   rows_k = form(fk_t, dtype, False)
@@ -381,7 +383,7 @@ def test_symmetric_phi_vjp_is_the_gradient(r, query):
 
 
 @pytest.mark.parametrize("query", [True, False])
-@pytest.mark.parametrize("r", [32, 16, 12])
+@pytest.mark.parametrize("r", [32, 24, 16, 12])
 def test_rotated_phi_vjp_is_the_gradient(r, query):
   """The backward kernels' phi cotangent (`phi_rot_vjp`) is the gradient of
   the rows of `phi_rot_t` (float32 pieces), written independently here as
@@ -401,3 +403,49 @@ def test_rotated_phi_vjp_is_the_gradient(r, query):
   _, vjp = jax.vjp(rows, f_t)
   got = jax.jit(lambda d, f: common.phi_rot_vjp(d, f, query=query))(dphi, f_t)
   np.testing.assert_allclose(got, vjp(dphi)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_normaliser_apart_forward_from_a_prefix_state_and_emitting_one(dtype):
+  """H = 128 on a 128-wide MXU (v5e's tiles) keeps z as the features' Gram
+  matrix outside the state matmuls; it must give what v6e's tiles (z inside
+  them) and the reference give, from a real prefix state (chunked prefill,
+  context parallelism) and for the state it returns mid-sequence and at the
+  end, z row included, GQA (two query heads per kv head)."""
+  b, t, n, kv, h, r, block = 2, 768, 4, 2, 128, 16, 256
+  q, k, v, fq, fk = (x.astype(dtype).astype(jnp.float32)
+                     for x in _inputs(jax.random.PRNGKey(11), b, 256 + t, n, h, r))
+  k, v, fk = (x[:, :, ::n // kv] for x in (k, v, fk))
+  phi_k = self_tensor(fk)                                              # [B, T, K, r^2]
+  state_at = lambda end: jnp.concatenate(                              # [B, K, H + 16, r^2]
+      [jnp.einsum("btnc,btnh->bnhc", phi_k[:, :end], v[:, :end]),
+       jnp.sum(phi_k[:, :end], axis=1)[:, :, None],
+       jnp.zeros((b, kv, 15, r * r))], axis=2)
+  rep = lambda x: jnp.repeat(x, n // kv, axis=2)                       # GQA reference
+  want = ref.polysketch_attention_quadratic(q, rep(k), rep(v), fq, rep(fk),
+                                            block_size=block)[:, 256:]
+  chunk = lambda x: x[:, 256:].astype(dtype)
+  results = {}
+  for gen in ("v5e", "v6e"):
+    tiles = tpu_config.resolve_tiles(tpu_config.TileConfig(generation=gen, local_tile=128),
+                                     block_size=block, head_dim=h, sketch_dim=r, dtype=dtype,
+                                     feature_dtype=dtype, group=n // kv)
+    assert tiles.normaliser_apart == (gen == "v5e")
+    results[gen] = _pallas_forward.causal_forward(
+        *(chunk(x) for x in (q, k, v, fq, fk)), degree=4, block_size=block, local_exact=True,
+        bias=1.0, tiles=tiles, interpret=True, initial_state=state_at(256),
+        state_block=jnp.array([1, 3]))
+  # bf16: phi_k is rounded to bf16 (2^-9) before it meets V, in S and (v6e) z.
+  tol = F32_RTOL if dtype == jnp.float32 else BF16_RTOL
+  state_tol = F32_RTOL if dtype == jnp.float32 else 2.0**-8
+  for gen, (o, den, state) in results.items():
+    assert _rel_err(o, want) < tol, (gen, _rel_err(o, want))
+    # Row 0: the state at the start of the chunk's block 1; row 1: after its last block.
+    for row, end in ((0, 512), (1, 1024)):
+      s_want = state_at(end)[row]
+      assert _rel_err(state[row, :, :h], s_want[:, :h]) < state_tol, (gen, row)
+      assert _rel_err(state[row, :, h], s_want[:, h]) < state_tol, (gen, row)
+      np.testing.assert_array_equal(state[row, :, h + 1:], 0.0)
+  # The two tilings agree on every output, the normaliser's den included.
+  for a, c in zip(results["v5e"], results["v6e"]):
+    assert _rel_err(a, c) < tol, _rel_err(a, c)
