@@ -31,10 +31,11 @@ initial state's cotangent.
 Layout: q, k, v, dO and the dq, dk, dv outputs come in the forward's layout
 (`_pallas_forward.tokens_on_lanes`: (H, b) tiles for H = 64, (b, H) for
 H = 128), views of the TPU compiler's default [B, T, N, H] layout; the
-kernels transpose the tiles they need on rows in VMEM. Features, dnum^T (the
-dkv kernel's) and the row scalars (1 / den, dden, the power of two the dq
-kernel scales dO by: `_row_terms`) come tokens on lanes, from
-XLA.
+kernels transpose the tiles they need on rows in VMEM. Features and the row
+scalars (1 / den, dden, the power of two the dq kernel's overflow guard
+takes: `_row_terms`) come tokens on lanes, from XLA; the dkv kernel forms
+dnum = dO / den itself (an XLA float32 dnum was a copy of dO in T-minor at
+H = 128, and a float32 array to write and read everywhere).
 
 Both grids run over kv heads; the G query heads of a group are handled inside
 the kernel, so the state is rebuilt once per kv head and dK, dV, df_k are
@@ -194,11 +195,11 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
             stack=stack, apart=apart, merged=merged, tokens_on_lanes=tokens_on_lanes)
   if not causal:
     carry_ref, v_t_ref, fk_t_ref, dv_ref, dfk_t_ref = refs
-    _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, None, dv_ref,
+    _dkv_block(None, None, v_t_ref, None, fk_t_ref, None, None, None, dv_ref,
                dfk_t_ref, None, carry_ref, causal=False, prepare=lambda: None, **kw)
     return
-  (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref) = refs[:8]
-  refs = refs[8:]
+  (q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref) = refs[:7]
+  refs = refs[7:]
   d_state_ref = refs.pop(0) if inject else None
   local_out_ref, dv_ref, dfk_t_ref, dq_local_ref = refs[:4]
   refs = refs[4:]
@@ -234,7 +235,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
   for s in reversed(range(sub_blocks)):
     _dkv_block(tokens(q_ref, q_axis, s), tokens(k_ref, kv_axis, s),
                tokens(v_ref, kv_axis, s), tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
-               tokens(g_ref, q_axis, s), tokens(dnum_t_ref, 2, s), tokens(scal_t_ref, 2, s),
+               tokens(g_ref, q_axis, s), tokens(scal_t_ref, 2, s),
                tokens(local_out_ref, kv_axis, s), tokens(dv_ref, kv_axis, s),
                tokens(dfk_t_ref, 1, s), tokens(dq_local_ref, q_axis, s), carry_ref,
                causal=True, prepare=functools.partial(prepare, s), **kw)
@@ -245,7 +246,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
       d_initial_ref[...] = carry_ref[...]
 
 
-def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_t_ref,
+def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref,
                local_out_ref, dv_ref, dfk_t_ref, dq_local_ref, carry_ref, *, causal, degree,
                local_exact, local_tile, split, stack, apart, merged, tokens_on_lanes,
                prepare):
@@ -292,13 +293,22 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
   # group's query heads) and dQ = (ds^T)^T K. Tokens on lanes ((D, b) tiles,
   # H = 64) every product takes and gives them so, transposing nothing.
   group = q_ref.shape[0]
+  # dnum = dO / den in float32 (as `_row_terms` forms it for the non-causal
+  # kernels), in dO's layout: (H, b) on lanes, else (b, H) with 1 / den as a
+  # column (the row scalars transposed once, (8, b) -> (b, 8)).
+  if on_lanes:
+    dnums = [g_ref[gi].astype(jnp.float32) * scal_t_ref[gi, 0:1, :] for gi in range(group)]
+  else:
+    pad = jnp.zeros((8 - scal_t_ref.shape[1], g_ref.shape[1]), jnp.float32)
+    scal_cols = [jnp.concatenate([scal_t_ref[gi], pad]).T for gi in range(group)]
+    dnums = [g_ref[gi].astype(jnp.float32) * scal_cols[gi][:, 0:1] for gi in range(group)]
   if on_lanes:
     axis, scores = 1, TN_DIMS
     dk_of = lambda ds, q: mm(q, ds, NT_DIMS, q.dtype)               # (D, lt)
     dq_of = lambda ds, k: mm(k, ds, NN_DIMS, k.dtype)
     dv_of = lambda w, dnum: mm(dnum, w, NT_DIMS)
     side = lambda x, f: x if local_exact else f
-    dnum_sides = [dnum_t_ref[gi].astype(mm_dtype) for gi in range(group)]
+    dnum_sides = [dnum.astype(mm_dtype) for dnum in dnums]
   else:
     axis, scores = 0, NT_DIMS
     dk_of = lambda ds, q: mm(ds, q, NN_DIMS, q.dtype)               # (lt, D)
@@ -306,7 +316,7 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
     dv_of = lambda w, dnum: mm(w, dnum, NN_DIMS)
     side = lambda x, f: x if local_exact else f.T
     # dnum on rows in the operand dtype (as rounding it in XLA would).
-    dnum_sides = [dnum_t_ref[gi].T.astype(mm_dtype) for gi in range(group)]
+    dnum_sides = [dnum.astype(mm_dtype) for dnum in dnums]
   k_side = side(k_ref[...], fk_t_ref[...])
   q_sides = [side(q_ref[gi], fq_t_ref[gi]) for gi in range(group)]
   g_sides = [g_ref[gi] for gi in range(group)]
@@ -352,12 +362,18 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, dnum_t_ref, scal_
     phi_q = split_operand(phi_q, split and "exact")
     if apart:
       carry_ref[:, :head_dim] += split_dot(
-          phi_q, split_operand(dnum_t_ref[gi].astype(jnp.float32), split), NT_DIMS)
+          phi_q, split_operand(dnums[gi], split), NT_DIMS if on_lanes else NN_DIMS)
       carry_ref[:, head_dim:head_dim + 1] += jnp.sum(
           phi_q[0].astype(jnp.float32) * scal_t_ref[gi, 1:2, :], axis=1, keepdims=True)
     else:
-      g_aug = augment_g_t(dnum_t_ref[gi], scal_t_ref[gi, 1:2, :])
-      carry_ref[...] += split_dot(phi_q, split_operand(g_aug, split), NT_DIMS)
+      if on_lanes:
+        g_aug, dims = augment_g_t(dnums[gi], scal_t_ref[gi, 1:2, :]), NT_DIMS
+      else:        # [dnum, dden, 0] (b, H + 16): H = 128 fills whole lane tiles
+        g_aug = jnp.concatenate([dnums[gi], scal_cols[gi][:, 1:2],
+                                 jnp.zeros((dnums[gi].shape[0], NORMALISER_ROWS - 1),
+                                           jnp.float32)], axis=1)
+        dims = NN_DIMS
+      carry_ref[...] += split_dot(phi_q, split_operand(g_aug, split), dims)
 
 
 def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
@@ -445,7 +461,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
 
-  dnum32, scal = _row_terms(o, den, do)
+  _, scal = _row_terms(o, den, do)
   # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
   # views of what the TPU compiler stores by default, no XLA copies.
   on_lanes = tokens_on_lanes(h)
@@ -456,7 +472,6 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   q_v, k_v, v_v = q_view(q), kv_view(k), kv_view(v)
   g_v = q_view(do.astype(mm_dtype))
   fq_t, fk_t = cols_g(q_features), k_cols(k_features)
-  dnum_t = cols_g(dnum32)
   scal_t = cols_g(scal)
 
   # A grid step walks several blocks (`TileConfig.dq_blocks_per_step`,
@@ -541,7 +556,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   )(*ins1)
 
   emit_initial = has_initial
-  ins2 = (q_v, k_v, v_v, fq_t, fk_t, g_v, dnum_t, scal_t)
+  ins2 = (q_v, k_v, v_v, fq_t, fk_t, g_v, scal_t)
   ins2 += (d_final_state,) if inject else ()
   outs2 = [sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
            sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
@@ -554,7 +569,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
           grid=(b_, kv, nb // dkv_sub),
           in_specs=[spec(hd, True, True), spec(hd, False, True), spec(hd, False, True),
                     spec((r, b), True, True), spec((r, b), False, True), spec(hd, True, True),
-                    spec((h, b), True, True), spec((3, b), True, True)]
+                    spec((3, b), True, True)]
                    + ([pl.BlockSpec(memory_space=pl.ANY)] if inject else []),
           out_specs=[spec(lwd, False, True), spec(hd, False, True),
                      spec((r, b), False, True), spec(lwd, True, True)]

@@ -30,13 +30,6 @@ of shape (H + 16, r^2): rows [0, H) hold S^T, row H holds z^T, the rest stay
 zero. V^T is extended by a row of ones (and zero rows up to the 16-row bf16
 tile), so one matmul V_aug^T phi_k updates S and z together and one matmul
 state phi_q reads both; the normaliser never needs an H+1-wide lane layout.
-Where H fills whole MXU passes (`ResolvedTiles.normaliser_apart`: H = 128 on
-the 128-wide MXUs) those 16 rows would cost 16/144 of both state matmuls, so
-the normaliser leaves them: z = sum_s phi_k(s) = vec(G) for the features'
-Gram matrix G = sum_s f_k(s) f_k(s)^T (r, r), kept in float32 (one small
-matmul a block), and z . phi_q(t) = f_q(t)^T G f_q(t) (a split (r, r) x (r, b)
-product and a column sum); the local block's normaliser row is a column sum
-of its weights.
 
 The causal kernel starts from a given state (or zero) and can emit the state
 at the start of a block chosen per batch row (a scalar-prefetch operand; the
@@ -53,8 +46,8 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
-    NN_DIMS, NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
-    phi_rot_t, phi_t, precision_for, public_view, split_dot, split_operand,
+    NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
+    phi_rot_t, phi_t, precision_for, public_view,
     full_state, rot_packed, rot_pairs, sub_block, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -66,19 +59,16 @@ BLOCK_AXIS_SEMANTICS = "arbitrary"
 
 def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_initial,
                            emit_state, form_dtype, packed, tokens_on_lanes, block,
-                           sub_blocks, apart):
+                           sub_blocks):
   refs = list(refs)
   state_block_ref = refs.pop(0) if emit_state else None
   q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref = refs[:5]
   refs = refs[5:]
   init_ref = refs.pop(0) if has_initial else None
-  gram_init_ref = refs.pop(0) if has_initial and apart else None
   o_ref, den_ref = refs[:2]
   refs = refs[2:]
   state_out_ref = refs.pop(0) if emit_state else None
-  gram_out_ref = refs.pop(0) if emit_state and apart else None
-  state_ref, acc_ref, *gram = refs
-  gram_ref = gram[0] if apart else None
+  state_ref, acc_ref = refs
 
   t = pl.program_id(2)
   mm_dtype = q_ref.dtype
@@ -92,8 +82,6 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       state_ref[...] = init_ref[...]
     else:
       state_ref[...] = jnp.zeros_like(state_ref)
-    if apart:
-      gram_ref[...] = gram_init_ref[...] if has_initial else jnp.zeros_like(gram_ref)
 
   if emit_state:
     emit_at = state_block_ref[pl.program_id(0)]
@@ -106,8 +94,6 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
       @pl.when(t * sub_blocks + s == emit_at)
       def _():
         state_out_ref[...] = state_ref[...]
-        if apart:
-          gram_out_ref[...] = gram_ref[...]
 
     _forward_block(
         tokens(q_ref, 2 if tokens_on_lanes else 1, s),
@@ -115,8 +101,8 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
         tokens(v_ref, 1 if tokens_on_lanes else 0, s),
         tokens(fq_t_ref, 2, s), tokens(fk_t_ref, 1, s),
         tokens(o_ref, 2 if tokens_on_lanes else 1, s), tokens(den_ref, 2, s),
-        state_ref, acc_ref, gram_ref, degree=degree, local_exact=local_exact,
-        local_tile=local_tile, bias=bias, form_dtype=form_dtype, packed=packed, tokens_on_lanes=tokens_on_lanes,
+        state_ref, acc_ref, degree=degree, local_exact=local_exact, local_tile=local_tile,
+        bias=bias, form_dtype=form_dtype, packed=packed, tokens_on_lanes=tokens_on_lanes,
         block=block,
         mm_dtype=mm_dtype, prec=prec, group=group, head_dim=head_dim)
 
@@ -126,26 +112,14 @@ def _causal_forward_kernel(*refs, degree, local_exact, local_tile, bias, has_ini
     @pl.when((t == last) & (emit_at > (last + 1) * sub_blocks - 1))
     def _():
       state_out_ref[...] = state_ref[...]
-      if apart:
-        gram_out_ref[...] = gram_ref[...]
 
 
 def _forward_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, o_ref, den_ref, state_ref,
-                   acc_ref, gram_ref, *, degree, local_exact, local_tile, bias, form_dtype,
-                   packed, tokens_on_lanes, block, mm_dtype, prec, group, head_dim):
-  """One block of the causal forward: reads the state, then adds the block to it.
-  gram_ref: None, or the features' Gram matrix (r, r) standing in for z."""
-  apart = gram_ref is not None
-  v_t = v_ref[...] if tokens_on_lanes else v_ref[...].T                 # (H, b)
-  v_aug = v_t if apart else augment_v_t(v_t)                             # (H + 16, b)
-  # Read before the update below.
-  state = (state_ref[:head_dim, :] if apart else state_ref[...]).astype(mm_dtype)
-  if apart:
-    # G's products are float32-exact from 16-bit features; G itself is split
-    # (it carries z to 2^-17 where bf16(z) rounded it before).
-    split = jnp.dtype(mm_dtype) == jnp.bfloat16
-    feature_split = split and ("exact" if fk_t_ref.dtype == jnp.bfloat16 else True)
-    gram_parts = split_operand(gram_ref[...], split)
+                   acc_ref, *, degree, local_exact, local_tile, bias, form_dtype, packed,
+                   tokens_on_lanes, block, mm_dtype, prec, group, head_dim):
+  """One block of the causal forward: reads the state, then adds the block to it."""
+  v_aug = augment_v_t(v_ref[...] if tokens_on_lanes else v_ref[...].T)  # (H + 16, b)
+  state = state_ref[...].astype(mm_dtype)     # read before the update below
   num_tiles = block // local_tile
   if local_exact and tokens_on_lanes:
     k_rows = k_ref[...].T                                             # (b, H)
@@ -170,23 +144,13 @@ def _forward_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, o_ref, den_ref, stat
     # Prefix: [S^T; z^T] phi_q reads numerator and normaliser in one matmul.
     phi_q = phi_rot_t(fq_t_ref[g], form_dtype, mm_dtype, query=True, packed=packed)
     prefix = jnp.dot(state, phi_q, preferred_element_type=jnp.float32, precision=prec)
-    if apart:                                       # z . phi_q = f_q^T G f_q, (1, b)
-      f_q = fq_t_ref[g]
-      g_f = split_dot(gram_parts, split_operand(f_q, feature_split), NN_DIMS)
-      den_prefix = jnp.sum(g_f * f_q.astype(jnp.float32), axis=0, keepdims=True)
 
     if g == 0:
       # Update: [S^T; z^T] += V_aug^T phi_k^T (contracting the b tokens).
       phi_k = phi_rot_t(fk_t_ref[...], form_dtype, mm_dtype, query=False,
                         packed=packed)
-      update = jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
-                                   preferred_element_type=jnp.float32, precision=prec)
-      if apart:
-        state_ref[:head_dim, :] += update
-        f_k = split_operand(fk_t_ref[...], feature_split)
-        gram_ref[...] += split_dot(f_k, f_k, NT_DIMS)
-      else:
-        state_ref[...] += update
+      state_ref[...] += jax.lax.dot_general(v_aug, phi_k, NT_DIMS,
+                                            preferred_element_type=jnp.float32, precision=prec)
 
     # Exact (or sketched) diagonal block, in local_tile x local_tile tiles;
     # tiles above the diagonal are all zero and skipped.
@@ -200,28 +164,15 @@ def _forward_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, o_ref, den_ref, stat
                                   fk_t_ref[:, ks], degree=degree, local_exact=local_exact,
                                   diagonal=i == j, q_cols=tokens_on_lanes).astype(mm_dtype)
     for i in range(num_tiles):
-      acc = den_acc = None
+      acc = None
       for j in range(i + 1):
         term = jnp.dot(v_aug[:, j * local_tile:(j + 1) * local_tile], w[i, j],
                        preferred_element_type=jnp.float32, precision=prec)
         acc = term if acc is None else acc + term
-        if apart:
-          column = jnp.sum(w[i, j].astype(jnp.float32), axis=0, keepdims=True)
-          den_acc = column if den_acc is None else den_acc + column
-      qs = pl.ds(i * local_tile, local_tile)
-      if apart:
-        acc_ref[:head_dim, qs] = acc
-        acc_ref[head_dim:head_dim + 1, qs] = den_acc
-      else:
-        acc_ref[:, qs] = acc
+      acc_ref[:, pl.ds(i * local_tile, local_tile)] = acc
 
-    acc = acc_ref[...]
-    if apart:
-      den = bias + acc[head_dim:head_dim + 1, :] + den_prefix
-      acc = acc[:head_dim, :] + prefix
-    else:
-      acc = acc + prefix
-      den = bias + acc[head_dim:head_dim + 1, :]
+    acc = acc_ref[...] + prefix
+    den = bias + acc[head_dim:head_dim + 1, :]
     o_t = divide_by_denominator(acc[:head_dim, :], den)
     o_ref[g] = (o_t if tokens_on_lanes else o_t.T).astype(o_ref.dtype)
     den_ref[g] = den
@@ -324,10 +275,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   packed = rot_packed(q_features.dtype, k_features.dtype)
   pairs = rot_pairs(r, packed)
   n_sym = len(pairs)
-  apart = tiles.normaliser_apart
-  gram_shape = jax.ShapeDtypeStruct((b_, kv, r, r), jnp.float32)
   if initial_state is not None:
-    gram_init = initial_state[:, :, h, :].reshape(gram_shape.shape)   # z = vec(G)
     initial_state = sym_state(initial_state, axis=-1, pairs=pairs)
   state_shape = jax.ShapeDtypeStruct((b_, kv, rows, n_sym), jnp.float32)
   flops = forward_flops(b_, n, t, h, r, block_size, causal=True,
@@ -343,27 +291,22 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   col_spec = lambda d: pl.BlockSpec((None, None, d, step),
                                     lambda bi, ni, ti, *_: (bi, ni, 0, ti))
   state_spec = pl.BlockSpec((None, None, rows, n_sym), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
-  gram_spec = pl.BlockSpec((None, None, r, r), lambda bi, ni, ti, *_: (bi, ni, 0, 0))
-  states = lambda: [state_spec] + ([gram_spec] if apart else [])
   q_spec, kv_spec = (q_cols(h), col_spec(h)) if on_lanes else (q_rows(h), row_spec)
   in_specs = [q_spec, kv_spec, kv_spec, q_cols(r), col_spec(r)] + (
-      states() if has_initial else [])
-  out_specs = [q_spec, q_cols(1)] + (states() if emit else [])
-  out_shape = [o_shape, den_shape] + (
-      [state_shape] + ([gram_shape] if apart else []) if emit else [])
+      [state_spec] if has_initial else [])
+  out_specs = [q_spec, q_cols(1)] + ([state_spec] if emit else [])
+  out_shape = [o_shape, den_shape] + ([state_shape] if emit else [])
   grid_spec = _compat.pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1 if emit else 0,
       grid=(b_, kv, nb // sub_blocks), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[_compat.pltpu.VMEM((rows, n_sym), jnp.float32),
-                      _compat.pltpu.VMEM((rows, block_size), jnp.float32)]
-      + ([_compat.pltpu.VMEM((r, r), jnp.float32)] if apart else []))
+                      _compat.pltpu.VMEM((rows, block_size), jnp.float32)])
   kernel = functools.partial(
       _causal_forward_kernel, degree=degree, local_exact=local_exact,
       local_tile=tiles.local_tile, bias=bias, has_initial=has_initial, emit_state=emit,
       form_dtype=form_dtype, packed=packed, tokens_on_lanes=on_lanes, block=block_size,
-      sub_blocks=sub_blocks, apart=apart)
-  ins = (q_v, k_v, v_v, fq_t, fk_t) + (
-      (initial_state,) + ((gram_init,) if apart else ()) if has_initial else ())
+      sub_blocks=sub_blocks)
+  ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
   outs = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
@@ -379,12 +322,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   )(*(((state_block.astype(jnp.int32),) if emit else ()) + ins))
   o = public_view(outs[0], on_lanes=on_lanes)
   den = outs[1].reshape(b_, n, 1, t)
-  if not emit:
-    return o, den
-  state = full_state(outs[2], r, axis=-1, pairs=pairs)
-  if apart:
-    state = state.at[:, :, h, :].set(outs[3].reshape(b_, kv, r * r))
-  return o, den, state
+  return (o, den, full_state(outs[2], r, axis=-1, pairs=pairs)) if emit else (o, den)
 
 
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,

@@ -298,10 +298,7 @@ def vmem_estimates(block_size: int, head_dim: int, sketch_dim: int, dtype, featu
   forward = (_buffers(((g, bs, h), mm), ((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft),
                       ((r, bs), ft), ((g, h, bs), f32), ((g, 1, bs), f32))
              + _tile_bytes((rows, b), f32) + local_bytes(local_tile)
-             + (4 * state_fwd if state_io else 0)
-             # The features' Gram matrix where the normaliser leaves the MXU
-             # (counted everywhere: 16 KiB at r = 64).
-             + (5 if state_io else 1) * _tile_bytes((r, r), f32))
+             + (4 * state_fwd if state_io else 0))
   # dq: v, the features, dnum^T and dden in; df_q out.
   bs = b * dq_blocks_per_step
   dq = (_buffers(((bs, h), mm), ((h, bs), mm), ((g, r, bs), ft), ((r, bs), ft),
