@@ -129,14 +129,13 @@ def _dq_block(v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref, dfq_t_ref, state_ref
   # and dnum = g / den: (S g^T - z (g . O)^T) / den, where g (dO) is exact in
   # the operand dtype, so only S is split (two bf16 passes; a split dnum took
   # three), and the z term is a float32 rank-1 product on the VPU.
-  # Where den > 2^100, S g^T must stay below float32's max: an exact power of
-  # two (`_row_terms`) scales dO's rows or, with `apart` (H = 128: dO comes on
-  # rows and is transposed here, so scaling S costs less), S by the block's
-  # smallest one; df_q is divided by the same factor.
+  # Where den > 2^100, S g^T must stay below float32's max: a power of two
+  # (`_row_terms`: one per block and kv head) scales dO's rows or, with
+  # `apart` (H = 128: dO comes on rows and is transposed here, so scaling S
+  # costs less), S; df_q is divided by the same factor.
   s = state_all[:, :head_dim]
   if apart:
-    scale_rows = [scal_t_ref[(gi,) if causal else ...][2:3] for gi in range(group)]
-    block_scale = jnp.min(functools.reduce(jnp.minimum, scale_rows), axis=1, keepdims=True)
+    block_scale = jnp.min(scal_t_ref[(0,) if causal else ...][2:3], axis=1, keepdims=True)
     s = s * block_scale
   s_parts = split_operand(s, split)
   z = state_all[:, head_dim:head_dim + 1]
@@ -404,23 +403,30 @@ def backward_flops(batch, heads, seq, head_dim, sketch_dim, block_size, *,
 
 
 # The dq kernel multiplies its state by dO itself and divides by den after;
-# where den is past 2^DQ_SCALE_EXPONENT it first scales the row of dO by an
-# exact power of two (`_row_terms`), so S g^T stays as far from float32's max
-# as S dnum^T was.
+# where a den of the block and kv head is past 2^DQ_SCALE_EXPONENT it first
+# scales dO (or S) by an exact power of two (`_row_terms`), so S g^T stays as
+# far from float32's max as S dnum^T was.
 DQ_SCALE_EXPONENT = 100
 
 
-def _row_terms(o, den, do):
+def _row_terms(o, den, do, block_size, num_kv_heads):
   """dnum (f32) [B, T, N, H] and per-row (1/den, dden, s) [B, T, N, 3] from
-  do [B, T, N, H] and den [B, N, 1, T]; s = 2^-k, k = max(0, e -
-  DQ_SCALE_EXPONENT) for den = m 2^e: the power of two the dq kernel scales
-  dO's row by."""
+  do [B, T, N, H] and den [B, N, 1, T] (T a multiple of block_size); s is
+  the smallest over the row's block and the query heads of its kv head of
+  2^-k, k = max(0, e - DQ_SCALE_EXPONENT) for den = m 2^e: the power of two
+  the dq kernel scales S dO^T by. One per block and group: a token with a
+  small den meets the same S as the largest (per token, S dO^T was inf there)."""
+  b_, t, n = do.shape[:3]
+  kv = num_kv_heads
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
   do32 = do.astype(jnp.float32)
   inv_den = reciprocal_denominator(den_btn)
   dnum32 = do32 * inv_den[..., None]
   dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
   _, exponent = jnp.frexp(den_btn)
+  blocks = (b_, t // block_size, block_size, kv, n // kv)
+  exponent = jnp.max(exponent.reshape(blocks), axis=(2, 4), keepdims=True)
+  exponent = jnp.broadcast_to(exponent, blocks).reshape(b_, t, n)
   scale = jnp.ldexp(jnp.ones_like(den_btn), -jnp.maximum(exponent - DQ_SCALE_EXPONENT, 0))
   return dnum32, jnp.stack([inv_den, dden, scale], axis=-1)      # [B, T, N, 3]
 
@@ -461,7 +467,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
 
-  _, scal = _row_terms(o, den, do)
+  _, scal = _row_terms(o, den, do, block_size, kv)
   # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
   # views of what the TPU compiler stores by default, no XLA copies.
   on_lanes = tokens_on_lanes(h)
@@ -647,7 +653,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   group = n // kv
   h = o.shape[-1]
   nb = t // block_size
-  dnum32, scal = _row_terms(o, den, do)
+  dnum32, scal = _row_terms(o, den, do, block_size, kv)
   dnum_t = kernel_view(dnum32, on_lanes=True)                      # [B, N, H, T]
   g_t = kernel_view(do, on_lanes=True)                             # [B, N, H, T]
   scal_t = kernel_view(scal, on_lanes=True)                        # [B, N, 3, T]

@@ -72,3 +72,44 @@ def test_gradients_with_a_state_near_float32s_max(name, kw, h):
         f64(q), f64(q), f64(v), fq, f64(fk), block_size=128) * f64(g)))(f64(fq))
     assert np.all(np.isfinite(np.asarray(got)))
     assert float(jnp.max(jnp.abs(f64(got) - want)) / jnp.max(jnp.abs(want))) < 1e-5
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+def test_gradients_with_large_and_small_dens_in_one_block(generation):
+  """One block holds tokens with den = 2^125 (a prefix state near 2^120) and
+  tokens with den near 1 (features of 2^-20), over two query heads of one kv
+  head: they all meet the same S, so the dq kernel's power of two is one per
+  block (`_row_terms`); per token, S dO^T was inf for the small ones. v5e's
+  tiles scale S (H = 128, `normaliser_apart`), v6e's scale dO. Against
+  float64, per query head."""
+  from pallas_polysketch import tpu_config
+  from pallas_polysketch.ref import polysketch_attention_quadratic
+  t, r, h, block = 256, 8, 128, 128
+  half = (jnp.arange(t) % 128 >= 64)[None, :, None, None]
+  q = 0.01 * jax.random.normal(jax.random.key(5), (1, t, 2, h))
+  k = 0.01 * jax.random.normal(jax.random.key(6), (1, t, 1, h))
+  v = jnp.where(half, 2.0, 1.0) + 0.01 * jax.random.normal(jax.random.key(0), (1, t, 1, h))
+  alternate = (jnp.arange(t) % 2 == 0)[None, :, None, None]
+  fq0 = jnp.where(alternate, 4.0, 2.0 ** -20) * jnp.zeros((1, t, 1, r)).at[..., :2].set(1.0)
+  fq1 = jnp.zeros((1, t, 1, r)).at[..., :2].set(2.0 ** -20).at[..., 3].set(1.0)
+  fq = jnp.concatenate([fq0, fq1], axis=2)
+  big = jnp.float32(2.0 ** 57)
+  fk = jnp.zeros((1, t, 1, r)).at[..., 0].set(jnp.where(half[..., 0], 0.0, big))
+  fk = fk.at[..., 1].set(jnp.where(half[..., 0], big, 0.0)).at[..., 3].set(1.0)
+  g = 4.0 + 0.1 * jax.random.normal(jax.random.key(1), (1, t, 2, h))
+  config = tpu_config.TileConfig(generation=generation)
+  got = jax.grad(lambda v, fq: jnp.sum(ps.polysketch_attention(
+      q, k, v, fq, fk, block_size=block, implementation="pallas", interpret=True,
+      tile_config=config) * g), argnums=(0, 1))(v, fq)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(x, jnp.float64)
+    rep = lambda x: jnp.repeat(f64(x), 2, axis=2)
+    want = jax.grad(lambda v, fq: jnp.sum(polysketch_attention_quadratic(
+        f64(q), rep(k), jnp.repeat(v, 2, axis=2), fq, rep(fk), block_size=block) * f64(g)),
+        argnums=(0, 1))(f64(v), f64(fq))
+  for name, a, w in zip(("v", "fq"), got, want):
+    a, w = np.asarray(a, np.float64), np.asarray(w)
+    assert np.all(np.isfinite(a)), name
+    for head in range(a.shape[2] if name == "fq" else 1):
+      err = np.max(np.abs(a[:, :, head] - w[:, :, head])) / np.max(np.abs(w[:, :, head]))
+      assert err < 1e-5, (name, head, err)
