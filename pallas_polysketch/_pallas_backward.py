@@ -296,26 +296,23 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref,
   # kernels), in dO's layout: (H, b) on lanes, else (b, H) with 1 / den as a
   # column (the row scalars transposed once, (8, b) -> (b, 8)).
   if on_lanes:
-    dnums = [g_ref[gi].astype(jnp.float32) * scal_t_ref[gi, 0:1, :] for gi in range(group)]
-  else:
-    pad = jnp.zeros((8 - scal_t_ref.shape[1], g_ref.shape[1]), jnp.float32)
-    scal_cols = [jnp.concatenate([scal_t_ref[gi], pad]).T for gi in range(group)]
-    dnums = [g_ref[gi].astype(jnp.float32) * scal_cols[gi][:, 0:1] for gi in range(group)]
-  if on_lanes:
     axis, scores = 1, TN_DIMS
     dk_of = lambda ds, q: mm(q, ds, NT_DIMS, q.dtype)               # (D, lt)
     dq_of = lambda ds, k: mm(k, ds, NN_DIMS, k.dtype)
     dv_of = lambda w, dnum: mm(dnum, w, NT_DIMS)
     side = lambda x, f: x if local_exact else f
-    dnum_sides = [dnum.astype(mm_dtype) for dnum in dnums]
+    dnums = [g_ref[gi].astype(jnp.float32) * scal_t_ref[gi, 0:1, :] for gi in range(group)]
   else:
     axis, scores = 0, NT_DIMS
     dk_of = lambda ds, q: mm(ds, q, NN_DIMS, q.dtype)               # (lt, D)
     dq_of = lambda ds, k: mm(ds, k, TN_DIMS, k.dtype)
     dv_of = lambda w, dnum: mm(w, dnum, NN_DIMS)
     side = lambda x, f: x if local_exact else f.T
-    # dnum on rows in the operand dtype (as rounding it in XLA would).
-    dnum_sides = [dnum.astype(mm_dtype) for dnum in dnums]
+    pad = jnp.zeros((8 - scal_t_ref.shape[1], g_ref.shape[1]), jnp.float32)
+    scal_cols = [jnp.concatenate([scal_t_ref[gi], pad]).T for gi in range(group)]
+    dnums = [g_ref[gi].astype(jnp.float32) * scal_cols[gi][:, 0:1] for gi in range(group)]
+  # The local dV takes dnum in the operand dtype (as rounding it in XLA would).
+  dnum_sides = [dnum.astype(mm_dtype) for dnum in dnums]
   k_side = side(k_ref[...], fk_t_ref[...])
   q_sides = [side(q_ref[gi], fq_t_ref[gi]) for gi in range(group)]
   g_sides = [g_ref[gi] for gi in range(group)]

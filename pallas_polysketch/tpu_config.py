@@ -60,8 +60,8 @@ class TpuGeneration:
   forward_blocks_per_step: int = 1
   dq_blocks_per_step: int = 1
   dkv_blocks_per_step: int = 1
-  # The dq kernel's where H fills whole MXU passes (H = 128 on 128-wide MXUs;
-  # None: dq_blocks_per_step).
+  # The dq kernel's blocks per step where H fills whole MXU passes (H = 128 on
+  # 128-wide MXUs; None: dq_blocks_per_step).
   wide_head_dq_blocks_per_step: int | None = None
 
   @property

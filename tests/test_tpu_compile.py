@@ -248,6 +248,8 @@ NORMALISER_INTERPRET_CASES = [
     ("v5e", 1024, 2, 2, 128, 16, 128, None, jnp.bfloat16),  # test_hardening, H = 128
     ("v5e", 256, 1, 1, 64, 8, 128, None, jnp.float32),      # test_overflow, large state
     ("v5e", 256, 1, 1, 128, 8, 128, None, jnp.float32),     # ... S scaled per block
+    ("v5e", 256, 2, 1, 128, 8, 128, None, jnp.float32),     # ... large and small dens
+    ("v6e", 256, 2, 1, 128, 8, 128, None, jnp.float32),
 ]
 
 
