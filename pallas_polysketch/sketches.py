@@ -235,36 +235,38 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-def _gelu_parts(x):
-  """(x / 2, tanh(u), x^2) in float32 for x, u = c x (1 + a x^2):
-  gelu(x) = x (1 + tanh(u)) / 2."""
+def _twice_gelu_parts(x):
+  """(x, tanh(u), x^2) in float32 for x, u = c x (1 + a x^2):
+  2 gelu(x) = x (1 + tanh(u))."""
   x32 = x.astype(jnp.float32)
   x2 = x32 * x32
-  return 0.5 * x32, jnp.tanh(x32 * (_GELU_C + (_GELU_C * _GELU_A) * x2)), x2
+  return x32, jnp.tanh(x32 * (_GELU_C + (_GELU_C * _GELU_A) * x2)), x2
 
 
 @jax.custom_vjp
-def _gelu(x):
-  """jax.nn.gelu (the tanh form) of x in float32 arithmetic, returned in x's
-  dtype. Its VJP keeps only x and recomputes tanh with the derivative written
+def _twice_gelu(x):
+  """2 jax.nn.gelu(x) (the tanh form) in float32 arithmetic, returned in x's
+  dtype; the caller puts the 1/2 in the next Dense kernel (exact: a power of
+  two). Its VJP keeps only x and recomputes tanh with the derivative written
   out: fewer vector ops than autodiff's on TPU (BUILD_NOTES, "What the
   learned sketch costs")."""
-  half_x, t, _ = _gelu_parts(x)
-  return (half_x + half_x * t).astype(x.dtype)
+  x32, t, _ = _twice_gelu_parts(x)
+  return (x32 + x32 * t).astype(x.dtype)
 
 
-def _gelu_fwd(x):
-  return _gelu(x), x
+def _twice_gelu_fwd(x):
+  return _twice_gelu(x), x
 
 
-def _gelu_bwd(x, dy):
-  half_x, t, x2 = _gelu_parts(x)
-  # d gelu / dx = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2
-  slope = (0.5 + 0.5 * t) + half_x * (1.0 - t * t) * (_GELU_C + (3 * _GELU_C * _GELU_A) * x2)
+def _twice_gelu_bwd(x, dy):
+  x32, t, x2 = _twice_gelu_parts(x)
+  # d/dx x (1 + t) = (1 + t) + x (1 - t^2) u' = (1 + t) (1 + (1 - t) x u'), u' = c (1 + 3 a x^2)
+  x_du = x32 * (_GELU_C + (3 * _GELU_C * _GELU_A) * x2)
+  slope = (1.0 + t) * (1.0 + (1.0 - t) * x_du)
   return ((slope * dy.astype(jnp.float32)).astype(x.dtype),)
 
 
-_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_twice_gelu.defvjp(_twice_gelu_fwd, _twice_gelu_bwd)
 
 
 def _normalized(x):
@@ -313,7 +315,8 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> 
 def _dense_block(p, x):
   """LayerNorm -> Dense(8r) -> GELU -> Dense(r) on x [..., d_in]."""
   x = _layer_norm(x, p["ln_scale"], p["ln_bias"])
-  return _gelu(x @ p["w_in"].astype(x.dtype)) @ p["w_out"].astype(x.dtype)
+  # GELU's 1/2 in w_out (`_twice_gelu`)
+  return _twice_gelu(x @ p["w_in"].astype(x.dtype)) @ (0.5 * p["w_out"]).astype(x.dtype)
 
 
 def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
@@ -359,9 +362,11 @@ def _learned_features(params: dict, x: jax.Array) -> jax.Array:
   x_hat = _normalized(x)
   w_in = jnp.concatenate([p[0]["ln_scale"][:, None] * p[0]["w_in"] for p in (b1, b2)], axis=1)
   c_in = jnp.concatenate([p[0]["ln_bias"] @ p[0]["w_in"] for p in (b1, b2)])
-  hidden = _gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))    # [..., 2 * 8r]
+  hidden = _twice_gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))   # [..., 2 * 8r]
   width = b1[0]["w_in"].shape[1]
-  g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width] @ p[0]["w_out"].astype(dt))
+  # GELU's 1/2 in each branch's w_out (`_twice_gelu`)
+  g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width]
+                         @ (0.5 * p[0]["w_out"]).astype(dt))
             for i, p in enumerate((b1, b2)))
   scale = math.sqrt(g1.shape[-1])
   return scale * jnp.tanh(g1 * g2 / scale)

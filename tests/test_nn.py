@@ -230,6 +230,7 @@ def _manual(layer, x):
 
 @pytest.mark.parametrize("opts", [
     dict(attention="polysketch", sketch="learned"),
+    dict(attention="polysketch", sketch="learned", num_kv_heads=2),
     dict(attention="polysketch", sketch="random", num_kv_heads=2),
     dict(attention="polysketch", sketch="random", sketch_type="hadamard",
          sketch_scaling="official"),

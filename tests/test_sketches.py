@@ -200,7 +200,7 @@ def _half_ulp(dtype, want):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_learned_sketch_gelu_and_its_written_out_vjp(dtype):
-  """The sketch's GELU (float32 arithmetic, derivative written out) against
+  """The sketch's 2 GELU (float32 arithmetic, derivative written out) against
   float64 NumPy: the value and x's cotangent rounded once to the dtype, the
   derivative against a central difference of the float64 formula."""
   from pallas_polysketch import sketches
@@ -208,12 +208,12 @@ def test_learned_sketch_gelu_and_its_written_out_vjp(dtype):
   x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)   # representable in dtype
   dy = np.asarray(jnp.asarray(np.random.default_rng(4).standard_normal(x.size), dtype)
                   .astype(jnp.float32), np.float64)
-  y, vjp = jax.vjp(sketches._gelu, jnp.asarray(x, dtype))
+  y, vjp = jax.vjp(sketches._twice_gelu, jnp.asarray(x, dtype))
   (dx,) = vjp(jnp.asarray(dy, dtype))
   assert y.dtype == dtype and dx.dtype == dtype
   h = 1e-6
-  want_y = _gelu64(x)
-  want_dx = (_gelu64(x + h) - _gelu64(x - h)) / (2 * h) * dy
+  want_y = 2 * _gelu64(x)
+  want_dx = 2 * (_gelu64(x + h) - _gelu64(x - h)) / (2 * h) * dy
   # float32 arithmetic inside: a few float32 ulps of slack, then one rounding to dtype.
   f32_slack = 16 * EPS32
   for got, want, scale in ((y, want_y, np.abs(x)), (dx, want_dx, np.abs(dy) * (1 + np.abs(x)))):
