@@ -292,8 +292,8 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref,
   # group's query heads) and dQ = (ds^T)^T K. Tokens on lanes ((D, b) tiles,
   # H = 64) every product takes and gives them so, transposing nothing.
   group = q_ref.shape[0]
-  # dnum = dO / den in float32 (as `_row_terms` forms it for the non-causal
-  # kernels), in dO's layout: (H, b) on lanes, else (b, H) with 1 / den as a
+  # dnum = dO / den in float32 (as `apply_state_backward` forms it for the
+  # non-causal kernels), in dO's layout: (H, b) on lanes, else (b, H) with 1 / den as a
   # column (the row scalars transposed once, (8, b) -> (b, 8)).
   if on_lanes:
     axis, scores = 1, TN_DIMS
@@ -407,8 +407,9 @@ DQ_SCALE_EXPONENT = 100
 
 
 def _row_terms(o, den, do, block_size, num_kv_heads):
-  """dnum (f32) [B, T, N, H] and per-row (1/den, dden, s) [B, T, N, 3] from
-  do [B, T, N, H] and den [B, N, 1, T] (T a multiple of block_size); s is
+  """Per-row (1/den, dden, s) [B, T, N, 3] from o, do [B, T, N, H] and den
+  [B, N, 1, T] (T a multiple of block_size; dnum = do / den is do times the
+  first, formed where it is used); s is
   the smallest over the row's block and the query heads of its kv head of
   2^-k, k = max(0, e - DQ_SCALE_EXPONENT) for den = m 2^e: the power of two
   the dq kernel scales S dO^T by. One per block and group: a token with a
@@ -418,14 +419,13 @@ def _row_terms(o, den, do, block_size, num_kv_heads):
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]
   do32 = do.astype(jnp.float32)
   inv_den = reciprocal_denominator(den_btn)
-  dnum32 = do32 * inv_den[..., None]
   dden = -jnp.sum(do32 * o.astype(jnp.float32), axis=-1) * inv_den
   _, exponent = jnp.frexp(den_btn)
   blocks = (b_, t // block_size, block_size, kv, n // kv)
   exponent = jnp.max(exponent.reshape(blocks), axis=(2, 4), keepdims=True)
   exponent = jnp.broadcast_to(exponent, blocks).reshape(b_, t, n)
   scale = jnp.ldexp(jnp.ones_like(den_btn), -jnp.maximum(exponent - DQ_SCALE_EXPONENT, 0))
-  return dnum32, jnp.stack([inv_den, dden, scale], axis=-1)      # [B, T, N, 3]
+  return jnp.stack([inv_den, dden, scale], axis=-1)              # [B, T, N, 3]
 
 
 def _splits(dtype):
@@ -464,7 +464,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
 
-  _, scal = _row_terms(o, den, do, block_size, kv)
+  scal = _row_terms(o, den, do, block_size, kv)
   # q, k, v, dO and dq, dk, dv in the forward's layout (`tokens_on_lanes`):
   # views of what the TPU compiler stores by default, no XLA copies.
   on_lanes = tokens_on_lanes(h)
@@ -650,7 +650,8 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   group = n // kv
   h = o.shape[-1]
   nb = t // block_size
-  dnum32, scal = _row_terms(o, den, do, block_size, kv)
+  scal = _row_terms(o, den, do, block_size, kv)
+  dnum32 = do.astype(jnp.float32) * scal[..., 0:1]                 # dO / den
   dnum_t = kernel_view(dnum32, on_lanes=True)                      # [B, N, H, T]
   g_t = kernel_view(do, on_lanes=True)                             # [B, N, H, T]
   scal_t = kernel_view(scal, on_lanes=True)                        # [B, N, 3, T]
