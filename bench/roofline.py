@@ -2,7 +2,9 @@
 
 For each TPU generation (v4, v5e, v5p, v6e) and T = 1k ... 128k this counts the
 flops and HBM bytes of the PolySketch forward and forward+backward (the kernels
-in `pallas_polysketch` plus the XLA transposes and gradient prep around them),
+in `pallas_polysketch`, reading the public layout, plus the XLA row terms and
+casts around them; the forward also with the transposes the kernels needed
+before issue 13, for comparison),
 projects time = max(flops / peak bf16, bytes / HBM bandwidth) and classifies
 the op as compute- or HBM-bound, next to an idealised causal FlashAttention at
 the same shape. Optionally it compiles the kernels with the real TPU compiler
@@ -12,8 +14,9 @@ records `memory_analysis()` per generation.
     JAX_PLATFORMS=cpu python bench/roofline.py            # model + compiled check
     JAX_PLATFORMS=cpu python bench/roofline.py --no-compile
 
-Writes bench/results/roofline.json, bench/results/roofline.png and
-bench/results/roofline_compiled.json; prints tables. See bench/ROOFLINE.md for
+Writes bench/results/roofline.json, bench/results/roofline.png,
+bench/results/roofline_compiled.json and bench/results/roofline.md (the tables
+of bench/ROOFLINE.md); prints tables. See bench/ROOFLINE.md for
 the model, its assumptions and the sources of the hardware figures.
 
 Counting conventions
@@ -110,8 +113,12 @@ def local_tile_for(gen: TpuGeneration, shape: Shape) -> int:
 
 
 def polysketch_forward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
-                            transposes: bool = True) -> Cost:
-  """Flops and HBM bytes of the causal forward (kernel + XLA transposes)."""
+                            transposes: bool = False) -> Cost:
+  """Flops and HBM bytes of the causal forward.
+
+  The kernels read q, k, v, f_q, f_k and write o in the public [B, T, N, H]
+  layout (issue 13 item 1); transposes=True adds the XLA copies they needed
+  before that, for comparison."""
   s = shape
   tokens = s.batch * s.heads * seq          # token-heads
   x = tokens * s.head_dim * s.itemsize      # one [B, T, N, H] tensor
@@ -127,34 +134,33 @@ def polysketch_forward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
 
 
 def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
-                             transposes: bool = True) -> Cost:
-  """Flops and HBM bytes of the backward alone (prep, transposes, 2 kernels)."""
+                             transposes: bool = False) -> Cost:
+  """Flops and HBM bytes of the backward alone: the XLA row terms, the dq and
+  the dkv kernel (`_pallas_backward.polysketch_backward`), and the features'
+  cotangents cast to their dtype. transposes=True adds the XLA copies the
+  kernels needed before issue 13 item 1, for comparison."""
   s = shape
   tokens = s.batch * s.heads * seq
   x = tokens * s.head_dim * s.itemsize
   f = tokens * s.sketch_dim * s.feature_itemsize
-  f32f = tokens * s.sketch_dim * 4          # df_q^T, df_k^T kernel outputs (float32)
-  row = tokens * 4                          # den, dden (float32, one per token-head)
+  f32f = tokens * s.sketch_dim * 4          # df_q, df_k kernel outputs (float32)
+  row = tokens * 4                          # one float32 per token-head
   k1, k2 = backward_flops(s.batch, s.heads, seq, s.head_dim, s.sketch_dim, s.block_size,
                           causal=True, local_tile=local_tile_for(gen, s))
-  # dnum = dO / den (bf16), dden = -(dO . O) / den (f32): read dO, O, den.
+  # The row terms (1/den, dden, s): read O, dO, den; write three per token-head.
   prep_flops = tokens * (3 * s.head_dim + 2)
-  parts = {"xla_prep": (2 * x + row) + (x + row)}
-  # Kernel 1 (the sketched prefix only) inputs: v, f_q^T, f_k^T, dnum^T (f32),
-  # dden. Output: df_q^T (f32).
-  k1_in = x + 2 * f + 2 * x + row
-  # Kernel 2 (prefix and the diagonal block): q, k, v, dO, f_q^T, f_k^T,
-  # dnum^T (f32), the row scalars (1/den, dden). Outputs: dQ, dK, dV, df_k^T.
-  k2_in = 4 * x + 2 * f + 2 * x + 2 * row
-  parts["kernel_in"] = k1_in + k2_in
+  parts = {"xla_prep": (2 * x + row) + 3 * row}
+  # dq kernel: v, f_q, f_k, dO, the row terms in; df_q (float32) out.
+  # dkv kernel: q, k, v, dO, f_q, f_k, the row terms in; the local blocks'
+  # dk and dq, dv, df_k (float32) out.
+  parts["kernel_in"] = (2 * x + 2 * f + 3 * row) + (4 * x + 2 * f + 3 * row)
   parts["kernel_out"] = f32f + (3 * x + f32f)
+  parts["xla_cast"] = 2 * (f32f + f)        # df_q, df_k read, written in the features' dtype
   if transposes:
     # Before: q, k, v, dnum to [B,N,T,H] and v, dnum to [B,N,H,T] (6 x), the
-    # features to both layouts (4 f), dden to row and column (2 row).
-    before = 2 * (6 * x + 4 * f + 2 * row)
-    # After: dq, dk, dv back to [B,T,N,H]; df_q, df_k f32 read, cast, written bf16.
-    after = 2 * 3 * x + 2 * (f32f + f)
-    parts["xla_transposes"] = before + after
+    # features to both layouts (4 f), dden to row and column (2 row); after:
+    # dq, dk, dv back to [B,T,N,H].
+    parts["xla_transposes"] = 2 * (6 * x + 4 * f + 2 * row) + 2 * 3 * x
   return _cost(k1 + k2 + prep_flops, parts)
 
 
@@ -219,18 +225,17 @@ def ridge_point(gen: TpuGeneration) -> float:
   return gen.peak_bf16_flops / gen.hbm_bytes_per_s
 
 
-def model_row(shape: Shape, seq: int, gen: TpuGeneration, *, block_q: int = 512,
-              transposes: bool = True) -> dict:
-  ps_fwd = polysketch_forward_cost(shape, seq, gen, transposes=transposes)
-  ps_bwd = polysketch_backward_cost(shape, seq, gen, transposes=transposes)
+def model_row(shape: Shape, seq: int, gen: TpuGeneration, *, block_q: int = 512) -> dict:
+  ps_fwd = polysketch_forward_cost(shape, seq, gen)
+  ps_bwd = polysketch_backward_cost(shape, seq, gen)
   fa_fwd = flash_forward_cost(shape, seq, block_q=block_q)
   fa_bwd = flash_backward_cost(shape, seq, block_q=block_q, block_k=block_q)
-  ps_kernel_only = polysketch_forward_cost(shape, seq, gen, transposes=False)
+  ps_old_layout = polysketch_forward_cost(shape, seq, gen, transposes=True)
   row = {
       "generation": gen.name, "shape": shape.name, "seq": seq,
       "local_tile": local_tile_for(gen, shape),
       "polysketch_fwd": project(ps_fwd, gen),
-      "polysketch_fwd_kernel_only": project(ps_kernel_only, gen),
+      "polysketch_fwd_old_layout": project(ps_old_layout, gen),
       "polysketch_fwdbwd": project(ps_fwd + ps_bwd, gen),
       "flash_fwd": project(fa_fwd, gen),
       "flash_fwdbwd": project(fa_fwd + fa_bwd, gen),
@@ -238,8 +243,8 @@ def model_row(shape: Shape, seq: int, gen: TpuGeneration, *, block_q: int = 512,
                       "flash_fwd": fa_fwd.parts, "flash_bwd": fa_bwd.parts},
   }
   row["speedup_fwd"] = row["flash_fwd"]["time_tc_s"] / row["polysketch_fwd"]["time_tc_s"]
-  row["speedup_fwd_kernel_only"] = (row["flash_fwd"]["time_tc_s"]
-                                    / row["polysketch_fwd_kernel_only"]["time_tc_s"])
+  row["speedup_fwd_old_layout"] = (row["flash_fwd"]["time_tc_s"]
+                                   / row["polysketch_fwd_old_layout"]["time_tc_s"])
   row["speedup_fwdbwd"] = row["flash_fwdbwd"]["time_tc_s"] / row["polysketch_fwdbwd"]["time_tc_s"]
   return row
 
@@ -258,12 +263,12 @@ def targets(rows: list[dict], *, seq: int = 32768, shape: str = GPT2.name) -> di
       continue
     out[r["generation"]] = {
         "speedup_fwd": r["speedup_fwd"],
-        "speedup_fwd_kernel_only": r["speedup_fwd_kernel_only"],
+        "speedup_fwd_old_layout": r["speedup_fwd_old_layout"],
         "speedup_fwdbwd": r["speedup_fwdbwd"],
         "fwd_bound": r["polysketch_fwd"]["bound"],
-        "fwd_kernel_only_bound": r["polysketch_fwd_kernel_only"]["bound"],
+        "fwd_old_layout_bound": r["polysketch_fwd_old_layout"]["bound"],
         "fwd_intensity": r["polysketch_fwd"]["intensity"],
-        "fwd_kernel_only_intensity": r["polysketch_fwd_kernel_only"]["intensity"],
+        "fwd_old_layout_intensity": r["polysketch_fwd_old_layout"]["intensity"],
         "ridge": ridge_point(GENERATIONS[r["generation"]]),
         "fwd_ge_8x": r["speedup_fwd"] >= 8.0,
         "fwdbwd_ge_6x": r["speedup_fwdbwd"] >= 6.0,
@@ -289,18 +294,18 @@ def _t(s):
 def format_table(rows: list[dict], generation: str, shape: str, *, markdown=False) -> str:
   gen = GENERATIONS[generation]
   head = ["T", "PS fwd GFLOP", "PS fwd MB", "PS AI", "PS fwd t/TC", "bound",
-          "FA fwd t/TC", "FA AI", "bound", "fwd x", "fwd x (no transp.)",
+          "FA fwd t/TC", "FA AI", "bound", "fwd x", "fwd x (old layout)",
           "PS f+b t/TC", "bound", "FA f+b t/TC", "f+b x"]
   lines = []
   for r in rows:
     if r["generation"] != generation or r["shape"] != shape:
       continue
-    p, pk, pb = r["polysketch_fwd"], r["polysketch_fwd_kernel_only"], r["polysketch_fwdbwd"]
+    p, pb = r["polysketch_fwd"], r["polysketch_fwdbwd"]
     f, fb = r["flash_fwd"], r["flash_fwdbwd"]
     lines.append([_k(r["seq"]), f"{p['flops'] / 1e9:.1f}", f"{p['bytes'] / 1e6:.0f}",
                   f"{p['intensity']:.0f}", _t(p["time_tc_s"]), p["bound"],
                   _t(f["time_tc_s"]), f"{f['intensity']:.0f}", f["bound"],
-                  f"{r['speedup_fwd']:.1f}", f"{r['speedup_fwd_kernel_only']:.1f}",
+                  f"{r['speedup_fwd']:.1f}", f"{r['speedup_fwd_old_layout']:.1f}",
                   _t(pb["time_tc_s"]), pb["bound"], _t(fb["time_tc_s"]),
                   f"{r['speedup_fwdbwd']:.1f}"])
   title = (f"{generation} ({shape}): per TC {gen.peak_bf16_flops / 1e12:.1f} TFLOP/s bf16, "
@@ -314,6 +319,47 @@ def format_table(rows: list[dict], generation: str, shape: str, *, markdown=Fals
   widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
   fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
   return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def markdown_report(rows: list[dict], targets_32k: dict, compiled: dict | None) -> str:
+  """The tables of bench/ROOFLINE.md: targets at 32k, the model per shape and
+  generation, and (when compiled) the compiler's counts and memory."""
+  out = ["#### Targets (T = 32k, GPT-2 head shape H=64, r=32, b=256, bf16)", "",
+         "| gen | fwd x vs flash (model) | fwd bound (AI vs ridge) | old layout: x, bound (AI) "
+         "| fwd+bwd x (model) |", "|---|---|---|---|---|"]
+  for g, t in targets_32k.items():
+    out.append(f"| {g} | {t['speedup_fwd']:.1f} | {t['fwd_bound']} ({t['fwd_intensity']:.0f} vs "
+               f"{t['ridge']:.0f}) | {t['speedup_fwd_old_layout']:.1f}, {t['fwd_old_layout_bound']} "
+               f"({t['fwd_old_layout_intensity']:.0f}) | {t['speedup_fwdbwd']:.1f} |")
+  gens = list(dict.fromkeys(r["generation"] for r in rows))
+  for shape in SHAPES:
+    out += ["", f"#### {shape.name} (B={shape.batch}, N={shape.heads}, H={shape.head_dim}, "
+            f"r={shape.sketch_dim}, b={shape.block_size}, bf16)"]
+    for g in gens:
+      out += ["", format_table(rows, g, shape.name, markdown=True)]
+  if compiled and compiled.get("rows"):
+    out += ["", "#### Compiled (libtpu, CPU host) vs model", "",
+            "| gen | shape | T | kind | flops model | flops compiled | bytes model | bytes compiled "
+            "| compiled AI | bound (compiled counts) | x vs flash (compiled counts) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mem = []
+    for c in compiled["rows"]:
+      head = f"| {c['generation']} | {c['shape']} | {_k(c['seq'])} | {c['kind']} |"
+      if "error" in c:
+        out.append(f"{head} failed: {c['error'][:80]} |||||||")
+        continue
+      p = c["compiled_projection"]
+      out.append(f"{head} {c['model_flops']:.4g} | {c['flops']:.4g} | {c['model_bytes']:.4g} | "
+                 f"{c['bytes_accessed']:.4g} ({c['bytes_ratio']:.2f}x) | {p['intensity']:.0f} | "
+                 f"{p['bound']} | {c['compiled_speedup_vs_flash']:.1f} |")
+      m = c["memory"]
+      mem.append(f"{head} " + " | ".join(f"{m.get(k, 0) / 2**20:.1f}" for k in (
+          "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
+                 + f" | {m.get('generated_code_size_in_bytes', 0) / 2**10:.0f} |")
+    out += ["", "#### Compiled memory_analysis (MiB)", "",
+            "| gen | shape | T | kind | arguments | outputs | temp | generated code (KiB) |",
+            "|---|---|---|---|---|---|---|---|"] + mem
+  return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------
@@ -506,8 +552,9 @@ def main(argv=None) -> int:
     for g, t in tg.items():
       print(f"  {g:4s} fwd {t['speedup_fwd']:.1f}x (>= 8x: {t['fwd_ge_8x']}), "
             f"fwd {t['fwd_bound']}-bound (AI {t['fwd_intensity']:.0f} vs ridge "
-            f"{t['ridge']:.0f}); kernel alone {t['speedup_fwd_kernel_only']:.1f}x, "
-            f"{t['fwd_kernel_only_bound']}-bound (AI {t['fwd_kernel_only_intensity']:.0f}); "
+            f"{t['ridge']:.0f}); with the old layout's transposes "
+            f"{t['speedup_fwd_old_layout']:.1f}x, {t['fwd_old_layout_bound']}-bound "
+            f"(AI {t['fwd_old_layout_intensity']:.0f}); "
             f"fwd+bwd {t['speedup_fwdbwd']:.1f}x (>= 6x: {t['fwdbwd_ge_6x']})")
   args.out_dir.mkdir(parents=True, exist_ok=True)
   hardware = {g: dataclasses.asdict(GENERATIONS[g]) | {
@@ -525,6 +572,10 @@ def main(argv=None) -> int:
     comp = compiled_comparison(default_compile_jobs(args.generations, seq=args.compile_seq))
     (args.out_dir / "roofline_compiled.json").write_text(json.dumps(comp, indent=1))
     print(f"wrote {args.out_dir / 'roofline_compiled.json'}")
+  else:
+    comp = None
+  (args.out_dir / "roofline.md").write_text(markdown_report(rows, tg, comp))
+  print(f"wrote {args.out_dir / 'roofline.md'}")
   return 0
 
 

@@ -39,18 +39,30 @@ def test_flash_forward_flops_formula():
 def test_forward_bytes_count_each_tensor():
   s, g, t = R.GPT2, GENERATIONS["v5e"], 1024
   tok = s.batch * s.heads * t
-  kernel = R.polysketch_forward_cost(s, t, g, transposes=False)
+  kernel = R.polysketch_forward_cost(s, t, g)
+  # q, k, v, f_q, f_k in (bf16), o out (bf16) and den (float32).
   assert kernel.bytes == tok * (4 * s.head_dim * 2 + 2 * s.sketch_dim * 2 + 4)
-  full = R.polysketch_forward_cost(s, t, g)
-  # Transposes: q, k, v, f_q, f_k in and o out, each one read + one write.
-  assert full.bytes - kernel.bytes == 2 * tok * (4 * s.head_dim * 2 + 2 * s.sketch_dim * 2)
+  old = R.polysketch_forward_cost(s, t, g, transposes=True)
+  # The old layout's transposes: q, k, v, f_q, f_k in and o out, each one read + one write.
+  assert old.bytes - kernel.bytes == 2 * tok * (4 * s.head_dim * 2 + 2 * s.sketch_dim * 2)
+
+
+def test_backward_bytes_count_each_kernel_operand():
+  s, g, t = R.GPT2, GENERATIONS["v5e"], 1024
+  tok = s.batch * s.heads * t
+  x, f, f32f, row = tok * s.head_dim * 2, tok * s.sketch_dim * 2, tok * s.sketch_dim * 4, tok * 4
+  parts = R.polysketch_backward_cost(s, t, g).parts
+  assert parts["xla_prep"] == 2 * x + 4 * row                       # O, dO, den in; 3 row terms out
+  assert parts["kernel_in"] == (2 * x + 2 * f + 3 * row) + (4 * x + 2 * f + 3 * row)
+  assert parts["kernel_out"] == 3 * x + 2 * f32f                    # dq, dk, dv; df_q, df_k
+  assert parts["xla_cast"] == 2 * (f32f + f)
 
 
 @pytest.mark.parametrize("gen", sorted(GENERATIONS))
 def test_bound_classification_consistent(gen):
   g = GENERATIONS[gen]
   for row in R.build_model(R.SHAPES, (1024, 32768, 131072), (gen,)):
-    for key in ("polysketch_fwd", "polysketch_fwd_kernel_only", "polysketch_fwdbwd",
+    for key in ("polysketch_fwd", "polysketch_fwd_old_layout", "polysketch_fwdbwd",
                 "flash_fwd", "flash_fwdbwd"):
       p = row[key]
       assert p["time_tc_s"] == max(p["compute_s"], p["memory_s"])
@@ -82,3 +94,15 @@ def test_targets_and_tables_render():
   assert tg["fwd_ge_8x"] == (tg["speedup_fwd"] >= 8)
   assert "32k" in R.format_table(rows, "v5e", R.GPT2.name)
   assert R.format_table(rows, "v5e", R.GPT2.name, markdown=True).count("\n|") >= 3
+
+
+def test_markdown_report_has_every_table():
+  rows = R.build_model(R.SHAPES, (4096, 32768), ("v5e", "v6e"))
+  tg = R.targets(rows, seq=32768)
+  md = R.markdown_report(rows, tg, None)
+  for g, t in tg.items():
+    assert f"| {g} | {t['speedup_fwd']:.1f} | {t['fwd_bound']} (" in md
+  for shape in R.SHAPES:
+    for g in ("v5e", "v6e"):
+      assert R.format_table(rows, g, shape.name, markdown=True) in md
+  assert "Compiled" not in md      # nothing compiled, no compiled tables
