@@ -147,9 +147,11 @@ def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
   row = tokens * 4                          # one float32 per token-head
   k1, k2 = backward_flops(s.batch, s.heads, seq, s.head_dim, s.sketch_dim, s.block_size,
                           causal=True, local_tile=local_tile_for(gen, s))
-  # The row terms (1/den, dden, s): read O, dO, den; write three per token-head.
+  # Differentiated, the forward writes O in float32 (its residual; x more than
+  # the bf16 o counted in the forward), and the row terms (1/den, dden, s) read
+  # it with dO and den and write three per token-head.
   prep_flops = tokens * (3 * s.head_dim + 2)
-  parts = {"xla_prep": (2 * x + row) + 3 * row}
+  parts = {"o_residual_f32": x, "xla_prep": (2 * x + x + row) + 3 * row}
   # dq kernel: v, f_q, f_k, dO, the row terms in; df_q (float32) out.
   # dkv kernel: q, k, v, dO, f_q, f_k, the row terms in; the local blocks'
   # dk and dq, dv, df_k (float32) out.

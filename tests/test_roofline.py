@@ -52,7 +52,8 @@ def test_backward_bytes_count_each_kernel_operand():
   tok = s.batch * s.heads * t
   x, f, f32f, row = tok * s.head_dim * 2, tok * s.sketch_dim * 2, tok * s.sketch_dim * 4, tok * 4
   parts = R.polysketch_backward_cost(s, t, g).parts
-  assert parts["xla_prep"] == 2 * x + 4 * row                       # O, dO, den in; 3 row terms out
+  assert parts["o_residual_f32"] == x                               # O written in float32, not bf16
+  assert parts["xla_prep"] == 3 * x + 4 * row                       # O (f32), dO, den in; 3 row terms out
   assert parts["kernel_in"] == (2 * x + 2 * f + 3 * row) + (4 * x + 2 * f + 3 * row)
   assert parts["kernel_out"] == 3 * x + 2 * f32f                    # dq, dk, dv; df_q, df_k
   assert parts["xla_cast"] == 2 * (f32f + f)
