@@ -133,12 +133,10 @@ def polysketch_forward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
   return _cost(flops, parts)
 
 
-def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
-                             transposes: bool = False) -> Cost:
+def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration) -> Cost:
   """Flops and HBM bytes of the backward alone: the XLA row terms, the dq and
   the dkv kernel (`_pallas_backward.polysketch_backward`), and the features'
-  cotangents cast to their dtype. transposes=True adds the XLA copies the
-  kernels needed before issue 13 item 1, for comparison."""
+  cotangents cast to their dtype."""
   s = shape
   tokens = s.batch * s.heads * seq
   x = tokens * s.head_dim * s.itemsize
@@ -158,11 +156,6 @@ def polysketch_backward_cost(shape: Shape, seq: int, gen: TpuGeneration, *,
   parts["kernel_in"] = (2 * x + 2 * f + 3 * row) + (4 * x + 2 * f + 3 * row)
   parts["kernel_out"] = f32f + (3 * x + f32f)
   parts["xla_cast"] = 2 * (f32f + f)        # df_q, df_k read, written in the features' dtype
-  if transposes:
-    # Before: q, k, v, dnum to [B,N,T,H] and v, dnum to [B,N,H,T] (6 x), the
-    # features to both layouts (4 f), dden to row and column (2 row); after:
-    # dq, dk, dv back to [B,T,N,H].
-    parts["xla_transposes"] = 2 * (6 * x + 4 * f + 2 * row) + 2 * 3 * x
   return _cost(k1 + k2 + prep_flops, parts)
 
 
