@@ -293,8 +293,8 @@ def _dkv_block(q_ref, k_ref, v_ref, fq_t_ref, fk_t_ref, g_ref, scal_t_ref,
   # H = 64) every product takes and gives them so, transposing nothing.
   group = q_ref.shape[0]
   # dnum = dO / den in float32 (as `apply_state_backward` forms it for the
-  # non-causal kernels), in dO's layout: (H, b) on lanes, else (b, H) with 1 / den as a
-  # column (the row scalars transposed once, (8, b) -> (b, 8)).
+  # non-causal kernels), in dO's layout: (H, b) on lanes, else (b, H) with
+  # 1 / den as a column (the row scalars transposed once, (8, b) -> (b, 8)).
   if on_lanes:
     axis, scores = 1, TN_DIMS
     dk_of = lambda ds, q: mm(q, ds, NT_DIMS, q.dtype)               # (D, lt)
@@ -409,11 +409,11 @@ DQ_SCALE_EXPONENT = 100
 def _row_terms(o, den, do, block_size, num_kv_heads):
   """Per-row (1/den, dden, s) [B, T, N, 3] from o, do [B, T, N, H] and den
   [B, N, 1, T] (T a multiple of block_size; dnum = do / den is do times the
-  first, formed where it is used); s is
-  the smallest over the row's block and the query heads of its kv head of
-  2^-k, k = max(0, e - DQ_SCALE_EXPONENT) for den = m 2^e: the power of two
-  the dq kernel scales S dO^T by. One per block and group: a token with a
-  small den meets the same S as the largest (per token, S dO^T was inf there)."""
+  first, formed where it is used). s is the smallest over the row's block and
+  the query heads of its kv head of 2^-k, k = max(0, e - DQ_SCALE_EXPONENT)
+  for den = m 2^e: the power of two the dq kernel scales S dO^T by. One per
+  block and group: a token with a small den meets the same S as the largest
+  (per token, S dO^T was inf there)."""
   b_, t, n = do.shape[:3]
   kv = num_kv_heads
   den_btn = jnp.transpose(den[:, :, 0, :], (0, 2, 1))            # [B, T, N]

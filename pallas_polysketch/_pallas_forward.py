@@ -25,8 +25,8 @@ pipeline work is shared and the blocks' MXU and vector work overlap. The
 state of a kv head is updated once per block and read by the G query heads of
 its group. phi^T = f^T (x) f^T (r^2, b) is formed in VMEM from the r-dim
 features (DESIGN §2 option 3: the reshape merges leading dims only). The
-state lives in one float32 VMEM scratch of shape (H + 16, r^2): rows [0, H) hold S^T, row H holds z^T, the rest stay
-zero. V^T is extended by a row of ones (and zero rows up to the 16-row bf16
+state lives in one float32 VMEM scratch of shape (H + 16, r^2): rows [0, H)
+hold S^T, row H holds z^T, the rest stay zero. V^T is extended by a row of ones (and zero rows up to the 16-row bf16
 tile), so one matmul V_aug^T phi_k updates S and z together and one matmul
 state phi_q reads both; the normaliser never needs an H+1-wide lane layout.
 
