@@ -1,0 +1,139 @@
+"""How much attention weight a query puts on the one key that matches it (issue 14 §1).
+
+Associative recall (bench/recall.py) asks a head to find the one earlier key
+equal to its query among N other positions. A kernel k(q, k_j) >= 0 gives the
+match the share w_match / (w_match + sum over the N others). This script
+measures that share, without training, for the kernels the recall benchmark
+compares:
+
+  softmax      exp(q . k / sqrt(H))
+  polynomial   (q . k)^4, the exact kernel PolySketch approximates
+  gaussian     <f(q), f(k)>^2 with the random Gaussian sketch f (`random_sketch_init`)
+  hadamard     the same with the SRHT-style sketch of the official code
+  learned      the learned sketch at its initialisation (before any training)
+
+q and the N + 1 keys are independent Gaussian vectors scaled to norm sqrt(H)
+(what a LayerNorm gives), the first key equal to q. The sketches' noise on the
+N near-orthogonal keys adds up: a random sketch gives each of them a weight of
+about c / r times the match's, so the share is about r / (r + c N) (the
+fitted c is reported), while the exact polynomial's shrinks only as
+H^2 / (H^2 + 3 N) (E (q . k)^4 = 3 H^2 for independent keys).
+
+  JAX_PLATFORMS=cpu python bench/retrieval_share.py     # bench/results/retrieval_share.{json,md}, ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_polysketch import sketches
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+KINDS = ("softmax", "polynomial", "gaussian", "hadamard", "learned")
+SKETCHED = ("gaussian", "hadamard", "learned")
+
+
+def make_features(kind: str, head_dim: int, sketch_dim: int, key: jax.Array):
+  """x [..., H] -> features [..., F] with weight(q, k) = (feat(q) . feat(k))^2,
+  for the sketched kinds."""
+  if kind in ("gaussian", "hadamard"):
+    params = sketches.random_sketch_init(key, head_dim, sketch_dim, 4, sketch_type=kind)
+    return lambda x: sketches.random_sketch_features(params, x)
+  if kind == "learned":
+    params = sketches.learned_sketch_init(key, head_dim, sketch_dim)
+    return lambda x: sketches.learned_sketch_features(params, x)
+  raise ValueError(f"kind must be one of {SKETCHED}, got {kind!r}")
+
+
+def weights(kind: str, q: np.ndarray, keys: np.ndarray, features=None) -> np.ndarray:
+  """The kernel's weights of q [H] on keys [M, H], float64."""
+  head_dim = q.shape[-1]
+  if kind == "softmax":
+    logits = keys @ q / np.sqrt(head_dim)
+    return np.exp(logits - logits.max())
+  if kind == "polynomial":
+    return (keys @ q) ** 4
+  fq = np.asarray(features(jnp.asarray(q, jnp.float32)), np.float64)
+  fk = np.asarray(features(jnp.asarray(keys, jnp.float32)), np.float64)
+  return (fk @ fq) ** 2
+
+
+def match_shares(kind: str, head_dim: int, num_others: int, sketch_dim: int = 0,
+                 trials: int = 100, seed: int = 0) -> np.ndarray:
+  """[trials] shares of the weight on the matching key (keys[0] = q) against
+  num_others independent keys; a fresh sketch every trial."""
+  rng = np.random.default_rng(seed)
+  out = np.empty(trials)
+  for t in range(trials):
+    keys = rng.standard_normal((num_others + 1, head_dim))
+    keys *= np.sqrt(head_dim) / np.linalg.norm(keys, axis=1, keepdims=True)
+    features = (make_features(kind, head_dim, sketch_dim, jax.random.PRNGKey(seed * 100003 + t))
+                if kind in SKETCHED else None)
+    w = weights(kind, keys[0], keys, features)
+    out[t] = w[0] / w.sum()
+  return out
+
+
+def run(head_dim: int, others: list[int], sketch_dims: list[int], trials: int, seed: int):
+  rows = []
+  for kind in KINDS:
+    for r in (sketch_dims if kind in SKETCHED else [0]):
+      for n in others:
+        s = match_shares(kind, head_dim, n, r, trials, seed)
+        row = dict(kind=kind, sketch_dim=r, others=n, mean=float(s.mean()),
+                   median=float(np.median(s)), p10=float(np.quantile(s, 0.1)))
+        if kind in ("gaussian", "hadamard"):   # share = r / (r + c N)  =>  c = (1 / share - 1) r / N
+          row["c"] = float((1.0 / row["mean"] - 1.0) * r / n)
+        rows.append(row)
+        print(f"{kind:10s} r={r:4d} N={n:5d}: mean share {row['mean']:.3f}", flush=True)
+  return rows
+
+
+def markdown(meta, rows) -> str:
+  others = sorted({r["others"] for r in rows})
+  lines = [f"# Weight on the matching key (`{meta['command']}`)", "",
+           f"H = {meta['head_dim']}, q and keys Gaussian scaled to norm sqrt(H), one key = q, "
+           f"N others; mean over {meta['trials']} trials (a fresh sketch each), "
+           "median in brackets.", "",
+           "| kernel | r | " + " | ".join(f"N = {n}" for n in others) + " | fitted c |",
+           "|---|---:|" + "---:|" * len(others) + "---:|"]
+  for kind in KINDS:
+    for r in sorted({x["sketch_dim"] for x in rows if x["kind"] == kind}):
+      cells = {x["others"]: x for x in rows if x["kind"] == kind and x["sketch_dim"] == r}
+      cs = [cells[n]["c"] for n in others if "c" in cells[n]]
+      shares = " | ".join(f"{cells[n]['mean']:.3f} ({cells[n]['median']:.3f})" for n in others)
+      lines.append(f"| {kind} | {r or '-'} | {shares} | "
+                   + (f"{np.mean(cs):.2f} |" if cs else "- |"))
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--head-dim", type=int, default=32)
+  p.add_argument("--others", type=int, nargs="+", default=[16, 48, 256, 1024])
+  p.add_argument("--sketch-dims", type=int, nargs="+", default=[16, 32, 64])
+  p.add_argument("--trials", type=int, default=100)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out-dir", default=RESULTS)
+  p.add_argument("--tag", default="")
+  args = p.parse_args(argv)
+  rows = run(args.head_dim, args.others, args.sketch_dims, args.trials, args.seed)
+  command = " ".join(["python bench/retrieval_share.py", *(sys.argv[1:] if argv is None else argv)])
+  meta = dict(command=command, head_dim=args.head_dim, trials=args.trials, seed=args.seed)
+  stem = os.path.join(args.out_dir, "retrieval_share" + (f"-{args.tag}" if args.tag else ""))
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(stem + ".json", "w") as f:
+    json.dump(dict(meta, rows=rows), f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(meta, rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
