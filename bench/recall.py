@@ -19,9 +19,11 @@ curriculum over distances, `RecallData`); the held-out sequences put them at
 the start, the farthest from the queries, and score each key's first query
 only, so the accuracy measures retrieval from the pairs.
 
-Writes bench/results/recall-<tag>.{json,md,png} after every run (a cut-short
+Writes bench/results/recall-<tag>.{json,md,png} after every run, and with
+--eval-every recall-<tag>-curve.png (accuracy against the step); a cut-short
 run keeps what it has; --resume skips runs already in the JSON; --merge
-combines the JSONs of runs split over processes).
+combines the JSONs of runs split over processes (a variant run with another
+--sketch-dim or --steps gets its own row).
 
   JAX_PLATFORMS=cpu python bench/recall.py --tag cpu                 # the committed grid
   JAX_PLATFORMS=cpu python bench/recall.py --seqs 256 512 1024 2048 --pairs 8 16 32 64 \\
@@ -84,18 +86,35 @@ def run_one(args, variant, seq, pairs, lr):
                  log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
                 elapsed_s=e["elapsed_s"]) for e in res["evals"]]
-  return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, val_acc=res["val_acc"],
+  return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
+              steps=args.steps, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
                                         args.block_size))
 
 
-def best_runs(runs):
-  """The best learning rate per (variant, seq, pairs)."""
-  best = {}
+def row_labels(runs):
+  """A table row per variant, or per (variant, sketch_dim, steps) where merged
+  runs of one variant differ in those: [label per run], labels in order."""
+  configs = {}
   for r in runs:
-    key = (r["variant"], r["seq"], r["pairs"])
+    configs.setdefault(r["variant"], set()).add((r["sketch_dim"], r["steps"]))
+  def label(r):
+    if len(configs[r["variant"]]) == 1:
+      return r["variant"]
+    sketch = "" if VARIANTS[r["variant"]][0] != "polysketch" else f"r = {r['sketch_dim']}, "
+    return f"{r['variant']} ({sketch}{r['steps']} steps)"
+  labels = [label(r) for r in runs]
+  order = sorted(set(labels), key=lambda x: (list(VARIANTS).index(x.split(" ")[0]), x))
+  return labels, order
+
+
+def best_runs(runs, labels=None):
+  """The best learning rate per (row label, seq, pairs); labels default to the variants."""
+  best = {}
+  for r, label in zip(runs, labels or [r["variant"] for r in runs]):
+    key = (label, r["seq"], r["pairs"])
     if key not in best or r["val_acc"] > best[key]["val_acc"]:
       best[key] = r
   return best
@@ -104,10 +123,10 @@ def best_runs(runs):
 def write_outputs(stem, meta, runs):
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta, runs=runs), f, indent=1)
-  best = best_runs(runs)
+  labels, variants = row_labels(runs)
+  best = best_runs(runs, labels)
   seqs = sorted({k[1] for k in best})
   pairs = sorted({k[2] for k in best})
-  variants = [v for v in VARIANTS if any(k[0] == v for k in best)]
   lines = [f"# MQAR recall ({meta['command']})", "", meta["setup"], "",
            "Answer accuracy on held-out sequences (best learning rate of "
            f"{meta['lrs']}); state per head after T tokens in floats.", ""]
@@ -149,6 +168,20 @@ def write_outputs(stem, meta, runs):
   fig.tight_layout()
   fig.savefig(stem + ".png", dpi=110)
   plt.close(fig)
+  curves = [(label, r) for label, r in zip(labels, runs) if len(r.get("curve", [])) > 1]
+  if curves:   # --eval-every: held-out accuracy against the training step
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, r in curves:
+      ax.plot([c["step"] for c in r["curve"]], [c["val_acc"] for c in r["curve"]], marker="o",
+              label=f"{label}, T={r['seq']}, {r['pairs']} pairs, lr {r['lr']:g}")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("answer accuracy (held out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + "-curve.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -194,20 +227,28 @@ def main(argv=None):
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, f"recall-{args.tag}")
   if args.merge:
-    merged, commands = {}, []
+    docs = []
     for path in args.merge:
       with open(path) as f:
-        doc = json.load(f)
-      commands.append(doc["command"])
+        docs.append(json.load(f))
+    merged = {}
+    for doc in docs:
       for r in doc["runs"]:
-        merged[(r["variant"], r["seq"], r["pairs"], r["lr"])] = r
-    meta = {k: v for k, v in doc.items() if k != "runs"}
-    meta["command"] = " + ".join(commands)
+        r = dict(r)   # runs written before they recorded these take their file's
+        r.setdefault("sketch_dim", doc["args"]["sketch_dim"])
+        r.setdefault("steps", doc["args"]["steps"])
+        merged[(r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"])] = r
     lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
-    meta["setup"] = meta["setup"].replace(f"lr {meta['lrs']}", f"lr {lrs}")
-    meta["lrs"] = lrs
+    setups = []   # each file's, with every file's learning rates; the distinct ones
+    for doc in docs:
+      setup = doc["setup"].replace(f"lr {doc['lrs']}", f"lr {lrs}")
+      setups += [] if setup in setups else [setup]
+    meta = {k: v for k, v in docs[-1].items() if k != "runs"}
+    meta.update(command=" + ".join(doc["command"] for doc in docs), setup="; ".join(setups),
+                lrs=lrs)
     runs = sorted(merged.values(), key=lambda r: (r["seq"], r["pairs"],
-                                                  list(VARIANTS).index(r["variant"]), r["lr"]))
+                                                  list(VARIANTS).index(r["variant"]),
+                                                  r["sketch_dim"], r["steps"], r["lr"]))
     write_outputs(stem, meta, runs)
     return runs
   runs = []

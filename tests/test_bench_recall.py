@@ -59,3 +59,24 @@ def test_recall_state_sizes():
       == 16 ** 2 * 33 + 2 * 64 * 32
   assert state("learned", 1024, 32, 16, 64) == 16 ** 2 * 33
   assert state("local", 1024, 32, 16, 64) == 2 * 64 * 32
+
+
+def test_merged_runs_of_one_variant_with_other_sketch_dims_or_steps_get_their_own_rows(tmp_path):
+  bench = load_bench("recall")
+  common = ["--seqs", "16", "--pairs", "2", "--distinct-queries", "--batch-size", "4",
+            "--variants", "random+local", "--dim", "16", "--block-size", "8",
+            "--eval-batches", "1", "--out-dir", str(tmp_path)]
+  a = bench.main(common + ["--steps", "2", "--eval-every", "1", "--sketch-dim", "4", "--tag", "a"])
+  b = bench.main(common + ["--steps", "3", "--sketch-dim", "8", "--tag", "b"])
+  assert (a[0]["sketch_dim"], a[0]["steps"], b[0]["sketch_dim"], b[0]["steps"]) == (4, 2, 8, 3)
+  assert (tmp_path / "recall-a-curve.png").stat().st_size > 0     # --eval-every: the curve plot
+  assert not (tmp_path / "recall-b-curve.png").exists()
+  merged = bench.main(["--merge", str(tmp_path / "recall-a.json"), str(tmp_path / "recall-b.json"),
+                       "--out-dir", str(tmp_path), "--tag", "ab"])
+  assert merged == a + b
+  md = (tmp_path / "recall-ab.md").read_text()
+  assert "| random+local (r = 4, 2 steps) |" in md and "| random+local (r = 8, 3 steps) |" in md
+  assert "sketch_dim 4" in md and "sketch_dim 8" in md     # both files' setups
+  # one variant, one configuration: the row is the variant's name
+  bench.main(["--merge", str(tmp_path / "recall-a.json"), "--out-dir", str(tmp_path), "--tag", "a2"])
+  assert "| random+local |" in (tmp_path / "recall-a2.md").read_text()
