@@ -106,8 +106,10 @@ def row_labels(runs):
     sketch = "" if VARIANTS[r["variant"]][0] != "polysketch" else f"r = {r['sketch_dim']}, "
     return f"{r['variant']} ({sketch}{r['steps']} steps)"
   labels = [label(r) for r in runs]
-  order = sorted(set(labels), key=lambda x: (list(VARIANTS).index(x.split(" ")[0]), x))
-  return labels, order
+  first = {}
+  for r, x in zip(runs, labels):
+    first.setdefault(x, (list(VARIANTS).index(r["variant"]), r["sketch_dim"], r["steps"]))
+  return labels, sorted(first, key=first.get)
 
 
 def best_runs(runs, labels=None):
