@@ -65,12 +65,17 @@ def state_floats(variant, seq, head_dim, sketch_dim, block_size):
   return (0 if sketch == "none" else sketch_dim ** 2 * (head_dim + 1)) + local
 
 
-def run_one(args, variant, seq, pairs, lr):
-  attention, sketch, local_exact = VARIANTS[variant]
-  data = RecallData(num_keys=max(args.keys, pairs), num_values=args.values,
+def recall_data(args, seq, pairs):
+  """The task of one grid point (its held-out set fixed by seq and pairs)."""
+  return RecallData(num_keys=max(args.keys, pairs), num_values=args.values,
                     num_noise=args.noise, num_pairs=pairs,
                     num_queries=min(args.queries, pairs) if args.distinct_queries else args.queries,
                     seed=1234 + seq + pairs, distinct_queries=args.distinct_queries)  # random_offset
+
+
+def run_one(args, variant, seq, pairs, lr):
+  attention, sketch, local_exact = VARIANTS[variant]
+  data = recall_data(args, seq, pairs)
   mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                  embed_dim=args.dim, attention=attention, sketch=sketch,
                  sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
@@ -82,16 +87,190 @@ def run_one(args, variant, seq, pairs, lr):
                     log_every=50)
   t0 = time.time()
   label = f"{variant} T={seq} pairs={pairs} lr={lr:g}"
-  _, res = train(mc, data, cfg, progress=False,
+  model, res = train(mc, data, cfg, progress=False,
                  log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
                 elapsed_s=e["elapsed_s"]) for e in res["evals"]]
+  probe = {"probe": probe_attention(model, data, seq, mc.block_size)} if args.probe else {}
+  if args.save_models:
+    from pallas_polysketch.train import save_checkpoint
+    save_checkpoint(os.path.join(os.path.abspath(args.save_models),
+                                 f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}"),
+                    model, train_config=cfg, extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
-              steps=args.steps, val_acc=res["val_acc"],
+              steps=args.steps, **probe, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
                                         args.block_size))
+
+
+def attention_weights(kind, call):
+  """Unnormalised attention weights [B, N, T, T] (float64) of one recorded
+  attention call: `call` holds its q, k ([B, T, N, H]), for PolySketch fq, fk
+  ([B, T, N, r]), and the keyword arguments it was called with. kind:
+  "softmax" exp(q k / sqrt H); "polynomial" (q k)^p; "polysketch" the op's
+  weights ((q k)^p inside a block with exact local blocks, (fq fk)^2 across
+  blocks; DESIGN 1.3). Causal: zero above the diagonal."""
+  q = np.asarray(call["q"], np.float64).transpose(0, 2, 1, 3)
+  k = np.asarray(call["k"], np.float64).transpose(0, 2, 1, 3)
+  kw = call["kwargs"]
+  T = q.shape[2]
+  qk = q @ k.transpose(0, 1, 3, 2)
+  if kind == "softmax":
+    scores = qk * kw.get("scale", 1.0 / np.sqrt(q.shape[-1]))
+    w = np.exp(scores - scores.max(axis=-1, keepdims=True))
+  elif kind == "polynomial":
+    w = qk ** kw.get("degree", 4)
+  elif kind == "polysketch":
+    fq = np.asarray(call["fq"], np.float64).transpose(0, 2, 1, 3)
+    fk = np.asarray(call["fk"], np.float64).transpose(0, 2, 1, 3)
+    w = (fq @ fk.transpose(0, 1, 3, 2)) ** 2
+    if kw.get("local_exact", True):
+      block = np.arange(T) // kw["block_size"]
+      w = np.where(block[:, None] == block[None, :], qk ** kw.get("degree", 4), w)
+  else:
+    raise ValueError(f"kind must be softmax, polynomial or polysketch, got {kind!r}")
+  return np.where(np.tril(np.ones((T, T), bool)), w, 0.0)
+
+
+PAIR_WINDOW = 3   # the key, its value and the token after it
+
+
+def pair_shares(weights, inputs, mask, num_pairs, normalization_bias=0.0, block_size=None):
+  """Where the scored queries' attention goes, best head, mean over the queries.
+
+  weights [B, N, T, T] unnormalised (zero above the diagonal); inputs [B, T]
+  tokens with the pairs at positions 0..2 num_pairs - 1 (held-out sequences);
+  mask [B, T] 1 at the scored query positions. A row's weights are divided by
+  normalization_bias + their sum (0 for softmax, the op's bias for the
+  polynomial kinds). Returns a dict:
+    share   the weight on the query's pair window: the matching key, its value
+            and the token after it (PAIR_WINDOW; the token a previous-token
+            head copies the pair into, which a trained 2-layer softmax model
+            reads in its second layer);
+    peak    the largest weight on any one token before the query's block
+            (block_size; every earlier token if None): can the layer single
+            out one far token at all;
+    far     the weight on all the tokens before the query's block;
+    chance  the mean of PAIR_WINDOW / (i + 1), the share of uniform weights."""
+  shares, peaks, fars, chance = [], [], [], []
+  for b, i in zip(*np.nonzero(mask)):
+    keys = np.nonzero(inputs[b, :2 * num_pairs:2] == inputs[b, i])[0]
+    if len(keys) != 1:
+      raise ValueError(f"query at ({b}, {i}) matches {len(keys)} of the pairs' keys")
+    j = 2 * keys[0]
+    row = weights[b, :, i, :] / (normalization_bias + weights[b, :, i, :].sum(-1, keepdims=True))
+    shares.append(row[:, j:j + PAIR_WINDOW].sum(-1).max())
+    block_start = i - i % block_size if block_size else i
+    peaks.append(row[:, :block_start].max() if block_start else 0.0)
+    fars.append(row[:, :block_start].sum(-1).max() if block_start else 0.0)
+    chance.append(PAIR_WINDOW / (i + 1))
+  return dict(share=float(np.mean(shares)), peak=float(np.mean(peaks)),
+              far=float(np.mean(fars)), chance=float(np.mean(chance)))
+
+
+def probe_attention(model, data, seq, block_size):
+  """Where the trained `model` puts each held-out query's attention, per layer
+  (`pair_shares` on one held-out batch, far tokens: those before the query's
+  block of block_size), as the model computes it, and for PolySketch also what
+  the exact polynomial (q k)^p would give on the same q, k (is the sketch or
+  the q, k the limit?). Runs the model eagerly with its attention op wrapped
+  to record its inputs."""
+  import jax
+  from pallas_polysketch import nn as ps_nn
+
+  calls = []
+  originals = dict(softmax=jax.nn.dot_product_attention,
+                   polynomial=ps_nn.polynomial_attention,
+                   polysketch=ps_nn.polysketch_attention)
+
+  def recorder(kind):
+    def op(q, k, v, *rest, **kwargs):
+      fq, fk = rest if kind == "polysketch" else (None, None)
+      calls.append(dict(kind=kind, q=q, k=k, fq=fq, fk=fk, kwargs=kwargs))
+      return originals[kind](q, k, v, *rest, **kwargs)
+    return op
+
+  inputs, _, mask = data.val_batches(1, 64, seq)[0]
+  try:
+    jax.nn.dot_product_attention = recorder("softmax")
+    ps_nn.polynomial_attention = recorder("polynomial")
+    ps_nn.polysketch_attention = recorder("polysketch")
+    model(jax.numpy.asarray(inputs))
+  finally:
+    jax.nn.dot_product_attention = originals["softmax"]
+    ps_nn.polynomial_attention = originals["polynomial"]
+    ps_nn.polysketch_attention = originals["polysketch"]
+  layers = []
+  for call in calls:
+    bias = 0.0 if call["kind"] == "softmax" else call["kwargs"].get("normalization_bias", 1.0)
+    rec = dict(kind=call["kind"], **pair_shares(attention_weights(call["kind"], call), inputs,
+                                                mask, data.num_pairs, bias, block_size))
+    if call["kind"] == "polysketch":
+      exact = pair_shares(attention_weights("polynomial", call), inputs, mask, data.num_pairs,
+                          bias, block_size)
+      rec.update(exact_share=exact["share"], exact_peak=exact["peak"], exact_far=exact["far"])
+    layers.append(rec)
+  return layers
+
+
+PROBE_HEADER = (
+    "Best head, mean over one held-out batch's scored queries: share, the weight of a "
+    "query's attention on its pair window (the matching key, its value and the next "
+    "token); peak, the largest weight on any one token before the query's block; far, "
+    "the weight on all the tokens before it. For PolySketch also the three for the exact "
+    "(q k)^p on the same q, k. Uniform share: 3 / (i + 1).")
+PROBE_COLUMNS = ("| variant | T | pairs | lr | layer | share | peak | far | exact (q k)^p: share "
+                 "| peak | far | uniform share |")
+
+
+def probe_cells(x):
+  """A probe record's table cells (a record without `far` predates it: '-')."""
+  def cell(key):
+    return f"{x[key]:.3f}" if key in x else "-"
+  return " | ".join(cell(k) for k in ("share", "peak", "far", "exact_share", "exact_peak",
+                                        "exact_far", "chance"))
+
+
+def probe_line(x):
+  exact = (f"; exact (q k)^p on its q, k: {x['exact_share']:.3f}, {x['exact_peak']:.3f}, "
+           f"{x.get('exact_far', float('nan')):.3f}" if "exact_share" in x else "")
+  return (f"pair window {x['share']:.3f}, peak far token {x['peak']:.3f}, far "
+          f"{x.get('far', float('nan')):.3f}{exact} (uniform share {x['chance']:.3f})")
+
+
+def reprobe(models_dir, out_stem):
+  """Probes every model `--save-models` wrote under models_dir again with this
+  file's `probe_attention` (the data rebuilt from each run's saved arguments);
+  writes out_stem.{json,md}. Returns the records."""
+  from pallas_polysketch.train import load_checkpoint
+  records = []
+  for name in sorted(os.listdir(models_dir)):
+    ckpt = load_checkpoint(os.path.join(models_dir, name))
+    args = argparse.Namespace(**ckpt.extra["args"])
+    variant, rest = name.split("-T", 1)
+    seq, rest = rest.split("-pairs", 1)
+    pairs, lr = rest.split("-lr", 1)
+    data = recall_data(args, int(seq), int(pairs))
+    block = min(args.block_size, int(seq))
+    records.append(dict(model=name, variant=variant, seq=int(seq), pairs=int(pairs),
+                        lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
+                        probe=probe_attention(ckpt.model, data, int(seq), block)))
+    for layer, x in enumerate(records[-1]["probe"]):
+      print(f"{name} layer {layer}: {probe_line(x)}", flush=True)
+  with open(out_stem + ".json", "w") as f:
+    json.dump(dict(models_dir=models_dir, records=records), f, indent=1)
+  lines = [f"# Attention probe of the models in {models_dir}", "", PROBE_HEADER, "",
+           PROBE_COLUMNS.replace("| T | pairs | lr |", "| T | pairs | lr | r | steps |"),
+           "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * 7]
+  for r in records:
+    for layer, x in enumerate(r["probe"]):
+      lines.append(f"| {r['variant']} | {r['seq']} | {r['pairs']} | {r['lr']:g} | "
+                   f"{r['sketch_dim']} | {r['steps']} | {layer} | " + probe_cells(x) + " |")
+  with open(out_stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return records
 
 
 def row_labels(runs):
@@ -144,6 +323,15 @@ def write_outputs(stem, meta, runs):
         if r is not None:
           state = f"{r['state_floats']:,}"
       lines.append(f"| {v} | " + " | ".join(cells) + f" | {state} |")
+    lines.append("")
+  probed = [(label, r) for label, r in zip(labels, runs) if r.get("probe")]
+  if probed:   # --probe
+    lines += ["## Where the held-out queries' attention goes (`--probe`)", "",
+              PROBE_HEADER, "", PROBE_COLUMNS, "|---|---:|---:|---:|---:|" + "---:|" * 7]
+    for label, r in probed:
+      for layer, x in enumerate(r["probe"]):
+        lines.append(f"| {label} | {r['seq']} | {r['pairs']} | {r['lr']:g} | {layer} | "
+                     + probe_cells(x) + " |")
     lines.append("")
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -211,6 +399,15 @@ def main(argv=None):
                  help="also evaluate every this many steps (each run's `curve` in the JSON, "
                       "printed as it goes); 0: at the end only")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--probe", action="store_true",
+                 help="after training, record per layer the share of each held-out query's "
+                      "attention on its pair (`probe_attention`) in the run's `probe`")
+  p.add_argument("--save-models", metavar="DIR",
+                 help="write each trained model as an orbax checkpoint under DIR "
+                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>; `load_checkpoint`)")
+  p.add_argument("--reprobe", metavar="DIR",
+                 help="probe the models --save-models wrote under DIR again (this file's "
+                      "probe) into recall-<tag>-probe.{json,md} and exit")
   p.add_argument("--tag", default="cpu")
   p.add_argument("--resume", action="store_true")
   p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -228,6 +425,8 @@ def main(argv=None):
               load_before=os.getloadavg())
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, f"recall-{args.tag}")
+  if args.reprobe:
+    return reprobe(args.reprobe, stem + "-probe")
   if args.merge:
     docs = []
     for path in args.merge:
@@ -271,6 +470,8 @@ def main(argv=None):
     write_outputs(stem, meta, runs)
     print(f"{variant:14s} T={seq:5d} pairs={pairs:3d} lr={lr:g}: acc {r['val_acc']:.3f} "
           f"loss {r['val_loss']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+    for layer, rec in enumerate(r.get("probe", [])):
+      print(f"  layer {layer}: {probe_line(rec)}", flush=True)
   return runs
 
 

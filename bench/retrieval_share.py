@@ -19,6 +19,13 @@ about c / r times the match's, so the share is about r / (r + c N) (the
 fitted c is reported), while the exact polynomial's shrinks only as
 H^2 / (H^2 + 3 N) (E (q . k)^4 = 3 H^2 for independent keys).
 
+A second table puts each sketch's weights on the exact polynomial's scale,
+which is what the exact local blocks of PolySketch + local use beside the
+sketched prefix: the mean weight on an independent key and the weight on the
+matching key, each over the exact kernel's (3 H^2 and H^4). A prefix key's
+weight enters the same sum as a local key's, so a ratio far below 1 means
+the prefix carries little of a query's attention, whatever it matches.
+
   JAX_PLATFORMS=cpu python bench/retrieval_share.py     # bench/results/retrieval_share.{json,md}, ~1 min
 """
 from __future__ import annotations
@@ -80,6 +87,26 @@ def match_shares(kind: str, head_dim: int, num_others: int, sketch_dim: int = 0,
   return out
 
 
+def weight_scales(kind: str, head_dim: int, sketch_dim: int, num_keys: int = 1024,
+                  trials: int = 10, seed: int = 0) -> dict:
+  """The sketched weights on the exact polynomial's scale: mean weight on an
+  independent key over the exact kernel's mean (both measured on the same
+  keys), and the weight on a key equal to q over (q . q)^4 = H^4; means over
+  `trials` fresh sketches, each on num_keys keys."""
+  rng = np.random.default_rng(seed)
+  others, match = [], []
+  for t in range(trials):
+    keys = rng.standard_normal((num_keys + 1, head_dim))
+    keys *= np.sqrt(head_dim) / np.linalg.norm(keys, axis=1, keepdims=True)
+    features = make_features(kind, head_dim, sketch_dim, jax.random.PRNGKey(seed * 100003 + t))
+    w = weights(kind, keys[0], keys, features)
+    exact = weights("polynomial", keys[0], keys)
+    others.append(w[1:].mean() / exact[1:].mean())
+    match.append(w[0] / exact[0])
+  return dict(kind=kind, sketch_dim=sketch_dim, other_ratio=float(np.mean(others)),
+              match_ratio=float(np.mean(match)))
+
+
 def run(head_dim: int, others: list[int], sketch_dims: list[int], trials: int, seed: int):
   rows = []
   for kind in KINDS:
@@ -93,6 +120,18 @@ def run(head_dim: int, others: list[int], sketch_dims: list[int], trials: int, s
         rows.append(row)
         print(f"{kind:10s} r={r:4d} N={n:5d}: mean share {row['mean']:.3f}", flush=True)
   return rows
+
+
+def scales_markdown(scales) -> str:
+  lines = ["", "Sketched weights on the exact kernel's scale (the scale of the exact local "
+           "blocks beside the sketched prefix): mean weight on an independent key over "
+           "the exact (q . k)^4's mean (3 H^2), and the weight on the matching key over "
+           "H^4; 1024 keys, 10 fresh sketches.", "",
+           "| sketch | r | independent key | matching key |", "|---|---:|---:|---:|"]
+  for x in scales:
+    lines.append(f"| {x['kind']} | {x['sketch_dim']} | {x['other_ratio']:.3g} | "
+                 f"{x['match_ratio']:.3g} |")
+  return "\n".join(lines) + "\n"
 
 
 def markdown(meta, rows) -> str:
@@ -124,14 +163,19 @@ def main(argv=None):
   p.add_argument("--tag", default="")
   args = p.parse_args(argv)
   rows = run(args.head_dim, args.others, args.sketch_dims, args.trials, args.seed)
+  scales = [weight_scales(kind, args.head_dim, r, seed=args.seed)
+            for kind in SKETCHED for r in args.sketch_dims]
+  for x in scales:
+    print(f"{x['kind']:10s} r={x['sketch_dim']:4d}: weight / exact weight, independent key "
+          f"{x['other_ratio']:.3g}, matching key {x['match_ratio']:.3g}", flush=True)
   command = " ".join(["python bench/retrieval_share.py", *(sys.argv[1:] if argv is None else argv)])
   meta = dict(command=command, head_dim=args.head_dim, trials=args.trials, seed=args.seed)
   stem = os.path.join(args.out_dir, "retrieval_share" + (f"-{args.tag}" if args.tag else ""))
   os.makedirs(args.out_dir, exist_ok=True)
   with open(stem + ".json", "w") as f:
-    json.dump(dict(meta, rows=rows), f, indent=1)
+    json.dump(dict(meta, rows=rows, scales=scales), f, indent=1)
   with open(stem + ".md", "w") as f:
-    f.write(markdown(meta, rows))
+    f.write(markdown(meta, rows) + scales_markdown(scales))
   return rows
 
 

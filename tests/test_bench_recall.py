@@ -1,6 +1,8 @@
 """The recall benchmark runs end to end at tiny sizes (no accuracy or timing assertions)."""
 import json
 
+import pytest
+
 from helpers import load_bench
 
 
@@ -80,3 +82,97 @@ def test_merged_runs_of_one_variant_with_other_sketch_dims_or_steps_get_their_ow
   # one variant, one configuration: the row is the variant's name
   bench.main(["--merge", str(tmp_path / "recall-a.json"), "--out-dir", str(tmp_path), "--tag", "a2"])
   assert "| random+local |" in (tmp_path / "recall-a2.md").read_text()
+
+
+def _op_output(weights, v, bias):
+  """o = sum_j w_ij v_j / (bias + sum_j w_ij) from weights [B, N, T, T], v [B, T, N, H]."""
+  import numpy as np
+  num = np.einsum("bnij,bjnh->binh", weights, np.asarray(v, np.float64))
+  return num / (bias + weights.sum(-1).transpose(0, 2, 1))[..., None]
+
+
+def test_probe_weights_reproduce_each_attention_op():
+  """attention_weights gives the weights each op uses: normalised and applied to
+  v they give the op's output (softmax, exact polynomial, PolySketch with and
+  without exact local blocks)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_polysketch import polynomial_attention, polysketch_attention
+
+  bench = load_bench("recall")
+  B, T, N, H, r = 2, 32, 2, 8, 4
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  q, k, v = (jax.random.normal(x, (B, T, N, H)) / 2 for x in ks[:3])
+  fq, fk = (jax.random.normal(x, (B, T, N, r)) for x in ks[3:])
+  call = dict(q=q, k=k, fq=fq, fk=fk, kwargs=dict(scale=0.3))
+  w = bench.attention_weights("softmax", call)
+  np.testing.assert_allclose(
+      _op_output(w, v, 0.0), jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.3),
+      rtol=1e-4, atol=1e-5)
+  call["kwargs"] = dict(degree=4, normalization_bias=1.0)
+  np.testing.assert_allclose(_op_output(bench.attention_weights("polynomial", call), v, 1.0),
+                             polynomial_attention(q, k, v, degree=4), rtol=1e-4, atol=1e-5)
+  for local_exact in (True, False):
+    call["kwargs"] = dict(degree=4, block_size=8, local_exact=local_exact)
+    np.testing.assert_allclose(
+        _op_output(bench.attention_weights("polysketch", call), v, 1.0),
+        polysketch_attention(q, k, v, fq, fk, degree=4, block_size=8, local_exact=local_exact,
+                             implementation="xla"), rtol=1e-4, atol=1e-5)
+
+
+def test_pair_shares_on_hand_built_weights():
+  """The share is taken on the queried key's pair window (key, value, next
+  token), the peak on one token before the query's block, each for the best
+  head, over bias + the row's sum; chance is 3 / (i + 1)."""
+  import numpy as np
+  bench = load_bench("recall")
+  T = 12
+  inputs = np.array([[5, 9, 6, 10, 0, 3, 3, 3, 6, 10, 5, 9]])   # pairs (5, 9), (6, 10)
+  mask = np.zeros((1, T)); mask[0, 8] = 1                         # query 6 at position 8
+  w = np.tril(np.ones((1, 2, T, T)))
+  w[0, 1, 8, 2:5] = [10.0, 4.0, 6.0]                             # head 1 finds the pair (6, 10)
+  got = bench.pair_shares(w, inputs, mask, num_pairs=2, normalization_bias=1.0, block_size=4)
+  # far: positions 0..7 (before the block 8..11): 1 + 1 + 10 + 4 + 6 + 1 + 1 + 1 of 27
+  assert got == pytest.approx(dict(share=20.0 / (1.0 + 6 + 20), peak=10.0 / 27, far=25.0 / 27,
+                                   chance=3.0 / 9))
+  # block_size 8: position 8 starts a block, so the far tokens are 0..7 still
+  assert bench.pair_shares(w, inputs, mask, 2, 1.0, block_size=8)["peak"] == pytest.approx(10 / 27)
+  mask[0, 8], mask[0, 10] = 0, 1                                  # query 5 at 10, key 5 at 0
+  w[0, 1, 10, 0] = 10.0
+  got = bench.pair_shares(w, inputs, mask, 2)                     # no bias, every token far
+  assert got == pytest.approx(dict(share=12.0 / 20, peak=10.0 / 20, far=19.0 / 20,
+                                   chance=3.0 / 11))
+  w[0, 1, 10, 0] = 0.0                                            # now head 0 is best: 3 of 11
+  assert bench.pair_shares(w, inputs, mask, 2)["share"] == pytest.approx(3.0 / 11)
+
+
+def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
+  import jax
+  from pallas_polysketch import nn as ps_nn
+  bench = load_bench("recall")
+  originals = (jax.nn.dot_product_attention, ps_nn.polysketch_attention,
+               ps_nn.polynomial_attention)
+  runs = bench.main(["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "2",
+                     "--batch-size", "4", "--variants", "softmax,learned+local", "--dim", "16",
+                     "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1", "--probe",
+                     "--save-models", str(tmp_path / "models"),
+                     "--out-dir", str(tmp_path), "--tag", "probe"])
+  assert (jax.nn.dot_product_attention, ps_nn.polysketch_attention,
+          ps_nn.polynomial_attention) == originals
+  for r in runs:
+    kind = "softmax" if r["variant"] == "softmax" else "polysketch"
+    assert [x["kind"] for x in r["probe"]] == [kind, kind]        # 2 layers
+    for x in r["probe"]:
+      assert 0.0 < x["share"] <= 1.0 and 0.0 < x["chance"] < 1.0
+      assert 0.0 < x["peak"] <= x["far"] <= 1.0
+      assert ("exact_share" in x) == ("exact_far" in x) == (kind == "polysketch")
+  assert "| learned+local | 32 | 2 |" in (tmp_path / "recall-probe.md").read_text()
+  # the saved models are the trained ones: probing them again gives the recorded figures
+  records = bench.main(["--reprobe", str(tmp_path / "models"), "--out-dir", str(tmp_path),
+                        "--tag", "again"])
+  assert [(x["variant"], x["seq"], x["pairs"], x["lr"], x["sketch_dim"]) for x in records] == [
+      ("learned+local", 32, 2, 1e-3, 4), ("softmax", 32, 2, 1e-3, 4)]
+  assert [x["probe"] for x in records] == [runs[1]["probe"], runs[0]["probe"]]
+  md = (tmp_path / "recall-again-probe.md").read_text()
+  assert "| learned+local | 32 | 2 | 0.001 | 4 | 2 | 1 |" in md

@@ -45,6 +45,20 @@ def test_shares_alone_are_one_and_a_random_sketch_shares_as_r_over_r_plus_cn(ben
   assert abs(exact - 32 ** 2 / (32 ** 2 + 3 * 48)) < 0.05
 
 
+def test_weight_scales_against_the_exact_kernel(bench):
+  h, r = 32, 16
+  gauss = bench.weight_scales("gaussian", h, r, num_keys=256, trials=4)
+  # unbiased: E <S q, S k>^2 = (q . k)^4 + a variance of about |q|^4 |k|^4 / r, so an
+  # independent key gets about 1 + H^2 / (3 r) times the exact mean weight (3 H^2); the
+  # match about its exact weight H^4
+  assert 0.5 < gauss["other_ratio"] / (1 + h ** 2 / (3 * r)) < 2
+  assert 0.5 < gauss["match_ratio"] < 3
+  learned = bench.weight_scales("learned", h, r, num_keys=256, trials=4)
+  # the learned sketch at initialisation: features of order 1, weights of order r,
+  # against the exact kernel's 3 H^2 and H^4
+  assert learned["other_ratio"] < 1e-2 and learned["match_ratio"] < 1e-3
+
+
 def test_main_writes_the_table(bench, tmp_path):
   rows = bench.main(["--head-dim", "16", "--others", "4", "8", "--sketch-dims", "8",
                      "--trials", "3", "--out-dir", str(tmp_path), "--tag", "tiny"])
@@ -56,3 +70,6 @@ def test_main_writes_the_table(bench, tmp_path):
   md = (tmp_path / "retrieval_share-tiny.md").read_text()
   for kind in bench.KINDS:
     assert f"| {kind} |" in md
+  assert {(x["kind"], x["sketch_dim"]) for x in report["scales"]} == {
+      (k, 8) for k in bench.SKETCHED}
+  assert "independent key" in md
