@@ -36,6 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -95,7 +96,8 @@ def run_one(args, variant, seq, pairs, lr):
   if args.save_models:
     from pallas_polysketch.train import save_checkpoint
     save_checkpoint(os.path.join(os.path.abspath(args.save_models),
-                                 f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}"),
+                                 f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}"
+                                 f"-r{args.sketch_dim}-steps{args.steps}"),
                     model, train_config=cfg, extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
               steps=args.steps, **probe, val_acc=res["val_acc"],
@@ -240,6 +242,9 @@ def probe_line(x):
           f"{x.get('far', float('nan')):.3f}{exact} (uniform share {x['chance']:.3f})")
 
 
+MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?"   # --save-models
+
+
 def reprobe(models_dir, out_stem):
   """Probes every model `--save-models` wrote under models_dir again with this
   file's `probe_attention` (the data rebuilt from each run's saved arguments);
@@ -249,9 +254,7 @@ def reprobe(models_dir, out_stem):
   for name in sorted(os.listdir(models_dir)):
     ckpt = load_checkpoint(os.path.join(models_dir, name))
     args = argparse.Namespace(**ckpt.extra["args"])
-    variant, rest = name.split("-T", 1)
-    seq, rest = rest.split("-pairs", 1)
-    pairs, lr = rest.split("-lr", 1)
+    variant, seq, pairs, lr = re.fullmatch(MODEL_NAME, name).groups()
     data = recall_data(args, int(seq), int(pairs))
     block = min(args.block_size, int(seq))
     records.append(dict(model=name, variant=variant, seq=int(seq), pairs=int(pairs),
@@ -404,7 +407,8 @@ def main(argv=None):
                       "attention on its pair (`probe_attention`) in the run's `probe`")
   p.add_argument("--save-models", metavar="DIR",
                  help="write each trained model as an orbax checkpoint under DIR "
-                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>; `load_checkpoint`)")
+                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>; "
+                      "`load_checkpoint`)")
   p.add_argument("--reprobe", metavar="DIR",
                  help="probe the models --save-models wrote under DIR again (this file's "
                       "probe) into recall-<tag>-probe.{json,md} and exit")
