@@ -71,20 +71,26 @@ def weights(kind: str, q: np.ndarray, keys: np.ndarray, features=None) -> np.nda
   return (fk @ fq) ** 2
 
 
-def match_shares(kind: str, head_dim: int, num_others: int, sketch_dim: int = 0,
-                 trials: int = 100, seed: int = 0) -> np.ndarray:
-  """[trials] shares of the weight on the matching key (keys[0] = q) against
-  num_others independent keys; a fresh sketch every trial."""
+def trial_weights(kind: str, head_dim: int, num_others: int, sketch_dim: int = 0,
+                  trials: int = 100, seed: int = 0):
+  """Yields (keys [num_others + 1, H], the kernel's weights of q = keys[0] on
+  them) for each trial: keys Gaussian scaled to norm sqrt(H), a fresh sketch
+  every trial."""
   rng = np.random.default_rng(seed)
-  out = np.empty(trials)
   for t in range(trials):
     keys = rng.standard_normal((num_others + 1, head_dim))
     keys *= np.sqrt(head_dim) / np.linalg.norm(keys, axis=1, keepdims=True)
     features = (make_features(kind, head_dim, sketch_dim, jax.random.PRNGKey(seed * 100003 + t))
                 if kind in SKETCHED else None)
-    w = weights(kind, keys[0], keys, features)
-    out[t] = w[0] / w.sum()
-  return out
+    yield keys, weights(kind, keys[0], keys, features)
+
+
+def match_shares(kind: str, head_dim: int, num_others: int, sketch_dim: int = 0,
+                 trials: int = 100, seed: int = 0) -> np.ndarray:
+  """[trials] shares of the weight on the matching key (keys[0] = q) against
+  num_others independent keys; a fresh sketch every trial."""
+  return np.array([w[0] / w.sum() for _, w in
+                   trial_weights(kind, head_dim, num_others, sketch_dim, trials, seed)])
 
 
 def weight_scales(kind: str, head_dim: int, sketch_dim: int, num_keys: int = 1024,
@@ -93,13 +99,8 @@ def weight_scales(kind: str, head_dim: int, sketch_dim: int, num_keys: int = 102
   independent key over the exact kernel's mean (both measured on the same
   keys), and the weight on a key equal to q over (q . q)^4 = H^4; means over
   `trials` fresh sketches, each on num_keys keys."""
-  rng = np.random.default_rng(seed)
   others, match = [], []
-  for t in range(trials):
-    keys = rng.standard_normal((num_keys + 1, head_dim))
-    keys *= np.sqrt(head_dim) / np.linalg.norm(keys, axis=1, keepdims=True)
-    features = make_features(kind, head_dim, sketch_dim, jax.random.PRNGKey(seed * 100003 + t))
-    w = weights(kind, keys[0], keys, features)
+  for keys, w in trial_weights(kind, head_dim, num_keys, sketch_dim, trials, seed):
     exact = weights("polynomial", keys[0], keys)
     others.append(w[1:].mean() / exact[1:].mean())
     match.append(w[0] / exact[0])
