@@ -74,6 +74,15 @@ def recall_data(args, seq, pairs):
                     seed=1234 + seq + pairs, distinct_queries=args.distinct_queries)  # random_offset
 
 
+def polynomial_warmup(args, variant):
+  """--polynomial-warmup for the PolySketch variants, 0 for the others."""
+  return args.polynomial_warmup if VARIANTS[variant][0] == "polysketch" else 0
+
+
+def variant_label(variant, warmup):
+  return f"{variant}, polynomial warm-up {warmup}" if warmup else variant
+
+
 def run_one(args, variant, seq, pairs, lr):
   attention, sketch, local_exact = VARIANTS[variant]
   data = recall_data(args, seq, pairs)
@@ -81,13 +90,14 @@ def run_one(args, variant, seq, pairs, lr):
                  embed_dim=args.dim, attention=attention, sketch=sketch,
                  sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
                  local_exact=local_exact)
+  warmup = polynomial_warmup(args, variant)
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
                     learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
-                    weight_decay=args.weight_decay,
+                    weight_decay=args.weight_decay, polynomial_warmup_steps=warmup,
                     eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches,
                     log_every=50)
   t0 = time.time()
-  label = f"{variant} T={seq} pairs={pairs} lr={lr:g}"
+  label = f"{variant_label(variant, warmup)} T={seq} pairs={pairs} lr={lr:g}"
   model, res = train(mc, data, cfg, progress=False,
                  log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
@@ -97,10 +107,11 @@ def run_one(args, variant, seq, pairs, lr):
     from pallas_polysketch.train import save_checkpoint
     save_checkpoint(os.path.join(os.path.abspath(args.save_models),
                                  f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}"
-                                 f"-r{args.sketch_dim}-steps{args.steps}"),
+                                 f"-r{args.sketch_dim}-steps{args.steps}"
+                                 + (f"-pw{warmup}" if warmup else "")),
                     model, train_config=cfg, extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
-              steps=args.steps, **probe, val_acc=res["val_acc"],
+              steps=args.steps, polynomial_warmup=warmup, **probe, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
@@ -242,7 +253,7 @@ def probe_line(x):
           f"{x.get('far', float('nan')):.3f}{exact} (uniform share {x['chance']:.3f})")
 
 
-MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?"   # --save-models
+MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?(?:-pw(\d+))?"   # --save-models
 
 
 def reprobe(models_dir, out_stem):
@@ -254,12 +265,12 @@ def reprobe(models_dir, out_stem):
   for name in sorted(os.listdir(models_dir)):
     ckpt = load_checkpoint(os.path.join(models_dir, name))
     args = argparse.Namespace(**ckpt.extra["args"])
-    variant, seq, pairs, lr = re.fullmatch(MODEL_NAME, name).groups()
+    variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).groups()
     data = recall_data(args, int(seq), int(pairs))
     block = min(args.block_size, int(seq))
     records.append(dict(model=name, variant=variant, seq=int(seq), pairs=int(pairs),
                         lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
-                        probe=probe_attention(ckpt.model, data, int(seq), block)))
+                        polynomial_warmup=int(warmup or 0), probe=probe_attention(ckpt.model, data, int(seq), block)))
     for layer, x in enumerate(records[-1]["probe"]):
       print(f"{name} layer {layer}: {probe_line(x)}", flush=True)
   with open(out_stem + ".json", "w") as f:
@@ -269,28 +280,33 @@ def reprobe(models_dir, out_stem):
            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * 7]
   for r in records:
     for layer, x in enumerate(r["probe"]):
-      lines.append(f"| {r['variant']} | {r['seq']} | {r['pairs']} | {r['lr']:g} | "
-                   f"{r['sketch_dim']} | {r['steps']} | {layer} | " + probe_cells(x) + " |")
+      lines.append(f"| {variant_label(r['variant'], r['polynomial_warmup'])} | {r['seq']} | "
+                   f"{r['pairs']} | {r['lr']:g} | {r['sketch_dim']} | {r['steps']} | {layer} | "
+                   + probe_cells(x) + " |")
   with open(out_stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   return records
 
 
 def row_labels(runs):
-  """A table row per variant, or per (variant, sketch_dim, steps) where merged
-  runs of one variant differ in those: [label per run], labels in order."""
+  """A table row per variant (with its polynomial warm-up, if any), or per
+  (that, sketch_dim, steps) where merged runs of one differ in those: [label
+  per run], labels in order."""
   configs = {}
+  def base(r):
+    return variant_label(r["variant"], r.get("polynomial_warmup", 0))
   for r in runs:
-    configs.setdefault(r["variant"], set()).add((r["sketch_dim"], r["steps"]))
+    configs.setdefault(base(r), set()).add((r["sketch_dim"], r["steps"]))
   def label(r):
-    if len(configs[r["variant"]]) == 1:
-      return r["variant"]
+    if len(configs[base(r)]) == 1:
+      return base(r)
     sketch = "" if VARIANTS[r["variant"]][0] != "polysketch" else f"r = {r['sketch_dim']}, "
-    return f"{r['variant']} ({sketch}{r['steps']} steps)"
+    return f"{base(r)} ({sketch}{r['steps']} steps)"
   labels = [label(r) for r in runs]
   first = {}
   for r, x in zip(runs, labels):
-    first.setdefault(x, (list(VARIANTS).index(r["variant"]), r["sketch_dim"], r["steps"]))
+    first.setdefault(x, (list(VARIANTS).index(r["variant"]), r.get("polynomial_warmup", 0),
+                         r["sketch_dim"], r["steps"]))
   return labels, sorted(first, key=first.get)
 
 
@@ -401,6 +417,10 @@ def main(argv=None):
   p.add_argument("--eval-every", type=int, default=0,
                  help="also evaluate every this many steps (each run's `curve` in the JSON, "
                       "printed as it goes); 0: at the end only")
+  p.add_argument("--polynomial-warmup", type=int, default=0, metavar="STEPS",
+                 help="PolySketch variants train their first STEPS steps with the exact "
+                      "polynomial attention (same parameters), then with the sketch "
+                      "(`TrainConfig.polynomial_warmup_steps`); a row of its own")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--probe", action="store_true",
                  help="after training, record per layer the share of each held-out query's "
@@ -424,7 +444,9 @@ def main(argv=None):
            f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}, block {args.block_size}, "
            f"{args.steps} steps of {args.batch_size} sequences, "
            + (f"min(pairs, {args.queries}) distinct" if args.distinct_queries else f"{args.queries}")
-           + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}")
+           + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}"
+           + (f", PolySketch after {args.polynomial_warmup} steps of exact polynomial attention"
+              if args.polynomial_warmup else ""))
   meta = dict(command=command, setup=setup, lrs=args.lrs, args=vars(args),
               load_before=os.getloadavg())
   os.makedirs(args.out_dir, exist_ok=True)
@@ -442,7 +464,9 @@ def main(argv=None):
         r = dict(r)   # runs written before they recorded these take their file's
         r.setdefault("sketch_dim", doc["args"]["sketch_dim"])
         r.setdefault("steps", doc["args"]["steps"])
-        merged[(r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"])] = r
+        r.setdefault("polynomial_warmup", 0)
+        merged[(r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
+                r["polynomial_warmup"])] = r
     lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
     setups = []   # each file's, with every file's learning rates; the distinct ones
     for doc in docs:
@@ -453,17 +477,21 @@ def main(argv=None):
                 lrs=lrs)
     runs = sorted(merged.values(), key=lambda r: (r["seq"], r["pairs"],
                                                   list(VARIANTS).index(r["variant"]),
-                                                  r["sketch_dim"], r["steps"], r["lr"]))
+                                                  r["polynomial_warmup"], r["sketch_dim"],
+                                                  r["steps"], r["lr"]))
     write_outputs(stem, meta, runs)
     return runs
   runs = []
   if args.resume and os.path.exists(stem + ".json"):
     with open(stem + ".json") as f:
       runs = json.load(f)["runs"]
-  done = {(r["variant"], r["seq"], r["pairs"], r["lr"]) for r in runs}
+  done = {(r["variant"], r["seq"], r["pairs"], r["lr"], r.get("polynomial_warmup", 0))
+          for r in runs}
+  if not 0 <= args.polynomial_warmup < args.steps:
+    p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {args.polynomial_warmup}")
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
-    if (variant, seq, pairs, lr) in done:
+    if (variant, seq, pairs, lr, polynomial_warmup(args, variant)) in done:
       continue
     queries = min(args.queries, pairs) if args.distinct_queries else args.queries
     if 2 * (pairs + queries) + 1 > seq:
@@ -472,7 +500,7 @@ def main(argv=None):
     runs.append(r)
     meta["load_after"] = os.getloadavg()
     write_outputs(stem, meta, runs)
-    print(f"{variant:14s} T={seq:5d} pairs={pairs:3d} lr={lr:g}: acc {r['val_acc']:.3f} "
+    print(f"{variant_label(variant, r['polynomial_warmup']):14s} T={seq:5d} pairs={pairs:3d} lr={lr:g}: acc {r['val_acc']:.3f} "
           f"loss {r['val_loss']:.3f} ({r['wall_s']:.0f} s)", flush=True)
     for layer, rec in enumerate(r.get("probe", [])):
       print(f"  layer {layer}: {probe_line(rec)}", flush=True)

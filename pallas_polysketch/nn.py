@@ -294,7 +294,8 @@ class PolySketchAttention(nnx.Module):
     return segment_ids
 
   def __call__(self, x: jax.Array, *, key_mask: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               segment_ids: jax.Array | None = None, decode: bool = False,
+               exact_polynomial: bool = False) -> jax.Array:
     """[batch, seq, in_features] -> [batch, seq, in_features].
 
     key_mask: None or bool [batch, seq], False for padding keys (never seen).
@@ -304,8 +305,17 @@ class PolySketchAttention(nnx.Module):
       the output of running it alone (all three attentions).
     decode: continue the cache from `init_cache` by x's tokens (causal
       "polysketch" only); positions continue from the tokens already cached.
+    exact_polynomial: ("polysketch" only) compute the exact polynomial
+      attention the sketch approximates, (q.k)^degree over every key with the
+      same parameters and the sketch unused: O(seq^2). For a warm-up phase of
+      training (`TrainConfig.polynomial_warmup_steps`) and for measuring the
+      sketch's error on a trained layer.
     """
     segment_ids = self._check_x(x, key_mask, segment_ids, decode)
+    if exact_polynomial and (self.attention != "polysketch" or decode):
+      raise ValueError(
+          "exact_polynomial=True needs attention='polysketch' and decode=False, got "
+          f"attention={self.attention!r}, decode={decode}")
     if decode:
       return self._decode(x)
     b, t, _ = x.shape
@@ -329,7 +339,7 @@ class PolySketchAttention(nnx.Module):
       keep = None if key_mask is None else key_mask[:, :, None, None].astype(bool)
       if keep is not None:
         k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
-      if self.attention == "polynomial":
+      if self.attention == "polynomial" or exact_polynomial:
         o = polynomial_attention(q, k, v, degree=self.degree, causal=self.causal,
                                  normalization_bias=self.normalization_bias,
                                  segment_ids=segment_ids)

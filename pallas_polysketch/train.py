@@ -17,6 +17,9 @@ document, and the loss skips the first token of each document (it would be
 predicted from the previous one).
 
 Optimiser: optax AdamW with linear warmup + cosine decay, gradient clipping.
+With --polynomial-warmup N a polysketch model trains its first N steps with
+the exact polynomial attention its sketch approximates (same parameters), then
+with the sketch (`TrainConfig.polynomial_warmup_steps`).
 
 Evaluation: every --eval-every steps (and at the last) the script prints the
 train loss (mean since the previous evaluation), the held-out loss and
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -230,6 +234,16 @@ class RecallData:
 
 @dataclasses.dataclass
 class TrainConfig:
+  """Training hyperparameters (`train`).
+
+  polynomial_warmup_steps: for a "polysketch" model, its first this many steps
+    (and the evaluations among them) compute the exact polynomial attention
+    the sketch approximates, with the same parameters (`GPT.__call__`'s
+    exact_polynomial: O(context^2), the sketch idle), and the sketch takes
+    over after them; one optimizer and learning-rate schedule throughout.
+    Models that do not learn to retrieve through the sketch from scratch do
+    after such a warm-up (bench/LM_QUALITY.md, MQAR). 0: none.
+  """
   steps: int = 300
   batch_size: int = 16
   context: int = 256
@@ -242,10 +256,11 @@ class TrainConfig:
   eval_every: int = 100
   eval_batches: int = 4
   log_every: int = 10
+  polynomial_warmup_steps: int = 0
 
 
-def loss_fn(model, inputs, targets, mask, segment_ids=None):
-  logits = model(inputs, segment_ids=segment_ids)
+def loss_fn(model, inputs, targets, mask, segment_ids=None, exact_polynomial=False):
+  logits = model(inputs, segment_ids=segment_ids, exact_polynomial=exact_polynomial)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   loss = jnp.sum(losses * mask) / denom
@@ -264,29 +279,33 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def make_steps(model, optimizer):
-  """Jitted functional train/eval steps over (graphdef, state)."""
+  """Jitted functional train/eval steps over (graphdef, state).
+
+  Both take `exact_polynomial` (static, default False): the model's attention
+  computed exactly (`GPT.__call__`), for `TrainConfig.polynomial_warmup_steps`.
+  """
   graphdef, state = nnx.split((model, optimizer))
 
-  @jax.jit
-  def train_step(state, inputs, targets, mask, segment_ids=None):
+  @functools.partial(jax.jit, static_argnames="exact_polynomial")
+  def train_step(state, inputs, targets, mask, segment_ids=None, *, exact_polynomial=False):
     model, optimizer = nnx.merge(graphdef, state)
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-        model, inputs, targets, mask, segment_ids)
+        model, inputs, targets, mask, segment_ids, exact_polynomial)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss, acc
 
-  @jax.jit
-  def eval_step(state, inputs, targets, mask, segment_ids=None):
+  @functools.partial(jax.jit, static_argnames="exact_polynomial")
+  def eval_step(state, inputs, targets, mask, segment_ids=None, *, exact_polynomial=False):
     model, _ = nnx.merge(graphdef, state)
-    return loss_fn(model, inputs, targets, mask, segment_ids)
+    return loss_fn(model, inputs, targets, mask, segment_ids, exact_polynomial)
 
   return graphdef, state, train_step, eval_step
 
 
-def evaluate(eval_step, state, batches):
+def evaluate(eval_step, state, batches, exact_polynomial=False):
   losses, accs = [], []
   for batch in batches:
-    loss, acc = eval_step(state, *batch)
+    loss, acc = eval_step(state, *batch, exact_polynomial=exact_polynomial)
     losses.append(float(loss))
     accs.append(float(acc))
   return float(np.mean(losses)), float(np.mean(accs))
@@ -314,6 +333,14 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
   records: step, train_loss, val_loss, val_acc, tokens_per_s, elapsed_s).
   """
   log = log or (lambda s: None)
+  warmup = cfg.polynomial_warmup_steps
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup < cfg.steps:
+    raise ValueError(f"polynomial_warmup_steps must be an int in [0, steps = {cfg.steps}), "
+                     f"got {warmup!r}")
+  if warmup and model_config.attention != "polysketch":
+    raise ValueError("polynomial_warmup_steps needs attention='polysketch' (the exact "
+                     f"polynomial attention is what its sketch approximates), got "
+                     f"attention={model_config.attention!r}")
   tokenizer = getattr(data, "tokenizer", None)
   if resume_from is None:
     rng = np.random.default_rng(cfg.seed)
@@ -365,9 +392,10 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     for step in range(start + 1, cfg.steps + 1):
       batch = data.train_batch(rng, cfg.batch_size, cfg.context)
       t0 = time.perf_counter()
-      state, loss, acc = train_step(state, *batch)
+      exact = step <= warmup
+      state, loss, acc = train_step(state, *batch, exact_polynomial=exact)
       loss = float(loss)
-      if step > start + 1:  # the session's first step compiles
+      if step not in (start + 1, warmup + 1):  # the session's first steps in each mode compile
         dt = time.perf_counter() - t0
         loop["train_time"] += dt
         loop["timed_steps"] += 1
@@ -386,7 +414,7 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         bar.update(1)
       if step % cfg.eval_every == 0 or step == cfg.steps:
-        vloss, vacc = evaluate(eval_step, state, val)
+        vloss, vacc = evaluate(eval_step, state, val, exact)
         record = {
             "step": step,
             "train_loss": float(np.mean(loop["eval_window"])),
@@ -404,7 +432,8 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
         interval_time, interval_steps = 0.0, 0
         tok = "n/a" if record["tokens_per_s"] is None else f"{record['tokens_per_s']:,.0f}"
         emit(f"step {step}: train {record['train_loss']:.4f}  val {vloss:.4f}  "
-             f"val_acc {vacc:.3f}  tok/s {tok}  {record['elapsed_s']:.1f}s")
+             f"val_acc {vacc:.3f}  tok/s {tok}  {record['elapsed_s']:.1f}s"
+             + ("  (exact polynomial warm-up)" if exact else ""))
         if manager is not None:
           model, optimizer = nnx.merge(graphdef, state)
           _save(manager, step, model, optimizer, _meta(
@@ -734,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--warmup", type=int, default=30)
   p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--polynomial-warmup", type=int, default=0, metavar="STEPS",
+                 help="with --attention polysketch: the first STEPS steps compute the exact "
+                      "polynomial attention (same parameters, O(context^2)), then the sketch")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-batches", type=int, default=4)
@@ -757,6 +789,11 @@ def main(argv=None) -> dict:
     parser.error("--resume needs --checkpoint DIR")
   if args.pack_separator is not None and not args.data:
     parser.error("--pack-separator needs --data")
+  if args.polynomial_warmup and args.attention != "polysketch":
+    parser.error(f"--polynomial-warmup needs --attention polysketch, got {args.attention}")
+  if not 0 <= args.polynomial_warmup < args.steps:
+    parser.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), "
+                 f"got {args.polynomial_warmup}")
   if args.data:
     data = TextData.from_file(args.data, separator=args.pack_separator)
     tokenizer = data.tokenizer
@@ -779,7 +816,8 @@ def main(argv=None) -> dict:
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
                     learning_rate=args.lr, warmup_steps=args.warmup,
                     weight_decay=args.weight_decay, seed=args.seed,
-                    eval_every=args.eval_every, eval_batches=args.eval_batches)
+                    eval_every=args.eval_every, eval_batches=args.eval_batches,
+                    polynomial_warmup_steps=args.polynomial_warmup)
   resume_from = None
   saved = checkpoint_steps(args.checkpoint) if args.checkpoint else []
   if saved and not args.resume:

@@ -176,3 +176,28 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
   assert [x["probe"] for x in records] == [runs[1]["probe"], runs[0]["probe"]]
   md = (tmp_path / "recall-again-probe.md").read_text()
   assert "| learned+local | 32 | 2 | 0.001 | 4 | 2 | 1 |" in md
+
+
+def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_path):
+  bench = load_bench("recall")
+  common = ["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "2", "--batch-size", "4",
+            "--dim", "16", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--out-dir", str(tmp_path)]
+  warm = bench.main(common + ["--variants", "softmax,learned+local", "--polynomial-warmup", "1",
+                              "--save-models", str(tmp_path / "models"), "--tag", "warm"])
+  # the warm-up applies to the PolySketch variants only
+  assert [(r["variant"], r["polynomial_warmup"]) for r in warm] == [
+      ("softmax", 0), ("learned+local", 1)]
+  assert sorted((tmp_path / "models").iterdir())[0].name.endswith("-r4-steps2-pw1")
+  plain = bench.main(common + ["--variants", "learned+local", "--tag", "plain"])
+  bench.main(["--merge", str(tmp_path / "recall-warm.json"), str(tmp_path / "recall-plain.json"),
+              "--out-dir", str(tmp_path), "--tag", "both"])
+  md = (tmp_path / "recall-both.md").read_text()
+  assert "| learned+local, polynomial warm-up 1 |" in md and "| learned+local |" in md
+  assert plain[0]["polynomial_warmup"] == 0
+  records = bench.main(["--reprobe", str(tmp_path / "models"), "--out-dir", str(tmp_path),
+                        "--tag", "again"])
+  assert [(x["variant"], x["polynomial_warmup"]) for x in records] == [
+      ("learned+local", 1), ("softmax", 0)]
+  with pytest.raises(SystemExit):
+    bench.main(common + ["--variants", "learned+local", "--polynomial-warmup", "2"])

@@ -341,3 +341,41 @@ def test_sketch_none_is_exact_local_blocks_alone():
   assert float(jnp.max(jnp.abs(sketched(x)[:, 8:16] - sketched(x[:, 8:16])))) > 1e-3
   with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True"):
     _layer(sketch="none", local_exact=False)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(sketch="learned"),
+    dict(sketch="random", num_kv_heads=2, local_exact=False),
+], ids=str)
+def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts):
+  """exact_polynomial=True computes what attention="polynomial" does with the
+  layer's own q, k, v, out and q/k LayerNorm (the training warm-up)."""
+  sketched = _layer(attention="polysketch", **opts)
+  exact = _layer(attention="polynomial", num_kv_heads=opts.get("num_kv_heads"))
+  sketched.qk_norm.scale.set_value(1.0 + 0.3 * jax.random.normal(jax.random.key(5), (D // N,)))
+  for i, name in enumerate(("query", "key", "value", "out")):   # the same weights in both
+    w = jax.random.normal(jax.random.key(10 + i), getattr(sketched, name).kernel.shape)
+    getattr(sketched, name).kernel.set_value(w / math.sqrt(w.shape[0]))
+    getattr(exact, name).kernel.set_value(w / math.sqrt(w.shape[0]))
+  exact.qk_norm.scale.set_value(sketched.qk_norm.scale[...])
+  x = _x()
+  got = sketched(x, exact_polynomial=True)
+  np.testing.assert_array_equal(got, exact(x))
+  # the sketched output is another function: the flag has teeth
+  assert not np.allclose(got, sketched(x), rtol=1e-3, atol=1e-4)
+  # and the gradient reaches q, k, v but not the sketch
+  grads = nnx.grad(lambda m: jnp.sum(m(x, exact_polynomial=True) ** 2))(sketched)
+  assert np.any(grads.query.kernel[...] != 0)
+  if opts["sketch"] == "learned":
+    assert all(np.all(g == 0) for g in jax.tree.leaves(grads.sketch))
+
+
+def test_exact_polynomial_needs_polysketch_and_no_decode():
+  x = _x()
+  for attention in ("polynomial", "softmax"):
+    with pytest.raises(ValueError, match="exact_polynomial=True needs attention='polysketch'"):
+      _layer(attention=attention)(x, exact_polynomial=True)
+  layer = _layer(attention="polysketch")
+  layer.init_cache(x.shape)
+  with pytest.raises(ValueError, match="decode=True"):
+    layer(x, decode=True, exact_polynomial=True)

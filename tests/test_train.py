@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import shutil
 import sys
 
@@ -394,3 +395,61 @@ def test_pack_separator_tiny_run(tmp_path, capsys):
     train_mod.main(["--pack-separator", "|", "--steps", "1"])   # needs --data
   with pytest.raises(SystemExit):
     train_mod.build_parser().parse_args(["--pack-separator", ""])
+
+
+def test_polynomial_warmup_trains_exactly_then_with_the_sketch_and_resumes(tmp_path):
+  """TrainConfig.polynomial_warmup_steps: the first steps' losses are the exact
+  polynomial model's and leave the sketch untouched; after them the sketch
+  trains; a resume inside the warm-up reproduces the run."""
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=2, num_queries=4)
+  mc = _tiny_config(vocab_size=data.vocab_size)
+  cfg = train_mod.TrainConfig(steps=6, batch_size=2, context=32, warmup_steps=2, weight_decay=0.0,
+                              eval_every=3, eval_batches=1, log_every=1, polynomial_warmup_steps=4)
+  logs = []
+  model, res = train_mod.train(mc, data, cfg, progress=False, log=logs.append,
+                               checkpoint_dir=str(tmp_path / "run"))
+  first = data.train_batch(np.random.default_rng(cfg.seed), cfg.batch_size, cfg.context)
+  init = GPT(mc, rngs=nnx.Rngs(cfg.seed))
+  exact_loss = float(train_mod.loss_fn(init, *first, exact_polynomial=True)[0])
+  sketch_loss = float(train_mod.loss_fn(init, *first)[0])
+  assert abs(exact_loss - sketch_loss) > 1e-3
+  assert res["history"]["train_loss"][0] == pytest.approx(exact_loss, rel=1e-5)
+  assert sum("(exact polynomial warm-up)" in m for m in logs) == 1    # the step-3 evaluation
+
+  def sketch_leaves(m):
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.to_pure_dict(nnx.state(m.blocks[0].attn.sketch)))]
+  def query(m):
+    return np.asarray(m.blocks[0].attn.query.kernel[...])
+  at3 = train_mod.load_checkpoint(str(tmp_path / "run"), step=3)
+  assert all(np.array_equal(a, b) for a, b in zip(sketch_leaves(init), sketch_leaves(at3.model)))
+  assert not np.array_equal(query(init), query(at3.model))
+  assert not any(np.array_equal(a, b) for a, b in zip(sketch_leaves(init), sketch_leaves(model)))
+
+  _, resumed = train_mod.train(mc, data, cfg, progress=False, resume_from=at3)
+  assert resumed["history"]["train_loss"] == res["history"]["train_loss"]
+  assert resumed["val_loss"] == res["val_loss"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(polynomial_warmup_steps=4), r"in \[0, steps = 4\), got 4"),
+    (dict(polynomial_warmup_steps=-1), r"got -1"),
+    (dict(polynomial_warmup_steps=2.0), r"got 2.0"),
+])
+def test_polynomial_warmup_rejects_bad_steps(kw, match):
+  data = train_mod.RecallData(num_pairs=2, num_queries=4)
+  cfg = train_mod.TrainConfig(steps=4, batch_size=2, context=32, **kw)
+  with pytest.raises(ValueError, match=match):
+    train_mod.train(_tiny_config(vocab_size=data.vocab_size), data, cfg, progress=False)
+
+
+def test_polynomial_warmup_needs_a_polysketch_model(capsys):
+  data = train_mod.RecallData(num_pairs=2, num_queries=4)
+  cfg = train_mod.TrainConfig(steps=4, batch_size=2, context=32, polynomial_warmup_steps=1)
+  with pytest.raises(ValueError, match="needs attention='polysketch'.*'softmax'"):
+    train_mod.train(_tiny_config(vocab_size=data.vocab_size, attention="softmax"), data, cfg,
+                    progress=False)
+  for argv, match in ((["--attention", "softmax", "--polynomial-warmup", "2"], "needs --attention polysketch"),
+                      (["--steps", "5", "--polynomial-warmup", "5"], r"in \[0, --steps = 5\)")):
+    with pytest.raises(SystemExit):
+      train_mod.main(argv)
+    assert re.search(match, capsys.readouterr().err)

@@ -71,10 +71,11 @@ class Block(nnx.Module):
     self.ln2 = nnx.LayerNorm(c.embed_dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(c.embed_dim, c.mlp_ratio * c.embed_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, *, key_mask=None, segment_ids=None, decode=False):
-    """x [batch, seq, embed_dim]; key_mask, segment_ids: see `GPT.__call__`."""
+  def __call__(self, x, *, key_mask=None, segment_ids=None, decode=False,
+               exact_polynomial=False):
+    """x [batch, seq, embed_dim]; the keyword arguments: see `GPT.__call__`."""
     x = x + self.attn(self.ln1(x), key_mask=key_mask, segment_ids=segment_ids,
-                      decode=decode)
+                      decode=decode, exact_polynomial=exact_polynomial)
     return x + self.mlp(self.ln2(x))
 
 
@@ -96,7 +97,8 @@ class GPT(nnx.Module):
     self.ln_f = nnx.LayerNorm(config.embed_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, *, key_mask: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               segment_ids: jax.Array | None = None, decode: bool = False,
+               exact_polynomial: bool = False) -> jax.Array:
     """tokens [batch, seq] int -> logits [batch, seq, vocab] float32.
 
     key_mask: None or bool [batch, seq], False for padding tokens.
@@ -104,10 +106,14 @@ class GPT(nnx.Module):
       maximal run of equal ids; each document's logits are those it would get
       alone (attention stays inside it, rotary positions restart at its start).
     decode: continue every layer's cache (`init_cache`) by these tokens.
+    exact_polynomial: (attention "polysketch") every layer computes the exact
+      polynomial attention its sketch approximates, with the same parameters
+      (`PolySketchAttention`; the warm-up of `TrainConfig.polynomial_warmup_steps`).
     """
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x, key_mask=key_mask, segment_ids=segment_ids, decode=decode)
+      x = block(x, key_mask=key_mask, segment_ids=segment_ids, decode=decode,
+                exact_polynomial=exact_polynomial)
     x = self.ln_f(x)
     return self.embed.attend(x).astype(jnp.float32)  # tied output embedding
 
