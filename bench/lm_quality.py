@@ -249,6 +249,8 @@ def train_stacked(mc, data, cfgs):
   kernel instead of time-slicing S processes. Returns train()'s results dict per
   seed; steps_per_s is the stacked step's rate and tokens_per_s each seed's
   tokens at that rate."""
+  if any(c.polynomial_warmup_steps for c in cfgs):
+    raise ValueError("train_stacked has no polynomial warm-up; use train()")
   cfg = cfgs[0]
   if any(dataclasses.replace(c, seed=cfg.seed) != cfg for c in cfgs):
     raise ValueError("train_stacked: the configs may differ in seed only")

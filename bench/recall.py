@@ -101,7 +101,8 @@ def run_one(args, variant, seq, pairs, lr):
   model, res = train(mc, data, cfg, progress=False,
                  log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
-                elapsed_s=e["elapsed_s"]) for e in res["evals"]]
+                elapsed_s=e["elapsed_s"], exact_polynomial=e["exact_polynomial"])
+           for e in res["evals"]]
   probe = {"probe": probe_attention(model, data, seq, mc.block_size)} if args.probe else {}
   if args.save_models:
     from pallas_polysketch.train import save_checkpoint
@@ -427,7 +428,7 @@ def main(argv=None):
                       "attention on its pair (`probe_attention`) in the run's `probe`")
   p.add_argument("--save-models", metavar="DIR",
                  help="write each trained model as an orbax checkpoint under DIR "
-                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>; "
+                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>[-pw<N>]; "
                       "`load_checkpoint`)")
   p.add_argument("--reprobe", metavar="DIR",
                  help="probe the models --save-models wrote under DIR again (this file's "
@@ -444,9 +445,7 @@ def main(argv=None):
            f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}, block {args.block_size}, "
            f"{args.steps} steps of {args.batch_size} sequences, "
            + (f"min(pairs, {args.queries}) distinct" if args.distinct_queries else f"{args.queries}")
-           + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}"
-           + (f", PolySketch after {args.polynomial_warmup} steps of exact polynomial attention"
-              if args.polynomial_warmup else ""))
+           + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}")
   meta = dict(command=command, setup=setup, lrs=args.lrs, args=vars(args),
               load_before=os.getloadavg())
   os.makedirs(args.out_dir, exist_ok=True)

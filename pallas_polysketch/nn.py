@@ -312,6 +312,7 @@ class PolySketchAttention(nnx.Module):
       sketch's error on a trained layer.
     """
     segment_ids = self._check_x(x, key_mask, segment_ids, decode)
+    exact_polynomial = _validation.check_bool("exact_polynomial", exact_polynomial)
     if exact_polynomial and (self.attention != "polysketch" or decode):
       raise ValueError(
           "exact_polynomial=True needs attention='polysketch' and decode=False, got "

@@ -38,7 +38,7 @@ step directory per evaluation (the last 2 kept), each holding
 so `--resume` continues a run exactly where it stopped: the same batches and
 the same losses as an uninterrupted run. Beside the step directories,
 `train_log.json` holds one record per evaluation (step, train_loss, val_loss,
-val_acc, tokens_per_s, elapsed_s) and `loss.png` the loss curves (when
+val_acc, tokens_per_s, elapsed_s, exact_polynomial) and `loss.png` the loss curves (when
 matplotlib is installed; otherwise the script says so and skips the plot).
 """
 from __future__ import annotations
@@ -239,10 +239,11 @@ class TrainConfig:
   polynomial_warmup_steps: for a "polysketch" model, its first this many steps
     (and the evaluations among them) compute the exact polynomial attention
     the sketch approximates, with the same parameters (`GPT.__call__`'s
-    exact_polynomial: O(context^2), the sketch idle), and the sketch takes
-    over after them; one optimizer and learning-rate schedule throughout.
-    Models that do not learn to retrieve through the sketch from scratch do
-    after such a warm-up (bench/LM_QUALITY.md, MQAR). 0: none.
+    exact_polynomial: O(context^2)), and the sketch takes over after them; one
+    optimizer and learning-rate schedule throughout. The learned sketch stays
+    as initialised during the warm-up (no weight decay either). Models that
+    did not learn to retrieve through the sketch from scratch did after such
+    a warm-up (bench/LM_QUALITY.md, MQAR). 0: none.
   """
   steps: int = 300
   batch_size: int = 16
@@ -278,11 +279,15 @@ def make_optimizer(model, cfg: TrainConfig):
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
+_SKETCH_PARAMS = nnx.All(nnx.Param, nnx.PathContains("sketch"))
+
+
 def make_steps(model, optimizer):
   """Jitted functional train/eval steps over (graphdef, state).
 
   Both take `exact_polynomial` (static, default False): the model's attention
-  computed exactly (`GPT.__call__`), for `TrainConfig.polynomial_warmup_steps`.
+  computed exactly (`GPT.__call__`), for `TrainConfig.polynomial_warmup_steps`;
+  a train step so leaves the learned sketch's parameters as they were.
   """
   graphdef, state = nnx.split((model, optimizer))
 
@@ -291,7 +296,12 @@ def make_steps(model, optimizer):
     model, optimizer = nnx.merge(graphdef, state)
     (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
         model, inputs, targets, mask, segment_ids, exact_polynomial)
+    idle = nnx.to_pure_dict(nnx.state(model, _SKETCH_PARAMS)) if exact_polynomial else None
     optimizer.update(model, grads)
+    if idle is not None:   # unused, so no gradient; AdamW's weight decay would still shrink it
+      sketch = nnx.state(model, _SKETCH_PARAMS)
+      nnx.replace_by_pure_dict(sketch, idle)
+      nnx.update(model, sketch)
     return nnx.state((model, optimizer)), loss, acc
 
   @functools.partial(jax.jit, static_argnames="exact_polynomial")
@@ -328,9 +338,12 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     eval_batches and log_every may differ).
 
   results: final val loss/accuracy, steps/s and tokens/s (over the train steps
-  after each session's first, compiling one), elapsed_s, `history` (train loss
-  per log window, val loss per evaluation) and `evals` (the train_log.json
-  records: step, train_loss, val_loss, val_acc, tokens_per_s, elapsed_s).
+  after each session's first, compiling one, and after the polynomial
+  warm-up), elapsed_s, `history` (train loss per log window, val loss per
+  evaluation) and `evals` (the train_log.json records: step, train_loss,
+  val_loss, val_acc, tokens_per_s (the steps since the previous evaluation,
+  in whichever mode), elapsed_s, and exact_polynomial: whether the step's
+  attention was the warm-up's).
   """
   log = log or (lambda s: None)
   warmup = cfg.polynomial_warmup_steps
@@ -397,8 +410,9 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
       loss = float(loss)
       if step not in (start + 1, warmup + 1):  # the session's first steps in each mode compile
         dt = time.perf_counter() - t0
-        loop["train_time"] += dt
-        loop["timed_steps"] += 1
+        if not exact:   # the model's own speed: the sketch's steps
+          loop["train_time"] += dt
+          loop["timed_steps"] += 1
         interval_time += dt
         interval_steps += 1
       if not math.isfinite(loss):
@@ -423,6 +437,7 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
             "tokens_per_s": (interval_steps * tokens_per_step / interval_time
                              if interval_steps else None),
             "elapsed_s": time.perf_counter() - t_start,
+            "exact_polynomial": exact,
         }
         evals.append(record)
         history["val_step"].append(step)

@@ -343,15 +343,27 @@ def test_sketch_none_is_exact_local_blocks_alone():
     _layer(sketch="none", local_exact=False)
 
 
-@pytest.mark.parametrize("opts", [
-    dict(sketch="learned"),
-    dict(sketch="random", num_kv_heads=2, local_exact=False),
+def _key_mask():
+  return jnp.arange(T)[None, :] < jnp.array([[T], [T - 5]])
+
+
+def _segment_ids():
+  return jnp.repeat(jnp.array([[0, 0, 1], [0, 1, 1]]), T // 3, axis=1)
+
+
+@pytest.mark.parametrize("opts, call", [
+    (dict(sketch="learned"), {}),
+    (dict(sketch="random", num_kv_heads=2, local_exact=False), {}),
+    (dict(sketch="learned", causal=False), dict(key_mask=_key_mask)),
+    (dict(sketch="none"), dict(segment_ids=_segment_ids)),
 ], ids=str)
-def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts):
+def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts, call):
   """exact_polynomial=True computes what attention="polynomial" does with the
   layer's own q, k, v, out and q/k LayerNorm (the training warm-up)."""
+  call = {name: make() for name, make in call.items()}
   sketched = _layer(attention="polysketch", **opts)
-  exact = _layer(attention="polynomial", num_kv_heads=opts.get("num_kv_heads"))
+  exact = _layer(attention="polynomial", num_kv_heads=opts.get("num_kv_heads"),
+                 causal=opts.get("causal", True))
   sketched.qk_norm.scale.set_value(1.0 + 0.3 * jax.random.normal(jax.random.key(5), (D // N,)))
   for i, name in enumerate(("query", "key", "value", "out")):   # the same weights in both
     w = jax.random.normal(jax.random.key(10 + i), getattr(sketched, name).kernel.shape)
@@ -359,12 +371,12 @@ def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts):
     getattr(exact, name).kernel.set_value(w / math.sqrt(w.shape[0]))
   exact.qk_norm.scale.set_value(sketched.qk_norm.scale[...])
   x = _x()
-  got = sketched(x, exact_polynomial=True)
-  np.testing.assert_array_equal(got, exact(x))
+  got = sketched(x, exact_polynomial=True, **call)
+  np.testing.assert_array_equal(got, exact(x, **call))
   # the sketched output is another function: the flag has teeth
-  assert not np.allclose(got, sketched(x), rtol=1e-3, atol=1e-4)
+  assert not np.allclose(got, sketched(x, **call), rtol=1e-3, atol=1e-4)
   # and the gradient reaches q, k, v but not the sketch
-  grads = nnx.grad(lambda m: jnp.sum(m(x, exact_polynomial=True) ** 2))(sketched)
+  grads = nnx.grad(lambda m: jnp.sum(m(x, exact_polynomial=True, **call) ** 2))(sketched)
   assert np.any(grads.query.kernel[...] != 0)
   if opts["sketch"] == "learned":
     assert all(np.all(g == 0) for g in jax.tree.leaves(grads.sketch))
@@ -376,6 +388,8 @@ def test_exact_polynomial_needs_polysketch_and_no_decode():
     with pytest.raises(ValueError, match="exact_polynomial=True needs attention='polysketch'"):
       _layer(attention=attention)(x, exact_polynomial=True)
   layer = _layer(attention="polysketch")
+  with pytest.raises(TypeError, match="exact_polynomial must be a bool, got 'False'"):
+    layer(x, exact_polynomial="False")
   layer.init_cache(x.shape)
   with pytest.raises(ValueError, match="decode=True"):
     layer(x, decode=True, exact_polynomial=True)

@@ -276,7 +276,9 @@ def test_cli_writes_log_and_plot_and_resumes(tmp_path, capsys):
   assert [e["step"] for e in evals] == [2, 4]
   chance = math.log(log["model"]["vocab_size"])
   for e in evals:
-    assert set(e) == {"step", "train_loss", "val_loss", "val_acc", "tokens_per_s", "elapsed_s"}
+    assert set(e) == {"step", "train_loss", "val_loss", "val_acc", "tokens_per_s", "elapsed_s",
+                      "exact_polynomial"}
+    assert e["exact_polynomial"] is False
     assert 0.5 * chance < e["train_loss"] < 2 * chance and 0.5 * chance < e["val_loss"] < 2 * chance
     assert 0.0 <= e["val_acc"] <= 1.0
     assert e["tokens_per_s"] > 0 and math.isfinite(e["tokens_per_s"])
@@ -399,12 +401,13 @@ def test_pack_separator_tiny_run(tmp_path, capsys):
 
 def test_polynomial_warmup_trains_exactly_then_with_the_sketch_and_resumes(tmp_path):
   """TrainConfig.polynomial_warmup_steps: the first steps' losses are the exact
-  polynomial model's and leave the sketch untouched; after them the sketch
-  trains; a resume inside the warm-up reproduces the run."""
+  polynomial model's and leave the sketch untouched (weight decay included),
+  the evaluations among them say so; after them the sketch trains; a resume
+  at the boundary reproduces the run."""
   data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=2, num_queries=4)
   mc = _tiny_config(vocab_size=data.vocab_size)
-  cfg = train_mod.TrainConfig(steps=6, batch_size=2, context=32, warmup_steps=2, weight_decay=0.0,
-                              eval_every=3, eval_batches=1, log_every=1, polynomial_warmup_steps=4)
+  cfg = train_mod.TrainConfig(steps=6, batch_size=2, context=32, warmup_steps=2, weight_decay=0.5,
+                              eval_every=3, eval_batches=1, log_every=1, polynomial_warmup_steps=3)
   logs = []
   model, res = train_mod.train(mc, data, cfg, progress=False, log=logs.append,
                                checkpoint_dir=str(tmp_path / "run"))
@@ -415,12 +418,14 @@ def test_polynomial_warmup_trains_exactly_then_with_the_sketch_and_resumes(tmp_p
   assert abs(exact_loss - sketch_loss) > 1e-3
   assert res["history"]["train_loss"][0] == pytest.approx(exact_loss, rel=1e-5)
   assert sum("(exact polynomial warm-up)" in m for m in logs) == 1    # the step-3 evaluation
+  assert [(e["step"], e["exact_polynomial"]) for e in res["evals"]] == [(3, True), (6, False)]
 
   def sketch_leaves(m):
     return [np.asarray(a) for a in jax.tree.leaves(nnx.to_pure_dict(nnx.state(m.blocks[0].attn.sketch)))]
   def query(m):
     return np.asarray(m.blocks[0].attn.query.kernel[...])
-  at3 = train_mod.load_checkpoint(str(tmp_path / "run"), step=3)
+  at3 = train_mod.load_checkpoint(str(tmp_path / "run"), step=3)   # the warm-up's last step
+  # weight decay 0.5 would have shrunk an idle sketch: it is left as it was
   assert all(np.array_equal(a, b) for a, b in zip(sketch_leaves(init), sketch_leaves(at3.model)))
   assert not np.array_equal(query(init), query(at3.model))
   assert not any(np.array_equal(a, b) for a, b in zip(sketch_leaves(init), sketch_leaves(model)))
