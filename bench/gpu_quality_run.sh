@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Issue 14 on one lent GPU in one device call (bench/LM_QUALITY.md): the char LM
 # (§2: softmax, learned + local, random + local, softmax-wide; 3 seeds each),
-# then MQAR (§1) in the time left, and the results packed into at most 8 files.
+# then MQAR (§1) in the time left (learned + local also after a 1000-step exact
+# polynomial warm-up), and the results packed into at most 8 files.
 #
 #   bash bench/gpu_quality_run.sh DATA OUT BUDGET_S
 #
 # DATA: tinyshakespeare.txt; OUT: where the results go; BUDGET_S: seconds for
 # the whole run (LM_SHARE percent of it for the LM). LM_SIZE and RECALL_SIZE
-# override the sizes (a CPU smoke test uses tiny ones).
+# override the sizes and RECALL_WARMUP the warm-up steps (a CPU smoke test uses
+# tiny ones).
 #
 # One process at a time, with XLA's GPU autotuning on: measured on an H200
 # (LM_QUALITY.md), a process alone steps 3-4x faster with autotuning than
@@ -35,7 +37,10 @@ echo "lm_quality exited $?" >> "$work/lm.log"
 left=$((budget - ($(date +%s) - t0)))
 [ "$left" -gt 30 ] && timeout "$left" python3 bench/recall.py $RECALL_SIZE \
   --variants softmax,learned+local,local,random+local --out-dir "$work" --tag gpu > "$work/recall.log" 2>&1
-cp "$work"/lm_quality_gpu.{json,md,png} "$work"/recall-gpu.{json,md,png} "$out"/ 2>/dev/null
+left=$((budget - ($(date +%s) - t0)))   # learned + local after an exact polynomial warm-up
+[ "$left" -gt 30 ] && timeout "$left" python3 bench/recall.py $RECALL_SIZE --polynomial-warmup ${RECALL_WARMUP:-1000} \
+  --variants learned+local --out-dir "$work" --tag gpu_pw > "$work/recall_pw.log" 2>&1
+cp "$work"/lm_quality_gpu.{json,md,png} "$work"/recall-gpu.{json,md} "$work"/recall-gpu_pw.json "$out"/ 2>/dev/null
 tar czf "$out/logs.tar.gz" -C "$work" --exclude='*.png' .
 ls -l "$out"
-grep -v "^step" "$work/lm.log" | tail -n 30; cat "$work"/recall-gpu.md 2>/dev/null; cat "$work/gpu.txt"
+grep -v "^step" "$work/lm.log" | tail -n 30; cat "$work"/recall-gpu.md "$work"/recall-gpu_pw.md 2>/dev/null; cat "$work/gpu.txt"
