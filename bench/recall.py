@@ -83,6 +83,15 @@ def variant_label(variant, warmup):
   return f"{variant}, polynomial warm-up {warmup}" if warmup else variant
 
 
+def model_dir(args, variant, seq, pairs, lr):
+  """Where --save-models puts a run's model (MODEL_NAME)."""
+  warmup = polynomial_warmup(args, variant)
+  return os.path.join(os.path.abspath(args.save_models),
+                      f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}-r{args.sketch_dim}-steps{args.steps}"
+                      + (f"-pw{warmup}" if warmup else "")
+                      + (f"-seed{args.seed}" if args.seed else ""))
+
+
 def run_one(args, variant, seq, pairs, lr):
   attention, sketch, local_exact = VARIANTS[variant]
   data = recall_data(args, seq, pairs)
@@ -106,11 +115,8 @@ def run_one(args, variant, seq, pairs, lr):
   probe = {"probe": probe_attention(model, data, seq, mc.block_size)} if args.probe else {}
   if args.save_models:
     from pallas_polysketch.train import save_checkpoint
-    save_checkpoint(os.path.join(os.path.abspath(args.save_models),
-                                 f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}"
-                                 f"-r{args.sketch_dim}-steps{args.steps}"
-                                 + (f"-pw{warmup}" if warmup else "")),
-                    model, train_config=cfg, extra=dict(args=vars(args)))
+    save_checkpoint(model_dir(args, variant, seq, pairs, lr), model, train_config=cfg,
+                    extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
               steps=args.steps, polynomial_warmup=warmup, **probe, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
@@ -254,7 +260,7 @@ def probe_line(x):
           f"{x.get('far', float('nan')):.3f}{exact} (uniform share {x['chance']:.3f})")
 
 
-MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?(?:-pw(\d+))?"   # --save-models
+MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?(?:-pw(\d+))?(?:-seed\d+)?"   # --save-models
 
 
 def reprobe(models_dir, out_stem):
@@ -428,7 +434,7 @@ def main(argv=None):
                       "attention on its pair (`probe_attention`) in the run's `probe`")
   p.add_argument("--save-models", metavar="DIR",
                  help="write each trained model as an orbax checkpoint under DIR "
-                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>[-pw<N>]; "
+                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>[-pw<N>][-seed<S>]; "
                       "`load_checkpoint`)")
   p.add_argument("--reprobe", metavar="DIR",
                  help="probe the models --save-models wrote under DIR again (this file's "
@@ -495,6 +501,9 @@ def main(argv=None):
     queries = min(args.queries, pairs) if args.distinct_queries else args.queries
     if 2 * (pairs + queries) + 1 > seq:
       continue
+    if args.save_models and os.path.exists(model_dir(args, variant, seq, pairs, lr)):
+      p.error(f"--save-models: {model_dir(args, variant, seq, pairs, lr)} exists (a model of "
+              "this run's name); pick another directory")
     r = run_one(args, variant, seq, pairs, lr)
     runs.append(r)
     meta["load_after"] = os.getloadavg()

@@ -201,3 +201,10 @@ def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_pat
       ("learned+local", 1), ("softmax", 0)]
   with pytest.raises(SystemExit):
     bench.main(common + ["--variants", "learned+local", "--polynomial-warmup", "2"])
+  # a second seed gets a model of its own; a name already there is refused before training
+  bench.main(common + ["--variants", "learned+local", "--polynomial-warmup", "1", "--seed", "1",
+                       "--save-models", str(tmp_path / "models"), "--tag", "seed1"])
+  assert any(d.name.endswith("-pw1-seed1") for d in (tmp_path / "models").iterdir())
+  with pytest.raises(SystemExit):
+    bench.main(common + ["--variants", "learned+local", "--polynomial-warmup", "1", "--seed", "1",
+                         "--save-models", str(tmp_path / "models"), "--tag", "seed1"])
