@@ -356,7 +356,7 @@ def _segment_ids():
     (dict(sketch="random", num_kv_heads=2, local_exact=False), {}),
     (dict(sketch="learned", causal=False), dict(key_mask=_key_mask)),
     (dict(sketch="none"), dict(segment_ids=_segment_ids)),
-], ids=str)
+], ids=["learned", "random-gqa-no-local", "non-causal-key-mask", "no-sketch-segments"])
 def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts, call):
   """exact_polynomial=True computes what attention="polynomial" does with the
   layer's own q, k, v, out and q/k LayerNorm (the training warm-up)."""
