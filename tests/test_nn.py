@@ -343,19 +343,19 @@ def test_sketch_none_is_exact_local_blocks_alone():
     _layer(sketch="none", local_exact=False)
 
 
-def _key_mask():
+def _padding_key_mask():
   return jnp.arange(T)[None, :] < jnp.array([[T], [T - 5]])
 
 
-def _segment_ids():
+def _three_run_segment_ids():
   return jnp.repeat(jnp.array([[0, 0, 1], [0, 1, 1]]), T // 3, axis=1)
 
 
 @pytest.mark.parametrize("opts, call", [
     (dict(sketch="learned"), {}),
     (dict(sketch="random", num_kv_heads=2, local_exact=False), {}),
-    (dict(sketch="learned", causal=False), dict(key_mask=_key_mask)),
-    (dict(sketch="none"), dict(segment_ids=_segment_ids)),
+    (dict(sketch="learned", causal=False), dict(key_mask=_padding_key_mask)),
+    (dict(sketch="none"), dict(segment_ids=_three_run_segment_ids)),
 ], ids=["learned", "random-gqa-no-local", "non-causal-key-mask", "no-sketch-segments"])
 def test_exact_polynomial_is_the_polynomial_layer_with_the_same_params(opts, call):
   """exact_polynomial=True computes what attention="polynomial" does with the
