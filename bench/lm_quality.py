@@ -13,8 +13,16 @@ and writes, under --out-dir (stem --tag, default lm_quality_ctx{T}):
   JAX_PLATFORMS=cpu python bench/lm_quality.py --context 1024 --seeds 0 1 2 \
       --variants softmax,learned+local,random+local,softmax-wide --wide-dim 160
 
+--polynomial-warmup N [N ...] also trains each PolySketch variant after N
+exact polynomial steps (TrainConfig.polynomial_warmup_steps; 0: from scratch),
+a row per value:
+
+  JAX_PLATFORMS=cpu python bench/lm_quality.py --context 1024 --steps 250 \
+      --variants softmax,learned+local --polynomial-warmup 0 50
+
 Each run is written as soon as it finishes, so a cut-short run keeps what it
-has; --resume skips the runs already in the JSON. --variants picks a subset
+has; --resume skips the runs already in the JSON; --merge A.json B.json writes
+the runs of reports of the same settings as one (a job per core, merged). --variants picks a subset
 (names below); "softmax-wide" is softmax at --wide-dim (e.g. the width that
 gives it the learned sketch's extra parameters).
 
@@ -74,15 +82,37 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
                             "shared", "data", "tinyshakespeare.txt")
 
 
+def polynomial_warmup_steps(run):
+  """A run's exact polynomial warm-up steps (runs written before the flag: 0)."""
+  return run.get("polynomial_warmup", 0)
+
+
+def variant_label(variant, warmup):
+  """A variant's name in tables and plots: "learned+local, polynomial warm-up 50"."""
+  return f"{variant}, polynomial warm-up {warmup}" if warmup else variant
+
+
+def run_label(run):
+  return variant_label(run["variant"], polynomial_warmup_steps(run))
+
+
+def run_key(run):
+  """What tells runs apart: variant, seed and warm-up."""
+  return run["variant"], run["seed"], polynomial_warmup_steps(run)
+
+
 def summarise(runs):
-  """Per variant (in first-seen order): mean, std and range of the final val loss over seeds."""
+  """Per variant and warm-up (in first-seen order): mean, std and range of the
+  final val loss over seeds."""
   out = {}
   for r in runs:
-    out.setdefault(r["variant"], []).append(r)
+    out.setdefault(run_label(r), []).append(r)
   rows = []
   for name, rs in out.items():
     vals = np.array([r["val_loss"] for r in rs])
-    rows.append(dict(variant=name, seeds=[r["seed"] for r in rs], n=len(rs),
+    rows.append(dict(variant=name, base_variant=rs[0]["variant"],
+                     polynomial_warmup=polynomial_warmup_steps(rs[0]),
+                     seeds=[r["seed"] for r in rs], n=len(rs),
                      mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(rs) > 1 else 0.0,
                      lo=float(vals.min()), hi=float(vals.max()), params=rs[0]["params"],
                      embed_dim=rs[0]["embed_dim"],
@@ -114,7 +144,7 @@ def write_table(path, runs, header):
   for r in runs:
     h = r["history"]
     best = int(np.argmin(h["val_loss"]))
-    lines.append(f"| {r['variant']} | {r['seed']} | {r['val_loss']:.4f} | "
+    lines.append(f"| {run_label(r)} | {r['seed']} | {r['val_loss']:.4f} | "
                  f"{h['val_loss'][best]:.4f} ({h['val_step'][best]}) | "
                  f"{r['steps_per_s']:.3f} | {r['wall_s']:.0f} |")
   if runs[0].get("devices"):
@@ -130,7 +160,7 @@ def plot(path, runs, title):
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   by = {}
   for r in runs:
-    by.setdefault(r["variant"], []).append(r)
+    by.setdefault(run_label(r), []).append(r)
   for i, (name, rs) in enumerate(by.items()):
     color = f"C{i}"
     for j, r in enumerate(rs):
@@ -165,28 +195,46 @@ def model_config(args, data, name):
                    local_exact=local_exact)
 
 
-def train_config(args, seed):
+def train_config(args, seed, polynomial_warmup=0):
   eval_every = (max(1, args.steps // args.num_evals) if args.num_evals else args.eval_every)
   return TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
                      learning_rate=args.lr, warmup_steps=args.warmup, seed=seed,
-                     eval_every=eval_every, eval_batches=args.eval_batches, log_every=10)
+                     eval_every=eval_every, eval_batches=args.eval_batches, log_every=10,
+                     polynomial_warmup_steps=polynomial_warmup)
 
 
-def write_outputs(stem, args, command, runs, mc, cfg, data_path, *, fitted=None,
+def warmups(args, variant):
+  """--polynomial-warmup's values for a PolySketch variant; [0] for the others."""
+  return args.polynomial_warmup if VARIANTS[variant][0] == "polysketch" else [0]
+
+
+def config_meta(mc, cfg):
+  """The model and training settings every run of a report shares ("*": per run)."""
+  return (dataclasses.asdict(mc) | {"attention": "*", "sketch": "*", "local_exact": "*",
+                                    "embed_dim": "*"},
+          dataclasses.asdict(cfg) | {"seed": "*", "polynomial_warmup_steps": "*"})
+
+
+def write_outputs(stem, args, command, runs, meta_configs, data_path, *, fitted=None,
                   not_finished=()):
-  """<stem>.json, .md and .png of `runs` (the configs of one of them).
+  """<stem>.json, .md and .png of `runs` (meta_configs: config_meta's pair).
 
   fitted: --time-budget's step cap, fitted steps, calibration seconds and the
   seconds left after it. not_finished: the runs that did not finish (named in
   the table's header and the JSON)."""
   variants = args.variants.split(",")
+  model_meta, train_meta = meta_configs
+  pw = [w for w in args.polynomial_warmup if w]
   header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
             + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
             + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
             f"{args.steps} steps ({args.steps * args.batch_size * args.context:,} tokens), "
             f"lr {args.lr}, seeds {args.seeds}; val loss on "
             f"{args.eval_batches * args.batch_size * args.context:,} held-out chars, "
-            f"every {cfg.eval_every} steps. "
+            f"every {train_meta['eval_every']} steps. "
+            + (f"PolySketch variants also after {pw} exact polynomial warm-up steps "
+               "(that many first steps, and their evaluations, with exact polynomial "
+               "attention; steps/s counts the sketched steps). " if pw else "")
             + (f"--time-budget: calibrated in {fitted['calibration_s']:.0f} s, "
                f"{fitted['steps']} of at most {fitted['steps_cap']} steps fitted in the "
                f"{fitted['seconds_left']:.0f} s left. " if fitted else "")
@@ -194,9 +242,7 @@ def write_outputs(stem, args, command, runs, mc, cfg, data_path, *, fitted=None,
             + f"Command: `{command}`")
   meta = {"command": command, "args": vars(args), "fitted": fitted,
           "not_finished": list(not_finished),
-          "model": dataclasses.asdict(mc) | {"attention": "*", "sketch": "*",
-                                             "local_exact": "*", "embed_dim": "*"},
-          "train": dataclasses.asdict(cfg) | {"seed": "*"},
+          "model": model_meta, "train": train_meta,
           "data": os.path.basename(data_path), "platform": sys.platform,
           "devices": runs[0].get("devices"), "summary": summarise(runs), "results": runs}
   with open(stem + ".json", "w") as f:
@@ -530,8 +576,9 @@ def run_parallel(args, data, stem, command):
       r["calibration"] = next((c for c in calibration or []
                                if c["variant"] == r["variant"] and r["seed"] in c["seeds"]),
                               None)
-    write_outputs(stem, args, command, runs, model_config(args, data, "softmax"),
-                  train_config(args, 0), args.data, fitted=fitted, not_finished=missing)
+    write_outputs(stem, args, command, runs,
+                  config_meta(model_config(args, data, "softmax"), train_config(args, 0)),
+                  args.data, fitted=fitted, not_finished=missing)
   return runs
 
 
@@ -567,6 +614,12 @@ def main(argv=None):
   p.add_argument("--stack-seeds", action="store_true",
                  help="train a variant's seeds at once in one process, vmapped (with "
                       "--parallel: one process per variant)")
+  p.add_argument("--polynomial-warmup", type=int, nargs="+", default=[0], metavar="N",
+                 help="PolySketch variants: train the first N steps with exact polynomial "
+                      "attention, then the sketch (TrainConfig.polynomial_warmup_steps); "
+                      "several values: a run for each (0: none)")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="merge these reports' runs (same settings) into <stem>; trains nothing")
   p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)   # calibration jobs
   p.add_argument("--barrier-count", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -584,6 +637,16 @@ def main(argv=None):
     p.error("--resume does not combine with --parallel")
   if args.num_evals is not None and args.num_evals < 1:
     p.error(f"--num-evals must be >= 1, got {args.num_evals}")
+  bad = [w for w in args.polynomial_warmup if not 0 <= w < args.steps]
+  if bad:
+    p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {bad}")
+  if len(set(args.polynomial_warmup)) != len(args.polynomial_warmup):
+    p.error(f"--polynomial-warmup: repeated values {args.polynomial_warmup}")
+  if any(args.polynomial_warmup) and (args.stack_seeds or args.parallel):
+    p.error("--polynomial-warmup runs one seed per run in this process: it does not "
+            "combine with --stack-seeds or --parallel")
+  if args.merge is not None:
+    return merge(p, args, argv)
   if not os.path.exists(args.data):
     print(f"skipped: no data at {args.data} (pass --data PATH to a text file)")
     return []
@@ -601,19 +664,20 @@ def main(argv=None):
   if args.resume and os.path.exists(stem + ".json"):
     with open(stem + ".json") as f:
       runs = json.load(f)["results"]
-  done = {(r["variant"], r["seed"]) for r in runs}
-  todo = [(name, seed) for seed in args.seeds for name in variants if (name, seed) not in done]
-  if args.stack_seeds:   # one stacked run per variant, of its seeds not done
-    groups = [(name, [s for v, s in todo if v == name]) for name in variants]
+  done = {run_key(r) for r in runs}
+  todo = [(name, seed, w) for seed in args.seeds for name in variants
+          for w in warmups(args, name) if (name, seed, w) not in done]
+  if args.stack_seeds:   # one stacked run per variant, of its seeds not done (no warm-up)
+    groups = [(name, [s for v, s, _ in todo if v == name], 0) for name in variants]
     groups = [g for g in groups if g[1]]
   else:
-    groups = [(name, [seed]) for name, seed in todo]
-  for name, seeds in groups:
+    groups = [(name, [seed], w) for name, seed, w in todo]
+  for name, seeds, warmup in groups:
     mc = model_config(args, data, name)
-    cfgs = [train_config(args, seed) for seed in seeds]
+    cfgs = [train_config(args, seed, warmup) for seed in seeds]
     attention, sketch, local_exact = VARIANTS[name]
-    print(f"=== {name} seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))} ===",
-          flush=True)
+    print(f"=== {variant_label(name, warmup)} seed{'s' if len(seeds) > 1 else ''} "
+          f"{' '.join(map(str, seeds))} ===", flush=True)
     t0 = time.time()
     load_before = os.getloadavg()
     if args.stack_seeds:
@@ -621,14 +685,54 @@ def main(argv=None):
     else:
       results = [train(mc, data, cfgs[0], progress=False, log=lambda s: print(s, flush=True))[1]]
     for seed, res in zip(seeds, results):
-      res.update(variant=name, seed=seed, attention=attention, sketch=sketch,
+      res.update(variant=name, seed=seed, polynomial_warmup=warmup, attention=attention,
+                 sketch=sketch,
                  local_exact=local_exact, embed_dim=mc.embed_dim, wall_s=time.time() - t0,
                  load_before=load_before, load_after=os.getloadavg(),
                  devices=device_description())
       runs.append(res)
-      print(f"{name} seed {seed}: val {res['val_loss']:.4f}  {res['steps_per_s']:.3f} steps/s  "
+      print(f"{variant_label(name, warmup)} seed {seed}: val {res['val_loss']:.4f}  {res['steps_per_s']:.3f} steps/s  "
             f"({res['wall_s']:.0f} s)", flush=True)
-    write_outputs(stem, args, command, runs, mc, cfgs[0], args.data)
+    write_outputs(stem, args, command, runs, config_meta(mc, cfgs[0]), args.data)
+  return runs
+
+
+def merge(p, args, argv):
+  """--merge: the runs of several reports of the same settings (run flags, model
+  and training configs) in one report at <stem>; a later report's run replaces
+  an earlier one of the same variant, seed and warm-up. Returns the runs."""
+  reports = []
+  for path in args.merge:
+    if not os.path.exists(path):
+      p.error(f"--merge: no report at {path}")
+    with open(path) as f:
+      reports.append((path, json.load(f)))
+  first_path, first = reports[0]
+  model_meta, train_meta = first["model"], first["train"] | {"polynomial_warmup_steps": "*"}
+  for path, r in reports[1:]:
+    differ = sorted([f"--{k.replace('_', '-')}" for k in RUN_FLAGS
+                     if r["args"].get(k) != first["args"].get(k)]
+                    + [f"model.{k}" for k in model_meta if r["model"].get(k) != model_meta[k]]
+                    + [f"train.{k}" for k in train_meta if k != "polynomial_warmup_steps"
+                       and r["train"].get(k) != train_meta[k]])
+    if differ:
+      p.error(f"--merge: {path} differs from {first_path} in {differ}")
+  by_key = {}
+  for _, r in reports:
+    for run in r["results"]:
+      by_key[run_key(run)] = run
+  runs = list(by_key.values())
+  merged = argparse.Namespace(**(first["args"] | {
+      "variants": ",".join(dict.fromkeys(run["variant"] for run in runs)),
+      "seeds": sorted({run["seed"] for run in runs}),
+      "polynomial_warmup": sorted({polynomial_warmup_steps(run) for run in runs})}))
+  stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{merged.context}")
+  command = " ".join(["python", "bench/lm_quality.py"]
+                     + (argv if argv is not None else sys.argv[1:]))
+  not_finished = [x for _, r in reports for x in r.get("not_finished", [])]
+  write_outputs(stem, merged, command, runs, (model_meta, train_meta), first["data"],
+                not_finished=not_finished)
+  print(f"merged {len(runs)} runs of {len(reports)} reports into {stem}.json", flush=True)
   return runs
 
 

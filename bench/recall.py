@@ -48,7 +48,7 @@ from pallas_polysketch.train import RecallData, TrainConfig, train
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lm_quality import VARIANTS as LM_VARIANTS  # noqa: E402  (one table of variants)
+from lm_quality import VARIANTS as LM_VARIANTS, variant_label  # noqa: E402  (one table of variants)
 
 # name -> (attention, sketch, local_exact)
 VARIANTS = {name: LM_VARIANTS[name] for name in
@@ -77,10 +77,6 @@ def recall_data(args, seq, pairs):
 def polynomial_warmup(args, variant):
   """--polynomial-warmup for the PolySketch variants, 0 for the others."""
   return args.polynomial_warmup if VARIANTS[variant][0] == "polysketch" else 0
-
-
-def variant_label(variant, warmup):
-  return f"{variant}, polynomial warm-up {warmup}" if warmup else variant
 
 
 def model_dir(args, variant, seq, pairs, lr):

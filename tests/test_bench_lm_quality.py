@@ -179,3 +179,62 @@ def test_lm_quality_stacked_seeds_equal_separate_runs(tmp_path):
   # --resume skips the seeds already run; a new seed runs alone.
   more = bench.main(argv + ["--tag", "stacked", "--stack-seeds", "--resume", "--seeds", "0", "1", "2"])
   assert [r["seed"] for r in more] == [0, 1, 2] and more[2]["stacked_seeds"] == 1
+
+
+def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
+  """--polynomial-warmup 0 2 gives a PolySketch variant a row per value (softmax
+  one), the warm-up run's first evaluation in the exact mode; --merge joins
+  reports of the same settings and refuses others."""
+  bench = load_bench("lm_quality")
+  argv = _tiny_argv(tmp_path, "--steps", "4", "--eval-every", "2", "--seeds", "0")
+  soft = bench.main(argv + ["--variants", "softmax", "--tag", "a"])
+  runs = bench.main(argv + ["--variants", "softmax,learned+local", "--polynomial-warmup", "0", "2",
+                            "--tag", "b"])
+  assert [bench.run_key(r) for r in runs] == [
+      ("softmax", 0, 0), ("learned+local", 0, 0), ("learned+local", 0, 2)]
+  scratch, warm = runs[1], runs[2]
+  assert [e["exact_polynomial"] for e in scratch["evals"]] == [False, False]
+  assert [e["exact_polynomial"] for e in warm["evals"]] == [True, False]
+  assert warm["history"]["val_loss"] != scratch["history"]["val_loss"]
+  report = json.loads((tmp_path / "b.json").read_text())
+  assert [r["variant"] for r in report["summary"]] == [
+      "softmax", "learned+local", "learned+local, polynomial warm-up 2"]
+  assert report["train"]["polynomial_warmup_steps"] == "*"
+  md = (tmp_path / "b.md").read_text()
+  assert "| learned+local, polynomial warm-up 2 | polysketch |" in md
+  assert "after [2] exact polynomial warm-up steps" in md
+  assert bench.main(argv + ["--variants", "softmax,learned+local", "--polynomial-warmup", "0",
+                            "2", "--tag", "b", "--resume"]) == report["results"]
+
+  merged = bench.main(["--merge", str(tmp_path / "b.json"), str(tmp_path / "a.json"),
+                       "--out-dir", str(tmp_path), "--tag", "ab"])
+  assert [bench.run_key(r) for r in merged] == [bench.run_key(r) for r in runs]
+  # The later report's run of the same key.
+  assert merged[0] == json.loads((tmp_path / "a.json").read_text())["results"][0]
+  assert merged[0]["val_loss"] == soft[0]["val_loss"]
+  out = json.loads((tmp_path / "ab.json").read_text())
+  assert [r["n"] for r in out["summary"]] == [1, 1, 1]
+  assert out["args"]["polynomial_warmup"] == [0, 2] and (tmp_path / "ab.png").stat().st_size > 0
+
+  bench.main(_tiny_argv(tmp_path, "--steps", "4", "--context", "16", "--variants", "softmax",
+                        "--tag", "c"))
+  with pytest.raises(SystemExit):
+    bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"),
+                "--out-dir", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert "c.json differs from" in err and "['--context', '--eval-every', 'train.context', 'train.eval_every']" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--polynomial-warmup", "6"], "--polynomial-warmup must be in [0, --steps = 6), got [6]"),
+    (["--polynomial-warmup", "-1"], "got [-1]"),
+    (["--polynomial-warmup", "2", "2"], "repeated values [2, 2]"),
+    (["--polynomial-warmup", "2", "--stack-seeds"], "does not combine with --stack-seeds"),
+    (["--polynomial-warmup", "2", "--parallel"], "does not combine with --stack-seeds or --parallel"),
+    (["--merge", "/nonexistent/x.json"], "--merge: no report at /nonexistent/x.json"),
+], ids=["at-steps", "negative", "repeated", "stacked", "parallel", "merge-missing"])
+def test_lm_quality_rejects_bad_warmup_and_merge(tmp_path, capsys, extra, message):
+  bench = load_bench("lm_quality")
+  with pytest.raises(SystemExit):
+    bench.main(_tiny_argv(tmp_path, *extra))
+  assert message in capsys.readouterr().err
