@@ -102,9 +102,14 @@ def run_one(args, variant, seq, pairs, lr):
                     eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches,
                     log_every=50)
   t0 = time.time()
+  init = {}
+  if args.init_from:
+    from pallas_polysketch.train import load_checkpoint
+    init = dict(init_from=os.path.basename(os.path.normpath(args.init_from)))
   label = f"{variant_label(variant, warmup)} T={seq} pairs={pairs} lr={lr:g}"
   model, res = train(mc, data, cfg, progress=False,
-                 log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None)
+                     log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None,
+                     init_from=load_checkpoint(args.init_from) if args.init_from else None)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
                 elapsed_s=e["elapsed_s"], exact_polynomial=e["exact_polynomial"])
            for e in res["evals"]]
@@ -114,7 +119,7 @@ def run_one(args, variant, seq, pairs, lr):
     save_checkpoint(model_dir(args, variant, seq, pairs, lr), model, train_config=cfg,
                     extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
-              steps=args.steps, polynomial_warmup=warmup, **probe, val_acc=res["val_acc"],
+              steps=args.steps, polynomial_warmup=warmup, **init, **probe, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
@@ -291,13 +296,80 @@ def reprobe(models_dir, out_stem):
   return records
 
 
+def eval_lengths(models_dirs, seqs, out_stem):
+  """Evaluates every model `--save-models` wrote under models_dirs on the
+  held-out task of each length in seqs (the pairs and queries it trained on,
+  more noise between them: the pairs at the start, the queries at the end),
+  without training: how retrieval learned at one length holds at others.
+  Writes out_stem.{json,md,png}; returns the records."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from pallas_polysketch.train import load_checkpoint, loss_fn
+  evaluate = nnx.jit(loss_fn)
+  records = []
+  for models_dir in models_dirs:
+    for name in sorted(os.listdir(models_dir)):
+      ckpt = load_checkpoint(os.path.join(models_dir, name))
+      args = argparse.Namespace(**ckpt.extra["args"])
+      variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).groups()
+      rec = dict(model=name, models_dir=models_dir, variant=variant, train_seq=int(seq),
+                 pairs=int(pairs), lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
+                 seed=args.seed, polynomial_warmup=int(warmup or 0), lengths=[])
+      cfg = ckpt.model.config
+      for T in seqs:
+        data = recall_data(args, T, int(pairs))
+        accs = [float(evaluate(ckpt.model, *(jnp.asarray(x) for x in batch))[1])
+                for batch in data.val_batches(args.eval_batches, args.batch_size, T)]
+        rec["lengths"].append(dict(
+            seq=T, val_acc=float(np.mean(accs)),
+            state_floats=state_floats(variant, T, cfg.embed_dim // cfg.num_heads,
+                                      cfg.sketch_dim, cfg.block_size)))
+        print(f"{name} at T={T}: acc {rec['lengths'][-1]['val_acc']:.3f}", flush=True)
+      records.append(rec)
+  with open(out_stem + ".json", "w") as f:
+    json.dump(dict(models_dirs=list(models_dirs), seqs=list(seqs), records=records), f, indent=1)
+  lines = [f"# MQAR held-out accuracy at other lengths, models of {', '.join(models_dirs)}", "",
+           "Each model trained at its T (no training here); evaluated on held-out sequences of "
+           "each length: its pairs at the start, its queries at the end, noise between; each "
+           "key's first query scored. State: floats per head after T tokens.", "",
+           "| model | trained at T | r | steps | " + " | ".join(f"T = {T}" for T in seqs) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(seqs)]
+  for r in records:
+    lines.append(f"| {variant_label(r['variant'], r['polynomial_warmup'])}"
+                 + (f", seed {r['seed']}" if r["seed"] else "")
+                 + f" | {r['train_seq']} | {r['sketch_dim']} | {r['steps']} | "
+                 + " | ".join(f"{x['val_acc']:.1%} ({x['state_floats']:,})" for x in r["lengths"])
+                 + " |")
+  with open(out_stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  for r in records:
+    ax.plot([x["seq"] for x in r["lengths"]], [x["val_acc"] for x in r["lengths"]], marker="o",
+            label=variant_label(r["variant"], r["polynomial_warmup"])
+            + (f", seed {r['seed']}" if r["seed"] else "") + f" (trained at T={r['train_seq']})")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("held-out sequence length T")
+  ax.set_ylabel("answer accuracy (first queries)")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out_stem + ".png", dpi=110)
+  plt.close(fig)
+  return records
+
+
 def row_labels(runs):
   """A table row per variant (with its polynomial warm-up, if any), or per
   (that, sketch_dim, steps) where merged runs of one differ in those: [label
   per run], labels in order."""
   configs = {}
   def base(r):
-    return variant_label(r["variant"], r.get("polynomial_warmup", 0))
+    return (variant_label(r["variant"], r.get("polynomial_warmup", 0))
+            + (f", from model {r['init_from']}" if r.get("init_from") else ""))
   for r in runs:
     configs.setdefault(base(r), set()).add((r["sketch_dim"], r["steps"]))
   def label(r):
@@ -309,7 +381,7 @@ def row_labels(runs):
   first = {}
   for r, x in zip(runs, labels):
     first.setdefault(x, (list(VARIANTS).index(r["variant"]), r.get("polynomial_warmup", 0),
-                         r["sketch_dim"], r["steps"]))
+                         r["sketch_dim"], r["steps"], r.get("init_from", "")))
   return labels, sorted(first, key=first.get)
 
 
@@ -435,6 +507,13 @@ def main(argv=None):
   p.add_argument("--reprobe", metavar="DIR",
                  help="probe the models --save-models wrote under DIR again (this file's "
                       "probe) into recall-<tag>-probe.{json,md} and exit")
+  p.add_argument("--eval-lengths", nargs="+", metavar="DIR",
+                 help="evaluate the models --save-models wrote under each DIR at every --seqs "
+                      "length (no training) into recall-<tag>-lengths.{json,md,png} and exit")
+  p.add_argument("--init-from", metavar="DIR",
+                 help="start from this saved model's weights (a --save-models directory; "
+                      "fresh optimizer, `train(init_from=...)`), e.g. at a longer --seqs than "
+                      "it trained at; --variants its variant; the rows name the model")
   p.add_argument("--tag", default="cpu")
   p.add_argument("--resume", action="store_true")
   p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -454,6 +533,11 @@ def main(argv=None):
   stem = os.path.join(args.out_dir, f"recall-{args.tag}")
   if args.reprobe:
     return reprobe(args.reprobe, stem + "-probe")
+  if args.eval_lengths:
+    missing = [d for d in args.eval_lengths if not os.path.isdir(d)]
+    if missing:
+      p.error(f"--eval-lengths: no directory {missing}")
+    return eval_lengths(args.eval_lengths, args.seqs, stem + "-lengths")
   if args.merge:
     docs = []
     for path in args.merge:
@@ -467,7 +551,7 @@ def main(argv=None):
         r.setdefault("steps", doc["args"]["steps"])
         r.setdefault("polynomial_warmup", 0)
         merged[(r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
-                r["polynomial_warmup"])] = r
+                r["polynomial_warmup"], r.get("init_from", ""))] = r
     lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
     setups = []   # each file's, with every file's learning rates; the distinct ones
     for doc in docs:
@@ -479,20 +563,32 @@ def main(argv=None):
     runs = sorted(merged.values(), key=lambda r: (r["seq"], r["pairs"],
                                                   list(VARIANTS).index(r["variant"]),
                                                   r["polynomial_warmup"], r["sketch_dim"],
-                                                  r["steps"], r["lr"]))
+                                                  r["steps"], r.get("init_from", ""), r["lr"]))
     write_outputs(stem, meta, runs)
     return runs
   runs = []
   if args.resume and os.path.exists(stem + ".json"):
     with open(stem + ".json") as f:
       runs = json.load(f)["runs"]
-  done = {(r["variant"], r["seq"], r["pairs"], r["lr"], r.get("polynomial_warmup", 0))
-          for r in runs}
+  done = {(r["variant"], r["seq"], r["pairs"], r["lr"], r.get("polynomial_warmup", 0),
+           r.get("init_from", "")) for r in runs}
   if not 0 <= args.polynomial_warmup < args.steps:
     p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {args.polynomial_warmup}")
+  init_from = ""
+  if args.init_from:
+    init_from = os.path.basename(os.path.normpath(args.init_from))
+    named = re.fullmatch(MODEL_NAME, init_from)
+    if not os.path.isdir(args.init_from) or named is None:
+      p.error(f"--init-from: {args.init_from} is not a model --save-models wrote "
+              "(<variant>-T<seq>-pairs<pairs>-lr<lr>...)")
+    if args.variants.split(",") != [named.group(1)]:
+      p.error(f"--init-from {init_from} is a {named.group(1)} model: give --variants "
+              f"{named.group(1)} (got {args.variants})")
+    if args.save_models:
+      p.error("--init-from does not combine with --save-models")
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
-    if (variant, seq, pairs, lr, polynomial_warmup(args, variant)) in done:
+    if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from) in done:
       continue
     queries = min(args.queries, pairs) if args.distinct_queries else args.queries
     if 2 * (pairs + queries) + 1 > seq:

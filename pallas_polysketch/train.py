@@ -323,7 +323,7 @@ def evaluate(eval_step, state, batches, exact_polynomial=False):
 
 def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = True,
           log: Callable[[str], None] | None = None, checkpoint_dir: str | None = None,
-          resume_from: Checkpoint | None = None):
+          resume_from: Checkpoint | None = None, init_from: Checkpoint | None = None):
   """Trains a GPT on `data` (TextData or RecallData). Returns (model, results dict).
 
   checkpoint_dir: if given, an orbax checkpoint (model, optimizer, step and the
@@ -336,6 +336,11 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     histories, and gives the same losses as an uninterrupted run. Its model
     config must equal `model_config` and its train config `cfg` (eval_every,
     eval_batches and log_every may differ).
+  init_from: a `Checkpoint` (`load_checkpoint`) whose model's variables (the
+    parameters and the fixed random sketches) start this training, with a
+    fresh optimizer and schedule from step 0: fine-tuning, e.g. at a longer
+    context than the checkpoint trained at. Its model config must equal
+    `model_config`; the data order still follows cfg.seed. Not with resume_from.
 
   results: final val loss/accuracy, steps/s and tokens/s (over the train steps
   after each session's first, compiling one, and after the polynomial
@@ -355,9 +360,16 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
                      f"polynomial attention is what its sketch approximates), got "
                      f"attention={model_config.attention!r}")
   tokenizer = getattr(data, "tokenizer", None)
+  if init_from is not None:
+    if resume_from is not None:
+      raise ValueError("train: give resume_from (continue a run) or init_from (start a new run "
+                       "from a model's weights), not both")
+    _check_model_config("init_from", init_from.model.config, model_config)
   if resume_from is None:
     rng = np.random.default_rng(cfg.seed)
     model = GPT(model_config, rngs=nnx.Rngs(cfg.seed))
+    if init_from is not None:
+      nnx.update(model, jax.tree.map(jnp.copy, nnx.state(init_from.model)))
     optimizer = make_optimizer(model, cfg)
     start = 0
     loop = {"history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []},
@@ -482,15 +494,19 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
   return model, results
 
 
+def _check_model_config(name: str, saved: GPTConfig, model_config: GPTConfig):
+  if saved != model_config:
+    diff = {f.name: (getattr(saved, f.name), getattr(model_config, f.name))
+            for f in dataclasses.fields(GPTConfig)
+            if getattr(saved, f.name) != getattr(model_config, f.name)}
+    raise ValueError(f"{name}: the checkpoint's model config differs (checkpoint, given): {diff}")
+
+
 def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, tokenizer):
   if ckpt.optimizer is None or ckpt.loop_state is None:
     raise ValueError(f"resume_from: the checkpoint at step {ckpt.step} holds no optimizer state "
                      "or no training-loop state (only checkpoints written by train() resume)")
-  if ckpt.model.config != model_config:
-    diff = {f.name: (getattr(ckpt.model.config, f.name), getattr(model_config, f.name))
-            for f in dataclasses.fields(GPTConfig)
-            if getattr(ckpt.model.config, f.name) != getattr(model_config, f.name)}
-    raise ValueError(f"resume_from: the checkpoint's model config differs (checkpoint, given): {diff}")
+  _check_model_config("resume_from", ckpt.model.config, model_config)
   free = {"eval_every", "eval_batches", "log_every"}
   diff = {f.name: (getattr(ckpt.train_config, f.name), getattr(cfg, f.name))
           for f in dataclasses.fields(TrainConfig)

@@ -1,5 +1,6 @@
 """The recall benchmark runs end to end at tiny sizes (no accuracy or timing assertions)."""
 import json
+import os
 
 import pytest
 
@@ -176,6 +177,39 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
   assert [x["probe"] for x in records] == [runs[1]["probe"], runs[0]["probe"]]
   md = (tmp_path / "recall-again-probe.md").read_text()
   assert "| learned+local | 32 | 2 | 0.001 | 4 | 2 | 1 |" in md
+  # --eval-lengths: at the training length the saved models score what training
+  # recorded; at others, the state grows for softmax only
+  records = bench.main(["--eval-lengths", str(tmp_path / "models"), "--seqs", "32", "64",
+                        "--out-dir", str(tmp_path), "--tag", "len"])
+  by_variant = {r["variant"]: r for r in records}
+  for run in runs:
+    lengths = by_variant[run["variant"]]["lengths"]
+    assert [x["seq"] for x in lengths] == [32, 64]
+    assert lengths[0]["val_acc"] == pytest.approx(run["val_acc"], abs=1e-6)
+  assert [x["state_floats"] for x in by_variant["softmax"]["lengths"]] == [2 * 32 * 8, 2 * 64 * 8]
+  assert [x["state_floats"] for x in by_variant["learned+local"]["lengths"]] == [
+      4 ** 2 * 9 + 2 * 8 * 8] * 2
+  assert "| learned+local | 32 | 4 | 2 | " in (tmp_path / "recall-len-lengths.md").read_text()
+  assert (tmp_path / "recall-len-lengths.png").stat().st_size > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--eval-lengths", str(tmp_path / "absent"), "--out-dir", str(tmp_path)])
+  # --init-from: training starts at the saved weights (at a learning rate of 0 it
+  # stays there: the accuracy --eval-lengths measured at that length)
+  softmax_dir = next(str(d) for d in (tmp_path / "models").iterdir() if d.name.startswith("softmax"))
+  common = ["--pairs", "2", "--queries", "4", "--steps", "1", "--batch-size", "4", "--dim", "16",
+            "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--out-dir", str(tmp_path), "--init-from", softmax_dir]
+  tuned = bench.main(common + ["--seqs", "64", "--lrs", "0", "--variants", "softmax",
+                               "--tag", "tuned"])
+  assert tuned[0]["init_from"] == os.path.basename(softmax_dir)
+  assert tuned[0]["val_acc"] == pytest.approx(by_variant["softmax"]["lengths"][1]["val_acc"],
+                                              abs=1e-6)
+  assert (f"| softmax, from model {os.path.basename(softmax_dir)} |"
+          in (tmp_path / "recall-tuned.md").read_text())
+  for extra in (["--variants", "learned+local"], ["--variants", "softmax", "--save-models",
+                                                  str(tmp_path / "m2")]):
+    with pytest.raises(SystemExit):
+      bench.main(common + ["--seqs", "64"] + extra)
 
 
 def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_path):

@@ -458,3 +458,40 @@ def test_polynomial_warmup_needs_a_polysketch_model(capsys):
     with pytest.raises(SystemExit):
       train_mod.main(argv)
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_init_from_starts_from_the_checkpoints_weights_with_a_fresh_optimizer(tmp_path):
+  """train(init_from=...) starts at the checkpoint's variables (the random
+  sketch's fixed features too), step 0, a fresh optimizer, at another context;
+  the checkpoint's model is left as it was."""
+  data = train_mod.RecallData(num_keys=8, num_values=8, num_noise=4, num_pairs=2, num_queries=4)
+  mc = _tiny_config(vocab_size=data.vocab_size, sketch="random")
+  short = train_mod.TrainConfig(steps=3, batch_size=2, context=16, warmup_steps=1,
+                                eval_every=3, eval_batches=1, log_every=1)
+  trained, _ = train_mod.train(mc, data, short, progress=False)
+  train_mod.save_checkpoint(str(tmp_path / "ck"), trained, step=3, train_config=short)
+  ckpt = train_mod.load_checkpoint(str(tmp_path / "ck"))
+  before = _leaves(ckpt.model)
+  fresh = GPT(mc, rngs=nnx.Rngs(0))
+  assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(_leaves(fresh), before))
+
+  longer = dataclasses.replace(short, context=48, steps=2, seed=5)
+  first = data.train_batch(np.random.default_rng(longer.seed), longer.batch_size, longer.context)
+  _, res = train_mod.train(mc, data, longer, progress=False, init_from=ckpt)
+  # step 1's loss is the checkpoint model's on the run's own first batch (not a fresh one's)
+  assert res["history"]["train_loss"][0] == pytest.approx(
+      float(train_mod.loss_fn(ckpt.model, *first)[0]), rel=1e-6)
+  assert res["history"]["train_loss"][0] != pytest.approx(
+      float(train_mod.loss_fn(fresh, *first)[0]), rel=1e-3)
+  # a learning rate of 0 leaves every variable at the checkpoint's
+  still, _ = train_mod.train(mc, data, dataclasses.replace(longer, learning_rate=0.0),
+                             progress=False, init_from=ckpt)
+  for (name, a), (_, b) in zip(before, _leaves(still)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+  for (name, a), (_, b) in zip(before, _leaves(ckpt.model)):   # not trained in place
+    np.testing.assert_array_equal(a, b, err_msg=name)
+
+  with pytest.raises(ValueError, match=r"init_from: the checkpoint's model config differs .*'sketch'"):
+    train_mod.train(_tiny_config(vocab_size=data.vocab_size), data, longer, init_from=ckpt)
+  with pytest.raises(ValueError, match="not both"):
+    train_mod.train(mc, data, longer, init_from=ckpt, resume_from=ckpt)
