@@ -13,9 +13,10 @@ and writes, under --out-dir (stem --tag, default lm_quality_ctx{T}):
   JAX_PLATFORMS=cpu python bench/lm_quality.py --context 1024 --seeds 0 1 2 \
       --variants softmax,learned+local,random+local,softmax-wide --wide-dim 160
 
---polynomial-warmup N [N ...] also trains each PolySketch variant after N
-exact polynomial steps (TrainConfig.polynomial_warmup_steps; 0: from scratch),
-a row per value:
+--polynomial-warmup N [N ...] trains each PolySketch variant once per N: its
+first N steps with exact polynomial attention, then the sketch
+(TrainConfig.polynomial_warmup_steps; 0, the default: from scratch), a row
+per value:
 
   JAX_PLATFORMS=cpu python bench/lm_quality.py --context 1024 --steps 250 \
       --variants softmax,learned+local --polynomial-warmup 0 50
@@ -203,9 +204,14 @@ def train_config(args, seed, polynomial_warmup=0):
                      polynomial_warmup_steps=polynomial_warmup)
 
 
+def takes_warmup(variant):
+  """Whether a polynomial warm-up applies: PolySketch variants only."""
+  return VARIANTS[variant][0] == "polysketch"
+
+
 def warmups(args, variant):
   """--polynomial-warmup's values for a PolySketch variant; [0] for the others."""
-  return args.polynomial_warmup if VARIANTS[variant][0] == "polysketch" else [0]
+  return args.polynomial_warmup if takes_warmup(variant) else [0]
 
 
 def config_meta(mc, cfg):
@@ -232,9 +238,9 @@ def write_outputs(stem, args, command, runs, meta_configs, data_path, *, fitted=
             f"lr {args.lr}, seeds {args.seeds}; val loss on "
             f"{args.eval_batches * args.batch_size * args.context:,} held-out chars, "
             f"every {train_meta['eval_every']} steps. "
-            + (f"PolySketch variants also after {pw} exact polynomial warm-up steps "
-               "(that many first steps, and their evaluations, with exact polynomial "
-               "attention; steps/s counts the sketched steps). " if pw else "")
+            + (f"PolySketch variants with polynomial warm-ups of {args.polynomial_warmup} "
+               "steps (that many first steps, and their evaluations, with exact polynomial "
+               "attention; 0: none; steps/s counts the sketched steps). " if pw else "")
             + (f"--time-budget: calibrated in {fitted['calibration_s']:.0f} s, "
                f"{fitted['steps']} of at most {fitted['steps_cap']} steps fitted in the "
                f"{fitted['seconds_left']:.0f} s left. " if fitted else "")
@@ -642,6 +648,12 @@ def main(argv=None):
     p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {bad}")
   if len(set(args.polynomial_warmup)) != len(args.polynomial_warmup):
     p.error(f"--polynomial-warmup: repeated values {args.polynomial_warmup}")
+  if any(args.polynomial_warmup) and args.merge is None and not any(map(takes_warmup, variants)):
+    p.error(f"--polynomial-warmup applies to PolySketch variants, and --variants {args.variants} "
+            "has none")
+  if args.merge is not None and (args.parallel or args.resume or args.stack_seeds):
+    p.error("--merge trains nothing: it does not combine with --parallel, --resume or "
+            "--stack-seeds")
   if any(args.polynomial_warmup) and (args.stack_seeds or args.parallel):
     p.error("--polynomial-warmup runs one seed per run in this process: it does not "
             "combine with --stack-seeds or --parallel")
@@ -711,10 +723,12 @@ def merge(p, args, argv):
   model_meta, train_meta = first["model"], first["train"] | {"polynomial_warmup_steps": "*"}
   for path, r in reports[1:]:
     differ = sorted([f"--{k.replace('_', '-')}" for k in RUN_FLAGS
-                     if r["args"].get(k) != first["args"].get(k)]
-                    + [f"model.{k}" for k in model_meta if r["model"].get(k) != model_meta[k]]
-                    + [f"train.{k}" for k in train_meta if k != "polynomial_warmup_steps"
-                       and r["train"].get(k) != train_meta[k]])
+                     if k != "data" and r["args"].get(k) != first["args"].get(k)]
+                    + [name for name in ("data", "devices") if r.get(name) != first.get(name)]
+                    + [f"model.{k}" for k in model_meta.keys() | r["model"].keys()
+                       if r["model"].get(k) != model_meta.get(k)]
+                    + [f"train.{k}" for k in train_meta.keys() | r["train"].keys()
+                       if k != "polynomial_warmup_steps" and r["train"].get(k) != train_meta.get(k)])
     if differ:
       p.error(f"--merge: {path} differs from {first_path} in {differ}")
   by_key = {}
@@ -729,7 +743,9 @@ def merge(p, args, argv):
   stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{merged.context}")
   command = " ".join(["python", "bench/lm_quality.py"]
                      + (argv if argv is not None else sys.argv[1:]))
-  not_finished = [x for _, r in reports for x in r.get("not_finished", [])]
+  merged_runs = {f"{run['variant']} seed {run['seed']}" for run in runs}
+  not_finished = list(dict.fromkeys(x for _, r in reports for x in r.get("not_finished", [])
+                                    if x not in merged_runs))
   write_outputs(stem, merged, command, runs, (model_meta, train_meta), first["data"],
                 not_finished=not_finished)
   print(f"merged {len(runs)} runs of {len(reports)} reports into {stem}.json", flush=True)

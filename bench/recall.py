@@ -48,7 +48,7 @@ from pallas_polysketch.train import RecallData, TrainConfig, train
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lm_quality import VARIANTS as LM_VARIANTS, variant_label  # noqa: E402  (one table of variants)
+from lm_quality import VARIANTS as LM_VARIANTS, takes_warmup, variant_label  # noqa: E402
 
 # name -> (attention, sketch, local_exact)
 VARIANTS = {name: LM_VARIANTS[name] for name in
@@ -76,7 +76,7 @@ def recall_data(args, seq, pairs):
 
 def polynomial_warmup(args, variant):
   """--polynomial-warmup for the PolySketch variants, 0 for the others."""
-  return args.polynomial_warmup if VARIANTS[variant][0] == "polysketch" else 0
+  return args.polynomial_warmup if takes_warmup(variant) else 0
 
 
 def model_dir(args, variant, seq, pairs, lr):
@@ -88,13 +88,23 @@ def model_dir(args, variant, seq, pairs, lr):
                       + (f"-seed{args.seed}" if args.seed else ""))
 
 
-def run_one(args, variant, seq, pairs, lr):
+def model_config(args, variant, data, seq):
   attention, sketch, local_exact = VARIANTS[variant]
+  return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
+                   embed_dim=args.dim, attention=attention, sketch=sketch,
+                   sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
+                   local_exact=local_exact)
+
+
+def init_name(args):
+  """--init-from's model name (its directory's), as runs record it; "" without."""
+  return os.path.basename(os.path.normpath(args.init_from)) if args.init_from else ""
+
+
+def run_one(args, variant, seq, pairs, lr, init_from=None):
+  """One training run; init_from: a `Checkpoint` to start from (--init-from)."""
   data = recall_data(args, seq, pairs)
-  mc = GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
-                 embed_dim=args.dim, attention=attention, sketch=sketch,
-                 sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
-                 local_exact=local_exact)
+  mc = model_config(args, variant, data, seq)
   warmup = polynomial_warmup(args, variant)
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
                     learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
@@ -102,14 +112,11 @@ def run_one(args, variant, seq, pairs, lr):
                     eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches,
                     log_every=50)
   t0 = time.time()
-  init = {}
-  if args.init_from:
-    from pallas_polysketch.train import load_checkpoint
-    init = dict(init_from=os.path.basename(os.path.normpath(args.init_from)))
+  init = dict(init_from=init_name(args)) if init_from is not None else {}
   label = f"{variant_label(variant, warmup)} T={seq} pairs={pairs} lr={lr:g}"
   model, res = train(mc, data, cfg, progress=False,
                      log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None,
-                     init_from=load_checkpoint(args.init_from) if args.init_from else None)
+                     init_from=init_from)
   curve = [dict(step=e["step"], val_acc=e["val_acc"], val_loss=e["val_loss"],
                 elapsed_s=e["elapsed_s"], exact_polynomial=e["exact_polynomial"])
            for e in res["evals"]]
@@ -309,15 +316,23 @@ def eval_lengths(models_dirs, seqs, out_stem):
   records = []
   for models_dir in models_dirs:
     for name in sorted(os.listdir(models_dir)):
+      if re.fullmatch(MODEL_NAME, name) is None:
+        print(f"skipped {name}: not a --save-models name", flush=True)
+        continue
       ckpt = load_checkpoint(os.path.join(models_dir, name))
       args = argparse.Namespace(**ckpt.extra["args"])
       variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).groups()
       rec = dict(model=name, models_dir=models_dir, variant=variant, train_seq=int(seq),
                  pairs=int(pairs), lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
-                 seed=args.seed, polynomial_warmup=int(warmup or 0), lengths=[])
+                 seed=args.seed, polynomial_warmup=int(warmup or 0),
+                 init_from=init_name(args) if getattr(args, "init_from", None) else "",
+                 lengths=[])
       cfg = ckpt.model.config
       for T in seqs:
         data = recall_data(args, T, int(pairs))
+        if 2 * (data.num_pairs + data.num_queries) + 1 > T:
+          print(f"{name} at T={T}: skipped (too short for its pairs and queries)", flush=True)
+          continue
         accs = [float(evaluate(ckpt.model, *(jnp.asarray(x) for x in batch))[1])
                 for batch in data.val_batches(args.eval_batches, args.batch_size, T)]
         rec["lengths"].append(dict(
@@ -332,14 +347,18 @@ def eval_lengths(models_dirs, seqs, out_stem):
            "Each model trained at its T (no training here); evaluated on held-out sequences of "
            "each length: its pairs at the start, its queries at the end, noise between; each "
            "key's first query scored. State: floats per head after T tokens.", "",
-           "| model | trained at T | r | steps | " + " | ".join(f"T = {T}" for T in seqs) + " |",
-           "|---|---:|---:|---:|" + "---:|" * len(seqs)]
+           "| model | trained at T | pairs | lr | r | steps | "
+           + " | ".join(f"T = {T}" for T in seqs) + " |",
+           "|---|---:|---:|---:|---:|---:|" + "---:|" * len(seqs)]
   for r in records:
+    at = {x["seq"]: x for x in r["lengths"]}
     lines.append(f"| {variant_label(r['variant'], r['polynomial_warmup'])}"
                  + (f", seed {r['seed']}" if r["seed"] else "")
-                 + f" | {r['train_seq']} | {r['sketch_dim']} | {r['steps']} | "
-                 + " | ".join(f"{x['val_acc']:.1%} ({x['state_floats']:,})" for x in r["lengths"])
-                 + " |")
+                 + (f", from model {r['init_from']}" if r["init_from"] else "")
+                 + f" | {r['train_seq']} | {r['pairs']} | {r['lr']:g} | {r['sketch_dim']} | "
+                 f"{r['steps']} | "
+                 + " | ".join(f"{at[T]['val_acc']:.1%} ({at[T]['state_floats']:,})" if T in at
+                              else "-" for T in seqs) + " |")
   with open(out_stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   import matplotlib
@@ -348,8 +367,7 @@ def eval_lengths(models_dirs, seqs, out_stem):
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   for r in records:
     ax.plot([x["seq"] for x in r["lengths"]], [x["val_acc"] for x in r["lengths"]], marker="o",
-            label=variant_label(r["variant"], r["polynomial_warmup"])
-            + (f", seed {r['seed']}" if r["seed"] else "") + f" (trained at T={r['train_seq']})")
+            label=r["model"])
   ax.set_xscale("log", base=2)
   ax.set_xlabel("held-out sequence length T")
   ax.set_ylabel("answer accuracy (first queries)")
@@ -531,6 +549,10 @@ def main(argv=None):
               load_before=os.getloadavg())
   os.makedirs(args.out_dir, exist_ok=True)
   stem = os.path.join(args.out_dir, f"recall-{args.tag}")
+  modes = [f for f in ("merge", "reprobe", "eval_lengths", "init_from") if getattr(args, f)]
+  if len(modes) > 1:
+    p.error(f"give one of --merge, --reprobe, --eval-lengths, --init-from; got "
+            f"{['--' + m.replace('_', '-') for m in modes]}")
   if args.reprobe:
     return reprobe(args.reprobe, stem + "-probe")
   if args.eval_lengths:
@@ -574,9 +596,9 @@ def main(argv=None):
            r.get("init_from", "")) for r in runs}
   if not 0 <= args.polynomial_warmup < args.steps:
     p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {args.polynomial_warmup}")
-  init_from = ""
+  init_from = init_name(args)
+  init_ckpt = None
   if args.init_from:
-    init_from = os.path.basename(os.path.normpath(args.init_from))
     named = re.fullmatch(MODEL_NAME, init_from)
     if not os.path.isdir(args.init_from) or named is None:
       p.error(f"--init-from: {args.init_from} is not a model --save-models wrote "
@@ -584,8 +606,16 @@ def main(argv=None):
     if args.variants.split(",") != [named.group(1)]:
       p.error(f"--init-from {init_from} is a {named.group(1)} model: give --variants "
               f"{named.group(1)} (got {args.variants})")
-    if args.save_models:
-      p.error("--init-from does not combine with --save-models")
+    from pallas_polysketch.train import load_checkpoint
+    init_ckpt = load_checkpoint(args.init_from)
+    saved = init_ckpt.model.config
+    for seq, pairs in itertools.product(args.seqs, args.pairs):
+      mc = model_config(args, named.group(1), recall_data(args, seq, pairs), seq)
+      differ = {f.name: (getattr(saved, f.name), getattr(mc, f.name))
+                for f in dataclasses.fields(mc) if getattr(saved, f.name) != getattr(mc, f.name)}
+      if differ:
+        p.error(f"--init-from {init_from}: at T = {seq}, {pairs} pairs these flags give another "
+                f"model (field: saved, given): {differ}")
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
     if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from) in done:
@@ -596,7 +626,7 @@ def main(argv=None):
     if args.save_models and os.path.exists(model_dir(args, variant, seq, pairs, lr)):
       p.error(f"--save-models: {model_dir(args, variant, seq, pairs, lr)} exists (a model of "
               "this run's name); pick another directory")
-    r = run_one(args, variant, seq, pairs, lr)
+    r = run_one(args, variant, seq, pairs, lr, init_ckpt)
     runs.append(r)
     meta["load_after"] = os.getloadavg()
     write_outputs(stem, meta, runs)

@@ -202,7 +202,7 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
   assert report["train"]["polynomial_warmup_steps"] == "*"
   md = (tmp_path / "b.md").read_text()
   assert "| learned+local, polynomial warm-up 2 | polysketch |" in md
-  assert "after [2] exact polynomial warm-up steps" in md
+  assert "with polynomial warm-ups of [0, 2] steps" in md
   assert bench.main(argv + ["--variants", "softmax,learned+local", "--polynomial-warmup", "0",
                             "2", "--tag", "b", "--resume"]) == report["results"]
 
@@ -215,6 +215,24 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
   out = json.loads((tmp_path / "ab.json").read_text())
   assert [r["n"] for r in out["summary"]] == [1, 1, 1]
   assert out["args"]["polynomial_warmup"] == [0, 2] and (tmp_path / "ab.png").stat().st_size > 0
+
+  # a run another report supplies is no longer "not finished"; the others stay, once
+  a = json.loads((tmp_path / "a.json").read_text())
+  a["not_finished"] = ["softmax seed 0", "softmax seed 9", "softmax seed 9"]
+  (tmp_path / "a2.json").write_text(json.dumps(a))
+  bench.main(["--merge", str(tmp_path / "a2.json"), str(tmp_path / "b.json"),
+              "--out-dir", str(tmp_path), "--tag", "ab2"])
+  assert json.loads((tmp_path / "ab2.json").read_text())["not_finished"] == ["softmax seed 9"]
+  # settings are compared both ways, the devices too
+  for edit, named in ((lambda r: r["model"].update(extra_field=1), "model.extra_field"),
+                      (lambda r: r.update(devices="1 x gpu"), "devices")):
+    other = json.loads((tmp_path / "a.json").read_text())
+    edit(other)
+    (tmp_path / "a3.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+      bench.main(["--merge", str(tmp_path / "b.json"), str(tmp_path / "a3.json"),
+                  "--out-dir", str(tmp_path)])
+    assert f"['{named}']" in capsys.readouterr().err
 
   bench.main(_tiny_argv(tmp_path, "--steps", "4", "--context", "16", "--variants", "softmax",
                         "--tag", "c"))
@@ -232,7 +250,11 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
     (["--polynomial-warmup", "2", "--stack-seeds"], "does not combine with --stack-seeds"),
     (["--polynomial-warmup", "2", "--parallel"], "does not combine with --stack-seeds or --parallel"),
     (["--merge", "/nonexistent/x.json"], "--merge: no report at /nonexistent/x.json"),
-], ids=["at-steps", "negative", "repeated", "stacked", "parallel", "merge-missing"])
+    (["--merge", "x.json", "--resume"], "--merge trains nothing"),
+    (["--variants", "softmax", "--polynomial-warmup", "2"],
+     "--polynomial-warmup applies to PolySketch variants, and --variants softmax has none"),
+], ids=["at-steps", "negative", "repeated", "stacked", "parallel", "merge-missing", "merge-resume",
+        "no-polysketch"])
 def test_lm_quality_rejects_bad_warmup_and_merge(tmp_path, capsys, extra, message):
   bench = load_bench("lm_quality")
   with pytest.raises(SystemExit):

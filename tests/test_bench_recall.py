@@ -148,7 +148,7 @@ def test_pair_shares_on_hand_built_weights():
   assert bench.pair_shares(w, inputs, mask, 2)["share"] == pytest.approx(3.0 / 11)
 
 
-def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
+def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
   import jax
   from pallas_polysketch import nn as ps_nn
   bench = load_bench("recall")
@@ -189,7 +189,7 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
   assert [x["state_floats"] for x in by_variant["softmax"]["lengths"]] == [2 * 32 * 8, 2 * 64 * 8]
   assert [x["state_floats"] for x in by_variant["learned+local"]["lengths"]] == [
       4 ** 2 * 9 + 2 * 8 * 8] * 2
-  assert "| learned+local | 32 | 4 | 2 | " in (tmp_path / "recall-len-lengths.md").read_text()
+  assert "| learned+local | 32 | 2 | 0.001 | 4 | 2 | " in (tmp_path / "recall-len-lengths.md").read_text()
   assert (tmp_path / "recall-len-lengths.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     bench.main(["--eval-lengths", str(tmp_path / "absent"), "--out-dir", str(tmp_path)])
@@ -206,10 +206,14 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path):
                                               abs=1e-6)
   assert (f"| softmax, from model {os.path.basename(softmax_dir)} |"
           in (tmp_path / "recall-tuned.md").read_text())
-  for extra in (["--variants", "learned+local"], ["--variants", "softmax", "--save-models",
-                                                  str(tmp_path / "m2")]):
+  for extra, message in (
+      (["--variants", "learned+local"], "is a softmax model: give --variants softmax"),
+      (["--variants", "softmax", "--block-size", "4"], "{'block_size': (8, 4)}"),
+      (["--variants", "softmax", "--eval-lengths", str(tmp_path / "models")],
+       "got ['--eval-lengths', '--init-from']")):
     with pytest.raises(SystemExit):
       bench.main(common + ["--seqs", "64"] + extra)
+    assert message in capsys.readouterr().err
 
 
 def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_path):
