@@ -340,7 +340,8 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     parameters and the fixed random sketches) start this training, with a
     fresh optimizer and schedule from step 0: fine-tuning, e.g. at a longer
     context than the checkpoint trained at. Its model config must equal
-    `model_config`; the data order still follows cfg.seed. Not with resume_from.
+    `model_config` and its tokenizer (if saved) the data's; the data order still
+    follows cfg.seed. Not with resume_from.
 
   results: final val loss/accuracy, steps/s and tokens/s (over the train steps
   after each session's first, compiling one, and after the polynomial
@@ -364,7 +365,7 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     if resume_from is not None:
       raise ValueError("train: give resume_from (continue a run) or init_from (start a new run "
                        "from a model's weights), not both")
-    _check_model_config("init_from", init_from.model.config, model_config)
+    _check_model_config("init_from", init_from, model_config, tokenizer)
   if resume_from is None:
     rng = np.random.default_rng(cfg.seed)
     model = GPT(model_config, rngs=nnx.Rngs(cfg.seed))
@@ -494,27 +495,29 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
   return model, results
 
 
-def _check_model_config(name: str, saved: GPTConfig, model_config: GPTConfig):
+def _check_model_config(name: str, ckpt: Checkpoint, model_config: GPTConfig, tokenizer):
+  """The checkpoint's model config and tokenizer (where both sides have one) are the run's."""
+  saved = ckpt.model.config
   if saved != model_config:
     diff = {f.name: (getattr(saved, f.name), getattr(model_config, f.name))
             for f in dataclasses.fields(GPTConfig)
             if getattr(saved, f.name) != getattr(model_config, f.name)}
     raise ValueError(f"{name}: the checkpoint's model config differs (checkpoint, given): {diff}")
+  if tokenizer is not None and ckpt.tokenizer is not None and tokenizer.chars != ckpt.tokenizer.chars:
+    raise ValueError(f"{name}: the checkpoint's tokenizer differs from the data's")
 
 
 def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, tokenizer):
   if ckpt.optimizer is None or ckpt.loop_state is None:
     raise ValueError(f"resume_from: the checkpoint at step {ckpt.step} holds no optimizer state "
                      "or no training-loop state (only checkpoints written by train() resume)")
-  _check_model_config("resume_from", ckpt.model.config, model_config)
+  _check_model_config("resume_from", ckpt, model_config, tokenizer)
   free = {"eval_every", "eval_batches", "log_every"}
   diff = {f.name: (getattr(ckpt.train_config, f.name), getattr(cfg, f.name))
           for f in dataclasses.fields(TrainConfig)
           if f.name not in free and getattr(ckpt.train_config, f.name) != getattr(cfg, f.name)}
   if diff:
     raise ValueError(f"resume_from: the checkpoint's train config differs (checkpoint, given): {diff}")
-  if tokenizer is not None and ckpt.tokenizer is not None and tokenizer.chars != ckpt.tokenizer.chars:
-    raise ValueError("resume_from: the checkpoint's tokenizer differs from the data's")
 
 
 # ----------------------------------------------------------------------------

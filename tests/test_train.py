@@ -495,3 +495,18 @@ def test_init_from_starts_from_the_checkpoints_weights_with_a_fresh_optimizer(tm
     train_mod.train(_tiny_config(vocab_size=data.vocab_size), data, longer, init_from=ckpt)
   with pytest.raises(ValueError, match="not both"):
     train_mod.train(mc, data, longer, init_from=ckpt, resume_from=ckpt)
+
+
+def test_init_from_refuses_a_checkpoint_of_another_tokenizer(tmp_path):
+  """Same vocabulary size, other characters: the weights would read the wrong
+  tokens, so init_from refuses (as resume_from does)."""
+  data_a = train_mod.TextData("abcdefgh\n" * 300)
+  data_b = train_mod.TextData("ABCDEFGH\n" * 300)
+  assert data_a.vocab_size == data_b.vocab_size
+  mc = _tiny_config(vocab_size=data_a.vocab_size)
+  train_mod.save_checkpoint(str(tmp_path / "ck"), GPT(mc, rngs=nnx.Rngs(0)),
+                            tokenizer=data_a.tokenizer)
+  ckpt = train_mod.load_checkpoint(str(tmp_path / "ck"))
+  cfg = train_mod.TrainConfig(steps=1, batch_size=2, context=16, eval_batches=1)
+  with pytest.raises(ValueError, match="init_from: the checkpoint's tokenizer differs"):
+    train_mod.train(mc, data_b, cfg, progress=False, init_from=ckpt)
