@@ -657,8 +657,10 @@ def main(argv=None):
   if any(args.polynomial_warmup) and (args.stack_seeds or args.parallel):
     p.error("--polynomial-warmup runs one seed per run in this process: it does not "
             "combine with --stack-seeds or --parallel")
+  command = " ".join(["python", "bench/lm_quality.py"]
+                     + (argv if argv is not None else sys.argv[1:]))
   if args.merge is not None:
-    return merge(p, args, argv)
+    return merge(p, args, command)
   if not os.path.exists(args.data):
     print(f"skipped: no data at {args.data} (pass --data PATH to a text file)")
     return []
@@ -668,8 +670,6 @@ def main(argv=None):
   stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{args.context}")
   if args.barrier is not None:   # a --time-budget calibration job
     return calibrate(args, data, variants[0], args.seeds, stem + ".json")
-  command = " ".join(["python", "bench/lm_quality.py"]
-                     + (argv if argv is not None else sys.argv[1:]))
   if args.parallel:
     return run_parallel(args, data, stem, command)
   runs = []
@@ -709,7 +709,7 @@ def main(argv=None):
   return runs
 
 
-def merge(p, args, argv):
+def merge(p, args, command):
   """--merge: the runs of several reports of the same settings (run flags, model
   and training configs) in one report at <stem>; a later report's run replaces
   an earlier one of the same variant, seed and warm-up. Returns the runs."""
@@ -741,8 +741,6 @@ def merge(p, args, argv):
       "seeds": sorted({run["seed"] for run in runs}),
       "polynomial_warmup": sorted({polynomial_warmup_steps(run) for run in runs})}))
   stem = os.path.join(args.out_dir, args.tag or f"lm_quality_ctx{merged.context}")
-  command = " ".join(["python", "bench/lm_quality.py"]
-                     + (argv if argv is not None else sys.argv[1:]))
   merged_runs = {f"{run['variant']} seed {run['seed']}" for run in runs}
   not_finished = list(dict.fromkeys(x for _, r in reports for x in r.get("not_finished", [])
                                     if x not in merged_runs))

@@ -32,7 +32,6 @@ combines the JSONs of runs split over processes (a variant run with another
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -330,7 +329,7 @@ def eval_lengths(models_dirs, seqs, out_stem):
       cfg = ckpt.model.config
       for T in seqs:
         data = recall_data(args, T, int(pairs))
-        if 2 * (data.num_pairs + data.num_queries) + 1 > T:
+        if data.min_context > T:
           print(f"{name} at T={T}: skipped (too short for its pairs and queries)", flush=True)
           continue
         accs = [float(evaluate(ckpt.model, *(jnp.asarray(x) for x in batch))[1])
@@ -606,22 +605,20 @@ def main(argv=None):
     if args.variants.split(",") != [named.group(1)]:
       p.error(f"--init-from {init_from} is a {named.group(1)} model: give --variants "
               f"{named.group(1)} (got {args.variants})")
-    from pallas_polysketch.train import load_checkpoint
+    from pallas_polysketch.train import _check_model_config, load_checkpoint
     init_ckpt = load_checkpoint(args.init_from)
-    saved = init_ckpt.model.config
     for seq, pairs in itertools.product(args.seqs, args.pairs):
-      mc = model_config(args, named.group(1), recall_data(args, seq, pairs), seq)
-      differ = {f.name: (getattr(saved, f.name), getattr(mc, f.name))
-                for f in dataclasses.fields(mc) if getattr(saved, f.name) != getattr(mc, f.name)}
-      if differ:
-        p.error(f"--init-from {init_from}: at T = {seq}, {pairs} pairs these flags give another "
-                f"model (field: saved, given): {differ}")
+      try:   # train()'s own check, before any training
+        _check_model_config(f"--init-from {init_from} at T = {seq}, {pairs} pairs", init_ckpt,
+                            model_config(args, named.group(1), recall_data(args, seq, pairs), seq),
+                            None)
+      except ValueError as e:
+        p.error(str(e))
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
     if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from) in done:
       continue
-    queries = min(args.queries, pairs) if args.distinct_queries else args.queries
-    if 2 * (pairs + queries) + 1 > seq:
+    if recall_data(args, seq, pairs).min_context > seq:
       continue
     if args.save_models and os.path.exists(model_dir(args, variant, seq, pairs, lr)):
       p.error(f"--save-models: {model_dir(args, variant, seq, pairs, lr)} exists (a model of "

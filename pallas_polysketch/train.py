@@ -186,11 +186,16 @@ class RecallData:
       raise ValueError(f"distinct_queries: num_queries={num_queries} must be <= "
                        f"num_pairs={num_pairs} (each query a different key)")
 
+  @property
+  def min_context(self) -> int:
+    """The shortest context that holds the pairs, their separator and the queries."""
+    return 2 * (self.num_pairs + self.num_queries) + 1
+
   def _make(self, rng: np.random.Generator, batch_size: int, context: int, *, validation: bool):
     n, m = self.num_pairs, self.num_queries
-    if 2 * (n + m) + 1 > context:
+    if self.min_context > context:
       raise ValueError(f"context {context} too short for {n} pairs and {m} queries "
-                       f"(needs >= {2 * (n + m) + 1})")
+                       f"(needs >= {self.min_context})")
     keys = np.argsort(rng.random((batch_size, self.num_keys)), axis=1)[:, :n] + 1
     vals = rng.integers(0, self.num_values, (batch_size, n)) + 1 + self.num_keys
     seq = rng.integers(0, self.num_noise, (batch_size, context + 1)) + 1 + self.num_keys + self.num_values
