@@ -267,7 +267,9 @@ def probe_line(x):
           f"{x.get('far', float('nan')):.3f}{exact} (uniform share {x['chance']:.3f})")
 
 
-MODEL_NAME = r"(.+)-T(\d+)-pairs(\d+)-lr(.+?)(?:-r\d+-steps\d+)?(?:-pw(\d+))?(?:-seed\d+)?"   # --save-models
+MODEL_NAME = (r"(?P<variant>.+)-T(?P<seq>\d+)-pairs(?P<pairs>\d+)-lr(?P<lr>.+?)"   # --save-models
+              r"(?:-r(?P<sketch_dim>\d+)-steps(?P<steps>\d+))?(?:-pw(?P<warmup>\d+))?(?:-seed\d+)?")
+MODEL_FIELDS = ("variant", "seq", "pairs", "lr", "warmup")
 
 
 def reprobe(models_dir, out_stem):
@@ -279,7 +281,7 @@ def reprobe(models_dir, out_stem):
   for name in sorted(os.listdir(models_dir)):
     ckpt = load_checkpoint(os.path.join(models_dir, name))
     args = argparse.Namespace(**ckpt.extra["args"])
-    variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).groups()
+    variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).group(*MODEL_FIELDS)
     data = recall_data(args, int(seq), int(pairs))
     block = min(args.block_size, int(seq))
     records.append(dict(model=name, variant=variant, seq=int(seq), pairs=int(pairs),
@@ -320,7 +322,7 @@ def eval_lengths(models_dirs, seqs, out_stem):
         continue
       ckpt = load_checkpoint(os.path.join(models_dir, name))
       args = argparse.Namespace(**ckpt.extra["args"])
-      variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).groups()
+      variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).group(*MODEL_FIELDS)
       rec = dict(model=name, models_dir=models_dir, variant=variant, train_seq=int(seq),
                  pairs=int(pairs), lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
                  seed=args.seed, polynomial_warmup=int(warmup or 0),
@@ -379,26 +381,49 @@ def eval_lengths(models_dirs, seqs, out_stem):
   return records
 
 
+def parent_run(r, runs):
+  """The run among runs whose saved model r started from (--init-from), or None."""
+  named = re.fullmatch(MODEL_NAME, r.get("init_from", ""))
+  if named is None or named["steps"] is None:
+    return None
+  key = (named["variant"], int(named["seq"]), int(named["pairs"]), float(named["lr"]),
+         int(named["sketch_dim"]), int(named["steps"]), int(named["warmup"] or 0))
+  for q in runs:
+    if q is not r and (q["variant"], q["seq"], q["pairs"], q["lr"], q["sketch_dim"], q["steps"],
+                       q.get("polynomial_warmup", 0)) == key:
+      return q
+  return None
+
+
 def row_labels(runs):
   """A table row per variant (with its polynomial warm-up, if any), or per
   (that, sketch_dim, steps) where merged runs of one differ in those: [label
-  per run], labels in order."""
-  configs = {}
+  per run], labels in order. A run trained from another merged run's saved
+  model (--init-from, e.g. at a longer T) joins the row of the run its chain
+  of models starts at, labelled "length curriculum"."""
+  def root(r):
+    seen = [r]
+    while (q := parent_run(seen[-1], runs)) is not None and q not in seen:
+      seen.append(q)
+    return seen[-1]
+  roots = [root(r) for r in runs]
+  chained = {id(q) for r, q in zip(runs, roots) if q is not r}   # roots with descendants
   def base(r):
     return (variant_label(r["variant"], r.get("polynomial_warmup", 0))
             + (f", from model {r['init_from']}" if r.get("init_from") else ""))
-  for r in runs:
-    configs.setdefault(base(r), set()).add((r["sketch_dim"], r["steps"]))
-  def label(r):
-    if len(configs[base(r)]) == 1:
-      return base(r)
-    sketch = "" if VARIANTS[r["variant"]][0] != "polysketch" else f"r = {r['sketch_dim']}, "
-    return f"{base(r)} ({sketch}{r['steps']} steps)"
-  labels = [label(r) for r in runs]
+  configs = {}
+  for q in roots:
+    configs.setdefault(base(q), set()).add((q["sketch_dim"], q["steps"]))
+  def label(q):
+    if len(configs[base(q)]) == 1:
+      return base(q)
+    sketch = "" if VARIANTS[q["variant"]][0] != "polysketch" else f"r = {q['sketch_dim']}, "
+    return f"{base(q)} ({sketch}{q['steps']} steps)"
+  labels = [label(q) + (", length curriculum" if id(q) in chained else "") for q in roots]
   first = {}
-  for r, x in zip(runs, labels):
-    first.setdefault(x, (list(VARIANTS).index(r["variant"]), r.get("polynomial_warmup", 0),
-                         r["sketch_dim"], r["steps"], r.get("init_from", "")))
+  for q, x in zip(roots, labels):
+    first.setdefault(x, (list(VARIANTS).index(q["variant"]), q.get("polynomial_warmup", 0),
+                         q["sketch_dim"], q["steps"], q.get("init_from", "")))
   return labels, sorted(first, key=first.get)
 
 
@@ -421,7 +446,10 @@ def write_outputs(stem, meta, runs):
   pairs = sorted({k[2] for k in best})
   lines = [f"# MQAR recall ({meta['command']})", "", meta["setup"], "",
            "Answer accuracy on held-out sequences (best learning rate of "
-           f"{meta['lrs']}); state per head after T tokens in floats.", ""]
+           f"{meta['lrs']}); state per head after T tokens in floats."
+           + (" A length curriculum row: the model at each T started from the row's model at a"
+              " shorter T (`--init-from`; each run's `init_from` in the JSON names which)."
+              if any(x.endswith("length curriculum") for x in variants) else ""), ""]
   for p in pairs:
     lines += [f"## {p} key-value pairs", "",
               "| variant | " + " | ".join(f"T={t}" for t in seqs) + " | state per head at the largest T |",

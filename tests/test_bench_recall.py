@@ -206,6 +206,14 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
                                               abs=1e-6)
   assert (f"| softmax, from model {os.path.basename(softmax_dir)} |"
           in (tmp_path / "recall-tuned.md").read_text())
+  # merged with the run whose model it started from, it joins that run's row
+  bench.main(["--merge", str(tmp_path / "recall-probe.json"), str(tmp_path / "recall-tuned.json"),
+              "--out-dir", str(tmp_path), "--tag", "chain"])
+  md = (tmp_path / "recall-chain.md").read_text()
+  assert (f"| softmax, length curriculum | {100 * runs[0]['val_acc']:.1f}% (lr 0.001) | "
+          f"{100 * tuned[0]['val_acc']:.1f}% (lr 0) | {2 * 64 * 8:,} |") in md
+  assert f"| learned+local | {100 * runs[1]['val_acc']:.1f}% (lr 0.001) | - |" in md
+  assert "A length curriculum row" in md and "from model" not in md
   for extra, message in (
       (["--variants", "learned+local"], "is a softmax model: give --variants softmax"),
       (["--variants", "softmax", "--block-size", "4"], "{'block_size': (8, 4)}"),
