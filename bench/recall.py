@@ -381,6 +381,12 @@ def eval_lengths(models_dirs, seqs, out_stem):
   return records
 
 
+def model_key(r):
+  """What a run's saved model's name (MODEL_NAME, less the seed) says of the run."""
+  return (r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
+          r.get("polynomial_warmup", 0))
+
+
 def parent_run(r, runs):
   """The run among runs whose saved model r started from (--init-from), or None."""
   named = re.fullmatch(MODEL_NAME, r.get("init_from", ""))
@@ -388,11 +394,7 @@ def parent_run(r, runs):
     return None
   key = (named["variant"], int(named["seq"]), int(named["pairs"]), float(named["lr"]),
          int(named["sketch_dim"]), int(named["steps"]), int(named["warmup"] or 0))
-  for q in runs:
-    if q is not r and (q["variant"], q["seq"], q["pairs"], q["lr"], q["sketch_dim"], q["steps"],
-                       q.get("polynomial_warmup", 0)) == key:
-      return q
-  return None
+  return next((q for q in runs if q is not r and model_key(q) == key), None)
 
 
 def row_labels(runs):
@@ -403,7 +405,7 @@ def row_labels(runs):
   of models starts at, labelled "length curriculum"."""
   def root(r):
     seen = [r]
-    while (q := parent_run(seen[-1], runs)) is not None and q not in seen:
+    while (q := parent_run(seen[-1], runs)) is not None and all(q is not x for x in seen):
       seen.append(q)
     return seen[-1]
   roots = [root(r) for r in runs]
@@ -600,8 +602,7 @@ def main(argv=None):
         r.setdefault("sketch_dim", doc["args"]["sketch_dim"])
         r.setdefault("steps", doc["args"]["steps"])
         r.setdefault("polynomial_warmup", 0)
-        merged[(r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
-                r["polynomial_warmup"], r.get("init_from", ""))] = r
+        merged[model_key(r) + (r.get("init_from", ""),)] = r
     lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
     setups = []   # each file's, with every file's learning rates; the distinct ones
     for doc in docs:
@@ -631,15 +632,15 @@ def main(argv=None):
     if not os.path.isdir(args.init_from) or named is None:
       p.error(f"--init-from: {args.init_from} is not a model --save-models wrote "
               "(<variant>-T<seq>-pairs<pairs>-lr<lr>...)")
-    if args.variants.split(",") != [named.group(1)]:
-      p.error(f"--init-from {init_from} is a {named.group(1)} model: give --variants "
-              f"{named.group(1)} (got {args.variants})")
+    if args.variants.split(",") != [named["variant"]]:
+      p.error(f"--init-from {init_from} is a {named['variant']} model: give --variants "
+              f"{named['variant']} (got {args.variants})")
     from pallas_polysketch.train import _check_model_config, load_checkpoint
     init_ckpt = load_checkpoint(args.init_from)
     for seq, pairs in itertools.product(args.seqs, args.pairs):
       try:   # train()'s own check, before any training
         _check_model_config(f"--init-from {init_from} at T = {seq}, {pairs} pairs", init_ckpt,
-                            model_config(args, named.group(1), recall_data(args, seq, pairs), seq),
+                            model_config(args, named["variant"], recall_data(args, seq, pairs), seq),
                             None)
       except ValueError as e:
         p.error(str(e))
