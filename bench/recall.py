@@ -458,6 +458,8 @@ def write_outputs(stem, meta, runs):
               "| variant | " + " | ".join(f"T={t}" for t in seqs) + " | state per head at the largest T |",
               "|---|" + "---:|" * (len(seqs) + 1)]
     for v in variants:
+      if not any((v, t, p) in best for t in seqs):
+        continue
       cells, state = [], ""
       for t in seqs:
         r = best.get((v, t, p))

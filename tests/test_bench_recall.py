@@ -214,6 +214,16 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
           f"{100 * tuned[0]['val_acc']:.1f}% (lr 0) | {2 * 64 * 8:,} |") in md
   assert f"| learned+local | {100 * runs[1]['val_acc']:.1f}% (lr 0.001) | - |" in md
   assert "A length curriculum row" in md and "from model" not in md
+  # a table for another number of pairs lists only the rows that ran with it
+  bench.main(common + ["--seqs", "64", "--lrs", "0", "--variants", "softmax", "--pairs", "3",
+                       "--tag", "three"])
+  bench.main(["--merge", str(tmp_path / "recall-probe.json"), str(tmp_path / "recall-tuned.json"),
+              str(tmp_path / "recall-three.json"), "--out-dir", str(tmp_path), "--tag", "chain3"])
+  md = (tmp_path / "recall-chain3.md").read_text()
+  two, three = md.split("## 2 key-value pairs")[1].split("## 3 key-value pairs")
+  three = three.split("## Where")[0]
+  assert "| learned+local |" in two and "| learned+local" not in three
+  assert "| softmax, length curriculum | - | " in three
   for extra, message in (
       (["--variants", "learned+local"], "is a softmax model: give --variants softmax"),
       (["--variants", "softmax", "--block-size", "4"], "{'block_size': (8, 4)}"),
