@@ -125,7 +125,7 @@ def run_one(args, variant, seq, pairs, lr, init_from=None):
     save_checkpoint(model_dir(args, variant, seq, pairs, lr), model, train_config=cfg,
                     extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
-              steps=args.steps, polynomial_warmup=warmup, **init, **probe, val_acc=res["val_acc"],
+              steps=args.steps, polynomial_warmup=warmup, seed=args.seed, **init, **probe, val_acc=res["val_acc"],
               val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
@@ -268,7 +268,8 @@ def probe_line(x):
 
 
 MODEL_NAME = (r"(?P<variant>.+)-T(?P<seq>\d+)-pairs(?P<pairs>\d+)-lr(?P<lr>.+?)"   # --save-models
-              r"(?:-r(?P<sketch_dim>\d+)-steps(?P<steps>\d+))?(?:-pw(?P<warmup>\d+))?(?:-seed\d+)?")
+              r"(?:-r(?P<sketch_dim>\d+)-steps(?P<steps>\d+))?(?:-pw(?P<warmup>\d+))?"
+              r"(?:-seed(?P<seed>\d+))?")
 MODEL_FIELDS = ("variant", "seq", "pairs", "lr", "warmup")
 
 
@@ -382,9 +383,9 @@ def eval_lengths(models_dirs, seqs, out_stem):
 
 
 def model_key(r):
-  """What a run's saved model's name (MODEL_NAME, less the seed) says of the run."""
+  """What a run's saved model's name (MODEL_NAME) says of the run."""
   return (r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
-          r.get("polynomial_warmup", 0))
+          r.get("polynomial_warmup", 0), r.get("seed", 0))
 
 
 def parent_run(r, runs):
@@ -393,14 +394,15 @@ def parent_run(r, runs):
   if named is None or named["steps"] is None:
     return None
   key = (named["variant"], int(named["seq"]), int(named["pairs"]), float(named["lr"]),
-         int(named["sketch_dim"]), int(named["steps"]), int(named["warmup"] or 0))
+         int(named["sketch_dim"]), int(named["steps"]), int(named["warmup"] or 0),
+         int(named["seed"] or 0))
   return next((q for q in runs if q is not r and model_key(q) == key), None)
 
 
 def row_labels(runs):
   """A table row per variant (with its polynomial warm-up, if any), or per
-  (that, sketch_dim, steps) where merged runs of one differ in those: [label
-  per run], labels in order. A run trained from another merged run's saved
+  (that, sketch_dim, steps) where merged runs of one differ in those, and per
+  seed: [label per run], labels in order. A run trained from another merged run's saved
   model (--init-from, e.g. at a longer T) joins the row of the run its chain
   of models starts at, labelled "length curriculum"."""
   def root(r):
@@ -421,11 +423,12 @@ def row_labels(runs):
       return base(q)
     sketch = "" if VARIANTS[q["variant"]][0] != "polysketch" else f"r = {q['sketch_dim']}, "
     return f"{base(q)} ({sketch}{q['steps']} steps)"
-  labels = [label(q) + (", length curriculum" if id(q) in chained else "") for q in roots]
+  labels = [label(q) + (f", seed {r['seed']}" if r.get("seed") else "")
+            + (", length curriculum" if id(q) in chained else "") for r, q in zip(runs, roots)]
   first = {}
-  for q, x in zip(roots, labels):
+  for r, q, x in zip(runs, roots, labels):
     first.setdefault(x, (list(VARIANTS).index(q["variant"]), q.get("polynomial_warmup", 0),
-                         q["sketch_dim"], q["steps"], q.get("init_from", "")))
+                         q["sketch_dim"], q["steps"], q.get("init_from", ""), r.get("seed", 0)))
   return labels, sorted(first, key=first.get)
 
 
@@ -604,6 +607,7 @@ def main(argv=None):
         r.setdefault("sketch_dim", doc["args"]["sketch_dim"])
         r.setdefault("steps", doc["args"]["steps"])
         r.setdefault("polynomial_warmup", 0)
+        r.setdefault("seed", doc["args"].get("seed", 0))
         merged[model_key(r) + (r.get("init_from", ""),)] = r
     lrs = sorted({r["lr"] for r in merged.values()})   # the learning rates of every file
     setups = []   # each file's, with every file's learning rates; the distinct ones

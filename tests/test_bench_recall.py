@@ -264,3 +264,18 @@ def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_pat
   with pytest.raises(SystemExit):
     bench.main(common + ["--variants", "learned+local", "--polynomial-warmup", "1", "--seed", "1",
                          "--save-models", str(tmp_path / "models"), "--tag", "seed1"])
+
+
+def test_merged_chains_of_other_seeds_get_their_own_rows():
+  bench = load_bench("recall")
+  roots = [dict(variant="softmax", seq=64, pairs=2, lr=1e-3, sketch_dim=4, steps=10,
+                polynomial_warmup=0, seed=seed) for seed in (0, 1)]
+  child = dict(roots[1], seq=128, init_from="softmax-T64-pairs2-lr0.001-r4-steps10-seed1")
+  orphan = dict(roots[1], seq=128, init_from="softmax-T64-pairs2-lr0.001-r4-steps10-seed2")
+  assert bench.parent_run(child, roots + [child]) is roots[1]
+  assert bench.parent_run(orphan, roots + [orphan]) is None
+  labels, order = bench.row_labels(roots + [child])
+  assert labels == ["softmax", "softmax, seed 1, length curriculum",
+                    "softmax, seed 1, length curriculum"]
+  assert order == labels[:2]
+  assert bench.model_key(roots[0]) != bench.model_key(roots[1])
