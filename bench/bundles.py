@@ -126,8 +126,8 @@ def kernel_name(filename: str) -> str | None:
   return m.group(2) if m else None
 
 
-def parse(text: str, name: str = "") -> Schedule:
-  """Parses one `*-final_bundles.txt`; raises ScheduleFormatError if unrecognised."""
+def _bundles(text: str, name: str) -> list[tuple[int, str, int, str, str]]:
+  """[(address, tag, loop depth, body, comment)] of a dump, one per bundle."""
   # A bundle may span lines (DMA descriptors in comments): join until the next.
   chunks: list[str] = []
   for line in text.splitlines():
@@ -148,6 +148,12 @@ def parse(text: str, name: str = "") -> Schedule:
   addrs = [b[0] for b in bundles]
   if addrs != list(range(len(addrs))):
     raise ScheduleFormatError(f"{name}: bundle addresses are not 0, 1, 2, ...")
+  return bundles
+
+
+def parse(text: str, name: str = "") -> Schedule:
+  """Parses one `*-final_bundles.txt`; raises ScheduleFormatError if unrecognised."""
+  bundles = _bundles(text, name)
   region_start: dict[int, int] = {}
   for addr, _, _, _, comment in bundles:
     for r in _REGION_START_RE.findall(comment):
@@ -187,6 +193,39 @@ def parse(text: str, name: str = "") -> Schedule:
     if l2.start <= l1.end:
       raise ScheduleFormatError(f"{name}: overlapping loops")
   return Schedule(name, len(bundles), tuple(loops))
+
+
+# Issue-slot classes of vector ops (mnemonics as in libtpu 0.0.42.1's dumps).
+_SLOT_CLASSES = (
+    ("mxu", re.compile(r"vmat(?:mul|prep|push\d?)\b")),
+    ("mxu_result", re.compile(r"vpop\.f32\b|vmatres\b")),
+    ("eup", re.compile(r"v(?:tanh|exp|rcp|rsqrt|log|pow2|sqrt|sin|cos)\b")),
+    ("eup_result", re.compile(r"vpop\.eup\b")),
+    ("xlu", re.compile(r"v(?:xpose|rot|perm)\b|vpop\.(?:trf|permute)\b")),
+    ("load", re.compile(r"vld\b")),
+    ("store", re.compile(r"vst\w*\b")),
+    ("valu", re.compile(r"v(?:add|sub|mul|max|min|sel|cmp|pack|unpack|and|or|xor|not|cvt|mov|"
+                        r"clamp|shl|shr|shra|abs|neg|bcast|lane\w*)\b")),
+)
+_OP_RE = re.compile(r"(?:^|;;|=)\s*(v[a-z][\w.]*)")
+
+
+def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
+  """Vector ops of each issue-slot class (`_SLOT_CLASSES`; "vector_other"
+  for the rest) over every bundle the static count issues: straight-line
+  bundles once, a loop body's `trips` times (no region skipped, as
+  `Schedule.static_cycles`). With the cycles, ops per cycle show which unit
+  bounds a kernel (4 VALU slots, 2 loads, 1 store a bundle on v5e and v6e)."""
+  counts: dict[str, int] = {}
+  weight = [1] * sched.bundles
+  for loop in sched.loops:
+    for a in range(loop.start, loop.end + 1):
+      weight[a] = loop.trips
+  for addr, _, _, body, _ in _bundles(text, sched.name):
+    for op in _OP_RE.findall(body):
+      cls = next((c for c, rx in _SLOT_CLASSES if rx.match(op)), "vector_other")
+      counts[cls] = counts.get(cls, 0) + weight[addr]
+  return counts
 
 
 def grid_kernel_cycles(sched: Schedule, *, steps: int, when_fractions,

@@ -165,8 +165,11 @@ def _worker(spec_path: str, out_path: str) -> None:
     for f in files:
       name = bundles.kernel_name(f)
       try:
-        sched = bundles.parse(open(os.path.join(dump, f)).read(), name)
+        text = open(os.path.join(dump, f)).read()
+        sched = bundles.parse(text, name)
         rec["schedules"].append(sched.to_json())
+        if job.get("slot_counts"):
+          rec.setdefault("slots", {})[name] = bundles.slot_counts(text, sched)
       except bundles.ScheduleFormatError as e:
         rec["schedules"].append({"name": name, "format_error": str(e)})
       if job.get("keep_excerpt_of") == name:

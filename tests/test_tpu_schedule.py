@@ -7,6 +7,7 @@ tests/data/tiny_accumulate_v5e_final_bundles.txt was written by
 """
 import importlib.util
 import os
+import re
 import sys
 
 import pytest
@@ -92,6 +93,32 @@ def test_multiline_bundle():
           "   0x2   :  { %3 = vsyncpa [#allocation1], 1 }\n")
   s = bundles.parse(text, "m")
   assert s.bundles == 3 and s.static_cycles() == 3
+
+
+def test_slot_counts_classify_ops_and_weight_loop_bodies(sched):
+  text = ("   0   :  { %1 = vadd.f32 %v1, %v2  ;;  %2 = vmul.f32 %v3, %v4  ;;  %v5 = vld [vmem:[#a]] }\n"
+          "   0x1   :  { %3 = vmatmul.mubr.bf16.mxu0 %v5  ;;  %v6 = vpop.f32.mrb[0].mxu0  ;;  "
+          "%7 = vtanh.f32 %v6  ;;  vst [vmem:[#b] sm:$0xff] /*vst_source=*/%v6 }\n"
+          "   0x2   :  { %v8 = vpop.eup %7  ;;  %9 = vxpose.xlu0 %v8  ;;  %10 = vsyncpa [#allocation1], 1 }\n")
+  s = bundles.parse(text, "straight")
+  assert bundles.slot_counts(text, s) == dict(valu=2, load=1, mxu=1, mxu_result=1, eup=1,
+                                              store=1, eup_result=1, xlu=1, vector_other=1)
+  # the real kernel (VALU ops only): an op in the grid loop's body counts once per trip
+  real = open(DATA).read()
+  counts = bundles.slot_counts(real, sched)
+  (loop,) = sched.loops
+  body = outside = 0
+  for line in real.splitlines():
+    head = line.split(":", 1)[0].split()
+    if head and head[0].startswith(("0x", "0")) and head[0].replace("x", "").isalnum():
+      n = len(re.findall(r"= (?:vadd|vmul|vpack|vunpack|vmov)\b", line))
+      addr = int(head[0], 0)
+      if loop.start <= addr <= loop.end:
+        body += n
+      else:
+        outside += n
+  assert body > 0
+  assert counts["valu"] == body * loop.trips + outside
 
 
 @pytest.mark.tpu_compile

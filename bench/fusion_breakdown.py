@@ -1,0 +1,118 @@
+"""Where an XLA program's static cycles go on TPU, kernel by kernel, and which
+unit bounds each (issue 13 §5: what the learned sketch's features cost).
+
+Compiles one program for a TPU generation on this host (libtpu, as
+`bench/tpu_schedule.py` does) and, per dumped kernel (XLA fusion or Pallas
+kernel), reports its static cycles times the number of times the program
+runs it, and its vector ops per cycle by issue-slot class
+(`bundles.slot_counts`: VALU, MXU pushes, MXU result pops, EUP, XLU, vector
+loads and stores). A kernel whose VALU ops per cycle are near the 4 slots of
+a bundle is bound by its elementwise arithmetic; the program's VALU ops / 4
+is then the cycles it needs at full VALU packing with XLA's op count.
+
+Programs:
+  features  the learned sketch's features of q and k as the Flax layer
+            computes them (B=1, 12 heads, H=64, r=32, bf16), forward + VJP
+            into the params, q and k (`tpu_schedule._features_fn`)
+
+  python bench/fusion_breakdown.py --gen v6e --seq 4096 --tag fusion_breakdown_features_v6e
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bundles  # noqa: E402
+import tpu_schedule  # noqa: E402
+
+VALU_SLOTS = 4   # VALU slots a bundle on v5e and v6e
+CLASSES = ("valu", "mxu", "mxu_result", "eup", "xlu", "load", "store")
+
+
+def breakdown(rec: dict) -> dict:
+  """{"total", "valu_floor", "kernels": [...]} of one worker record compiled
+  with `slot_counts`; kernels sorted by cycles, largest first."""
+  kernels = []
+  for s in rec["schedules"]:
+    if "format_error" in s:
+      kernels.append(dict(name=s["name"], error=s["format_error"]))
+      continue
+    sched = bundles.Schedule.from_json(s)
+    runs = tpu_schedule.runs(rec, sched.name)
+    cycles = sched.static_cycles()
+    slots = rec["slots"][sched.name]
+    kernels.append(dict(name=sched.name, runs=runs, cycles=cycles * runs,
+                        per_cycle={c: slots.get(c, 0) / max(cycles, 1) for c in CLASSES},
+                        valu_ops=slots.get("valu", 0) * runs))
+  counted = [k for k in kernels if "error" not in k]
+  total = sum(k["cycles"] for k in counted)
+  return dict(total=total, valu_floor=sum(k["valu_ops"] for k in counted) / VALU_SLOTS,
+              unparsed=[k["name"] for k in kernels if "error" in k],
+              kernels=sorted(counted, key=lambda k: -k["cycles"]))
+
+
+def markdown(doc: dict, top: int = 15, bound: float = 3.0) -> str:
+  b = doc["breakdown"]
+  heavy = sum(k["cycles"] for k in b["kernels"] if k["per_cycle"]["valu"] >= bound)
+  lines = [f"# Static cycles by kernel: {doc['program']} on {doc['gen']}, T = {doc['T']} "
+           f"(libtpu {doc['libtpu']})", "",
+           f"`{doc['command']}`", "",
+           f"Total {b['total'] / 1e6:.3f} Mcyc over {len(b['kernels'])} kernels; "
+           f"{heavy / max(b['total'], 1):.0%} of it in kernels issuing >= {bound:g} VALU ops a "
+           f"cycle (of {VALU_SLOTS}); the program's VALU ops / {VALU_SLOTS} = "
+           f"{b['valu_floor'] / 1e6:.3f} Mcyc."
+           + (f" Unparsed (not counted): {', '.join(b['unparsed'])}." if b["unparsed"] else ""),
+           "", "| kernel | runs | Mcyc | share | " + " | ".join(CLASSES) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(CLASSES)]
+  for k in b["kernels"][:top]:
+    lines.append(f"| {k['name']} | {k['runs']} | {k['cycles'] / 1e6:.4f} | "
+                 f"{k['cycles'] / max(b['total'], 1):.1%} | "
+                 + " | ".join(f"{k['per_cycle'][c]:.2f}" for c in CLASSES) + " |")
+  rest = b["kernels"][top:]
+  if rest:
+    lines.append(f"| {len(rest)} more | | {sum(k['cycles'] for k in rest) / 1e6:.4f} | "
+                 f"{sum(k['cycles'] for k in rest) / max(b['total'], 1):.1%} |"
+                 + " |" * len(CLASSES))
+  lines += ["", "Columns after the share: vector ops a cycle by issue-slot class "
+            "(`bundles.slot_counts`)."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--gen", default="v6e", choices=sorted(tpu_schedule.TOPOLOGIES))
+  p.add_argument("--seq", type=int, default=4096)
+  p.add_argument("--program", default="features", choices=("features",))
+  p.add_argument("--top", type=int, default=15)
+  p.add_argument("--tag", default=None)
+  args = p.parse_args(argv)
+  ver = tpu_schedule.libtpu_version()
+  if ver is None:
+    print("libtpu is not installed: nothing to compile; skipping.")
+    return 1
+  job = dict(op="features", sketch="learned", mode="vjp", B=1, N=12, H=64, r=32, T=args.seq,
+             slot_counts=True)
+  rec = tpu_schedule.run_jobs(args.gen, [job])[0]
+  if "error" in rec:
+    print(f"compile failed: {rec['error']}")
+    return 1
+  tag = args.tag or f"fusion_breakdown_{args.program}_{args.gen}_{args.seq}"
+  doc = dict(program="learned sketch features of q and k, fwd + VJP (12 heads, H=64, r=32, "
+                     "bf16)", gen=args.gen, T=args.seq, libtpu=ver,
+             command="python bench/fusion_breakdown.py " + " ".join(argv or sys.argv[1:]),
+             breakdown=breakdown(rec))
+  stem = os.path.join(tpu_schedule.RESULTS, tag)
+  with open(stem + ".json", "w") as f:
+    json.dump(doc, f, indent=1)
+  md = markdown(doc, top=args.top)
+  with open(stem + ".md", "w") as f:
+    f.write(md)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
