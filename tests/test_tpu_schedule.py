@@ -284,3 +284,20 @@ ENTRY %main (a: f32[8,128]) -> f32[8,128] {
   # A transpose, a retiling, a copy-only fusion (counted once, not again for
   # the copy inside it); not a memory-space move, not a convert.
   assert got == {"copy": 8 * 128 * 2, "copy.1": 8 * 128 * 4, "copy_fusion": 8 * 128 * 4}
+
+
+def test_fusion_breakdown_counts_every_run(sched):
+  import fusion_breakdown
+  text = open(DATA).read()
+  slots = bundles.slot_counts(text, sched)
+  rec = {"schedules": [sched.to_json(), {"name": "odd", "format_error": "x"}],
+         "slots": {sched.name: slots}, "calls": {sched.name: 3}}
+  b = fusion_breakdown.breakdown(rec)
+  assert b["total"] == 3 * sched.static_cycles()
+  assert b["valu_floor"] == 3 * slots["valu"] / fusion_breakdown.VALU_SLOTS
+  assert b["unparsed"] == ["odd"]
+  (k,) = b["kernels"]
+  assert k["per_cycle"]["valu"] == slots["valu"] / sched.static_cycles()
+  md = fusion_breakdown.markdown(dict(program="p", gen="v5e", T=1, libtpu="x", command="c",
+                                      breakdown=b))
+  assert f"| {sched.name} | 3 | " in md and "Unparsed (not counted): odd." in md
