@@ -125,8 +125,8 @@ def run_one(args, variant, seq, pairs, lr, init_from=None):
     save_checkpoint(model_dir(args, variant, seq, pairs, lr), model, train_config=cfg,
                     extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
-              steps=args.steps, polynomial_warmup=warmup, seed=args.seed, **init, **probe, val_acc=res["val_acc"],
-              val_loss=res["val_loss"], params=res.get("params"), curve=curve,
+              steps=args.steps, polynomial_warmup=warmup, seed=args.seed, **init, **probe,
+              val_acc=res["val_acc"], val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
                                         args.block_size))
