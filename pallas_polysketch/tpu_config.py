@@ -84,8 +84,11 @@ GENERATIONS = {
     # 1152 -> 860 / 1919 -> 1510 (4 a step: 572 / 922 / 1598).
     # v4 keeps one block a step in the backward: 4 cut its dq and dkv bundles
     # too, but needed more VMEM than the estimate (fitted at 1) allows for.
+    # At H = 128, r = 64 its dq kernel takes 4 (fits; fwd + bwd at 32k 27.55 ->
+    # 26.96 Mcyc, 2 a step 27.01; the dkv kernel's 2 a step or 256 tiles
+    # cost more: 28.75, 27.68).
     "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB,
-                        forward_blocks_per_step=4),
+                        forward_blocks_per_step=4, wide_head_dq_blocks_per_step=4),
     # Since the dkv kernel forms the diagonal block's dQ too, 128 tiles suit it
     # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
     # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
