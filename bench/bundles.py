@@ -215,7 +215,7 @@ def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
   for the rest) over every bundle the static count issues: straight-line
   bundles once, a loop body's `trips` times (no region skipped, as
   `Schedule.static_cycles`). With the cycles, ops per cycle show which unit
-  bounds a kernel (4 VALU slots, 2 loads, 1 store a bundle on v5e and v6e)."""
+  bounds a kernel (a bundle has 4 VALU slots on v5e and v6e)."""
   counts: dict[str, int] = {}
   weight = [1] * sched.bundles
   for loop in sched.loops:
