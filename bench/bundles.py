@@ -201,11 +201,11 @@ _SLOT_CLASSES = (
     ("mxu_result", re.compile(r"vpop\.f32\b|vmatres\b")),
     ("eup", re.compile(r"v(?:tanh|exp|rcp|rsqrt|log|pow2|sqrt|sin|cos)\b")),
     ("eup_result", re.compile(r"vpop\.eup\b")),
-    ("xlu", re.compile(r"v(?:xpose|rot|perm)\b|vpop\.(?:trf|permute)\b")),
+    ("xlu", re.compile(r"v(?:xpose|rot|perm|bcast)\b|vpop\.(?:trf|permute)\b")),
     ("load", re.compile(r"vld\b")),
     ("store", re.compile(r"vst\w*\b")),
     ("valu", re.compile(r"v(?:add|sub|mul|max|min|sel|cmp|pack|unpack|and|or|xor|not|cvt|mov|"
-                        r"clamp|shl|shr|shra|abs|neg|bcast|lane\w*)\b")),
+                        r"clamp|shl|shr|shra|abs|neg)\b")),
 )
 _OP_RE = re.compile(r"(?:^|;;|=)\s*(v[a-z][\w.]*)")
 
