@@ -38,7 +38,6 @@ def breakdown(rec: dict) -> dict:
   kernels = []
   for s in rec["schedules"]:
     if "format_error" in s:
-      kernels.append(dict(name=s["name"], error=s["format_error"]))
       continue
     sched = bundles.Schedule.from_json(s)
     runs = tpu_schedule.runs(rec, sched.name)
@@ -47,11 +46,10 @@ def breakdown(rec: dict) -> dict:
     kernels.append(dict(name=sched.name, runs=runs, cycles=cycles * runs,
                         per_cycle={c: slots.get(c, 0) / max(cycles, 1) for c in CLASSES},
                         valu_ops=slots.get("valu", 0) * runs))
-  counted = [k for k in kernels if "error" not in k]
-  total = sum(k["cycles"] for k in counted)
-  return dict(total=total, valu_floor=sum(k["valu_ops"] for k in counted) / VALU_SLOTS,
-              unparsed=[k["name"] for k in kernels if "error" in k],
-              kernels=sorted(counted, key=lambda k: -k["cycles"]))
+  return dict(total=sum(k["cycles"] for k in kernels),
+              valu_floor=sum(k["valu_ops"] for k in kernels) / VALU_SLOTS,
+              unparsed=[s["name"] for s in rec["schedules"] if "format_error" in s],
+              kernels=sorted(kernels, key=lambda k: -k["cycles"]))
 
 
 def markdown(doc: dict, top: int = 15, bound: float = 3.0) -> str:

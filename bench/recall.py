@@ -270,7 +270,19 @@ def probe_line(x):
 MODEL_NAME = (r"(?P<variant>.+)-T(?P<seq>\d+)-pairs(?P<pairs>\d+)-lr(?P<lr>.+?)"   # --save-models
               r"(?:-r(?P<sketch_dim>\d+)-steps(?P<steps>\d+))?(?:-pw(?P<warmup>\d+))?"
               r"(?:-seed(?P<seed>\d+))?")
-MODEL_FIELDS = ("variant", "seq", "pairs", "lr", "warmup")
+
+
+def named_run(name):
+  """A `--save-models` name (MODEL_NAME) as the fields a run records; None if
+  name is not one. sketch_dim and steps are None in names written before
+  they were part of it."""
+  m = re.fullmatch(MODEL_NAME, name)
+  if m is None:
+    return None
+  optional = lambda group: None if m[group] is None else int(m[group])
+  return dict(variant=m["variant"], seq=int(m["seq"]), pairs=int(m["pairs"]), lr=float(m["lr"]),
+              sketch_dim=optional("sketch_dim"), steps=optional("steps"),
+              polynomial_warmup=int(m["warmup"] or 0), seed=int(m["seed"] or 0))
 
 
 def reprobe(models_dir, out_stem):
@@ -282,12 +294,14 @@ def reprobe(models_dir, out_stem):
   for name in sorted(os.listdir(models_dir)):
     ckpt = load_checkpoint(os.path.join(models_dir, name))
     args = argparse.Namespace(**ckpt.extra["args"])
-    variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).group(*MODEL_FIELDS)
-    data = recall_data(args, int(seq), int(pairs))
-    block = min(args.block_size, int(seq))
-    records.append(dict(model=name, variant=variant, seq=int(seq), pairs=int(pairs),
-                        lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
-                        polynomial_warmup=int(warmup or 0), probe=probe_attention(ckpt.model, data, int(seq), block)))
+    named = named_run(name)
+    seq = named["seq"]
+    data = recall_data(args, seq, named["pairs"])
+    block = min(args.block_size, seq)
+    records.append(dict(model=name, variant=named["variant"], seq=seq, pairs=named["pairs"],
+                        lr=named["lr"], sketch_dim=args.sketch_dim, steps=args.steps,
+                        polynomial_warmup=named["polynomial_warmup"],
+                        probe=probe_attention(ckpt.model, data, seq, block)))
     for layer, x in enumerate(records[-1]["probe"]):
       print(f"{name} layer {layer}: {probe_line(x)}", flush=True)
   with open(out_stem + ".json", "w") as f:
@@ -318,20 +332,21 @@ def eval_lengths(models_dirs, seqs, out_stem):
   records = []
   for models_dir in models_dirs:
     for name in sorted(os.listdir(models_dir)):
-      if re.fullmatch(MODEL_NAME, name) is None:
+      named = named_run(name)
+      if named is None:
         print(f"skipped {name}: not a --save-models name", flush=True)
         continue
       ckpt = load_checkpoint(os.path.join(models_dir, name))
       args = argparse.Namespace(**ckpt.extra["args"])
-      variant, seq, pairs, lr, warmup = re.fullmatch(MODEL_NAME, name).group(*MODEL_FIELDS)
-      rec = dict(model=name, models_dir=models_dir, variant=variant, train_seq=int(seq),
-                 pairs=int(pairs), lr=float(lr), sketch_dim=args.sketch_dim, steps=args.steps,
-                 seed=args.seed, polynomial_warmup=int(warmup or 0),
+      pairs = named["pairs"]
+      rec = dict(model=name, models_dir=models_dir, variant=named["variant"],
+                 train_seq=named["seq"], pairs=pairs, lr=named["lr"], sketch_dim=args.sketch_dim,
+                 steps=args.steps, seed=args.seed, polynomial_warmup=named["polynomial_warmup"],
                  init_from=init_name(args) if getattr(args, "init_from", None) else "",
                  lengths=[])
       cfg = ckpt.model.config
       for T in seqs:
-        data = recall_data(args, T, int(pairs))
+        data = recall_data(args, T, pairs)
         if data.min_context > T:
           print(f"{name} at T={T}: skipped (too short for its pairs and queries)", flush=True)
           continue
@@ -339,7 +354,7 @@ def eval_lengths(models_dirs, seqs, out_stem):
                 for batch in data.val_batches(args.eval_batches, args.batch_size, T)]
         rec["lengths"].append(dict(
             seq=T, val_acc=float(np.mean(accs)),
-            state_floats=state_floats(variant, T, cfg.embed_dim // cfg.num_heads,
+            state_floats=state_floats(rec["variant"], T, cfg.embed_dim // cfg.num_heads,
                                       cfg.sketch_dim, cfg.block_size)))
         print(f"{name} at T={T}: acc {rec['lengths'][-1]['val_acc']:.3f}", flush=True)
       records.append(rec)
@@ -390,13 +405,10 @@ def model_key(r):
 
 def parent_run(r, runs):
   """The run among runs whose saved model r started from (--init-from), or None."""
-  named = re.fullmatch(MODEL_NAME, r.get("init_from", ""))
+  named = named_run(r.get("init_from", ""))
   if named is None or named["steps"] is None:
     return None
-  key = (named["variant"], int(named["seq"]), int(named["pairs"]), float(named["lr"]),
-         int(named["sketch_dim"]), int(named["steps"]), int(named["warmup"] or 0),
-         int(named["seed"] or 0))
-  return next((q for q in runs if q is not r and model_key(q) == key), None)
+  return next((q for q in runs if q is not r and model_key(q) == model_key(named)), None)
 
 
 def row_labels(runs):
@@ -634,7 +646,7 @@ def main(argv=None):
   init_from = init_name(args)
   init_ckpt = None
   if args.init_from:
-    named = re.fullmatch(MODEL_NAME, init_from)
+    named = named_run(init_from)
     if not os.path.isdir(args.init_from) or named is None:
       p.error(f"--init-from: {args.init_from} is not a model --save-models wrote "
               "(<variant>-T<seq>-pairs<pairs>-lr<lr>...)")
