@@ -219,7 +219,8 @@ def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
   counts: dict[str, int] = {}
   weight = [1] * sched.bundles
   for loop in sched.loops:
-    for a in range(loop.start, loop.end + 1):
+    # A back-branch among the last bundles puts `end` (its delay slots) past the dump.
+    for a in range(loop.start, min(loop.end, sched.bundles - 1) + 1):
       weight[a] = loop.trips
   for addr, _, _, body, _ in _bundles(text, sched.name):
     for op in _OP_RE.findall(body):

@@ -121,6 +121,16 @@ def test_slot_counts_classify_ops_and_weight_loop_bodies(sched):
   assert counts["valu"] == body * loop.trips + outside
 
 
+def test_slot_counts_loop_ending_in_the_last_bundles():
+  # libtpu dumps XLA fusions whose back-branch is the last bundle or one
+  # before it: the loop's delay slots lie past the dump.
+  text = ("   0   :  { %1 = vadd.f32 %v1, %v2 }\n"
+          "   0x1   :  { %2 = vmul.f32 %v3, %v4  ;;  %3 = vmul.f32 %v3, %v4 }\n"
+          "   0x2   :  { %4 = vld [vmem:[#a]] }\n")
+  s = bundles.Schedule("tail_loop", 3, (bundles.Loop(1, 2 + bundles.BRANCH_DELAY_SLOTS, 5, ()),))
+  assert bundles.slot_counts(text, s) == dict(valu=1 + 2 * 5, load=5)
+
+
 @pytest.mark.tpu_compile
 def test_end_to_end_dump(tmp_path):
   """Compiles the tiny kernel for v5e with the dump flag and parses it (needs libtpu)."""
