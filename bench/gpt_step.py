@@ -152,6 +152,36 @@ def report(gen, model, schedule_rows, clock_hz):
   return rows
 
 
+def break_even(rows):
+  """The T at which the modelled steps cost the same (cons.), between the
+  crossover and the reported T below it; None without a crossover inside the
+  rows. Between those two T, the rest of either step and the PolySketch
+  attention are linear in T (per token, per block) and the anchor's causal
+  kernels alpha T + beta T^2 (blocks on or below the diagonal), each fitted
+  through its two points; solved by bisection."""
+  by_T = {r["T"]: r for r in rows}
+  t1 = tpu_schedule.crossover(rows)
+  below = [T for T in by_T if t1 is not None and T < t1]
+  if not below:
+    return None
+  t0 = max(below)
+  r0, r1 = by_T[t0], by_T[t1]
+  lin = lambda key, T: r0[key] + (r1[key] - r0[key]) * (T - t0) / (t1 - t0)
+  # anchor(T) = a T + b T^2 through (t0, A0), (t1, A1)
+  a0, a1 = r0["attention_anchor"], r1["attention_anchor"]
+  b = (a1 / t1 - a0 / t0) / (t1 - t0)
+  a = a0 / t0 - b * t0
+  gap = lambda T: (lin("rest_softmax", T) + a * T + b * T * T
+                   - lin("step_polysketch_conservative", T))
+  lo, hi = float(t0), float(t1)
+  if gap(lo) > 0 or gap(hi) <= 0:
+    return None
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if gap(mid) > 0 else (mid, hi)
+  return hi
+
+
 def markdown(doc) -> str:
   out = []
   for gen, res in doc["generations"].items():
@@ -169,7 +199,10 @@ def markdown(doc) -> str:
           f"{r['step_softmax'] / 1e6:.2f} ({r['step_softmax_ms']:.1f}) | {r['speedup']:.2f} | "
           f"{r['speedup_conservative']:.2f} |")
     out.append(f"\nCrossover (cons.): the PolySketch step is faster from T = "
-               f"{res['crossover']} on (of the T reported).\n")
+               f"{res['crossover']} on (of the T reported)"
+               + (f"; the two steps cost the same at T = {res['break_even']:,.0f} (interpolated "
+                  f"between the T reported: rest and PolySketch linear in T, the anchor "
+                  f"a T + b T^2).\n" if res.get("break_even") else ".\n"))
   out.append(f"\n{PAPER}.\n")
   return "\n".join(out)
 
@@ -180,6 +213,7 @@ def _write(doc, args, sched, generations) -> str:
   for gen, res in doc["generations"].items():
     res["rows"] = report(gen, res["rest"], sched["rows"], generations[gen].clock_hz)
     res["crossover"] = tpu_schedule.crossover(res["rows"])
+    res["break_even"] = break_even(res["rows"])
   path = os.path.join(tpu_schedule.RESULTS, args.tag)
   json.dump(doc, open(path + ".json", "w"), indent=1)
   md = markdown(doc)

@@ -58,6 +58,10 @@ def test_step_sums_and_crossover():
   assert gpt_step.tpu_schedule.crossover(got) == 16384
   assert all(by_T[T]["speedup_conservative"] > 1 for T in by_T if T >= 16384)
   assert by_T[8192]["speedup_conservative"] < 1
+  # rest cancels: 12 T^2 / 4096 = 36 T at T = 12288, exact for a quadratic anchor
+  assert gpt_step.break_even(got) == pytest.approx(12288, rel=1e-9)
+  # no crossover inside the rows: none
+  assert gpt_step.break_even([r for r in got if r["T"] <= 8192]) is None
 
 
 @pytest.mark.slow          # four GPT compiles, ~1-2 min on 2 cores
