@@ -44,6 +44,8 @@ _REGION_START_RE = re.compile(r"Start(?:/End empty)? region (\d+)")
 _EXIT_TEST_RE = re.compile(
     r"scmp\.(\w+)\.s32\.totalorder\s+%\w+,\s*(-?\d+)\s*/\*\s*loop exit test")
 _FILE_RE = re.compile(r"^(\d+)-(.*)-(\d+)-final_bundles\.txt$")
+_CORE_ID_RE = re.compile(r"%(\w+)\s*=\s*sld\s*\[smem:\[#\w+\]\]\s*/\*\s*core id\s*\*/")
+_NONZERO_RE = re.compile(r"%(\w+)\s*=\s*scmp\.ne\.s32\.totalorder\s+%(\w+),\s*0\b")
 
 
 _CALL_RE = re.compile(r"inlined_call\b[^/{}]*/\*\s*(?:%([\w.\-]+)\s*=|(<[\w\-]+>))")
@@ -159,13 +161,23 @@ def parse(text: str, name: str = "") -> Schedule:
     for r in _REGION_START_RE.findall(comment):
       region_start.setdefault(int(r), addr)
 
+  # "core id != 0" predicates: a kernel that runs on TensorCore 0 alone (splash
+  # attention's backward on v5p) sends core 1 from its first bundles to the
+  # exit bundle, a region the dump never starts. Counted as core 0 runs it.
+  core_ids = {m.group(1) for _, _, _, body, _ in bundles for m in _CORE_ID_RE.finditer(body)}
+  off_core0 = {m.group(1) for _, _, _, body, _ in bundles for m in _NONZERO_RE.finditer(body)
+               if m.group(2) in core_ids}
+  exit_addr = bundles[-1][0] if "exit bundle" in bundles[-1][4] else None
   branches = []  # (addr, predicate or None, target addr)
   for addr, _, _, body, _ in bundles:
     for m in _BRANCH_RE.finditer(body):
       region = int(m.group(3))
-      if region not in region_start:
+      if region in region_start:
+        branches.append((addr, m.group(2), region_start[region]))
+      elif exit_addr is not None and (m.group(2) or "").lstrip("%") in off_core0:
+        branches.append((addr, m.group(2), exit_addr))
+      else:
         raise ScheduleFormatError(f"{name}: branch at {addr:#x} to unknown region {region}")
-      branches.append((addr, m.group(2), region_start[region]))
 
   loops = []
   for addr, tag, depth, body, _ in bundles:

@@ -121,6 +121,24 @@ def test_slot_counts_classify_ops_and_weight_loop_bodies(sched):
   assert counts["valu"] == body * loop.trips + outside
 
 
+def _core0_only_kernel(predicate_source):
+  return ("     0   :  { %s1_s2 = sld [smem:[#allocation0]] /* core id */ }\n"
+          f"   0x1   :  {{ %p3_p0 = scmp.ne.s32.totalorder %{predicate_source}, 0 }}\n"
+          "   0x2   :  { %4 = sbr.rel (%p3_p0) target = $region4 }\n"
+          + "".join(f"   {a:#x}   :  {{ %{a}0 = vadd.f32 %v1, %v2 }}\n" for a in range(3, 8))
+          + "   0x8 PF:  {} /* exit bundle: %k = custom-call(%a) */\n")
+
+
+def test_a_kernel_for_core_0_alone_parses():
+  # splash attention's v5p backward: core 1 branches from the prologue to the
+  # exit bundle, a region the dump never starts; core 0 issues every bundle.
+  s = bundles.parse(_core0_only_kernel("s1_s2"), "core0")
+  assert s.bundles == 9 and s.loops == () and s.static_cycles() == 9
+  # the same branch on any other predicate is still refused
+  with pytest.raises(bundles.ScheduleFormatError, match="unknown region 4"):
+    bundles.parse(_core0_only_kernel("s9_s9"), "other")
+
+
 def test_slot_counts_loop_ending_in_the_last_bundles():
   # libtpu dumps XLA fusions whose back-branch is the last bundle or one
   # before it: the loop's delay slots lie past the dump.
