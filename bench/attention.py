@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
-import math
 import os
 import platform
 import statistics

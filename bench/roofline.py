@@ -51,15 +51,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from pallas_polysketch._pallas_backward import backward_flops
 from pallas_polysketch._pallas_forward import forward_flops
-from pallas_polysketch.tpu_config import GENERATIONS, NORMALISER_ROWS, TpuGeneration
+from pallas_polysketch.tpu_config import GENERATIONS, TpuGeneration
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SEQS = tuple(1024 * 2 ** i for i in range(8))  # 1k ... 128k

@@ -34,9 +34,7 @@ twice that) at 100% of the MXU peak: no softmax kernel can be faster.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import math
 import os
 import re
 import subprocess

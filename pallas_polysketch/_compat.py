@@ -19,8 +19,6 @@ reciprocal = getattr(pl, "reciprocal", None) or getattr(pltpu, "reciprocal")
 
 CostEstimate = pl.CostEstimate
 
-import functools as _functools
-
 import jax as _jax
 
 

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_polysketch as ps
 from helpers import load_bench
 
 

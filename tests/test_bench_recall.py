@@ -97,7 +97,6 @@ def test_probe_weights_reproduce_each_attention_op():
   v they give the op's output (softmax, exact polynomial, PolySketch with and
   without exact local blocks)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from pallas_polysketch import polynomial_attention, polysketch_attention
 

@@ -42,7 +42,7 @@ def test_qkv_wrong_rank(arg):
   bad = jnp.ones((B, T, N * H))
   with pytest.raises(ValueError, match=rf"{arg} must have rank 4 .*got shape {_shape(B, T, N * H)}"):
     attention(**{arg: bad})
-  with pytest.raises(ValueError, match=rf"q must have rank 4"):
+  with pytest.raises(ValueError, match=r"q must have rank 4"):
     ps.polynomial_attention(bad, bad, bad)
 
 

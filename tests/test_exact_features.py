@@ -7,7 +7,6 @@ end-to-end check of the prefix-state bookkeeping (which blocks enter S_t, z_t,
 the causal mask inside the diagonal block, the padding).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -10,7 +10,6 @@ Tolerances are derived from the dtype, stated where they are used:
   carry one rounding of at most 2^-8 relative; a forward value passes through
   at most 5 of them, a gradient through at most 8.
 """
-import functools
 import json
 import pathlib
 import sys
@@ -19,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 import pallas_polysketch as ps
 from pallas_polysketch import ref, tpu_config

@@ -1,5 +1,4 @@
 """The package installs as one top-level name, with the references inside it."""
-import importlib.util
 import json
 import os
 import shutil

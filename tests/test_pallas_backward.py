@@ -1,6 +1,5 @@
 """The custom VJP and the two backward kernels in interpret mode (DESIGN §1.4)."""
 import dataclasses
-import functools
 import math
 import os
 
