@@ -243,13 +243,30 @@ def _kept_rest(args, ver):
   return doc
 
 
+def _merged(paths):
+  """One doc of several gpt_step JSONs: their generations' rest models, later
+  files winning; refuses files of another libtpu or model."""
+  doc = json.load(open(paths[0]))
+  for path in paths[1:]:
+    other = json.load(open(path))
+    for key in ("libtpu", "config", "layers", "compile_layers", "compile_seqs"):
+      if other.get(key) != doc.get(key):
+        raise SystemExit(f"{path} has another {key} than {paths[0]}: "
+                         f"{other.get(key)!r} against {doc.get(key)!r}")
+    for gen, res in other["generations"].items():
+      doc["generations"][gen] = dict(rest=res["rest"])
+  return doc
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gens", nargs="+", default=["v5e", "v6e"])
   p.add_argument("--schedule", default=os.path.join(tpu_schedule.RESULTS, "tpu_schedule.json"),
                  help="tpu_schedule JSON with the H=64 attention rows")
   p.add_argument("--tag", default="gpt_step")
-  p.add_argument("--from-json", help="re-report a gpt_step JSON against --schedule")
+  p.add_argument("--from-json", nargs="+",
+                 help="re-report gpt_step JSONs against --schedule, their generations merged "
+                      "(later files win; same libtpu and model)")
   p.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                  help="compile only these models' rest; the others' come from the existing "
                       "<tag>.json (same libtpu), e.g. after a change to the sketch features")
@@ -263,7 +280,7 @@ def main(argv=None):
                        f"ours_cycles, ours_cycles_conservative, anchor_cycles and anchor: "
                        f"regenerate it with bench/tpu_schedule.py")
   if args.from_json:
-    doc = json.load(open(args.from_json))
+    doc = _merged(args.from_json)
     print(_write(doc, args, sched, GENERATIONS))
   else:
     if ver is None:

@@ -108,6 +108,28 @@ def test_rereport_from_json(tmp_path):
   assert "| 32768 |" in (tmp_path / "out.md").read_text()
 
 
+def test_rereport_merges_generations_of_several_files(tmp_path):
+  import json
+  sched_rows = [dict(gen=g, H=64, mode="vjp", T=T, speedup=1.0, ours_cycles=T,
+                     ours_cycles_conservative=T, anchor_cycles=T * T / 1024, anchor="flash")
+                for g in ("v4", "v5e") for T in gpt_step.REPORT_SEQS]
+  (tmp_path / "sched.json").write_text(json.dumps(dict(rows=sched_rows)))
+  head = dict(libtpu="1.0", config=gpt_step.GPT2_SMALL, layers=12, compile_layers=[1, 2],
+              compile_seqs=[2048, 8192])
+  rest = lambda c: {a: dict(coef=[0.0, 0.0, c, 0.0]) for a in gpt_step.ATTENTIONS}
+  (tmp_path / "a.json").write_text(json.dumps(dict(head, generations={"v5e": dict(rest=rest(1.0))})))
+  (tmp_path / "b.json").write_text(json.dumps(dict(head, generations={"v4": dict(rest=rest(2.0))})))
+  tag = str(tmp_path / "out")
+  assert gpt_step.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                        "--schedule", str(tmp_path / "sched.json"), "--tag", tag]) == 0
+  gens = json.loads((tmp_path / "out.json").read_text())["generations"]
+  assert {g: gens[g]["rows"][0]["rest_softmax"] for g in gens} == {"v5e": 1024.0, "v4": 2048.0}
+  (tmp_path / "c.json").write_text(json.dumps(dict(head, libtpu="2.0", generations={})))
+  with pytest.raises(SystemExit, match="another libtpu"):
+    gpt_step.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "c.json"),
+                   "--schedule", str(tmp_path / "sched.json"), "--tag", tag])
+
+
 def test_a_schedule_without_the_rows_fails_before_compiling(tmp_path):
   import json
   (tmp_path / "old.json").write_text(json.dumps(dict(rows=[dict(
