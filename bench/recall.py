@@ -20,7 +20,9 @@ the start, the farthest from the queries, and score each key's first query
 only, so the accuracy measures retrieval from the pairs.
 
 Writes bench/results/recall-<tag>.{json,md,png} after every run, and with
---eval-every recall-<tag>-curve.png (accuracy against the step); a cut-short
+--eval-every recall-<tag>-curve.png (accuracy against the step), and where one
+length ran with three or more numbers of pairs a table against the pairs and
+recall-<tag>-pairs.png; a cut-short
 run keeps what it has; --resume skips runs already in the JSON; --merge
 combines the JSONs of runs split over processes (a variant run with another
 --sketch-dim or --steps gets its own row).
@@ -100,8 +102,9 @@ def init_name(args):
   return os.path.basename(os.path.normpath(args.init_from)) if args.init_from else ""
 
 
-def run_one(args, variant, seq, pairs, lr, init_from=None):
-  """One training run; init_from: a `Checkpoint` to start from (--init-from)."""
+def run_one(args, variant, seq, pairs, lr, init_from=None, keys_from=None):
+  """One training run; init_from: a `Checkpoint` to start from (--init-from),
+  keys_from: the key count its vocabulary was grown from (`grow_key_vocabulary`)."""
   data = recall_data(args, seq, pairs)
   mc = model_config(args, variant, data, seq)
   warmup = polynomial_warmup(args, variant)
@@ -112,6 +115,8 @@ def run_one(args, variant, seq, pairs, lr, init_from=None):
                     log_every=50)
   t0 = time.time()
   init = dict(init_from=init_name(args)) if init_from is not None else {}
+  if keys_from is not None:
+    init["keys_from"] = keys_from
   label = f"{variant_label(variant, warmup)} T={seq} pairs={pairs} lr={lr:g}"
   model, res = train(mc, data, cfg, progress=False,
                      log=(lambda s: print(f"  {label}: {s}", flush=True)) if args.eval_every else None,
@@ -130,6 +135,42 @@ def run_one(args, variant, seq, pairs, lr, init_from=None):
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
                                         args.block_size))
+
+
+def grow_key_vocabulary(ckpt, new_config, num_values, num_noise, seed=0):
+  """`ckpt` with its model's key vocabulary grown to fit new_config.vocab_size,
+  for --init-from with more keys than the model trained with (RecallData's
+  layout: 0, keys, values, noise; values and noise keep their counts and move up
+  by the added keys). Every other variable is the saved one; the old tokens'
+  embedding rows move with their ids and the added keys' rows are new_config's
+  fresh initialisation scaled to the old keys' mean norm, so on sequences of
+  old tokens (ids mapped) the grown model computes what the saved one did.
+  Returns (Checkpoint without optimizer or tokenizer, old key count)."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from pallas_polysketch.models.gpt import GPT
+  old = ckpt.model
+  old_keys = old.config.vocab_size - 1 - num_values - num_noise
+  added = new_config.vocab_size - old.config.vocab_size
+  if (added <= 0 or old_keys < 1
+      or dataclasses.replace(old.config, vocab_size=new_config.vocab_size) != new_config):
+    raise ValueError(f"only a larger key vocabulary can be grown: the saved model's vocab_size "
+                     f"{old.config.vocab_size}, the run's {new_config.vocab_size} "
+                     f"({num_values} values, {num_noise} noise tokens), other fields must match")
+  model = GPT(new_config, rngs=nnx.Rngs(seed))
+  fresh = model.embed.embedding[...]
+  nnx.update(model, jax.tree.map(jnp.copy, nnx.state(old)))   # the embedding replaced below
+  saved = old.embed.embedding[...]
+  new_rows = fresh[1 + old_keys:1 + old_keys + added]
+  scale = (jnp.mean(jnp.linalg.norm(saved[1:1 + old_keys].astype(jnp.float32), axis=-1))
+           / jnp.mean(jnp.linalg.norm(new_rows.astype(jnp.float32), axis=-1)))
+  model.embed.embedding.set_value(jnp.concatenate(
+      [saved[:1 + old_keys], (new_rows * scale).astype(saved.dtype), saved[1 + old_keys:]]))
+  return dataclasses.replace(ckpt, model=model, optimizer=None, tokenizer=None), old_keys
 
 
 def attention_weights(kind, call):
@@ -415,8 +456,9 @@ def row_labels(runs):
   """A table row per variant (with its polynomial warm-up, if any), or per
   (that, sketch_dim, steps) where merged runs of one differ in those, and per
   seed: [label per run], labels in order. A run trained from another merged run's saved
-  model (--init-from, e.g. at a longer T) joins the row of the run its chain
-  of models starts at, labelled "length curriculum"."""
+  model (--init-from, e.g. at a longer T or with more pairs) joins the row of
+  the run its chain of models starts at, labelled by what the chain varies
+  ("length curriculum", "pairs curriculum", "length and pairs curriculum")."""
   def root(r):
     seen = [r]
     while (q := parent_run(seen[-1], runs)) is not None and all(q is not x for x in seen):
@@ -435,8 +477,13 @@ def row_labels(runs):
       return base(q)
     sketch = "" if VARIANTS[q["variant"]][0] != "polysketch" else f"r = {q['sketch_dim']}, "
     return f"{base(q)} ({sketch}{q['steps']} steps)"
+  def curriculum(q):   # what the chain from root q varies: its lengths, its pairs or both
+    members = [r for r, root_ in zip(runs, roots) if root_ is q]
+    varied = [what for what, key in (("length", "seq"), ("pairs", "pairs"))
+              if len({r[key] for r in members}) > 1]
+    return f", {' and '.join(varied) or 'length'} curriculum"
   labels = [label(q) + (f", seed {r['seed']}" if r.get("seed") else "")
-            + (", length curriculum" if id(q) in chained else "") for r, q in zip(runs, roots)]
+            + (curriculum(q) if id(q) in chained else "") for r, q in zip(runs, roots)]
   first = {}
   for r, q, x in zip(runs, roots, labels):
     first.setdefault(x, (list(VARIANTS).index(q["variant"]), q.get("polynomial_warmup", 0),
@@ -467,7 +514,7 @@ def write_outputs(stem, meta, runs):
            + (" A length curriculum row: each model but the first started from another of the"
               " row's (`--init-from`, at a shorter T or with fewer pairs; each run's `init_from`"
               " in the JSON names which)."
-              if any(x.endswith("length curriculum") for x in variants) else ""), ""]
+              if any(x.endswith(" curriculum") for x in variants) else ""), ""]
   for p in pairs:
     lines += [f"## {p} key-value pairs", "",
               "| variant | " + " | ".join(f"T={t}" for t in seqs) + " | state per head at the largest T |",
@@ -482,6 +529,20 @@ def write_outputs(stem, meta, runs):
         if r is not None:
           state = f"{r['state_floats']:,}"
       lines.append(f"| {v} | " + " | ".join(cells) + f" | {state} |")
+    lines.append("")
+  swept = [t for t in seqs if len({k[2] for k in best if k[1] == t}) > 2]
+  for t in swept:   # a sweep over the number of pairs at one length
+    counts = sorted({k[2] for k in best if k[1] == t})
+    lines += [f"## Against the number of key-value pairs at T = {t}", "",
+              "| variant | " + " | ".join(f"{p} pairs" for p in counts) + " | state per head |",
+              "|---|" + "---:|" * (len(counts) + 1)]
+    for v in variants:
+      row = [best.get((v, t, p)) for p in counts]
+      if sum(r is not None for r in row) < 2:
+        continue
+      state = next(r["state_floats"] for r in row if r is not None)
+      lines.append(f"| {v} | " + " | ".join("-" if r is None else f"{100 * r['val_acc']:.1f}%"
+                                             for r in row) + f" | {state:,} |")
     lines.append("")
   probed = [(label, r) for label, r in zip(labels, runs) if r.get("probe")]
   if probed:   # --probe
@@ -517,6 +578,23 @@ def write_outputs(stem, meta, runs):
   fig.tight_layout()
   fig.savefig(stem + ".png", dpi=110)
   plt.close(fig)
+  if swept:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in swept:
+      for v in variants:
+        pts = sorted((p, r["val_acc"]) for (v_, t_, p), r in best.items() if (v_, t_) == (v, t))
+        if len(pts) > 1:
+          ax.plot(*zip(*pts), marker="o", label=f"{v}, T={t}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("answer accuracy (held out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(meta["setup"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + "-pairs.png", dpi=110)
+    plt.close(fig)
   curves = [(label, r) for label, r in zip(labels, runs) if len(r.get("curve", [])) > 1]
   if curves:   # --eval-every: held-out accuracy against the training step
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -578,7 +656,9 @@ def main(argv=None):
   p.add_argument("--init-from", metavar="DIR",
                  help="start from this saved model's weights (a --save-models directory; "
                       "fresh optimizer, `train(init_from=...)`), e.g. at a longer --seqs than "
-                      "it trained at; --variants its variant; the rows name the model")
+                      "it trained at, or with more --pairs and --keys (its key vocabulary "
+                      "grown: `grow_key_vocabulary`); --variants its variant; the rows name "
+                      "the model")
   p.add_argument("--tag", default="cpu")
   p.add_argument("--resume", action="store_true")
   p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -644,7 +724,7 @@ def main(argv=None):
   if not 0 <= args.polynomial_warmup < args.steps:
     p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {args.polynomial_warmup}")
   init_from = init_name(args)
-  init_ckpt = None
+  init_ckpts = {}   # (seq, pairs) -> (Checkpoint, the key count it was grown from or None)
   if args.init_from:
     named = named_run(init_from)
     if not os.path.isdir(args.init_from) or named is None:
@@ -655,13 +735,27 @@ def main(argv=None):
               f"{named['variant']} (got {args.variants})")
     from pallas_polysketch.train import _check_model_config, load_checkpoint
     init_ckpt = load_checkpoint(args.init_from)
+    saved_args = init_ckpt.extra.get("args") or {}
     for seq, pairs in itertools.product(args.seqs, args.pairs):
+      where = f"--init-from {init_from} at T = {seq}, {pairs} pairs"
+      mc = model_config(args, named["variant"], recall_data(args, seq, pairs), seq)
+      ckpt, keys_from = init_ckpt, None
+      if mc.vocab_size > init_ckpt.model.config.vocab_size:   # more keys: grow its vocabulary
+        changed = [f"--{f} {saved_args[f]}" for f in ("values", "noise")
+                   if saved_args.get(f, getattr(args, f)) != getattr(args, f)]
+        if changed:
+          p.error(f"{where}: the model trained with {', '.join(changed)}; only the key "
+                  "vocabulary can grow")
+        try:
+          ckpt, keys_from = grow_key_vocabulary(init_ckpt, mc, args.values, args.noise,
+                                                seed=args.seed)
+        except ValueError as e:
+          p.error(f"{where}: {e}")
       try:   # train()'s own check, before any training
-        _check_model_config(f"--init-from {init_from} at T = {seq}, {pairs} pairs", init_ckpt,
-                            model_config(args, named["variant"], recall_data(args, seq, pairs), seq),
-                            None)
+        _check_model_config(where, ckpt, mc, None)
       except ValueError as e:
         p.error(str(e))
+      init_ckpts[seq, pairs] = ckpt, keys_from
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
     if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from) in done:
@@ -671,7 +765,7 @@ def main(argv=None):
     if args.save_models and os.path.exists(model_dir(args, variant, seq, pairs, lr)):
       p.error(f"--save-models: {model_dir(args, variant, seq, pairs, lr)} exists (a model of "
               "this run's name); pick another directory")
-    r = run_one(args, variant, seq, pairs, lr, init_ckpt)
+    r = run_one(args, variant, seq, pairs, lr, *init_ckpts.get((seq, pairs), (None, None)))
     runs.append(r)
     meta["load_after"] = os.getloadavg()
     write_outputs(stem, meta, runs)

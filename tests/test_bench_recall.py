@@ -222,7 +222,7 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
   two, three = md.split("## 2 key-value pairs")[1].split("## 3 key-value pairs")
   three = three.split("## Where")[0]
   assert "| learned+local |" in two and "| learned+local" not in three
-  assert "| softmax, length curriculum | - | " in three
+  assert "| softmax, length and pairs curriculum | - | " in three
   for extra, message in (
       (["--variants", "learned+local"], "is a softmax model: give --variants softmax"),
       (["--variants", "softmax", "--block-size", "4"], "{'block_size': (8, 4)}"),
@@ -278,3 +278,54 @@ def test_merged_chains_of_other_seeds_get_their_own_rows():
                     "softmax, seed 1, length curriculum"]
   assert order == labels[:2]
   assert bench.model_key(roots[0]) != bench.model_key(roots[1])
+
+
+def test_init_from_with_more_keys_grows_the_key_vocabulary(tmp_path, capsys):
+  import dataclasses
+
+  import jax.numpy as jnp
+  import numpy as np
+  bench = load_bench("recall")
+  common = ["--seqs", "32", "--queries", "4", "--batch-size", "4", "--dim", "16",
+            "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--variants", "learned+local", "--out-dir", str(tmp_path)]
+  bench.main(common + ["--pairs", "2", "--keys", "4", "--steps", "2",
+                       "--save-models", str(tmp_path / "models"), "--tag", "four"])
+  (saved_dir,) = (tmp_path / "models").iterdir()
+  from pallas_polysketch.train import load_checkpoint
+  saved = load_checkpoint(str(saved_dir))
+  old = saved.model
+  assert old.config.vocab_size == 1 + 4 + 8 + 8
+  # the grown model computes what the saved one did on the old tokens, ids mapped
+  new_config = dataclasses.replace(old.config, vocab_size=1 + 7 + 8 + 8)
+  grown, keys_from = bench.grow_key_vocabulary(saved, new_config, 8, 8)
+  assert keys_from == 4 and grown.optimizer is None
+  tokens = np.random.default_rng(0).integers(0, old.config.vocab_size, (2, 32))
+  mapped = np.where(tokens > 4, tokens + 3, tokens)
+  logits_old = np.asarray(old(jnp.asarray(tokens)))
+  logits_new = np.asarray(grown.model(jnp.asarray(mapped)))
+  old_ids = np.concatenate([np.arange(5), np.arange(5, old.config.vocab_size) + 3])
+  np.testing.assert_array_equal(logits_new[..., old_ids], logits_old)
+  rows = np.linalg.norm(np.asarray(grown.model.embed.embedding[...]), axis=-1)
+  assert rows[5:8].mean() == pytest.approx(rows[1:5].mean(), rel=1e-5)   # scaled to the old keys
+  assert not np.allclose(rows[5:8], rows[1:4])                            # not copies of them
+  # through --init-from: 6 pairs of 6 keys from the 4-key model, recorded on the run
+  runs = bench.main(common + ["--pairs", "6", "--keys", "6", "--steps", "1", "--lrs", "0",
+                              "--init-from", str(saved_dir), "--tag", "six"])
+  assert [(r["pairs"], r["keys_from"], r["init_from"]) for r in runs] == [
+      (6, 4, saved_dir.name)]
+  bench.main(common + ["--pairs", "7", "--keys", "7", "--steps", "1", "--lrs", "0",
+                       "--init-from", str(saved_dir), "--tag", "seven"])
+  # merged, the chain is one row of a table against the number of pairs
+  bench.main(["--merge"] + [str(tmp_path / f"recall-{t}.json") for t in ("four", "six", "seven")]
+             + ["--out-dir", str(tmp_path), "--tag", "pairs"])
+  md = (tmp_path / "recall-pairs.md").read_text()
+  table = md.split("## Against the number of key-value pairs at T = 32")[1].split("##")[0]
+  assert "| variant | 2 pairs | 6 pairs | 7 pairs | state per head |" in table
+  assert "| learned+local, pairs curriculum | " in table
+  assert (tmp_path / "recall-pairs-pairs.png").stat().st_size > 0
+  with pytest.raises(SystemExit):
+    bench.main(common + ["--pairs", "6", "--keys", "6", "--values", "9", "--steps", "1",
+                         "--init-from", str(saved_dir), "--tag", "bad"])
+  assert "the model trained with --values 8; only the key vocabulary can grow" in (
+      capsys.readouterr().err)
