@@ -511,7 +511,7 @@ def write_outputs(stem, meta, runs):
   lines = [f"# MQAR recall ({meta['command']})", "", meta["setup"], "",
            "Answer accuracy on held-out sequences (best learning rate of "
            f"{meta['lrs']}); state per head after T tokens in floats."
-           + (" A length curriculum row: each model but the first started from another of the"
+           + (" A curriculum row: each model but the first started from another of the"
               " row's (`--init-from`, at a shorter T or with fewer pairs; each run's `init_from`"
               " in the JSON names which)."
               if any(x.endswith(" curriculum") for x in variants) else ""), ""]
