@@ -221,6 +221,12 @@ def _write(doc, args, sched, generations) -> str:
   return md
 
 
+def _compiled_with():
+  """The model and compile grid a gpt_step JSON's rest models hold for (beside libtpu)."""
+  return dict(config=GPT2_SMALL, layers=LAYERS, compile_layers=list(COMPILE_LAYERS),
+              compile_seqs=list(COMPILE_SEQS))
+
+
 def _kept_rest(args, ver):
   """The existing <tag>.json, for compiling only some attentions' rest into it."""
   path = os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
@@ -230,9 +236,7 @@ def _kept_rest(args, ver):
   if doc.get("libtpu") != ver:
     raise SystemExit(f"{path} was compiled with libtpu {doc.get('libtpu')}, this is {ver}: "
                      f"compile every attention")
-  now = dict(config=GPT2_SMALL, layers=LAYERS, compile_layers=list(COMPILE_LAYERS),
-             compile_seqs=list(COMPILE_SEQS))
-  changed = [k for k, v in now.items() if doc.get(k) != v]
+  changed = [k for k, v in _compiled_with().items() if doc.get(k) != v]
   if changed:
     raise SystemExit(f"{path} was compiled with other {', '.join(changed)}: compile every attention")
   for gen in args.gens:
@@ -249,7 +253,7 @@ def _merged(paths):
   doc = json.load(open(paths[0]))
   for path in paths[1:]:
     other = json.load(open(path))
-    for key in ("libtpu", "config", "layers", "compile_layers", "compile_seqs"):
+    for key in ("libtpu", *_compiled_with()):
       if other.get(key) != doc.get(key):
         raise SystemExit(f"{path} has another {key} than {paths[0]}: "
                          f"{other.get(key)!r} against {doc.get(key)!r}")
@@ -286,8 +290,7 @@ def main(argv=None):
     if ver is None:
       print("libtpu is not installed: nothing to compile; skipping.")
       return 1
-    doc = dict(libtpu=ver, config=GPT2_SMALL, layers=LAYERS, compile_layers=COMPILE_LAYERS,
-               compile_seqs=COMPILE_SEQS, generations={})
+    doc = dict(libtpu=ver, **_compiled_with(), generations={})
     if set(args.attentions) != set(ATTENTIONS):
       doc = _kept_rest(args, ver)
     for gen in args.gens:
