@@ -84,6 +84,8 @@ def main(argv=None):
   p.add_argument("--gen", default="v6e", choices=sorted(tpu_schedule.TOPOLOGIES))
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--program", default="features", choices=("features",))
+  p.add_argument("--sketch-hidden", type=int, default=None,
+                 help="the learned sketch's hidden width (default 8r = 256, the paper's)")
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--tag", default=None)
   args = p.parse_args(argv)
@@ -93,13 +95,16 @@ def main(argv=None):
     return 1
   job = dict(op="features", sketch="learned", mode="vjp", B=1, N=12, H=64, r=32, T=args.seq,
              slot_counts=True)
+  if args.sketch_hidden is not None:
+    job["hidden"] = args.sketch_hidden
+  hidden = job.get("hidden", 8 * job["r"])
   rec = tpu_schedule.run_jobs(args.gen, [job])[0]
   if "error" in rec:
     print(f"compile failed: {rec['error']}")
     return 1
   tag = args.tag or f"fusion_breakdown_{args.program}_{args.gen}_{args.seq}"
   doc = dict(program="learned sketch features of q and k, fwd + VJP (12 heads, H=64, r=32, "
-                     "bf16)", gen=args.gen, T=args.seq, libtpu=ver,
+                     f"hidden {hidden}, bf16)", hidden=hidden, gen=args.gen, T=args.seq, libtpu=ver,
              command="python bench/fusion_breakdown.py " + " ".join(argv or sys.argv[1:]),
              breakdown=breakdown(rec))
   stem = os.path.join(tpu_schedule.RESULTS, tag)

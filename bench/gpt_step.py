@@ -184,9 +184,11 @@ def break_even(rows):
 
 def markdown(doc) -> str:
   out = []
+  hidden = (doc.get("config") or {}).get("sketch_hidden_dim")
+  sketch = "learned sketch" + (f" of hidden width {hidden}" if hidden else "")
   for gen, res in doc["generations"].items():
     out.append(f"\n#### {gen}: GPT-2 small training step (12 layers, width 768, 12 heads, "
-               f"H=64, r=32, b=256, learned sketch + exact local blocks, bf16), batch 1\n")
+               f"H=64, r=32, b=256, {sketch} + exact local blocks, bf16), batch 1\n")
     out.append("| T | rest, PolySketch model Mcyc | rest, softmax model Mcyc | "
                "12 x PolySketch attention VJP | 12 x anchor VJP (kernel) | "
                "step PolySketch Mcyc (ms) | step softmax Mcyc (ms) | speed-up | speed-up (cons.) |")
@@ -221,22 +223,36 @@ def _write(doc, args, sched, generations) -> str:
   return md
 
 
-def _compiled_with():
-  """The model and compile grid a gpt_step JSON's rest models hold for (beside libtpu)."""
-  return dict(config=GPT2_SMALL, layers=LAYERS, compile_layers=list(COMPILE_LAYERS),
+def _compiled_with(sketch_hidden=None):
+  """The model and compile grid a gpt_step JSON's rest models hold for (beside
+  libtpu); sketch_hidden: the learned sketch's hidden width where not the
+  default 8r (a key of the config only then, so older JSONs stay comparable)."""
+  config = GPT2_SMALL if sketch_hidden is None else {**GPT2_SMALL, "sketch_hidden_dim": sketch_hidden}
+  return dict(config=config, layers=LAYERS, compile_layers=list(COMPILE_LAYERS),
               compile_seqs=list(COMPILE_SEQS))
 
 
+# config keys that change only the PolySketch model's rest
+SKETCH_ONLY = ("sketch_hidden_dim",)
+
+
 def _kept_rest(args, ver):
-  """The existing <tag>.json, for compiling only some attentions' rest into it."""
-  path = os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
+  """The existing JSON (--rest-from, default <tag>.json), for compiling only some
+  attentions' rest into it. With --attentions polysketch the sketch's width may
+  differ from that file's: the softmax rest does not depend on it, and the
+  result then holds only the generations compiled now, with the new config."""
+  path = getattr(args, "rest_from", None) or os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
   if not os.path.exists(path):
     raise SystemExit(f"--attentions {' '.join(args.attentions)} updates {path}, which is missing")
   doc = json.load(open(path))
   if doc.get("libtpu") != ver:
     raise SystemExit(f"{path} was compiled with libtpu {doc.get('libtpu')}, this is {ver}: "
                      f"compile every attention")
-  changed = [k for k, v in _compiled_with().items() if doc.get(k) != v]
+  want = _compiled_with(getattr(args, "sketch_hidden", None))
+  ignored = SKETCH_ONLY if "polysketch" in args.attentions else ()
+  strip = lambda c: {k: v for k, v in (c or {}).items() if k not in ignored}
+  changed = [k for k, v in want.items()
+             if (strip(doc.get(k)) != strip(v) if k == "config" else doc.get(k) != v)]
   if changed:
     raise SystemExit(f"{path} was compiled with other {', '.join(changed)}: compile every attention")
   for gen in args.gens:
@@ -244,6 +260,10 @@ def _kept_rest(args, ver):
     missing = [a for a in ATTENTIONS if a not in args.attentions and a not in kept]
     if missing:
       raise SystemExit(f"{path} has no {gen} rest for {missing}: compile them too")
+  if doc.get("config") != want["config"]:
+    doc = dict(doc, **want, generations={
+        gen: dict(rest={a: m for a, m in doc["generations"][gen]["rest"].items()
+                        if a not in args.attentions}) for gen in args.gens})
   return doc
 
 
@@ -273,8 +293,18 @@ def main(argv=None):
                       "(later files win; same libtpu and model)")
   p.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                  help="compile only these models' rest; the others' come from the existing "
-                      "<tag>.json (same libtpu), e.g. after a change to the sketch features")
+                      "<tag>.json or --rest-from (same libtpu), e.g. after a change to the "
+                      "sketch features")
+  p.add_argument("--rest-from", default=None, metavar="JSON",
+                 help="with --attentions: the gpt_step JSON the other models' rest comes from")
+  p.add_argument("--sketch-hidden", type=int, default=None,
+                 help="the learned sketch's hidden width (default 8r = 256, the paper's)")
   args = p.parse_args(argv)
+  if args.from_json and (args.sketch_hidden is not None or args.rest_from):
+    p.error("--from-json re-reports the JSONs' own models: --sketch-hidden and --rest-from "
+            "apply to compiles")
+  if args.rest_from and set(args.attentions) == set(ATTENTIONS):
+    p.error("--rest-from needs --attentions with a subset of the models")
   ver = tpu_schedule.libtpu_version()
   sched = json.load(open(args.schedule))
   from pallas_polysketch.tpu_config import GENERATIONS
@@ -290,11 +320,14 @@ def main(argv=None):
     if ver is None:
       print("libtpu is not installed: nothing to compile; skipping.")
       return 1
-    doc = dict(libtpu=ver, **_compiled_with(), generations={})
+    doc = dict(libtpu=ver, **_compiled_with(args.sketch_hidden), generations={})
     if set(args.attentions) != set(ATTENTIONS):
       doc = _kept_rest(args, ver)
+    overrides = ({} if args.sketch_hidden is None
+                 else dict(config=dict(sketch_hidden_dim=args.sketch_hidden)))
     for gen in args.gens:
-      jobs = [dict(op="gpt", attention=a, layers=l, T=t, B=1, N=12, H=64, r=32, block="gpt")
+      jobs = [dict(op="gpt", attention=a, layers=l, T=t, B=1, N=12, H=64, r=32, block="gpt",
+                   **overrides)
               for a in args.attentions for l in COMPILE_LAYERS for t in COMPILE_SEQS]
       recs = tpu_schedule.run_jobs(gen, jobs)
       rest = doc["generations"].setdefault(gen, dict(rest={}))["rest"]

@@ -193,7 +193,7 @@ def model_config(args, data, name):
   return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                    embed_dim=dim, attention=attention, sketch=sketch,
                    sketch_dim=args.sketch_dim, block_size=args.block_size,
-                   local_exact=local_exact)
+                   local_exact=local_exact, sketch_hidden_dim=args.sketch_hidden)
 
 
 def train_config(args, seed, polynomial_warmup=0):
@@ -233,7 +233,9 @@ def write_outputs(stem, args, command, runs, meta_configs, data_path, *, fitted=
   pw = [w for w in args.polynomial_warmup if w]
   header = (f"Context {args.context}, {args.layers} layers x {args.heads} heads x {args.dim} dims"
             + (f" (softmax-wide: {args.wide_dim})" if "softmax-wide" in variants else "")
-            + f", sketch_dim {args.sketch_dim}, block {args.block_size}, batch {args.batch_size}, "
+            + f", sketch_dim {args.sketch_dim}"
+            + (f" (hidden {args.sketch_hidden})" if args.sketch_hidden is not None else "")
+            + f", block {args.block_size}, batch {args.batch_size}, "
             f"{args.steps} steps ({args.steps * args.batch_size * args.context:,} tokens), "
             f"lr {args.lr}, seeds {args.seeds}; val loss on "
             f"{args.eval_batches * args.batch_size * args.context:,} held-out chars, "
@@ -359,7 +361,7 @@ def train_stacked(mc, data, cfgs):
 # ----------------------------------------------------------------------------
 
 RUN_FLAGS = ("data", "context", "steps", "batch_size", "layers", "heads", "dim", "wide_dim",
-             "sketch_dim", "block_size", "lr", "warmup", "eval_every", "eval_batches",
+             "sketch_dim", "sketch_hidden", "block_size", "lr", "warmup", "eval_every", "eval_batches",
              "num_evals")
 
 
@@ -599,6 +601,8 @@ def main(argv=None):
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--wide-dim", type=int, default=None, help="width of the softmax-wide variant")
   p.add_argument("--sketch-dim", type=int, default=32)
+  p.add_argument("--sketch-hidden", type=int, default=None,
+                 help="the learned sketch's hidden width (default 8 x --sketch-dim, the paper's)")
   p.add_argument("--block-size", type=int, default=128)
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--warmup", type=int, default=30)

@@ -84,9 +84,16 @@ def model_dir(args, variant, seq, pairs, lr):
   """Where --save-models puts a run's model (MODEL_NAME)."""
   warmup = polynomial_warmup(args, variant)
   return os.path.join(os.path.abspath(args.save_models),
-                      f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}-r{args.sketch_dim}-steps{args.steps}"
+                      f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}-r{args.sketch_dim}"
+                      + (f"-h{args.sketch_hidden}" if sketch_hidden(args) else "")
+                      + f"-steps{args.steps}"
                       + (f"-pw{warmup}" if warmup else "")
                       + (f"-seed{args.seed}" if args.seed else ""))
+
+
+def sketch_hidden(args):
+  """--sketch-hidden (None: the default 8r; also for arguments saved before it existed)."""
+  return getattr(args, "sketch_hidden", None)
 
 
 def model_config(args, variant, data, seq):
@@ -94,7 +101,7 @@ def model_config(args, variant, data, seq):
   return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                    embed_dim=args.dim, attention=attention, sketch=sketch,
                    sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
-                   local_exact=local_exact)
+                   local_exact=local_exact, sketch_hidden_dim=sketch_hidden(args))
 
 
 def init_name(args):
@@ -131,6 +138,7 @@ def run_one(args, variant, seq, pairs, lr, init_from=None, keys_from=None):
                     extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
               steps=args.steps, polynomial_warmup=warmup, seed=args.seed, **init, **probe,
+              **({"sketch_hidden": args.sketch_hidden} if sketch_hidden(args) else {}),
               val_acc=res["val_acc"], val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
@@ -309,7 +317,8 @@ def probe_line(x):
 
 
 MODEL_NAME = (r"(?P<variant>.+)-T(?P<seq>\d+)-pairs(?P<pairs>\d+)-lr(?P<lr>.+?)"   # --save-models
-              r"(?:-r(?P<sketch_dim>\d+)-steps(?P<steps>\d+))?(?:-pw(?P<warmup>\d+))?"
+              r"(?:-r(?P<sketch_dim>\d+)(?:-h(?P<sketch_hidden>\d+))?-steps(?P<steps>\d+))?"
+              r"(?:-pw(?P<warmup>\d+))?"
               r"(?:-seed(?P<seed>\d+))?")
 
 
@@ -323,7 +332,7 @@ def named_run(name):
   optional = lambda group: None if m[group] is None else int(m[group])
   return dict(variant=m["variant"], seq=int(m["seq"]), pairs=int(m["pairs"]), lr=float(m["lr"]),
               sketch_dim=optional("sketch_dim"), steps=optional("steps"),
-              polynomial_warmup=int(m["warmup"] or 0), seed=int(m["seed"] or 0))
+              sketch_hidden=optional("sketch_hidden"), polynomial_warmup=int(m["warmup"] or 0), seed=int(m["seed"] or 0))
 
 
 def reprobe(models_dir, out_stem):
@@ -441,7 +450,7 @@ def eval_lengths(models_dirs, seqs, out_stem):
 def model_key(r):
   """What a run's saved model's name (MODEL_NAME) says of the run."""
   return (r["variant"], r["seq"], r["pairs"], r["lr"], r["sketch_dim"], r["steps"],
-          r.get("polynomial_warmup", 0), r.get("seed", 0))
+          r.get("polynomial_warmup", 0), r.get("seed", 0), r.get("sketch_hidden"))
 
 
 def parent_run(r, runs):
@@ -468,6 +477,7 @@ def row_labels(runs):
   chained = {id(q) for r, q in zip(runs, roots) if q is not r}   # roots with descendants
   def base(r):
     return (variant_label(r["variant"], r.get("polynomial_warmup", 0))
+            + (f", sketch hidden width {r['sketch_hidden']}" if r.get("sketch_hidden") else "")
             + (f", from model {r['init_from']}" if r.get("init_from") else ""))
   configs = {}
   for q in roots:
@@ -630,6 +640,8 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--dim", type=int, default=64)
   p.add_argument("--sketch-dim", type=int, default=16)
+  p.add_argument("--sketch-hidden", type=int, default=None,
+                 help="the learned sketch's hidden width (default 8 x --sketch-dim, the paper's)")
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--eval-batches", type=int, default=4)
   p.add_argument("--eval-every", type=int, default=0,
@@ -645,7 +657,7 @@ def main(argv=None):
                       "attention on its pair (`probe_attention`) in the run's `probe`")
   p.add_argument("--save-models", metavar="DIR",
                  help="write each trained model as an orbax checkpoint under DIR "
-                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>-steps<steps>[-pw<N>][-seed<S>]; "
+                      "(<variant>-T<seq>-pairs<pairs>-lr<lr>-r<r>[-h<hidden>]-steps<steps>[-pw<N>][-seed<S>]; "
                       "`load_checkpoint`)")
   p.add_argument("--reprobe", metavar="DIR",
                  help="probe the models --save-models wrote under DIR again (this file's "
@@ -668,7 +680,9 @@ def main(argv=None):
   command = " ".join(["python", "bench/recall.py"] + (argv if argv is not None else sys.argv[1:]))
   setup = (f"{args.pairs} pairs of {args.keys} keys / {args.values} values, "
            f"{args.layers} layers, width {args.dim} ({args.heads} heads of "
-           f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}, block {args.block_size}, "
+           f"{args.dim // args.heads}), sketch_dim {args.sketch_dim}"
+           + (f" (hidden {args.sketch_hidden})" if args.sketch_hidden else "")
+           + f", block {args.block_size}, "
            f"{args.steps} steps of {args.batch_size} sequences, "
            + (f"min(pairs, {args.queries}) distinct" if args.distinct_queries else f"{args.queries}")
            + f" queries per sequence, lr {args.lrs}, weight decay {args.weight_decay}, seed {args.seed}")
@@ -720,7 +734,7 @@ def main(argv=None):
     with open(stem + ".json") as f:
       runs = json.load(f)["runs"]
   done = {(r["variant"], r["seq"], r["pairs"], r["lr"], r.get("polynomial_warmup", 0),
-           r.get("init_from", "")) for r in runs}
+           r.get("init_from", ""), r.get("sketch_hidden")) for r in runs}
   if not 0 <= args.polynomial_warmup < args.steps:
     p.error(f"--polynomial-warmup must be in [0, --steps = {args.steps}), got {args.polynomial_warmup}")
   init_from = init_name(args)
@@ -758,7 +772,8 @@ def main(argv=None):
       init_ckpts[seq, pairs] = ckpt, keys_from
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
-    if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from) in done:
+    if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from,
+        args.sketch_hidden) in done:
       continue
     if recall_data(args, seq, pairs).min_context > seq:
       continue

@@ -196,7 +196,7 @@ def _features_fn(sds, job):
   B, N, H, r, T = (job[k] for k in ("B", "N", "H", "r", "T"))
   key = jax.random.key(0)
   if job["sketch"] == "learned":
-    params = sketches.learned_sketch_init(key, H, r)
+    params = sketches.learned_sketch_init(key, H, r, hidden_dim=job.get("hidden"))
     feats = sketches.learned_sketch_features
   else:
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),

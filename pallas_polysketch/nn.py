@@ -125,6 +125,9 @@ class PolySketchAttention(nnx.Module):
       no sketched prefix, the exact local blocks alone; a block-local
       attention baseline, needs local_exact). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
+    sketch_hidden_dim: the learned sketch's hidden width (default 8 *
+      sketch_dim, the paper's); narrower is cheaper and a different model,
+      see `learned_sketch_init`. Used with sketch="learned" only.
     sketch_type: the random sketch's matrices, "gaussian" or "hadamard"
       (random signs and sampled Hadamard columns, as the paper's official
       code; head_dim, and from degree 8 on sketch_dim, must be powers of two).
@@ -153,8 +156,8 @@ class PolySketchAttention(nnx.Module):
                attention: str = "polysketch", head_dim: int | None = None,
                num_kv_heads: int | None = None, sketch: str = "learned",
                sketch_dim: int = 32, sketch_type: str = "gaussian",
-               sketch_scaling: str = "unbiased", degree: int = 4,
-               block_size: int = 256,
+               sketch_scaling: str = "unbiased", sketch_hidden_dim: int | None = None,
+               degree: int = 4, block_size: int = 256,
                local_exact: bool = True, causal: bool = True, rope: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
                implementation: str | None = None, normalization_bias: float = 1.0, mesh=None,
@@ -182,6 +185,8 @@ class PolySketchAttention(nnx.Module):
       raise ValueError(
           f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
     _validation.check_positive_int("sketch_dim", sketch_dim)
+    if sketch_hidden_dim is not None:
+      _validation.check_positive_int("sketch_hidden_dim", sketch_hidden_dim)
     _validation.check_degree(degree)
     _validation.check_choice("sketch_type", sketch_type, SKETCH_TYPES)
     _validation.check_choice("sketch_scaling", sketch_scaling, SKETCH_SCALINGS)
@@ -204,6 +209,7 @@ class PolySketchAttention(nnx.Module):
     self.sketch_dim = sketch_dim
     self.sketch_type = sketch_type
     self.sketch_scaling = sketch_scaling
+    self.sketch_hidden_dim = sketch_hidden_dim
     self.degree = degree
     self.block_size = block_size
     self.local_exact = _validation.check_bool("local_exact", local_exact)
@@ -241,7 +247,7 @@ class PolySketchAttention(nnx.Module):
     if attention == "polysketch":
       key = rngs.params()
       if sketch == "learned":
-        params = learned_sketch_init(key, head_dim, sketch_dim)
+        params = learned_sketch_init(key, head_dim, sketch_dim, hidden_dim=sketch_hidden_dim)
         self.sketch = nnx.data(jax.tree.map(
             lambda a: nnx.Param(a.astype(param_dtype)), params))
       elif sketch == "none":
@@ -430,6 +436,7 @@ class PolySketchAttentionLinen(linen.Module):
   sketch_type: str = "gaussian"  # last, so positional construction keeps working
   sketch_scaling: str = "unbiased"
   normalization_bias: float = 1.0
+  sketch_hidden_dim: int | None = None
 
   @linen.compact
   def __call__(self, x, key_mask=None, segment_ids=None):
@@ -438,7 +445,8 @@ class PolySketchAttentionLinen(linen.Module):
         attention=self.attention, head_dim=self.head_dim,
         num_kv_heads=self.num_kv_heads, sketch=self.sketch,
         sketch_dim=self.sketch_dim, sketch_type=self.sketch_type,
-        sketch_scaling=self.sketch_scaling, degree=self.degree,
+        sketch_scaling=self.sketch_scaling, sketch_hidden_dim=self.sketch_hidden_dim,
+        degree=self.degree,
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,

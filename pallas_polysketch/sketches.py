@@ -281,20 +281,28 @@ def _layer_norm(x, scale, bias):
   return (_normalized(x) * scale + bias).astype(x.dtype)
 
 
-def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> dict:
+def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
+                        hidden_dim: int | None = None) -> dict:
   """Parameters of the learned sketch f(x) = sqrt(r) tanh(g1(x) * g2(x) / sqrt(r)).
 
-  Each branch g is two stacked blocks LayerNorm -> Dense(8r, no bias) -> GELU ->
-  Dense(r, no bias); the first maps head_dim -> r, the second r -> r. Dense
-  kernels use LeCun-normal initialisation.
+  Each branch g is two stacked blocks LayerNorm -> Dense(hidden_dim, no bias) ->
+  GELU -> Dense(r, no bias); the first maps head_dim -> r, the second r -> r.
+  Dense kernels use LeCun-normal initialisation.
+
+  hidden_dim defaults to 8r, the paper's width. A narrower one is a cheaper,
+  different model: on TPU the features' cost is the GELU's vector work on the
+  hidden units, about proportional to hidden_dim (bench/TPU_SCHEDULE.md,
+  "A narrower learned sketch"); its quality is measured in bench/LM_QUALITY.md.
 
   Returns:
     {"branch1": [block, block], "branch2": [block, block]} with each block
-    {"ln_scale": [d_in], "ln_bias": [d_in], "w_in": [d_in, 8r], "w_out": [8r, r]}.
+    {"ln_scale": [d_in], "ln_bias": [d_in], "w_in": [d_in, hidden_dim],
+     "w_out": [hidden_dim, r]}.
   """
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
-  hidden = 8 * sketch_dim
+  hidden = 8 * sketch_dim if hidden_dim is None else _validation.check_positive_int(
+      "hidden_dim", hidden_dim)
 
   def block(key, d_in):
     k_in, k_out = jax.random.split(key)
@@ -313,7 +321,7 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32) -> 
 
 
 def _dense_block(p, x):
-  """LayerNorm -> Dense(8r) -> GELU -> Dense(r) on x [..., d_in]."""
+  """LayerNorm -> Dense(hidden_dim) -> GELU -> Dense(r) on x [..., d_in]."""
   x = _layer_norm(x, p["ln_scale"], p["ln_bias"])
   # GELU's 1/2 in w_out (`_twice_gelu`)
   return _twice_gelu(x @ p["w_in"].astype(x.dtype)) @ (0.5 * p["w_out"]).astype(x.dtype)
@@ -362,7 +370,7 @@ def _learned_features(params: dict, x: jax.Array) -> jax.Array:
   x_hat = _normalized(x)
   w_in = jnp.concatenate([p[0]["ln_scale"][:, None] * p[0]["w_in"] for p in (b1, b2)], axis=1)
   c_in = jnp.concatenate([p[0]["ln_bias"] @ p[0]["w_in"] for p in (b1, b2)])
-  hidden = _twice_gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))   # [..., 2 * 8r]
+  hidden = _twice_gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))   # [..., 2 * hidden_dim]
   width = b1[0]["w_in"].shape[1]
   # GELU's 1/2 in each branch's w_out (`_twice_gelu`)
   g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width]

@@ -784,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sketch-dim", type=int, default=16,
                  help="sketch size r (default 16 keeps the demo to minutes on 2 CPU cores; "
                       "the layer's default and the paper's is 32)")
+  p.add_argument("--sketch-hidden", type=int, default=None,
+                 help="the learned sketch's hidden width (default 8 x --sketch-dim, the paper's; "
+                      "narrower is cheaper and a different model)")
   p.add_argument("--degree", type=int, default=4)
   p.add_argument("--block-size", type=int, default=None,
                  help="polysketch block size (default: context/4, at least 8)")
@@ -851,7 +854,8 @@ def main(argv=None) -> dict:
       vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
       embed_dim=args.dim, attention=args.attention, sketch=args.sketch,
       sketch_dim=args.sketch_dim, degree=args.degree, block_size=block_size,
-      local_exact=args.local_exact, implementation=args.implementation)
+      local_exact=args.local_exact, implementation=args.implementation,
+      sketch_hidden_dim=args.sketch_hidden)
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
                     learning_rate=args.lr, warmup_steps=args.warmup,
                     weight_decay=args.weight_decay, seed=args.seed,

@@ -162,3 +162,34 @@ def test_compiling_one_attention_keeps_the_others_rest_only_when_comparable(tmp_
   path.write_text(json.dumps(dict(doc, config=dict(gpt_step.GPT2_SMALL, sketch_dim=16))))
   with pytest.raises(SystemExit, match="other config"):
     gpt_step._kept_rest(args, "1.0")
+
+
+def test_a_narrower_sketch_keeps_the_softmax_rest_of_another_json(tmp_path, monkeypatch):
+  """--attentions polysketch --sketch-hidden N --rest-from J: the softmax rest
+  (independent of the sketch) comes from J, only for the generations compiled
+  now, under the new config; the softmax rest is never reused for a changed
+  sketch width when softmax is what is compiled, nor across other changes."""
+  import json
+  import types
+  monkeypatch.setattr(gpt_step.tpu_schedule, "RESULTS", str(tmp_path))
+  doc = dict(libtpu="1.0", **gpt_step._compiled_with(),
+             generations={g: dict(rest={a: dict(coef=[i, 2, 3, 4]) for i, a in
+                                        enumerate(gpt_step.ATTENTIONS)}) for g in ("v5e", "v4")})
+  (tmp_path / "full.json").write_text(json.dumps(doc))
+  args = types.SimpleNamespace(tag="narrow", gens=["v5e"], attentions=["polysketch"],
+                               rest_from=str(tmp_path / "full.json"), sketch_hidden=128)
+  kept = gpt_step._kept_rest(args, "1.0")
+  assert kept["config"] == dict(gpt_step.GPT2_SMALL, sketch_hidden_dim=128)
+  assert kept["generations"] == {"v5e": dict(rest={"softmax": dict(coef=[1, 2, 3, 4])})}
+  assert gpt_step._compiled_with(128)["config"]["sketch_hidden_dim"] == 128
+  assert "sketch_hidden_dim" not in gpt_step._compiled_with()["config"]
+  with pytest.raises(SystemExit, match="other config"):
+    gpt_step._kept_rest(types.SimpleNamespace(**dict(vars(args), attentions=["softmax"])), "1.0")
+  (tmp_path / "other.json").write_text(json.dumps(dict(doc, config=dict(doc["config"], sketch_dim=16))))
+  with pytest.raises(SystemExit, match="other config"):
+    gpt_step._kept_rest(types.SimpleNamespace(**dict(vars(args), rest_from=str(tmp_path / "other.json"))),
+                        "1.0")
+  with pytest.raises(SystemExit):
+    gpt_step.main(["--from-json", str(tmp_path / "full.json"), "--sketch-hidden", "128"])
+  with pytest.raises(SystemExit):
+    gpt_step.main(["--rest-from", str(tmp_path / "full.json")])

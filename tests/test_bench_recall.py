@@ -329,3 +329,33 @@ def test_init_from_with_more_keys_grows_the_key_vocabulary(tmp_path, capsys):
                          "--init-from", str(saved_dir), "--tag", "bad"])
   assert "the model trained with --values 8; only the key vocabulary can grow" in (
       capsys.readouterr().err)
+
+
+def test_a_narrower_learned_sketch_gets_its_own_row_model_name_and_chain(tmp_path):
+  """--sketch-hidden: the model is built with it (its weights' shape), the run
+  and its saved model's name record it, a merge keeps it apart from the
+  default width's run, and --init-from continues it only with the same width."""
+  bench = load_bench("recall")
+  common = ["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "1", "--batch-size", "4",
+            "--dim", "16", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--variants", "learned+local", "--out-dir", str(tmp_path)]
+  narrow = bench.main(common + ["--sketch-hidden", "8", "--save-models", str(tmp_path / "m"),
+                                "--tag", "narrow"])
+  wide = bench.main(common + ["--tag", "wide"])
+  assert narrow[0]["sketch_hidden"] == 8 and "sketch_hidden" not in wide[0]
+  (saved,) = (tmp_path / "m").iterdir()
+  assert saved.name == "learned+local-T32-pairs2-lr0.001-r4-h8-steps1"
+  assert bench.named_run(saved.name)["sketch_hidden"] == 8
+  from pallas_polysketch.train import load_checkpoint
+  model = load_checkpoint(str(saved)).model
+  assert model.config.sketch_hidden_dim == 8
+  assert model.blocks[0].attn.sketch["branch1"][1]["w_in"].shape == (4, 8)   # [r, hidden]
+  bench.main(["--merge", str(tmp_path / "recall-narrow.json"), str(tmp_path / "recall-wide.json"),
+              "--out-dir", str(tmp_path), "--tag", "both"])
+  md = (tmp_path / "recall-both.md").read_text()
+  assert "| learned+local, sketch hidden width 8 |" in md and "| learned+local |" in md
+  grown = bench.main(common + ["--seqs", "64", "--sketch-hidden", "8", "--init-from", str(saved),
+                               "--tag", "longer"])
+  assert grown[0]["init_from"] == saved.name and grown[0]["sketch_hidden"] == 8
+  with pytest.raises(SystemExit):   # the default width cannot start from the narrow model
+    bench.main(common + ["--seqs", "64", "--init-from", str(saved), "--tag", "mismatch"])

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import pallas_polysketch as ps
 
@@ -190,6 +191,14 @@ def test_random_sketch_features_bad_params():
                                        r"a level has keys \['branch1', 'branch2'\]"):
     ps.random_sketch_features(ps.learned_sketch_init(jax.random.key(0), H, R),
                               jnp.ones((3, H)))
+
+
+@pytest.mark.parametrize("value", [0, 16.0, True])
+def test_learned_sketch_bad_hidden_dim(value):
+  with pytest.raises(ValueError, match=rf"hidden_dim must be a positive int, got {value!r}"):
+    ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=R, hidden_dim=value)
+  with pytest.raises(ValueError, match=rf"sketch_hidden_dim must be a positive int, got {value!r}"):
+    ps.nn.PolySketchAttention(2 * H, 2, sketch_hidden_dim=value, rngs=nnx.Rngs(0))
 
 
 def test_sketch_features_wrong_head_dim():

@@ -267,6 +267,7 @@ def test_rotary_is_relative():
 @pytest.mark.parametrize("sketch,extra", [
     ("random", {}), ("learned", {}),
     ("random", dict(sketch_type="hadamard", sketch_scaling="official")),
+    ("learned", dict(sketch_hidden_dim=12)),
 ], ids=str)
 def test_linen_matches_nnx(sketch, extra):
   kw = dict(attention="polysketch", sketch=sketch, num_kv_heads=2, block_size=8, **extra)
@@ -277,6 +278,9 @@ def test_linen_matches_nnx(sketch, extra):
   assert y.shape == (B, T, D) and y.dtype == jnp.float32
   if sketch == "random":
     assert "sketch" in variables and "sketch" not in variables["params"]["attention"]
+  else:
+    hidden = variables["params"]["attention"]["sketch"]["branch2"][1]["w_in"].shape[-1]
+    assert hidden == extra.get("sketch_hidden_dim", 8 * 32)
   layer = PolySketchAttention(D, N, rngs=nnx.Rngs(123), **kw)
   pure = dict(variables["params"]["attention"])
   pure.update(variables.get("sketch", {}).get("attention", {}))

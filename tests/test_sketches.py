@@ -137,6 +137,10 @@ def test_learned_sketch_shapes_and_bounds():
   # One map for q and k: the kernel <f(x), f(y)> is symmetric by construction,
   # and the two branches have their own parameters.
   assert not np.allclose(params["branch1"][0]["w_in"], params["branch2"][0]["w_in"])
+  narrow = ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=r, hidden_dim=2 * r)
+  assert [b[i][w].shape for b in (narrow["branch1"], narrow["branch2"]) for i in (0, 1)
+          for w in ("w_in", "w_out")] == [(H, 2 * r), (2 * r, r), (r, 2 * r), (2 * r, r)] * 2
+  assert ps.learned_sketch_features(narrow, x).shape == (2, 7, 3, r)
 
 
 def _gelu64(z):
@@ -144,10 +148,13 @@ def _gelu64(z):
   return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
 
 
-def test_learned_sketch_formula():
-  """f(x) = sqrt(r) tanh(g1(x) * g2(x) / sqrt(r)), with each g written out in NumPy."""
+@pytest.mark.parametrize("hidden_dim", [None, 12])
+def test_learned_sketch_formula(hidden_dim):
+  """f(x) = sqrt(r) tanh(g1(x) * g2(x) / sqrt(r)), with each g written out in
+  NumPy; at the default hidden width 8r and a narrower one."""
   r = 4
-  params = ps.learned_sketch_init(jax.random.key(5), H, sketch_dim=r)
+  params = ps.learned_sketch_init(jax.random.key(5), H, sketch_dim=r, hidden_dim=hidden_dim)
+  assert params["branch2"][1]["w_in"].shape == (r, hidden_dim or 8 * r)
   rng = np.random.default_rng(6)
   params = jax.tree_util.tree_map(  # non-trivial LayerNorm parameters
       lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)

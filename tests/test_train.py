@@ -154,10 +154,14 @@ def test_gpt_shapes_and_tied_embeddings():
   assert not np.allclose(logits[:, 8:], logits2[:, 8:])
 
 
-@pytest.mark.parametrize("sketch", ["random", "learned"])
-def test_checkpoint_roundtrip_identical_outputs(tmp_path, sketch):
-  cfg = _tiny_config(sketch=sketch)
+@pytest.mark.parametrize("sketch,sketch_hidden_dim", [("random", None), ("learned", None),
+                                                      ("learned", 8)])
+def test_checkpoint_roundtrip_identical_outputs(tmp_path, sketch, sketch_hidden_dim):
+  cfg = _tiny_config(sketch=sketch, sketch_hidden_dim=sketch_hidden_dim)
   model = GPT(cfg, rngs=nnx.Rngs(7))  # load_checkpoint builds with seed 0: must be overwritten
+  if sketch == "learned":
+    w_in = model.blocks[0].attn.sketch["branch1"][1]["w_in"]
+    assert w_in.shape == (cfg.sketch_dim, sketch_hidden_dim or 8 * cfg.sketch_dim)
   tok = CharTokenizer.from_text("abcdefghijklmnopqrst")
   path = str(tmp_path / "ckpt")
   train_mod.save_checkpoint(path, model, step=3, tokenizer=tok, extra={"note": "x"})
@@ -263,7 +267,8 @@ def test_cli_writes_log_and_plot_and_resumes(tmp_path, capsys):
   ck_dir = tmp_path / "run"
   argv = ["--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2",
           "--context", "32", "--pairs", "2", "--queries", "4", "--layers", "1", "--dim", "16",
-          "--sketch-dim", "8", "--block-size", "8", "--no-progress", "--checkpoint", str(ck_dir)]
+          "--sketch-dim", "8", "--sketch-hidden", "16", "--block-size", "8", "--no-progress",
+          "--checkpoint", str(ck_dir)]
   results = train_mod.main(argv)
   out = capsys.readouterr().out
   printed = [l for l in out.splitlines() if l.startswith("step ")]
@@ -272,6 +277,7 @@ def test_cli_writes_log_and_plot_and_resumes(tmp_path, capsys):
 
   log = json.loads((ck_dir / "train_log.json").read_text())
   assert log["model"]["num_layers"] == 1 and log["train"]["steps"] == 4
+  assert log["model"]["sketch_hidden_dim"] == 16
   evals = log["evals"]
   assert [e["step"] for e in evals] == [2, 4]
   chance = math.log(log["model"]["vocab_size"])
