@@ -94,12 +94,29 @@ def variant_label(variant, warmup):
 
 
 def run_label(run):
-  return variant_label(run["variant"], polynomial_warmup_steps(run))
+  return (variant_label(run["variant"], polynomial_warmup_steps(run))
+          + (f", sketch hidden width {run['sketch_hidden']}" if run.get("sketch_hidden") else ""))
 
 
 def run_key(run):
-  """What tells runs apart: variant, seed and warm-up."""
-  return run["variant"], run["seed"], polynomial_warmup_steps(run)
+  """What tells runs apart: variant, seed, warm-up and the learned sketch's
+  hidden width (--sketch-hidden; absent: the default 8r)."""
+  return run["variant"], run["seed"], polynomial_warmup_steps(run), run.get("sketch_hidden")
+
+
+def has_learned_sketch(variant):
+  attention, sketch, _ = VARIANTS[variant]
+  return attention == "polysketch" and sketch == "learned"
+
+
+def sketch_hidden(args, variant):
+  """--sketch-hidden where the variant's model has a learned sketch, else None."""
+  return getattr(args, "sketch_hidden", None) if has_learned_sketch(variant) else None
+
+
+# per run, so reports that differ in them merge (the rows say which)
+PER_RUN_FLAGS = ("data", "sketch_hidden")
+PER_RUN_MODEL = ("sketch_hidden_dim",)
 
 
 def summarise(runs):
@@ -682,7 +699,8 @@ def main(argv=None):
       runs = json.load(f)["results"]
   done = {run_key(r) for r in runs}
   todo = [(name, seed, w) for seed in args.seeds for name in variants
-          for w in warmups(args, name) if (name, seed, w) not in done]
+          for w in warmups(args, name)
+          if (name, seed, w, sketch_hidden(args, name)) not in done]
   if args.stack_seeds:   # one stacked run per variant, of its seeds not done (no warm-up)
     groups = [(name, [s for v, s, _ in todo if v == name], 0) for name in variants]
     groups = [g for g in groups if g[1]]
@@ -701,8 +719,9 @@ def main(argv=None):
     else:
       results = [train(mc, data, cfgs[0], progress=False, log=lambda s: print(s, flush=True))[1]]
     for seed, res in zip(seeds, results):
+      hidden = sketch_hidden(args, name)
       res.update(variant=name, seed=seed, polynomial_warmup=warmup, attention=attention,
-                 sketch=sketch,
+                 sketch=sketch, **({"sketch_hidden": hidden} if hidden else {}),
                  local_exact=local_exact, embed_dim=mc.embed_dim, wall_s=time.time() - t0,
                  load_before=load_before, load_after=os.getloadavg(),
                  devices=device_description())
@@ -723,14 +742,20 @@ def merge(p, args, command):
       p.error(f"--merge: no report at {path}")
     with open(path) as f:
       reports.append((path, json.load(f)))
+  for _, r in reports:   # runs written before they recorded their sketch's width
+    for run in r["results"]:
+      hidden = sketch_hidden(argparse.Namespace(**r["args"]), run["variant"])
+      if hidden:
+        run.setdefault("sketch_hidden", hidden)
   first_path, first = reports[0]
-  model_meta, train_meta = first["model"], first["train"] | {"polynomial_warmup_steps": "*"}
+  model_meta = first["model"] | {k: "*" for k in PER_RUN_MODEL}
+  train_meta = first["train"] | {"polynomial_warmup_steps": "*"}
   for path, r in reports[1:]:
     differ = sorted([f"--{k.replace('_', '-')}" for k in RUN_FLAGS
-                     if k != "data" and r["args"].get(k) != first["args"].get(k)]
+                     if k not in PER_RUN_FLAGS and r["args"].get(k) != first["args"].get(k)]
                     + [name for name in ("data", "devices") if r.get(name) != first.get(name)]
                     + [f"model.{k}" for k in model_meta.keys() | r["model"].keys()
-                       if r["model"].get(k) != model_meta.get(k)]
+                       if k not in PER_RUN_MODEL and r["model"].get(k) != model_meta.get(k)]
                     + [f"train.{k}" for k in train_meta.keys() | r["train"].keys()
                        if k != "polynomial_warmup_steps" and r["train"].get(k) != train_meta.get(k)])
     if differ:
@@ -740,7 +765,9 @@ def merge(p, args, command):
     for run in r["results"]:
       by_key[run_key(run)] = run
   runs = list(by_key.values())
+  widths = {run.get("sketch_hidden") for run in runs if has_learned_sketch(run["variant"])}
   merged = argparse.Namespace(**(first["args"] | {
+      "sketch_hidden": widths.pop() if len(widths) == 1 else None,   # several: in the rows
       "variants": ",".join(dict.fromkeys(run["variant"] for run in runs)),
       "seeds": sorted({run["seed"] for run in runs}),
       "polynomial_warmup": sorted({polynomial_warmup_steps(run) for run in runs})}))

@@ -39,29 +39,34 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=2)
   p.add_argument("--sketch-dim", type=int, default=16)
   p.add_argument("--block-size", type=int, default=32)
+  p.add_argument("--sketch-hidden", type=int, nargs="+", default=[], metavar="N",
+                 help="also time the learned sketch at these hidden widths (default 8r only)")
   p.add_argument("--reps", type=int, default=10)
   args = p.parse_args(argv)
   x = jax.random.normal(jax.random.key(0), (args.batch, args.seq, args.dim))
   rows = []
+  narrow = [(f"polysketch, learned sketch, hidden {h}", dict(sketch="learned", sketch_hidden_dim=h))
+            for h in args.sketch_hidden]
   for name, kw in [("softmax", dict(attention="softmax")),
-                   ("polysketch, learned sketch", dict(sketch="learned")),
+                   ("polysketch, learned sketch", dict(sketch="learned")), *narrow,
                    ("polysketch, random sketch", dict(sketch="random"))]:
     layer = PolySketchAttention(args.dim, args.heads, block_size=args.block_size,
                                 sketch_dim=args.sketch_dim, rngs=nnx.Rngs(0), **kw)
     step = nnx.jit(lambda m, x: nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m))
     rows.append((f"layer fwd+bwd: {name}", _median_ms(step, layer, x, reps=args.reps)))
   head_dim = args.dim // args.heads
-  params = learned_sketch_init(jax.random.key(1), head_dim, args.sketch_dim)
   qk = jax.random.normal(jax.random.key(2), (2, args.batch, args.seq, args.heads, head_dim))
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(learned_sketch_features(p, x[0]) ** 2)
                           + jnp.sum(learned_sketch_features(p, x[1]) ** 2), argnums=(0, 1)))
-  rows.append(("learned sketch alone, q and k, fwd+bwd", _median_ms(grad, params, qk,
-                                                                     reps=args.reps)))
+  for hidden in [None, *args.sketch_hidden]:
+    params = learned_sketch_init(jax.random.key(1), head_dim, args.sketch_dim, hidden_dim=hidden)
+    rows.append(("learned sketch alone, q and k, fwd+bwd" + (f", hidden {hidden}" if hidden else ""),
+                 _median_ms(grad, params, qk, reps=args.reps)))
   print(f"batch {args.batch}, seq {args.seq}, width {args.dim}, {args.heads} heads, "
         f"sketch_dim {args.sketch_dim}, block {args.block_size}, f32; jax {jax.__version__}; "
         f"load average {os.getloadavg()[0]:.2f}")
   for name, ms in rows:
-    print(f"  {name:45s} {ms:8.1f} ms")
+    print(f"  {name:55s} {ms:8.1f} ms")
   return rows
 
 

@@ -191,7 +191,7 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
   runs = bench.main(argv + ["--variants", "softmax,learned+local", "--polynomial-warmup", "0", "2",
                             "--tag", "b"])
   assert [bench.run_key(r) for r in runs] == [
-      ("softmax", 0, 0), ("learned+local", 0, 0), ("learned+local", 0, 2)]
+      ("softmax", 0, 0, None), ("learned+local", 0, 0, None), ("learned+local", 0, 2, None)]
   scratch, warm = runs[1], runs[2]
   assert [e["exact_polynomial"] for e in scratch["evals"]] == [False, False]
   assert [e["exact_polynomial"] for e in warm["evals"]] == [True, False]
@@ -241,6 +241,34 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
                 "--out-dir", str(tmp_path)])
   err = capsys.readouterr().err
   assert "c.json differs from" in err and "['--context', '--eval-every', 'train.context', 'train.eval_every']" in err
+
+
+def test_lm_quality_narrower_sketch_gets_its_own_row_and_merges(tmp_path):
+  """--sketch-hidden: the learned variants' model is built with it (fewer
+  parameters), their runs record it (softmax's do not), and --merge joins it
+  with a report of the default width, a row each; a report whose runs predate
+  the per-run record takes its flag's width."""
+  bench = load_bench("lm_quality")
+  argv = _tiny_argv(tmp_path, "--steps", "2", "--eval-every", "2", "--seeds", "0")
+  wide = bench.main(argv + ["--variants", "softmax,learned+local", "--tag", "wide"])
+  narrow = bench.main(argv + ["--variants", "softmax,learned+local", "--sketch-hidden", "8",
+                              "--tag", "narrow"])
+  assert [r.get("sketch_hidden") for r in narrow] == [None, 8]
+  assert narrow[0]["val_loss"] == wide[0]["val_loss"]     # softmax: the same model and run
+  assert narrow[1]["params"] < wide[1]["params"]
+  report = json.loads((tmp_path / "narrow.json").read_text())
+  assert report["model"]["sketch_hidden_dim"] == 8
+  for run in report["results"]:
+    run.pop("sketch_hidden", None)
+  (tmp_path / "old.json").write_text(json.dumps(report))
+  merged = bench.main(["--merge", str(tmp_path / "wide.json"), str(tmp_path / "old.json"),
+                       "--out-dir", str(tmp_path), "--tag", "both"])
+  assert sorted(map(str, map(bench.run_key, merged))) == sorted(map(str, [
+      ("softmax", 0, 0, None), ("learned+local", 0, 0, None), ("learned+local", 0, 0, 8)]))
+  out = json.loads((tmp_path / "both.json").read_text())
+  assert [r["variant"] for r in out["summary"]] == [
+      "softmax", "learned+local", "learned+local, sketch hidden width 8"]
+  assert "| learned+local, sketch hidden width 8 | polysketch |" in (tmp_path / "both.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
