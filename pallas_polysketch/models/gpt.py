@@ -65,7 +65,8 @@ class Block(nnx.Module):
     self.attn = PolySketchAttention(
         c.embed_dim, c.num_heads, attention=c.attention,
         num_kv_heads=c.num_kv_heads, sketch=c.sketch, sketch_dim=c.sketch_dim,
-        sketch_hidden_dim=c.sketch_hidden_dim, degree=c.degree, block_size=c.block_size, local_exact=c.local_exact,
+        sketch_hidden_dim=c.sketch_hidden_dim, degree=c.degree, block_size=c.block_size,
+        local_exact=c.local_exact,
         causal=True, rope=c.rope, dtype=dtype, implementation=c.implementation,
         mesh=mesh, mesh_axes=mesh_axes, rngs=rngs)
     self.ln2 = nnx.LayerNorm(c.embed_dim, dtype=dtype, rngs=rngs)
