@@ -241,14 +241,14 @@ def _kept_rest(args, ver):
   attentions' rest into it. With --attentions polysketch the sketch's width may
   differ from that file's: the softmax rest does not depend on it, and the
   result then holds only the generations compiled now, with the new config."""
-  path = getattr(args, "rest_from", None) or os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
+  path = args.rest_from or os.path.join(tpu_schedule.RESULTS, args.tag + ".json")
   if not os.path.exists(path):
     raise SystemExit(f"--attentions {' '.join(args.attentions)} updates {path}, which is missing")
   doc = json.load(open(path))
   if doc.get("libtpu") != ver:
     raise SystemExit(f"{path} was compiled with libtpu {doc.get('libtpu')}, this is {ver}: "
                      f"compile every attention")
-  want = _compiled_with(getattr(args, "sketch_hidden", None))
+  want = _compiled_with(args.sketch_hidden)
   ignored = SKETCH_ONLY if "polysketch" in args.attentions else ()
   strip = lambda c: {k: v for k, v in (c or {}).items() if k not in ignored}
   changed = [k for k, v in want.items()

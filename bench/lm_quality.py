@@ -210,7 +210,7 @@ def model_config(args, data, name):
   return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                    embed_dim=dim, attention=attention, sketch=sketch,
                    sketch_dim=args.sketch_dim, block_size=args.block_size,
-                   local_exact=local_exact, sketch_hidden_dim=args.sketch_hidden)
+                   local_exact=local_exact, sketch_hidden_dim=sketch_hidden(args, name))
 
 
 def train_config(args, seed, polynomial_warmup=0):

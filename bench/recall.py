@@ -49,7 +49,8 @@ from pallas_polysketch.train import RecallData, TrainConfig, train
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lm_quality import VARIANTS as LM_VARIANTS, takes_warmup, variant_label  # noqa: E402
+from lm_quality import (VARIANTS as LM_VARIANTS, sketch_hidden, takes_warmup,  # noqa: E402
+                        variant_label)
 
 # name -> (attention, sketch, local_exact)
 VARIANTS = {name: LM_VARIANTS[name] for name in
@@ -83,17 +84,13 @@ def polynomial_warmup(args, variant):
 def model_dir(args, variant, seq, pairs, lr):
   """Where --save-models puts a run's model (MODEL_NAME)."""
   warmup = polynomial_warmup(args, variant)
+  hidden = sketch_hidden(args, variant)
   return os.path.join(os.path.abspath(args.save_models),
                       f"{variant}-T{seq}-pairs{pairs}-lr{lr:g}-r{args.sketch_dim}"
-                      + (f"-h{args.sketch_hidden}" if sketch_hidden(args) else "")
+                      + (f"-h{hidden}" if hidden else "")
                       + f"-steps{args.steps}"
                       + (f"-pw{warmup}" if warmup else "")
                       + (f"-seed{args.seed}" if args.seed else ""))
-
-
-def sketch_hidden(args):
-  """--sketch-hidden (None: the default 8r; also for arguments saved before it existed)."""
-  return getattr(args, "sketch_hidden", None)
 
 
 def model_config(args, variant, data, seq):
@@ -101,7 +98,7 @@ def model_config(args, variant, data, seq):
   return GPTConfig(vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
                    embed_dim=args.dim, attention=attention, sketch=sketch,
                    sketch_dim=args.sketch_dim, block_size=min(args.block_size, seq),
-                   local_exact=local_exact, sketch_hidden_dim=sketch_hidden(args))
+                   local_exact=local_exact, sketch_hidden_dim=sketch_hidden(args, variant))
 
 
 def init_name(args):
@@ -115,6 +112,7 @@ def run_one(args, variant, seq, pairs, lr, init_from=None, keys_from=None):
   data = recall_data(args, seq, pairs)
   mc = model_config(args, variant, data, seq)
   warmup = polynomial_warmup(args, variant)
+  hidden = sketch_hidden(args, variant)
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
                     learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
                     weight_decay=args.weight_decay, polynomial_warmup_steps=warmup,
@@ -138,7 +136,7 @@ def run_one(args, variant, seq, pairs, lr, init_from=None, keys_from=None):
                     extra=dict(args=vars(args)))
   return dict(variant=variant, seq=seq, pairs=pairs, lr=lr, sketch_dim=args.sketch_dim,
               steps=args.steps, polynomial_warmup=warmup, seed=args.seed, **init, **probe,
-              **({"sketch_hidden": args.sketch_hidden} if sketch_hidden(args) else {}),
+              **({"sketch_hidden": hidden} if hidden else {}),
               val_acc=res["val_acc"], val_loss=res["val_loss"], params=res.get("params"), curve=curve,
               steps_per_s=res["steps_per_s"], wall_s=time.time() - t0,
               state_floats=state_floats(variant, seq, args.dim // args.heads, args.sketch_dim,
@@ -332,7 +330,8 @@ def named_run(name):
   optional = lambda group: None if m[group] is None else int(m[group])
   return dict(variant=m["variant"], seq=int(m["seq"]), pairs=int(m["pairs"]), lr=float(m["lr"]),
               sketch_dim=optional("sketch_dim"), steps=optional("steps"),
-              sketch_hidden=optional("sketch_hidden"), polynomial_warmup=int(m["warmup"] or 0), seed=int(m["seed"] or 0))
+              sketch_hidden=optional("sketch_hidden"), polynomial_warmup=int(m["warmup"] or 0),
+              seed=int(m["seed"] or 0))
 
 
 def reprobe(models_dir, out_stem):
@@ -773,7 +772,7 @@ def main(argv=None):
   for seq, pairs, variant, lr in itertools.product(
       args.seqs, args.pairs, args.variants.split(","), args.lrs):
     if (variant, seq, pairs, lr, polynomial_warmup(args, variant), init_from,
-        args.sketch_hidden) in done:
+        sketch_hidden(args, variant)) in done:
       continue
     if recall_data(args, seq, pairs).min_context > seq:
       continue

@@ -149,7 +149,8 @@ def test_compiling_one_attention_keeps_the_others_rest_only_when_comparable(tmp_
   doc = dict(libtpu="1.0", config=gpt_step.GPT2_SMALL, layers=gpt_step.LAYERS,
              compile_layers=list(gpt_step.COMPILE_LAYERS), compile_seqs=list(gpt_step.COMPILE_SEQS),
              generations={"v5e": dict(rest={"softmax": dict(coef=[1, 2, 3, 4])})})
-  args = types.SimpleNamespace(tag="g", gens=["v5e"], attentions=["polysketch"])
+  args = types.SimpleNamespace(tag="g", gens=["v5e"], attentions=["polysketch"], rest_from=None,
+                               sketch_hidden=None)
   with pytest.raises(SystemExit, match="missing"):
     gpt_step._kept_rest(args, "1.0")
   path = tmp_path / "g.json"
@@ -158,7 +159,7 @@ def test_compiling_one_attention_keeps_the_others_rest_only_when_comparable(tmp_
   with pytest.raises(SystemExit, match="libtpu 1.0, this is 2.0"):
     gpt_step._kept_rest(args, "2.0")
   with pytest.raises(SystemExit, match="no v6e rest"):
-    gpt_step._kept_rest(types.SimpleNamespace(tag="g", gens=["v6e"], attentions=["polysketch"]), "1.0")
+    gpt_step._kept_rest(types.SimpleNamespace(**dict(vars(args), gens=["v6e"])), "1.0")
   path.write_text(json.dumps(dict(doc, config=dict(gpt_step.GPT2_SMALL, sketch_dim=16))))
   with pytest.raises(SystemExit, match="other config"):
     gpt_step._kept_rest(args, "1.0")
