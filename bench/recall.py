@@ -112,7 +112,7 @@ def run_one(args, variant, seq, pairs, lr, init_from=None, keys_from=None):
   data = recall_data(args, seq, pairs)
   mc = model_config(args, variant, data, seq)
   warmup = polynomial_warmup(args, variant)
-  hidden = sketch_hidden(args, variant)
+  hidden = mc.sketch_hidden_dim
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=seq,
                     learning_rate=lr, warmup_steps=max(1, args.steps // 10), seed=args.seed,
                     weight_decay=args.weight_decay, polynomial_warmup_steps=warmup,
