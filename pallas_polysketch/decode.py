@@ -104,13 +104,52 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
       local_exact=local_exact, normalization_bias=bias)
 
 
-def _check_state_matches(state, q, k, q_features, what):
-  if not isinstance(state, DecodeState):
-    raise TypeError(f"state must be a DecodeState, got {type(state).__name__}")
+def _check_state(state):
+  """The fields of a DecodeState agree with each other (a state put together by
+  hand or loaded from elsewhere): a tail of another batch or head count would
+  otherwise broadcast into a wrong result."""
+  _validation.check_degree(state.degree, name="state.degree")
+  _validation.check_block_size(state.block_size, name="state.block_size")
+  _validation.check_bool("state.local_exact", state.local_exact)
+  _validation.check_normalization_bias(state.normalization_bias,
+                                       name="state.normalization_bias")
+  for name in ("tail_k", "tail_k_features"):
+    _validation.check_rank(f"state.{name}", getattr(state, name), 4,
+                           "[batch, block_size, num_kv_heads, dim]")
+  batch, kv, h, r = state.batch, state.num_kv_heads, state.head_dim, state.sketch_dim
+  want = {
+      "prefix_state": ((batch, kv, r * r, h), "[batch, num_kv_heads, sketch_dim^2, head_dim]"),
+      "normalizer": ((batch, kv, r * r), "[batch, num_kv_heads, sketch_dim^2]"),
+      "tail_k": ((batch, state.block_size, kv, h),
+                 "[batch, block_size, num_kv_heads, head_dim]"),
+      "tail_v": ((batch, state.block_size, kv, h),
+                 "[batch, block_size, num_kv_heads, head_dim]"),
+      "tail_k_features": ((batch, state.block_size, kv, r),
+                          "[batch, block_size, num_kv_heads, sketch_dim]"),
+      "fill": ((batch,), "[batch]"),
+  }
+  for name, (shape, layout) in want.items():
+    got = tuple(getattr(getattr(state, name), "shape", ()))
+    if got != shape:
+      raise ValueError(
+          f"state.{name} must be {layout} = {shape} (from state.tail_k {state.tail_k.shape}, "
+          f"state.tail_k_features {state.tail_k_features.shape} and "
+          f"block_size={state.block_size}), got shape {got}")
+  for name in ("prefix_state", "normalizer"):
+    if getattr(state, name).dtype != jnp.float32:
+      raise TypeError(f"state.{name} must be float32, got {getattr(state, name).dtype}")
   for name in ("tail_k", "tail_v", "tail_k_features"):
     if not jnp.issubdtype(getattr(state, name).dtype, jnp.floating):
       raise TypeError(f"state.{name} must have a floating dtype, got "
                       f"{getattr(state, name).dtype}: it would truncate the stored tokens")
+  if not jnp.issubdtype(state.fill.dtype, jnp.integer):
+    raise TypeError(f"state.fill must have an integer dtype (int32), got {state.fill.dtype}")
+
+
+def _check_state_matches(state, q, k, q_features, what):
+  if not isinstance(state, DecodeState):
+    raise TypeError(f"state must be a DecodeState, got {type(state).__name__}")
+  _check_state(state)
   b, _, n, h = q.shape
   kv, r = k.shape[2], q_features.shape[3]
   for name, got, want in (("batch", b, state.batch), ("num_kv_heads", kv, state.num_kv_heads),
@@ -166,7 +205,8 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
   _check_state_matches(state, q, k, q_features, "prefill's input")
   _check_static_matches(state, degree=degree, block_size=block_size,
                         local_exact=_validation.check_bool("local_exact", local_exact),
-                        normalization_bias=float(normalization_bias))
+                        normalization_bias=_validation.check_normalization_bias(
+                            normalization_bias))
   b = state.block_size
   # The chunk is laid after the incomplete block's fill tokens, so blocks stay
   # aligned to the sequence start: at most one extra block of work.

@@ -360,3 +360,49 @@ def test_find_nonfinite_and_polynomial_flags_must_be_bools(arg):
   if arg == "causal":
     with pytest.raises(TypeError, match="causal must be a bool, got 'no'"):
       ps.polynomial_attention(q, k, v, causal="no")
+
+
+def _malformed_states():
+  state = ps.init_decode_state(2, 2, 8, 4, block_size=8)
+  bad = lambda **kw: dataclasses.replace(state, **kw)
+  return {
+      # a tail of another head count or batch broadcast into a wrong result
+      "tail_v one kv head": (bad(tail_v=state.tail_v[:, :, :1]), ValueError, "state.tail_v must be"),
+      "tail_v batch 1": (bad(tail_v=state.tail_v[:1]), ValueError, "state.tail_v must be"),
+      "tail_k_features short": (bad(tail_k_features=state.tail_k_features[:, :4]), ValueError,
+                                "state.tail_k_features must be"),
+      "prefix_state batch 1": (bad(prefix_state=state.prefix_state[:1]), ValueError,
+                               "state.prefix_state must be"),
+      "normalizer [B, K, 1]": (bad(normalizer=state.normalizer[..., :1]), ValueError,
+                               "state.normalizer must be"),
+      "fill scalar": (bad(fill=jnp.int32(0)), ValueError, "state.fill must be"),
+      "fill float": (bad(fill=jnp.zeros((2,))), TypeError, "state.fill must have an integer"),
+      "prefix_state bf16": (bad(prefix_state=state.prefix_state.astype(jnp.bfloat16)),
+                            TypeError, "state.prefix_state must be float32"),
+      "degree 3": (bad(degree=3), ValueError, "state.degree must be a positive even"),
+      "block_size 12": (bad(block_size=12), ValueError, "state.block_size must be a positive"),
+  }
+
+
+@pytest.mark.parametrize("case", list(_malformed_states()))
+@pytest.mark.parametrize("op", ["prefill", "decode_step"])
+def test_malformed_decode_state_is_refused(case, op):
+  """A DecodeState whose fields disagree with each other (put together by hand or
+  loaded from elsewhere) is refused naming the field: prefill broadcast a tail of
+  one kv head or one row over all of them (a wrong output), decode_step ran an
+  odd degree, and other fields crashed inside JAX."""
+  state, error, message = _malformed_states()[case]
+  q = jnp.full((2, 1 if op == "decode_step" else 3, 2, 8), 0.1)
+  f = jnp.full(q.shape[:3] + (4,), 0.1)
+  with pytest.raises(error, match=re.escape(message)):
+    if op == "prefill":
+      ps.prefill(q, q, q, f, f, state=state, block_size=state.block_size, degree=state.degree)
+    else:
+      ps.decode_step(state, q, q, q, f, f)
+
+
+def test_prefill_normalization_bias_is_checked_with_a_state():
+  state = ps.init_decode_state(1, 2, 8, 4, block_size=8)
+  q, f = jnp.ones((1, 3, 2, 8)), jnp.ones((1, 3, 2, 4))
+  with pytest.raises(TypeError, match="normalization_bias must be a positive float, got 'x'"):
+    ps.prefill(q, q, q, f, f, state=state, block_size=8, normalization_bias="x")
