@@ -194,6 +194,7 @@ class PolySketchAttention(nnx.Module):
       check_random_degree(degree)
       check_sketch_type(sketch_type, head_dim, sketch_dim, degree)  # powers of two
     _validation.check_block_size(block_size)
+    rope = _validation.check_bool("rope", rope)
     if rope and head_dim % 2:
       raise ValueError(f"rope needs an even head_dim, got {head_dim}")
     if implementation not in IMPLEMENTATIONS:
@@ -214,7 +215,7 @@ class PolySketchAttention(nnx.Module):
     self.block_size = block_size
     self.local_exact = _validation.check_bool("local_exact", local_exact)
     self.causal = _validation.check_bool("causal", causal)
-    self.rope = bool(rope)
+    self.rope = rope
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.implementation = implementation
@@ -297,6 +298,9 @@ class PolySketchAttention(nnx.Module):
     if segment_ids is not None and decode:
       raise ValueError("segment_ids is not supported with decode=True (a cache holds one "
                        "sequence per row); pass segment_ids=None")
+    if key_mask is not None and decode:
+      raise ValueError("key_mask is not supported with decode=True (the cache keeps every "
+                       "token it is given); pass key_mask=None")
     return segment_ids
 
   def __call__(self, x: jax.Array, *, key_mask: jax.Array | None = None,
@@ -317,6 +321,7 @@ class PolySketchAttention(nnx.Module):
       training (`TrainConfig.polynomial_warmup_steps`) and for measuring the
       sketch's error on a trained layer.
     """
+    decode = _validation.check_bool("decode", decode)
     segment_ids = self._check_x(x, key_mask, segment_ids, decode)
     exact_polynomial = _validation.check_bool("exact_polynomial", exact_polynomial)
     if exact_polynomial and (self.attention != "polysketch" or decode):
@@ -386,6 +391,9 @@ class PolySketchAttention(nnx.Module):
     if getattr(self, "cache_index", None) is None:
       raise ValueError("call init_cache(input_shape) before decode=True")
     b, t, _ = x.shape
+    if b != self.cache_index.shape[0]:
+      raise ValueError(f"x has batch {b} (shape {x.shape}) but the cache was made for batch "
+                       f"{self.cache_index.shape[0]} (init_cache)")
     fields = {name: var[...] for name, var in self.cache.items()}
     state = DecodeState(**fields, degree=self.degree, block_size=self.block_size,
                         local_exact=self.local_exact,

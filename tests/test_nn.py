@@ -332,6 +332,27 @@ def test_segment_ids_errors():
     layer(_x()[:, :1], segment_ids=jnp.zeros((B, 1), jnp.int32), decode=True)
 
 
+def test_decode_errors():
+  """key_mask with decode=True was ignored (padding keys went into the cache and were
+  attended to); a batch other than the cache's failed inside the rotary embedding."""
+  layer = _layer()
+  layer.init_cache((B, 1, D))
+  with pytest.raises(ValueError, match="key_mask is not supported with decode=True"):
+    layer(_x()[:, :4], key_mask=jnp.array([[True, True, False, False]] * B), decode=True)
+  with pytest.raises(ValueError, match=r"x has batch 1 .* the cache was made for batch 2"):
+    layer(_x()[:1, :1], decode=True)
+
+
+@pytest.mark.parametrize("arg", ["rope", "decode"])
+def test_layer_flags_must_be_bools(arg):
+  """A truthy string such as "no" switched rotary embeddings or decoding on."""
+  with pytest.raises(TypeError, match=f"{arg} must be a bool, got 'no'"):
+    if arg == "rope":
+      _layer(rope="no")
+    else:
+      _layer()(_x(), decode="no")
+
+
 def test_sketch_none_is_exact_local_blocks_alone():
   """sketch="none": no sketched prefix, so a block's output is the layer on that
   block alone (without rotary positions), and it differs from the random
