@@ -355,9 +355,11 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
   if x.shape[-1] != head_dim:
     raise ValueError(f"x has last dim {x.shape[-1]}, the sketch was built for head_dim {head_dim}")
   lead = x.shape[:-1]
+  sketch_dim = params["branch1"][-1]["w_out"].shape[1]
 
   def as_matrix(x):
-    return _learned_features(params, x.reshape(-1, head_dim)).reshape(*lead, -1)
+    # sketch_dim, not -1: an empty x has no size to infer it from
+    return _learned_features(params, x.reshape(-1, head_dim)).reshape(*lead, sketch_dim)
 
   return jax.lax.platform_dependent(x, tpu=functools.partial(_learned_features, params),
                                     default=as_matrix)

@@ -129,6 +129,8 @@ def test_bad_in_features_and_input():
     PolySketchAttention(30, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\[batch, seq, 32\]"):
     _layer()(jnp.ones((2, 5, 16)))
+  with pytest.raises(ValueError, match=r"q has an empty axis: shape \(2, 0, 4, 8\)"):
+    _layer()(jnp.ones((2, 0, 32)))
 
 
 def test_random_sketch_fixed_and_learned_sketch_trains():

@@ -143,6 +143,16 @@ def test_learned_sketch_shapes_and_bounds():
   assert ps.learned_sketch_features(narrow, x).shape == (2, 7, 3, r)
 
 
+def test_sketches_of_an_empty_input_are_empty():
+  """The learned sketch raised ZeroDivisionError on an empty x (a reshape to -1);
+  so did the layer on an empty batch or sequence, before the op's own error."""
+  for init, apply in ((ps.learned_sketch_init, ps.learned_sketch_features),
+                      (ps.random_sketch_init, ps.random_sketch_features)):
+    params = init(jax.random.key(0), H, 4)
+    for shape in ((0, 3, H), (2, 0, H)):
+      assert apply(params, jnp.zeros(shape)).shape == shape[:-1] + (4,)
+
+
 def _gelu64(z):
   """jax.nn.gelu's default tanh approximation in float64."""
   return 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
