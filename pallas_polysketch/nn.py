@@ -86,7 +86,18 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   int [batch, seq], the positions themselves (offset is then ignored; packed
   segments: counted from each segment's start). Computed in float32.
   """
+  _validation.check_rank("x", x, 4, "[batch, seq, heads, head_dim]")
   b, t, _, h = x.shape
+  if h % 2:
+    raise ValueError(f"rotary_embedding needs an even head_dim, got x of shape {x.shape}")
+  if positions is not None:
+    if jnp.ndim(positions) != 2 or jnp.shape(positions)[0] not in (1, b) or (
+        jnp.shape(positions)[1] != t):
+      raise ValueError(f"positions must be [batch, seq] = {(b, t)} (the first two axes of "
+                       f"x), got shape {jnp.shape(positions)}")
+  elif jnp.size(offset) not in (1, b):
+    raise ValueError(f"offset must be an int or [batch] = ({b},) (x has shape {x.shape}), "
+                     f"got shape {jnp.shape(offset)}")
   half = h // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / h)
   if positions is not None:

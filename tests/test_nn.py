@@ -266,6 +266,25 @@ def test_rotary_is_relative():
   assert not np.allclose(rq[0, 0], rq[0, 5])
 
 
+def test_rotary_embedding_errors():
+  """An offset of another batch broadcast x to that batch (a [3] offset on a batch
+  of 1 gave 3 rows); other mismatches failed inside JAX."""
+  x = jnp.ones((1, 16, 2, 8))
+  with pytest.raises(ValueError, match=r"offset must be an int or \[batch\] = \(1,\).*got shape \(3,\)"):
+    rotary_embedding(x, offset=jnp.arange(3))
+  with pytest.raises(ValueError, match=r"positions must be \[batch, seq\] = \(1, 16\).*got shape \(16,\)"):
+    rotary_embedding(x, positions=jnp.arange(16))
+  with pytest.raises(ValueError, match=r"positions must be .*got shape \(1, 15\)"):
+    rotary_embedding(x, positions=jnp.zeros((1, 15), jnp.int32))
+  with pytest.raises(ValueError, match="even head_dim"):
+    rotary_embedding(x[..., :7])
+  with pytest.raises(ValueError, match=r"x must have rank 4"):
+    rotary_embedding(x[:, :, 0])
+  two = jnp.ones((2, 16, 2, 8))
+  assert rotary_embedding(two, offset=jnp.array([0, 5])).shape == two.shape
+  assert rotary_embedding(two, positions=jnp.arange(16)[None]).shape == two.shape
+
+
 @pytest.mark.parametrize("sketch,extra", [
     ("random", {}), ("learned", {}),
     ("random", dict(sketch_type="hadamard", sketch_scaling="official")),
