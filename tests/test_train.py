@@ -309,6 +309,23 @@ def test_generate_compiles_once_and_is_in_vocab():
   assert out.shape == (5,) and out.min() >= 0 and out.max() < 20
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    # a float prompt was truncated to ints, an out-of-vocabulary id gave NaN logits
+    (dict(prompt=[1.5, 2.0]), TypeError, "prompt must hold integer token ids, got dtype float64"),
+    (dict(prompt=[1, 20, 3]), ValueError, r"token id 20, outside the vocabulary \[0, 20\)"),
+    (dict(prompt=[[1, -1]]), ValueError, r"token id -1, outside the vocabulary"),
+    # these failed inside numpy ("need at least one array to stack", a broadcast)
+    (dict(num_tokens=0), ValueError, "num_tokens must be a positive int, got 0"),
+    (dict(num_tokens=-2, use_cache=False), ValueError, "num_tokens must be a positive int"),
+    (dict(context=0, use_cache=False), ValueError, "context must be a positive int, got 0"),
+])
+def test_generate_errors(kwargs, error, match):
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  kwargs = {"prompt": [1, 2, 3], "num_tokens": 2, "temperature": 0.0, **kwargs}
+  with pytest.raises(error, match=match):
+    generate(model, kwargs.pop("prompt"), kwargs.pop("num_tokens"), **kwargs)
+
+
 def test_smoke_training_on_shakespeare_slice(tmp_path):
   if not SHAKESPEARE.exists():
     pytest.skip(f"corpus not found at {SHAKESPEARE} (expected <repo>/../shared/data)")

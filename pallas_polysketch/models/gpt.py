@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_polysketch import _validation
 from pallas_polysketch.nn import PolySketchAttention
 
 
@@ -183,11 +184,20 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
   Returns:
     [num_tokens] (or [batch, num_tokens]) int32.
   """
-  prompt = np.asarray(prompt, np.int32)
+  _validation.check_positive_int("num_tokens", num_tokens)
+  _validation.check_positive_int("context", context)
+  prompt = np.asarray(prompt)
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
   if prompt.ndim != 2 or prompt.shape[1] == 0:
     raise ValueError(f"prompt must be [seq] or [batch, seq] with seq >= 1, got {prompt.shape}")
+  if not np.issubdtype(prompt.dtype, np.integer):
+    raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+  vocab = model.config.vocab_size
+  if prompt.min() < 0 or prompt.max() >= vocab:
+    bad = prompt[(prompt < 0) | (prompt >= vocab)][0]
+    raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab})")
+  prompt = prompt.astype(np.int32)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if temperature > 0 and key is None:
