@@ -181,6 +181,7 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
     [batch 0, seq 5, head 1], key seq 3".
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  _validation.check_nonempty("q", q, "[batch, seq, num_heads, head_dim]")
   bias = _validation.check_normalization_bias(normalization_bias)
   degree = _validation.check_degree(degree)
   block_size = _validation.check_block_size(block_size)

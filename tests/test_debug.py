@@ -143,3 +143,10 @@ def test_bad_arguments_raise_naming_them():
   x["k_features"] = x["k_features"][:, :, :, :4]
   with pytest.raises(ValueError, match="same sketch_dim"):
     _find(x)
+
+
+def test_empty_sequence_raises_naming_q():
+  """Was numpy's "attempt to get argmax of an empty sequence"."""
+  x = {name: a[:, :0] for name, a in _inputs().items()}
+  with pytest.raises(ValueError, match=r"q has an empty axis: shape \(2, 0,"):
+    _find(x)
