@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_polysketch import _validation
+
 MiB = 1 << 20
 # Rows appended below V^T: one row of ones carries the normaliser z through the
 # same matmuls as the state S, padded to the 16-row bf16 sublane tile.
@@ -176,6 +178,8 @@ class TileConfig:
       if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                 or count <= 0):
         raise ValueError(f"{name} must be a positive int, got {count!r}")
+    if self.bf16_phi is not None:
+      _validation.check_bool("bf16_phi", self.bf16_phi)
     if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
       raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
 

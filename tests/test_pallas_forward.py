@@ -161,6 +161,9 @@ def test_tile_config_errors():
                             tile_config=tpu_config.TileConfig(local_tile=64))
   with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
     tpu_config.TileConfig(generation="v9")
+  # a truthy string such as "no" turned bf16 phi on
+  with pytest.raises(TypeError, match="bf16_phi must be a bool, got 'no'"):
+    tpu_config.TileConfig(bf16_phi="no")
   with pytest.raises(TypeError, match="tile_config must be a TileConfig"):
     ps.polysketch_attention(*args, tile_config={"local_tile": 128})
 
