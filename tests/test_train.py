@@ -309,6 +309,14 @@ def test_generate_compiles_once_and_is_in_vocab():
   assert out.shape == (5,) and out.min() >= 0 and out.max() < 20
 
 
+@pytest.mark.parametrize("name,value", [("num_layers", -1), ("num_layers", 0),
+                                        ("vocab_size", 0), ("mlp_ratio", 0), ("embed_dim", 8.0)])
+def test_gpt_config_sizes_must_be_positive_ints(name, value):
+  """num_layers=-1 built a model without layers; mlp_ratio=0 failed in an initialiser."""
+  with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value!r}"):
+    _tiny_config(**{name: value})
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     # a float prompt was truncated to ints, an out-of-vocabulary id gave NaN logits
     (dict(prompt=[1.5, 2.0]), TypeError, "prompt must hold integer token ids, got dtype float64"),

@@ -38,6 +38,12 @@ class GPTConfig:
   implementation: str | None = None
   sketch_hidden_dim: int | None = None   # the learned sketch's hidden width; None: 8 * sketch_dim
 
+  def __post_init__(self):
+    # The layer checks the attention's options; these sizes are the model's own
+    # (num_layers=-1 built a model without layers).
+    for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_ratio"):
+      _validation.check_positive_int(name, getattr(self, name))
+
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
