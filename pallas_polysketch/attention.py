@@ -356,6 +356,12 @@ def _kernel_dtype(dtype):
   return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
+def upcast_float16(*arrays):
+  """Each float16 array as float32 (`_kernel_dtype`), the others unchanged: any
+  of q, k, v and the features may be float16, not only q."""
+  return tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in arrays)
+
+
 def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
                          block_size=256, causal=True, local_exact=True,
                          normalization_bias=1.0, segment_ids=None,
@@ -450,10 +456,7 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
     raise ValueError(
         f"with context_axis_name={context_axis_name!r} each device's shard of seq must be a "
         f"multiple of block_size={config.block_size}; this shard has seq={q.shape[1]}")
-  upcast = q.dtype == jnp.float16
-  args = (q, k, v, q_features, k_features)
-  if upcast:
-    args = tuple(x.astype(jnp.float32) if x.dtype == jnp.float16 else x for x in args)
+  args = upcast_float16(q, k, v, q_features, k_features)
   out = _polysketch_attention(*args, segment_ids, config=config, causal=causal,
                               implementation=implementation,
                               context_axis_name=context_axis_name)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_polysketch import _validation
 from pallas_polysketch.attention import (
-    dispatch, pad_seq, resolve_config, round_up)
+    dispatch, pad_seq, resolve_config, round_up, upcast_float16)
 from pallas_polysketch._xla import einsum
 from pallas_polysketch.polynomial import divide_by_denominator
 
@@ -215,8 +215,9 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
       q, k, q_features, degree=state.degree, block_size=b, local_exact=state.local_exact,
       normalization_bias=state.normalization_bias, implementation=implementation,
       interpret=interpret, tile_config=tile_config, padded_len=aligned_len)
-  return _prefill(q, k, v, q_features, k_features, state, config=config,
-                  implementation=implementation)
+  out, state = _prefill(*upcast_float16(q, k, v, q_features, k_features), state, config=config,
+                        implementation=implementation)
+  return out.astype(q.dtype), state
 
 
 @functools.partial(jax.jit, static_argnames=("config", "implementation"))

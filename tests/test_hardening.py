@@ -118,17 +118,40 @@ def test_default_implementation_falls_through_to_xla_for_untileable_blocks():
 
 # --- float16 ---------------------------------------------------------------------
 
+def _causal_op(op, *args, **kw):
+  if op == "prefill":
+    return ps.prefill(*args, **kw)[0]
+  return ps.polysketch_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("op", ["polysketch_attention", "prefill"])
 @pytest.mark.parametrize("name,kw", list(BACKENDS.items()))
-def test_float16_is_computed_in_float32_on_both_paths(layer_inputs, name, kw):
+def test_float16_is_computed_in_float32_on_both_paths(layer_inputs, name, kw, op):
   """(q.k)^4 reaches 64^4 = 1.7e7, past float16's 65504: the kernel used to
-  overflow in its float16 matmul operands while the xla path upcast."""
+  overflow in its float16 matmul operands while the xla path upcast (and
+  prefill upcast on neither)."""
   args, _ = layer_inputs(1, 1, 300, 2, 2, 64, 16)
   args16 = tuple(x.astype(jnp.float16) for x in args)
-  got = ps.polysketch_attention(*args16, block_size=128, **kw)
+  got = _causal_op(op, *args16, block_size=128, **kw)
   want = _reference64(args16, block_size=128)
   assert got.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(got)))
   # Computed in f32 from the f16 inputs, then rounded once to f16 (2^-11).
   assert rel_err(got, want) < 2.0 ** -11 + f32_tol(4, 64)
+
+
+@pytest.mark.parametrize("op", ["polysketch_attention", "prefill"])
+@pytest.mark.parametrize("name,kw", list(BACKENDS.items()))
+def test_float16_features_with_float32_inputs_are_computed_in_float32(layer_inputs, name, kw,
+                                                                      op):
+  """Only float16 q used to trigger the upcast: float16 features beside float32
+  q, k, v reached the kernels as float16, which Mosaic cannot load
+  (test_tpu_compile's float16 case)."""
+  args, _ = layer_inputs(1, 1, 300, 2, 2, 64, 16)
+  args = args[:3] + tuple(f.astype(jnp.float16) for f in args[3:])
+  got = _causal_op(op, *args, block_size=128, **kw)
+  want = _reference64(args, block_size=128)
+  assert got.dtype == jnp.float32
+  assert rel_err(got, want) < f32_tol(4, 64)
 
 
 # --- precision ---------------------------------------------------------------------

@@ -307,6 +307,22 @@ def test_libtpu_compiles_forward_and_gradient(generation):
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.parametrize("input_dtype", [jnp.float16, jnp.float32])
+def test_libtpu_compiles_float16_features(input_dtype):
+  """float16 features (beside float16 or float32 q, k, v) run the kernels in
+  float32: as float16 they reached a Mosaic load it cannot compile ("Invalid
+  vector type for load") in the gradient and in prefill."""
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(_topology_device("v5e"))
+  shapes = _shapes(1, 512, 2, 64, 32, input_dtype, sharding)
+  shapes = shapes[:3] + [jax.ShapeDtypeStruct(x.shape, jnp.float16, sharding=sharding)
+                         for x in shapes[3:]]
+  prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas")
+  for fn in (_forward, _grad, prefill):
+    jax.jit(fn).lower(*shapes).compile()
+
+
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("generation", ["v5e", "v6e"])
 def test_compiled_forward_reads_the_public_layout_without_copies(generation):
   """At the benchmark's head count (12) the forward's kernel operands are
