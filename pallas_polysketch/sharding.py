@@ -14,7 +14,7 @@ import functools
 
 from jax.sharding import Mesh, PartitionSpec
 
-from pallas_polysketch import _compat
+from pallas_polysketch import _compat, _validation
 from pallas_polysketch.attention import polysketch_attention
 
 
@@ -52,6 +52,10 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
       in_specs=(spec,) * 5 + (PartitionSpec(batch_axis, seq_axis),), out_specs=spec)
 
   def sharded(q, k, v, q_features, k_features, segment_ids=None):
+    # On the global shapes, before shard_map splits them (its own errors name
+    # in_specs, not the argument; a list of ids is converted as by the op).
+    _validation.check_attention_inputs(q, k, v, q_features, k_features)
+    segment_ids = _validation.check_segment_ids(segment_ids, q)
     if segment_ids is None:
       return plain(q, k, v, q_features, k_features)
     return packed(q, k, v, q_features, k_features, segment_ids)

@@ -151,6 +151,22 @@ def test_mesh_argument_errors():
     sharded_polysketch_attention("mesh")
 
 
+
+def test_sharded_inputs_are_checked_on_their_global_shapes():
+  """The op's checks run before shard_map splits the inputs: a bad rank was
+  shard_map's "in_specs entry which is too long", and a list of segment ids,
+  which the op converts, failed there too."""
+  mesh = _mesh((8,), ("seq",))
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=8, implementation="xla")
+  args, _ = layer_inputs(0, 2, 64, 2, 1, 16, 8)
+  with pytest.raises(ValueError, match=r"q must have rank 4 .* got shape \(64, 2, 16\)"):
+    fn(args[0][0], *args[1:])
+  with pytest.raises(ValueError, match=r"segment_ids must be \[batch, seq\] = \(2, 64\)"):
+    fn(*args, segment_ids=jnp.zeros((2, 32), jnp.int32))
+  ids = np.repeat(np.array([[0, 1], [1, 2]], np.int32), 32, axis=1)
+  np.testing.assert_array_equal(fn(*args, segment_ids=ids.tolist()),
+                                fn(*args, segment_ids=jnp.asarray(ids)))
+
 # Packed documents (the default suite's case) shard the segment ids as well.
 @pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_gpt_trains_the_same_with_the_sequence_sharded(packed):
