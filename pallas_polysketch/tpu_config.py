@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_polysketch import _validation
 
@@ -165,23 +166,21 @@ class TileConfig:
   dkv_blocks_per_step: int | None = None
 
   def __post_init__(self):
-    if self.generation is not None and self.generation not in GENERATIONS:
-      raise ValueError(
-          f"unknown TPU generation {self.generation!r}; known: {sorted(GENERATIONS)}")
+    if self.generation is not None:
+      get_generation(self.generation)
     for name in ("local_tile", "dkv_local_tile"):
       tile = getattr(self, name)
-      if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)
+      if tile is not None and (isinstance(tile, bool)
+                               or not isinstance(tile, (int, np.integer))
                                or tile <= 0 or tile % 8):
         raise ValueError(f"{name} must be a positive multiple of 8, got {tile!r}")
-    for name in ("blocks_per_step", "dq_blocks_per_step", "dkv_blocks_per_step"):
-      count = getattr(self, name)
-      if count is not None and (isinstance(count, bool) or not isinstance(count, int)
-                                or count <= 0):
-        raise ValueError(f"{name} must be a positive int, got {count!r}")
+    # Sizes as Python ints (a NumPy int is fine; a float, bool or string is not).
+    for name in ("local_tile", "dkv_local_tile", "blocks_per_step", "dq_blocks_per_step",
+                 "dkv_blocks_per_step", "vmem_limit_bytes"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, _validation.check_positive_int(name, getattr(self, name)))
     if self.bf16_phi is not None:
       _validation.check_bool("bf16_phi", self.bf16_phi)
-    if self.vmem_limit_bytes is not None and self.vmem_limit_bytes <= 0:
-      raise ValueError(f"vmem_limit_bytes must be positive, got {self.vmem_limit_bytes}")
 
   @classmethod
   def for_generation(cls, generation: str) -> "TileConfig":
@@ -194,7 +193,7 @@ class TileConfig:
 def get_generation(name: str | None) -> TpuGeneration:
   if name is None:
     name = detect_generation() or DEFAULT_GENERATION
-  if name not in GENERATIONS:
+  if not isinstance(name, str) or name not in GENERATIONS:
     raise ValueError(f"unknown TPU generation {name!r}; known: {sorted(GENERATIONS)}")
   return GENERATIONS[name]
 

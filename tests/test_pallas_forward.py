@@ -1,5 +1,6 @@
 """The fused forward kernel in interpret mode against the references (DESIGN §3.2)."""
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -179,6 +180,29 @@ def test_vmem_budget_error_names_the_limit():
                              head_dim=64, sketch_dim=32, dtype=jnp.bfloat16,
                              feature_dtype=jnp.bfloat16)
 
+
+
+def test_tile_config_sizes_are_ints():
+  """vmem_limit_bytes="16MiB" failed with a bare "'<=' not supported" and True
+  was a 1-byte limit; a NumPy int tile or count was refused as "must be a
+  positive multiple of 8, got np.int64(128)"; a list generation raised
+  "unhashable type"."""
+  for bad in ("16MiB", True, 16e6, 0, -1):
+    with pytest.raises(ValueError, match=rf"vmem_limit_bytes must be a positive int, got {re.escape(repr(bad))}"):
+      tpu_config.TileConfig(vmem_limit_bytes=bad)
+  t = tpu_config.TileConfig(local_tile=np.int64(128), dkv_local_tile=np.int32(256),
+                            blocks_per_step=np.int64(2), vmem_limit_bytes=np.int64(1 << 24))
+  assert (t.local_tile, t.dkv_local_tile, t.blocks_per_step, t.vmem_limit_bytes) == (
+      128, 256, 2, 1 << 24)
+  assert all(type(x) is int for x in (t.local_tile, t.dkv_local_tile, t.blocks_per_step,
+                                      t.vmem_limit_bytes))
+  assert t == tpu_config.TileConfig(local_tile=128, dkv_local_tile=256, blocks_per_step=2,
+                                    vmem_limit_bytes=1 << 24)
+  with pytest.raises(ValueError, match=r"unknown TPU generation \['v5e'\]; known"):
+    tpu_config.TileConfig(generation=["v5e"])
+  with pytest.raises(ValueError, match=r"unknown TPU generation 'v7'; known: \['v4', 'v5e', "
+                                       r"'v5p', 'v6e'\]"):
+    tpu_config.TileConfig.for_generation("v7")
 
 def test_backward_tiles_resolve_per_kernel():
   """dkv_local_tile (the backward's diagonal block): an explicit value wins;
