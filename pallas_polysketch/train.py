@@ -60,6 +60,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pallas_polysketch import _validation
 from pallas_polysketch.models.gpt import GPT, CharTokenizer, GPTConfig, param_count
 
 # ----------------------------------------------------------------------------
@@ -263,6 +264,12 @@ class TrainConfig:
   eval_batches: int = 4
   log_every: int = 10
   polynomial_warmup_steps: int = 0
+
+  def __post_init__(self):
+    # eval_every=0 failed at the first step (a modulo by zero), eval_batches=0
+    # reported a NaN validation loss, steps=0 was blamed on the warm-up.
+    for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "log_every"):
+      _validation.check_positive_int(name, getattr(self, name))
 
 
 def loss_fn(model, inputs, targets, mask, segment_ids=None, exact_polynomial=False):
@@ -831,6 +838,14 @@ def main(argv=None) -> dict:
     parser.error("--resume needs --checkpoint DIR")
   if args.pack_separator is not None and not args.data:
     parser.error("--pack-separator needs --data")
+  try:   # the sizes are checked before any work (`TrainConfig`)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
+                      learning_rate=args.lr, warmup_steps=args.warmup,
+                      weight_decay=args.weight_decay, seed=args.seed,
+                      eval_every=args.eval_every, eval_batches=args.eval_batches,
+                      polynomial_warmup_steps=args.polynomial_warmup)
+  except ValueError as e:
+    parser.error(f"--{str(e).replace('_', '-')}")   # the field's name as its flag
   if args.polynomial_warmup and args.attention != "polysketch":
     parser.error(f"--polynomial-warmup needs --attention polysketch, got {args.attention}")
   if not 0 <= args.polynomial_warmup < args.steps:
@@ -856,11 +871,6 @@ def main(argv=None) -> dict:
       sketch_dim=args.sketch_dim, degree=args.degree, block_size=block_size,
       local_exact=args.local_exact, implementation=args.implementation,
       sketch_hidden_dim=args.sketch_hidden)
-  cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, context=args.context,
-                    learning_rate=args.lr, warmup_steps=args.warmup,
-                    weight_decay=args.weight_decay, seed=args.seed,
-                    eval_every=args.eval_every, eval_batches=args.eval_batches,
-                    polynomial_warmup_steps=args.polynomial_warmup)
   resume_from = None
   saved = checkpoint_steps(args.checkpoint) if args.checkpoint else []
   if saved and not args.resume:

@@ -372,6 +372,29 @@ def test_cli_rejects_bad_flags():
     train_mod.build_parser().parse_args(["--local-exact", "maybe"])
 
 
+
+@pytest.mark.parametrize("name", ["steps", "batch_size", "context", "eval_every",
+                                  "eval_batches", "log_every"])
+@pytest.mark.parametrize("value", [0, -1, 2.0])
+def test_train_config_sizes_must_be_positive_ints(name, value):
+  # eval_every=0 failed at the first step (modulo by zero), eval_batches=0 gave
+  # a NaN validation loss.
+  with pytest.raises(ValueError, match=rf"{name} must be a positive int, got {value!r}"):
+    train_mod.TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--steps", "0"], r"--steps must be a positive int, got 0"),   # was blamed on --polynomial-warmup
+    (["--eval-every", "0"], r"--eval-every must be a positive int, got 0"),
+    (["--eval-batches", "0"], r"--eval-batches must be a positive int, got 0"),
+    (["--batch-size", "0"], r"--batch-size must be a positive int, got 0"),
+])
+def test_cli_rejects_bad_sizes_before_any_work(argv, match, capsys, monkeypatch):
+  monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("train was reached"))
+  with pytest.raises(SystemExit):
+    train_mod.main(argv)
+  assert re.search(match, capsys.readouterr().err)
+
 def test_demo_console_entry_exits_zero(capsys):
   """`polysketch-demo` is `sys.exit(demo.main())`: it must return 0, not a dict."""
   from pallas_polysketch import demo
