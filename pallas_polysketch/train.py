@@ -609,6 +609,9 @@ class Checkpoint:
 
 
 def _manager(directory: str, *, max_to_keep: int | None = None, create: bool = True):
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    # orbax took it and failed at the first save, after the steps before it.
+    raise ValueError(f"checkpoint directory {directory!r} is a file, not a directory")
   return ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
@@ -846,6 +849,8 @@ def main(argv=None) -> dict:
                       polynomial_warmup_steps=args.polynomial_warmup)
   except ValueError as e:
     parser.error(f"--{str(e).replace('_', '-')}")   # the field's name as its flag
+  if args.results and os.path.isdir(args.results):   # it was written after the training
+    parser.error(f"--results {args.results} is a directory; give a file name for the JSON")
   if args.polynomial_warmup and args.attention != "polysketch":
     parser.error(f"--polynomial-warmup needs --attention polysketch, got {args.attention}")
   if not 0 <= args.polynomial_warmup < args.steps:

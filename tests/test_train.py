@@ -202,6 +202,21 @@ def test_checkpoint_rejects_other_model_and_bad_paths(tmp_path):
                               train_mod.make_optimizer(model, train_mod.TrainConfig(steps=5)))
 
 
+
+def test_checkpoint_directory_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch):
+  # orbax took a file for the directory and failed at the first save
+  # (NotADirectoryError), after the steps before the first evaluation.
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  with pytest.raises(ValueError, match=r"checkpoint directory '.*afile' is a file"):
+    train_mod.save_checkpoint(str(afile), GPT(_tiny_config(), rngs=nnx.Rngs(0)))
+  data = train_mod.RecallData(num_pairs=2, num_queries=4)
+  cfg = train_mod.TrainConfig(steps=2, batch_size=2, context=32)
+  monkeypatch.setattr(train_mod, "make_steps", lambda *a: pytest.fail("training was reached"))
+  with pytest.raises(ValueError, match=r"checkpoint directory '.*afile' is a file"):
+    train_mod.train(_tiny_config(vocab_size=data.vocab_size), data, cfg, progress=False,
+                    checkpoint_dir=str(afile))
+
 def _leaves(obj):
   return [(train_mod._path_name(p), np.asarray(v))
           for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(obj)))[0]]
@@ -388,8 +403,9 @@ def test_train_config_sizes_must_be_positive_ints(name, value):
     (["--eval-every", "0"], r"--eval-every must be a positive int, got 0"),
     (["--eval-batches", "0"], r"--eval-batches must be a positive int, got 0"),
     (["--batch-size", "0"], r"--batch-size must be a positive int, got 0"),
+    (["--results", "."], r"--results \. is a directory"),   # was written after the training
 ])
-def test_cli_rejects_bad_sizes_before_any_work(argv, match, capsys, monkeypatch):
+def test_cli_rejects_bad_values_before_any_work(argv, match, capsys, monkeypatch):
   monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("train was reached"))
   with pytest.raises(SystemExit):
     train_mod.main(argv)
