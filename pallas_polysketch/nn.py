@@ -459,8 +459,7 @@ class PolySketchAttentionLinen(linen.Module):
 
   @linen.compact
   def __call__(self, x, key_mask=None, segment_ids=None):
-    return nnx.bridge.to_linen(
-        PolySketchAttention, self.in_features, self.num_heads,
+    kwargs = dict(
         attention=self.attention, head_dim=self.head_dim,
         num_kv_heads=self.num_kv_heads, sketch=self.sketch,
         sketch_dim=self.sketch_dim, sketch_type=self.sketch_type,
@@ -469,7 +468,40 @@ class PolySketchAttentionLinen(linen.Module):
         block_size=self.block_size, local_exact=self.local_exact,
         causal=self.causal, rope=self.rope, dtype=self.dtype,
         param_dtype=self.param_dtype, implementation=self.implementation,
-        normalization_bias=self.normalization_bias, name="attention")(x, key_mask=key_mask, segment_ids=segment_ids)
+        normalization_bias=self.normalization_bias)
+    if not self.is_initializing():
+      self._check_variables(kwargs)
+    return nnx.bridge.to_linen(
+        PolySketchAttention, self.in_features, self.num_heads, **kwargs,
+        name="attention")(x, key_mask=key_mask, segment_ids=segment_ids)
+
+  def _check_variables(self, kwargs):
+    """The given variables must be those this config builds: nnx.bridge loads
+    them without a check, so another config's failed inside JAX ("cannot
+    reshape") or ran silently (a missing sketch kept its fresh random init;
+    a sketch of another sketch_dim was used as given)."""
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+    abstract = nnx.eval_shape(lambda: PolySketchAttention(
+        self.in_features, self.num_heads, **kwargs, rngs=nnx.Rngs(0)))
+    want = {name(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(
+        nnx.to_pure_dict(nnx.state(abstract)))[0]}
+    given = {}
+    for collection in self.variables.values():
+      given.update({name(p): jnp.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(
+          linen.unbox(collection.get("attention", {})))[0]})
+    missing = sorted(set(want) - set(given))
+    if missing:
+      raise ValueError(f"PolySketchAttentionLinen: the variables lack {missing[:5]}, which "
+                       f"this config builds (attention={self.attention!r}, sketch={self.sketch!r}); "
+                       "were they made for another config?")
+    for path, shape in want.items():
+      if tuple(given[path]) != tuple(shape):
+        raise ValueError(
+            f"PolySketchAttentionLinen: attention/{path} has shape {tuple(given[path])} in the "
+            f"variables, this config builds {tuple(shape)} (in_features={self.in_features}, "
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, sketch_dim={self.sketch_dim}, "
+            f"sketch_hidden_dim={self.sketch_hidden_dim}); were they made for another config?")
 
 
 __all__ = [

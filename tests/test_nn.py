@@ -311,6 +311,26 @@ def test_linen_matches_nnx(sketch, extra):
   np.testing.assert_allclose(y, layer(x), rtol=1e-6, atol=1e-6)
 
 
+
+def test_linen_refuses_variables_of_another_config():
+  """nnx.bridge loads variables without a check: another config's failed inside
+  JAX ("cannot reshape") or ran silently (a softmax layer's variables on a
+  polysketch layer kept a fresh random sketch; another sketch_dim's sketch was
+  used as given)."""
+  layer = lambda **kw: PolySketchAttentionLinen(
+      **{**dict(in_features=D, num_heads=N, sketch_dim=4, block_size=8), **kw})
+  x = _x()
+  variables = layer().init(jax.random.key(0), x)
+  assert layer().apply(variables, x).shape == (B, T, D)
+  with pytest.raises(ValueError, match=r"attention/key/kernel has shape \(32, 32\) in the "
+                                       r"variables, this config builds \(32, 8\)"):
+    layer(num_kv_heads=1).apply(variables, x)
+  with pytest.raises(ValueError, match=r"attention/sketch/branch1/0/w_in has shape"):
+    layer(sketch_dim=8).apply(variables, x)
+  softmax = layer(attention="softmax").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"the variables lack \['qk_norm/bias'"):
+    layer().apply(softmax, x)
+
 # --- packed segments (issue 12) --------------------------------------------------
 
 SEGMENTS = [(0, 0, 7), (0, 7, 8), (0, 8, 24), (1, 0, 13), (1, 13, 24)]  # (row, start, end)
