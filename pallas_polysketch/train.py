@@ -847,8 +847,9 @@ def main(argv=None) -> dict:
                       weight_decay=args.weight_decay, seed=args.seed,
                       eval_every=args.eval_every, eval_batches=args.eval_batches,
                       polynomial_warmup_steps=args.polynomial_warmup)
-  except ValueError as e:
-    parser.error(f"--{str(e).replace('_', '-')}")   # the field's name as its flag
+  except ValueError as e:   # "eval_every must be ..." -> "--eval-every must be ..."
+    field, _, rest = str(e).partition(" ")
+    parser.error(f"--{field.replace('_', '-')} {rest}")
   if args.results and os.path.isdir(args.results):   # it was written after the training
     parser.error(f"--results {args.results} is a directory; give a file name for the JSON")
   if args.polynomial_warmup and args.attention != "polysketch":
