@@ -45,7 +45,7 @@ CASES = [
     pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.float32, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.float32),
     (False, False, 4, 128, 32, 130, 128, None, jnp.float32),
-    pytest.param(True, True, 4, 64, 64, 128, 64, None, jnp.float32, marks=pytest.mark.slow),
+    pytest.param(True, True, 4, 64, 64, 256, 128, None, jnp.float32, marks=pytest.mark.slow),
     (True, True, 4, 64, 32, 300, 128, None, jnp.bfloat16),
     pytest.param(True, False, 4, 128, 16, 256, 256, 128, jnp.bfloat16, marks=pytest.mark.slow),
     (False, True, 4, 64, 16, 300, 128, None, jnp.bfloat16),
