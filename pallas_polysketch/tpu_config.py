@@ -10,7 +10,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_polysketch import _validation
 
@@ -168,17 +167,16 @@ class TileConfig:
   def __post_init__(self):
     if self.generation is not None:
       get_generation(self.generation)
-    for name in ("local_tile", "dkv_local_tile"):
-      tile = getattr(self, name)
-      if tile is not None and (isinstance(tile, bool)
-                               or not isinstance(tile, (int, np.integer))
-                               or tile <= 0 or tile % 8):
-        raise ValueError(f"{name} must be a positive multiple of 8, got {tile!r}")
     # Sizes as Python ints (a NumPy int is fine; a float, bool or string is not).
     for name in ("local_tile", "dkv_local_tile", "blocks_per_step", "dq_blocks_per_step",
                  "dkv_blocks_per_step", "vmem_limit_bytes"):
-      if getattr(self, name) is not None:
-        object.__setattr__(self, name, _validation.check_positive_int(name, getattr(self, name)))
+      value = getattr(self, name)
+      if value is None:
+        continue
+      value = _validation.check_positive_int(name, value)
+      if name.endswith("local_tile") and value % 8:
+        raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+      object.__setattr__(self, name, value)
     if self.bf16_phi is not None:
       _validation.check_bool("bf16_phi", self.bf16_phi)
 

@@ -311,15 +311,21 @@ def test_libtpu_compiles_forward_and_gradient(generation):
 def test_libtpu_compiles_float16_features(input_dtype):
   """float16 features (beside float16 or float32 q, k, v) run the kernels in
   float32: as float16 they reached a Mosaic load it cannot compile ("Invalid
-  vector type for load") in the gradient and in prefill."""
+  vector type for load") in the gradient and in prefill. Also at
+  test_hardening's float16 interpret shape (T = 300, padded; block 128, r = 16)."""
   from jax.sharding import SingleDeviceSharding
   sharding = SingleDeviceSharding(_topology_device("v5e"))
-  shapes = _shapes(1, 512, 2, 64, 32, input_dtype, sharding)
-  shapes = shapes[:3] + [jax.ShapeDtypeStruct(x.shape, jnp.float16, sharding=sharding)
-                         for x in shapes[3:]]
-  prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas")
-  for fn in (_forward, _grad, prefill):
-    jax.jit(fn).lower(*shapes).compile()
+  for t, r, block_size in ((512, 32, 256), (300, 16, 128)):
+    shapes = _shapes(1, t, 2, 64, r, input_dtype, sharding)
+    shapes = shapes[:3] + [jax.ShapeDtypeStruct(x.shape, jnp.float16, sharding=sharding)
+                           for x in shapes[3:]]
+    forward = functools.partial(_forward, block_size=block_size)
+    grad = functools.partial(_grad, block_size=block_size)
+    prefill = lambda *a, b=block_size: ps.prefill(*a, block_size=b, implementation="pallas")
+    for fn in (forward, grad, prefill):
+      text = jax.jit(fn).lower(*shapes).as_text()
+      assert "tpu_custom_call" in text, (t, fn)
+      jax.jit(fn).lower(*shapes).compile()
 
 
 @pytest.mark.tpu_compile
