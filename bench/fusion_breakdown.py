@@ -13,7 +13,9 @@ is then the cycles it needs at full VALU packing with XLA's op count.
 Programs:
   features  the learned sketch's features of q and k as the Flax layer
             computes them (B=1, 12 heads, H=64, r=32, bf16), forward + VJP
-            into the params, q and k (`tpu_schedule._features_fn`)
+            into the params, q and k, the features returned too
+            (`tpu_schedule._features_fn`); --implementation xla: XLA's fusions
+            instead of the package's Pallas kernels
 
   python bench/fusion_breakdown.py --gen v6e --seq 4096 --tag fusion_breakdown_features_v6e
 """
@@ -86,6 +88,9 @@ def main(argv=None):
   p.add_argument("--program", default="features", choices=("features",))
   p.add_argument("--sketch-hidden", type=int, default=None,
                  help="the learned sketch's hidden width (default 8r = 256, the paper's)")
+  p.add_argument("--implementation", default=None, choices=("pallas", "xla"),
+                 help="the learned sketch's (default: what the package runs on TPU, the "
+                      "Pallas kernels; xla: XLA's fusions)")
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--tag", default=None)
   args = p.parse_args(argv)
@@ -97,14 +102,17 @@ def main(argv=None):
              slot_counts=True)
   if args.sketch_hidden is not None:
     job["hidden"] = args.sketch_hidden
+  if args.implementation is not None:
+    job["implementation"] = args.implementation
   hidden = job.get("hidden", 8 * job["r"])
   rec = tpu_schedule.run_jobs(args.gen, [job])[0]
   if "error" in rec:
     print(f"compile failed: {rec['error']}")
     return 1
   tag = args.tag or f"fusion_breakdown_{args.program}_{args.gen}_{args.seq}"
+  impl = args.implementation or "pallas"
   doc = dict(program="learned sketch features of q and k, fwd + VJP (12 heads, H=64, r=32, "
-                     f"hidden {hidden}, bf16)", hidden=hidden, gen=args.gen, T=args.seq, libtpu=ver,
+                     f"hidden {hidden}, bf16, {impl})", hidden=hidden, implementation=impl, gen=args.gen, T=args.seq, libtpu=ver,
              command="python bench/fusion_breakdown.py " + " ".join(argv or sys.argv[1:]),
              breakdown=breakdown(rec))
   stem = os.path.join(tpu_schedule.RESULTS, tag)

@@ -34,6 +34,7 @@ twice that) at 100% of the MXU peak: no softmax kernel can be faster.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -81,8 +82,13 @@ def _worker(spec_path: str, out_path: str) -> None:
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   from jax.sharding import SingleDeviceSharding
   from pallas_polysketch import polysketch_attention
+  from pallas_polysketch import tpu_config
   from pallas_polysketch.tpu_config import TileConfig, resolve_tiles
 
+  # What the package defaults to on the target generation (e.g. the feature
+  # kernels' tiling, which takes no TileConfig inside a model): no TPU is
+  # attached to detect it from.
+  tpu_config.DEFAULT_GENERATION = spec["gen"]
   topo = topologies.get_topology_desc(TOPOLOGIES[spec["gen"]], "tpu")
   sharding = SingleDeviceSharding(topo.devices[0])
   arr = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding)
@@ -189,7 +195,9 @@ def _worker(spec_path: str, out_path: str) -> None:
 def _features_fn(sds, job):
   """The sketch features of q [B, T, N, H] and k as the Flax layer computes them
   (one sketch per layer; learned: float32 params, bf16 activations), forward
-  or forward + VJP (into q, k and the learned params)."""
+  or forward + VJP (into q, k and the learned params; the features are returned
+  too, as a model consumes them). job["implementation"]: the learned sketch's
+  (None: the Pallas kernels on TPU; "xla": XLA's fusions)."""
   import jax
   import jax.numpy as jnp
   from pallas_polysketch import sketches
@@ -197,7 +205,8 @@ def _features_fn(sds, job):
   key = jax.random.key(0)
   if job["sketch"] == "learned":
     params = sketches.learned_sketch_init(key, H, r, hidden_dim=job.get("hidden"))
-    feats = sketches.learned_sketch_features
+    feats = functools.partial(sketches.learned_sketch_features,
+                              implementation=job.get("implementation"))
   else:
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
                           sketches.random_sketch_init(key, H, r, degree=4))
@@ -211,9 +220,9 @@ def _features_fn(sds, job):
   learned = job["sketch"] == "learned"
 
   def fn(p, q, k, dfq, dfk):
-    _, vjp = jax.vjp(both, p, q, k)
+    features, vjp = jax.vjp(both, p, q, k)
     dp, dq, dk = vjp((dfq, dfk))
-    return (dp if learned else None), dq, dk
+    return features, (dp if learned else None), dq, dk
   return fn, args + [arr(B, T, N, r), arr(B, T, N, r)]
 
 

@@ -10,21 +10,21 @@ from jax.extend import core
 from jax.interpreters import ad, batching, mlir
 
 _require_tpu_p = core.Primitive("polysketch_require_tpu")
-_require_tpu_p.def_impl(lambda x: x)
-_require_tpu_p.def_abstract_eval(lambda x: x)
-ad.deflinear2(_require_tpu_p, lambda ct, _: [ct])
+_require_tpu_p.def_impl(lambda x, *, op: x)
+_require_tpu_p.def_abstract_eval(lambda x, *, op: x)
+ad.deflinear2(_require_tpu_p, lambda ct, _, *, op: [ct])
 batching.primitive_batchers[_require_tpu_p] = (
-    lambda args, dims: (_require_tpu_p.bind(*args), dims[0]))
+    lambda args, dims, *, op: (_require_tpu_p.bind(*args, op=op), dims[0]))
 
 
-def _lower_on_tpu(ctx, x):
+def _lower_on_tpu(ctx, x, *, op):
   return [x]
 
 
-def _lower_elsewhere(ctx, x):
+def _lower_elsewhere(ctx, x, *, op):
   platforms = getattr(ctx.module_context, "platforms", None) or ["non-TPU"]
   raise ValueError(
-      "polysketch_attention(implementation='pallas') runs the Mosaic TPU kernel "
+      f"{op}(implementation='pallas') runs the Mosaic TPU kernel "
       f"and cannot be lowered for {', '.join(platforms)}; pass interpret=True to "
       "run the same kernel on this backend, or implementation=None / 'xla' for "
       "the pure-JAX path")
@@ -34,6 +34,7 @@ mlir.register_lowering(_require_tpu_p, _lower_elsewhere)
 mlir.register_lowering(_require_tpu_p, _lower_on_tpu, platform="tpu")
 
 
-def require_tpu(x):
-  """Returns x; lowering for any platform but TPU raises a ValueError."""
-  return _require_tpu_p.bind(x)
+def require_tpu(x, op: str = "polysketch_attention"):
+  """Returns x; lowering for any platform but TPU raises a ValueError naming
+  the public function `op`."""
+  return _require_tpu_p.bind(x, op=op)

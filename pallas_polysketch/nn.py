@@ -279,7 +279,9 @@ class PolySketchAttention(nnx.Module):
       return jnp.zeros(x.shape[:-1] + (self.sketch_dim,), x.dtype)
     params = _variables_to_arrays(self.sketch)
     if self.sketch_kind == "learned":
-      return learned_sketch_features(params, x)
+      # the Pallas feature kernels on TPU unless the layer asks for pure JAX
+      return learned_sketch_features(
+          params, x, implementation="xla" if self.implementation == "xla" else None)
     # float matrices and signs in the compute dtype; hadamard column indices stay int32
     params = jax.tree.map(
         lambda a: a.astype(x.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)

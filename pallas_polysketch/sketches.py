@@ -13,9 +13,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_polysketch import _validation
+from pallas_polysketch import _pallas_features, _validation
+from pallas_polysketch._platform import require_tpu
+from pallas_polysketch.tpu_config import TileConfig, resolve_feature_tiles
 
-LAYER_NORM_EPS = 1e-5
+LAYER_NORM_EPS = _pallas_features.LAYER_NORM_EPS
 
 
 def self_tensor(features: jax.Array) -> jax.Array:
@@ -231,8 +233,7 @@ def _sketch_head_dim(params: dict) -> int:
 # Learned sketch (paper §4).
 # ----------------------------------------------------------------------------
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_A = 0.044715
+_GELU_C, _GELU_A = _pallas_features.GELU_C, _pallas_features.GELU_A
 
 
 def _twice_gelu_parts(x):
@@ -327,7 +328,9 @@ def _dense_block(p, x):
   return _twice_gelu(x @ p["w_in"].astype(x.dtype)) @ (0.5 * p["w_out"]).astype(x.dtype)
 
 
-def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
+def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str | None = None,
+                            interpret: bool = False,
+                            tile_config: TileConfig | None = None) -> jax.Array:
   """Applies the learned sketch: [..., head_dim] -> [..., sketch_dim].
 
   The same params map q and k, so <f(q), f(k)> stays symmetric.
@@ -336,12 +339,23 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
   as one matmul against both Dense kernels, each with its LayerNorm affine
   folded in ((x_hat s + c) W = x_hat (s W) + c W): the same function as
   `learned_sketch_init` documents, rounded differently at the dtype's
-  precision. Off TPU x is first viewed as one [M, head_dim] matrix (M = the
-  product of the leading dims): XLA on CPU contracts the weight gradients of
-  a 2-D operand about twice as fast as over several batch dims. On TPU that
-  reshape is a layout copy of x and of the features (and again in the
-  backward), about a third of the forward's cycles there (BUILD_NOTES, "What
-  the learned sketch costs"), so x keeps its shape.
+  precision.
+
+  Args:
+    params: from `learned_sketch_init`.
+    x: [..., head_dim]; q or k as [B, T, N, head_dim] for the Pallas kernels.
+    implementation: None (the Pallas kernels when lowering for TPU and x is a
+      bfloat16 or float32 [B, T, N, head_dim]; the xla path otherwise),
+      "pallas" (the kernels; raises for other inputs), or "xla" (pure JAX).
+    interpret: for "pallas": run the kernels in interpret mode on any backend.
+    tile_config: the kernels' `TileConfig` (its `features_tile`, `bf16_gelu`,
+      `vmem_limit_bytes` and `generation`); None: the local TPU's defaults.
+
+  The xla path views x off TPU as one [M, head_dim] matrix (M = the product
+  of the leading dims): XLA on CPU contracts the weight gradients of a 2-D
+  operand about twice as fast as over several batch dims. On TPU that reshape
+  is a layout copy of x and of the features (and again in the backward), so
+  x keeps its shape there.
 
   Differentiable in reverse mode (`jax.grad`, `jax.vjp`), as the attention
   op is; not in forward mode (`jax.jvp`): the GELU inside has a custom VJP.
@@ -354,29 +368,81 @@ def learned_sketch_features(params: dict, x: jax.Array) -> jax.Array:
   head_dim = params["branch1"][0]["w_in"].shape[0]
   if x.shape[-1] != head_dim:
     raise ValueError(f"x has last dim {x.shape[-1]}, the sketch was built for head_dim {head_dim}")
+  if implementation not in (None, "xla", "pallas"):
+    raise ValueError(
+        f"implementation must be one of (None, 'xla', 'pallas'), got {implementation!r}")
+  if tile_config is not None and not isinstance(tile_config, TileConfig):
+    raise ValueError(f"tile_config must be a TileConfig or None, got {type(tile_config).__name__}")
   lead = x.shape[:-1]
   sketch_dim = params["branch1"][-1]["w_out"].shape[1]
+  kernel_problem = _features_kernel_problem(x)
+  if implementation == "pallas" and kernel_problem:
+    raise ValueError(f"learned_sketch_features(implementation='pallas'): {kernel_problem}; "
+                     "implementation=None or 'xla' runs the pure-JAX path")
+
+  def kernels(x):
+    if not interpret:
+      x = require_tpu(x, op="learned_sketch_features")
+    tiles = resolve_feature_tiles(
+        tile_config, x.shape[1], x.dtype, hidden_dim=params["branch1"][0]["w_in"].shape[1],
+        head_dim=head_dim, sketch_dim=sketch_dim)
+    return _pallas_features.learned_features(_folded_weights(params), x, tiles,
+                                             interpret=interpret)
 
   def as_matrix(x):
     # sketch_dim, not -1: an empty x has no size to infer it from
     return _learned_features(params, x.reshape(-1, head_dim)).reshape(*lead, sketch_dim)
 
-  return jax.lax.platform_dependent(x, tpu=functools.partial(_learned_features, params),
-                                    default=as_matrix)
+  if implementation == "pallas":
+    return kernels(x)
+  on_tpu = kernels if implementation is None and not kernel_problem else functools.partial(
+      _learned_features, params)
+  return jax.lax.platform_dependent(x, tpu=on_tpu, default=as_matrix)
+
+
+def _features_kernel_problem(x) -> str | None:
+  """Why the Pallas feature kernels cannot take x, or None."""
+  if x.ndim != 4:
+    return f"x must be [B, T, N, head_dim] for the kernels, got shape {x.shape}"
+  if x.dtype not in (jnp.bfloat16, jnp.float32):
+    return f"x must be bfloat16 or float32 for the kernels, got {x.dtype}"
+  if x.shape[-1] % 8:
+    return f"head_dim must be a multiple of 8 for the kernels, got {x.shape[-1]}"
+  if 0 in x.shape:
+    return f"x is empty: shape {x.shape}"
+  return None
+
+
+def _folded_weights(params: dict) -> tuple:
+  """The learned sketch's weights as the feature kernels take them (float32,
+  stacked over the two branches, transposed): each LayerNorm's affine folded
+  into the Dense kernel after it, GELU's 1/2 into the one after that.
+  (w1_t [2, h, H], c1 [2, h, 1], a_t [2, r, h], w2_t [2, h, r], c2 [2, h, 1],
+  b_t [2, r, h]); see `_pallas_features`."""
+  branches = (params["branch1"], params["branch2"])
+
+  def folded(block):
+    w_in = (block["ln_scale"][:, None] * block["w_in"]).T
+    return w_in, (block["ln_bias"] @ block["w_in"])[:, None], (0.5 * block["w_out"]).T
+
+  first, second = ([folded(p[i]) for p in branches] for i in (0, 1))
+  stack = lambda parts, j: jnp.stack([part[j] for part in parts]).astype(jnp.float32)
+  return (stack(first, 0), stack(first, 1), stack(first, 2),
+          stack(second, 0), stack(second, 1), stack(second, 2))
 
 
 def _learned_features(params: dict, x: jax.Array) -> jax.Array:
-  """`learned_sketch_features` on x [..., head_dim] as it is."""
+  """`learned_sketch_features` on x [..., head_dim] as it is (the xla path)."""
   b1, b2 = params["branch1"], params["branch2"]
   dt = x.dtype
   x_hat = _normalized(x)
-  w_in = jnp.concatenate([p[0]["ln_scale"][:, None] * p[0]["w_in"] for p in (b1, b2)], axis=1)
-  c_in = jnp.concatenate([p[0]["ln_bias"] @ p[0]["w_in"] for p in (b1, b2)])
+  w1_t, c1, a_t = _folded_weights(params)[:3]
+  w_in = jnp.concatenate([w1_t[0].T, w1_t[1].T], axis=1)
+  c_in = jnp.concatenate([c1[0, :, 0], c1[1, :, 0]])
   hidden = _twice_gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))   # [..., 2 * hidden_dim]
   width = b1[0]["w_in"].shape[1]
   # GELU's 1/2 in each branch's w_out (`_twice_gelu`)
-  g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width]
-                         @ (0.5 * p[0]["w_out"]).astype(dt))
+  g1, g2 = (_dense_block(p[1], hidden[..., i * width:(i + 1) * width] @ a_t[i].T.astype(dt))
             for i, p in enumerate((b1, b2)))
   scale = math.sqrt(g1.shape[-1])
   return scale * jnp.tanh(g1 * g2 / scale)

@@ -57,6 +57,12 @@ class TpuGeneration:
   # Default diagonal-block tile of the backward (the dkv kernel's; None: the
   # MXU width), chosen with the static schedule (bench/TPU_SCHEDULE.md).
   dkv_local_tile: int | None = None
+  # Tokens a grid step of the learned sketch's feature kernels takes
+  # (`TileConfig.features_tile`): the larger the tile, the more of the
+  # kernels' long matmul -> GELU -> matmul chain overlaps (static cycles at
+  # 4k on v5e: 128 tokens 3.49 Mcyc, 256 2.34, 512 1.61, 1024 1.46, 2048
+  # 1.52; bench/TPU_SCHEDULE.md). v4 takes 512: its VMEM is 16 MiB.
+  features_tile: int = 1024
   # Blocks the causal kernels walk per grid step (`TileConfig.blocks_per_step`,
   # `dq_blocks_per_step`, `dkv_blocks_per_step`).
   forward_blocks_per_step: int = 1
@@ -90,7 +96,8 @@ GENERATIONS = {
     # 26.96 Mcyc, 2 a step 27.01; the dkv kernel's 2 a step or 256 tiles
     # cost more: 28.75, 27.68).
     "v4": TpuGeneration("v4", 2, 275e12, 1200e9, 1050e6, 128, 16 * MiB, 16 * MiB,
-                        forward_blocks_per_step=4, wide_head_dq_blocks_per_step=4),
+                        forward_blocks_per_step=4, wide_head_dq_blocks_per_step=4,
+                        features_tile=512),
     # Since the dkv kernel forms the diagonal block's dQ too, 128 tiles suit it
     # on v5e at H = 64 (its grid step 2451 bundles against 2546 in 256 tiles);
     # at H = 128, 256 tiles are 3.6% faster (10711 against 11113): pass
@@ -154,6 +161,16 @@ class TileConfig:
     dq_blocks_per_step, dkv_blocks_per_step: the same for the backward's dq
       and dkv kernels. None: `blocks_per_step` if that is set, else the
       generation's default.
+    features_tile: tokens a grid step of the learned sketch's feature kernels
+      (`learned_sketch_features`) takes; a multiple of 128. None: the
+      generation's default (1024; 512 on v4), capped at the sequence length
+      rounded up to 128.
+    bf16_gelu: the learned sketch's feature kernels compute GELU and its
+      slope in bf16 for bf16 inputs (the matmuls accumulate in float32 either
+      way). Unlike the other fields this rounds differently: the features
+      stay within bf16's error of the float32 function (tests/
+      test_features_kernels.py). None: where the VPU has bf16 (v6e: 21% fewer
+      static cycles for the features' forward + VJP).
   """
   local_tile: int | None = None
   vmem_limit_bytes: int | None = None
@@ -163,22 +180,28 @@ class TileConfig:
   blocks_per_step: int | None = None
   dq_blocks_per_step: int | None = None
   dkv_blocks_per_step: int | None = None
+  features_tile: int | None = None
+  bf16_gelu: bool | None = None
 
   def __post_init__(self):
     if self.generation is not None:
       get_generation(self.generation)
     # Sizes as Python ints (a NumPy int is fine; a float, bool or string is not).
     for name in ("local_tile", "dkv_local_tile", "blocks_per_step", "dq_blocks_per_step",
-                 "dkv_blocks_per_step", "vmem_limit_bytes"):
+                 "dkv_blocks_per_step", "vmem_limit_bytes", "features_tile"):
       value = getattr(self, name)
       if value is None:
         continue
       value = _validation.check_positive_int(name, value)
       if name.endswith("local_tile") and value % 8:
         raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+      if name == "features_tile" and value % 128:
+        raise ValueError(f"features_tile must be a positive multiple of 128 (the lane "
+                         f"width), got {value!r}")
       object.__setattr__(self, name, value)
-    if self.bf16_phi is not None:
-      _validation.check_bool("bf16_phi", self.bf16_phi)
+    for name in ("bf16_phi", "bf16_gelu"):
+      if getattr(self, name) is not None:
+        _validation.check_bool(name, getattr(self, name))
 
   @classmethod
   def for_generation(cls, generation: str) -> "TileConfig":
@@ -235,6 +258,53 @@ class ResolvedTiles:
   def check_backward(self) -> None:
     if self.backward_error:
       raise ValueError(self.backward_error)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTiles:
+  """A TileConfig resolved for the learned sketch's feature kernels."""
+  tile: int                       # tokens a grid step
+  bf16_gelu: bool
+  vmem_limit_bytes: int | None
+
+
+def feature_vmem_estimate(tile: int, dtype, *, hidden_dim: int, head_dim: int,
+                          sketch_dim: int) -> int:
+  """Scoped VMEM the learned sketch's feature kernels (the VJP, the larger)
+  need at `tile` tokens a step: their activations, some 34 values per hidden
+  unit of a token in the input's dtype. Fitted to compiles at H = 64, r = 32,
+  hidden 256 on v5e (the least limit that compiled, in MiB, at 256 / 512 /
+  1024 tokens: bf16 6 / 10 / 18, float32 10 / 18 / 36)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  return tile * itemsize * (34 * hidden_dim + 8 * (head_dim + sketch_dim)) + 2 * MiB
+
+
+def resolve_feature_tiles(config: TileConfig | None, seq_len: int, dtype, *, hidden_dim: int,
+                          head_dim: int, sketch_dim: int) -> FeatureTiles:
+  """The feature kernels' tiling for x [B, seq_len, N, head_dim] of `dtype`: the
+  configured or default tile, capped at seq_len rounded up to 128, halved
+  (a default one) until its VMEM estimate fits; raises ValueError if none does."""
+  config = config or TileConfig()
+  gen = get_generation(config.generation)
+  tile = min(config.features_tile or gen.features_tile, -(-seq_len // 128) * 128)
+  budget = config.vmem_limit_bytes or gen.vmem_bytes
+  estimate = lambda t: feature_vmem_estimate(t, dtype, hidden_dim=hidden_dim,
+                                             head_dim=head_dim, sketch_dim=sketch_dim)
+  while config.features_tile is None and tile > 128 and estimate(tile) > budget:
+    tile //= 2
+  if estimate(tile) > budget:
+    source = ("vmem_limit_bytes" if config.vmem_limit_bytes else
+              f"the {gen.name}'s {gen.vmem_bytes // MiB} MiB of VMEM")
+    raise ValueError(
+        f"the learned sketch's feature kernels need about {estimate(tile) / MiB:.1f} MiB of "
+        f"VMEM at features_tile={tile} (hidden_dim={hidden_dim}, "
+        f"{jnp.dtype(dtype).name}), over {source} ({budget / MiB:.1f} MiB): use a smaller "
+        f"TileConfig.features_tile or implementation='xla'")
+  limit = config.vmem_limit_bytes
+  if limit is None and estimate(tile) > gen.default_scoped_vmem_bytes:
+    limit = min(int(1.1 * estimate(tile)), gen.vmem_bytes)
+  bf16_gelu = gen.bf16_vpu if config.bf16_gelu is None else config.bf16_gelu
+  return FeatureTiles(tile=tile, bf16_gelu=bf16_gelu, vmem_limit_bytes=limit)
 
 
 def kernel_block_error(block_size: int, padded_len: int) -> str | None:

@@ -239,13 +239,16 @@ def test_learned_sketch_gelu_and_its_written_out_vjp(dtype):
     assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
 
 
-def test_learned_sketch_keeps_the_shape_when_lowered_for_tpu():
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_learned_sketch_keeps_the_shape_when_lowered_for_tpu(implementation):
   """Exported for TPU the features never reshape x to a matrix (a layout copy
-  there); exported for CPU they do (faster weight gradients there)."""
+  there), through the Pallas kernels (None) or XLA's fusions; exported for
+  CPU they do (faster weight gradients there)."""
   import re
   params = ps.learned_sketch_init(jax.random.key(0), 64, sketch_dim=32)
   x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
-  fn = jax.jit(jax.grad(lambda p, x: jnp.sum(ps.learned_sketch_features(p, x)), (0, 1)))
+  fn = jax.jit(jax.grad(lambda p, x: jnp.sum(
+      ps.learned_sketch_features(p, x, implementation=implementation)), (0, 1)))
 
   def reshapes(platform):
     text = jax.export.export(fn, platforms=[platform])(params, x).mlir_module()
