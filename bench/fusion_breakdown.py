@@ -91,6 +91,10 @@ def main(argv=None):
   p.add_argument("--implementation", default=None, choices=("pallas", "xla"),
                  help="the learned sketch's (default: what the package runs on TPU, the "
                       "Pallas kernels; xla: XLA's fusions)")
+  p.add_argument("--features-tile", type=int, default=None,
+                 help="TileConfig.features_tile of the kernels (default: the generation's)")
+  p.add_argument("--bf16-gelu", choices=("on", "off"), default=None,
+                 help="TileConfig.bf16_gelu of the kernels (default: the generation's)")
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--tag", default=None)
   args = p.parse_args(argv)
@@ -104,6 +108,10 @@ def main(argv=None):
     job["hidden"] = args.sketch_hidden
   if args.implementation is not None:
     job["implementation"] = args.implementation
+  if args.features_tile is not None:
+    job["features_tile"] = args.features_tile
+  if args.bf16_gelu is not None:
+    job["bf16_gelu"] = args.bf16_gelu == "on"
   hidden = job.get("hidden", 8 * job["r"])
   rec = tpu_schedule.run_jobs(args.gen, [job])[0]
   if "error" in rec:

@@ -197,16 +197,20 @@ def _features_fn(sds, job):
   (one sketch per layer; learned: float32 params, bf16 activations), forward
   or forward + VJP (into q, k and the learned params; the features are returned
   too, as a model consumes them). job["implementation"]: the learned sketch's
-  (None: the Pallas kernels on TPU; "xla": XLA's fusions)."""
+  (None: the Pallas kernels on TPU; "xla": XLA's fusions); job["features_tile"],
+  job["bf16_gelu"]: their `TileConfig` fields (None: the generation's)."""
   import jax
   import jax.numpy as jnp
   from pallas_polysketch import sketches
+  from pallas_polysketch.tpu_config import TileConfig
   B, N, H, r, T = (job[k] for k in ("B", "N", "H", "r", "T"))
   key = jax.random.key(0)
   if job["sketch"] == "learned":
     params = sketches.learned_sketch_init(key, H, r, hidden_dim=job.get("hidden"))
+    tile = {k: job[k] for k in ("features_tile", "bf16_gelu") if job.get(k) is not None}
     feats = functools.partial(sketches.learned_sketch_features,
-                              implementation=job.get("implementation"))
+                              implementation=job.get("implementation"),
+                              tile_config=TileConfig(**tile) if tile else None)
   else:
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
                           sketches.random_sketch_init(key, H, r, degree=4))

@@ -279,9 +279,11 @@ class PolySketchAttention(nnx.Module):
       return jnp.zeros(x.shape[:-1] + (self.sketch_dim,), x.dtype)
     params = _variables_to_arrays(self.sketch)
     if self.sketch_kind == "learned":
-      # the Pallas feature kernels on TPU unless the layer asks for pure JAX
-      return learned_sketch_features(
-          params, x, implementation="xla" if self.implementation == "xla" else None)
+      # The Pallas feature kernels on TPU, unless the layer asks for pure JAX
+      # or shards over a mesh: XLA cannot split a Pallas call over devices (it
+      # would gather q and k onto every device).
+      pure_jax = self.implementation == "xla" or self.sharded_op is not None
+      return learned_sketch_features(params, x, implementation="xla" if pure_jax else None)
     # float matrices and signs in the compute dtype; hadamard column indices stay int32
     params = jax.tree.map(
         lambda a: a.astype(x.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)

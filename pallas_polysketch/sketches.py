@@ -351,6 +351,11 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
     tile_config: the kernels' `TileConfig` (its `features_tile`, `bf16_gelu`,
       `vmem_limit_bytes` and `generation`); None: the local TPU's defaults.
 
+  Under automatic sharding (jit over arrays sharded across devices) XLA
+  cannot split the Pallas kernels: it gathers x onto every device. There,
+  call this inside `shard_map` or pass implementation="xla" (the Flax layer
+  does the latter when given a mesh).
+
   The xla path views x off TPU as one [M, head_dim] matrix (M = the product
   of the leading dims): XLA on CPU contracts the weight gradients of a 2-D
   operand about twice as fast as over several batch dims. On TPU that reshape

@@ -15,6 +15,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_polysketch as ps
@@ -239,3 +240,28 @@ def test_libtpu_compiles_each_generations_default_tiling(generation):
   """The default tile (and on v6e bf16 GELU) at 12 heads, bf16: fits the
   generation's VMEM with the limit `resolve_feature_tiles` sets."""
   _compile(generation, 1, 2048, 12, jnp.bfloat16, TileConfig(generation=generation))
+
+
+@pytest.mark.parametrize("layer_kw,want", [
+    (dict(), None),
+    (dict(implementation="xla"), "xla"),
+    (dict(implementation="pallas"), None),
+    (dict(mesh_axes=(None, None, "seq")), "xla"),
+])
+def test_layer_runs_the_kernels_unless_pure_jax_or_sharded(monkeypatch, layer_kw, want):
+  """The Flax layer's learned features take the kernels' default path (None:
+  the kernels on TPU), and the xla path when the layer is pure JAX or given a
+  mesh (XLA cannot split a Pallas call over devices)."""
+  from flax import nnx
+  from jax.sharding import Mesh
+  from pallas_polysketch import nn as ps_nn
+  if "mesh_axes" in layer_kw:
+    layer_kw = dict(layer_kw, mesh=Mesh(np.array(jax.devices()[:1]), ("seq",)))
+  seen = []
+  real = ps_nn.learned_sketch_features
+  monkeypatch.setattr(ps_nn, "learned_sketch_features",
+                      lambda p, x, **kw: seen.append(kw.get("implementation")) or real(p, x, **kw))
+  layer = ps_nn.PolySketchAttention(64, 2, sketch="learned", sketch_dim=8, rngs=nnx.Rngs(0),
+                                    **layer_kw)
+  layer.features(jnp.zeros((1, 16, 2, 32)))
+  assert seen == [want]
