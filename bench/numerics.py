@@ -115,6 +115,7 @@ def sample_rows(seq, block_size, count):
            seq - block_size, seq - 1, seq // 2, seq // 2 - 1}
   fixed = {i for i in fixed if 0 <= i < seq}
   extra = np.unique(np.geomspace(2 * block_size, seq - 2, max(count - len(fixed), 1)).astype(int))
+  extra = extra[extra < seq]  # below 2 blocks + 2 tokens geomspace starts past the end
   rows = sorted(fixed | set(extra.tolist()))
   while len(rows) > count:  # drop from the middle of the spread part
     spread = [r for r in rows if r not in fixed]

@@ -35,12 +35,15 @@ def test_numpy_reference_matches_jax_grad_of_quadratic_reference():
 
 def test_numerics_bench_runs_end_to_end(tmp_path):
   nm = load_bench("numerics")
-  report = nm.main(["--xla-seqs", "1024", "--pallas-seqs", "1024", "--pallas-long-seq", "0",
+  # T = 512: two blocks of 256 (the sketched prefix and the exact local block
+  # both contribute), the block and length of a lowered and libtpu-compiled
+  # interpret configuration (test_tpu_compile.py).
+  report = nm.main(["--xla-seqs", "512", "--pallas-seqs", "512", "--pallas-long-seq", "0",
                     "--degrees", "4", "--head-dims", "64", "--dtypes", "float32",
-                    "--overflow-seq", "1024", "--overflow-long-seq", "0",
+                    "--overflow-seq", "512", "--overflow-long-seq", "0",
                     "--out-dir", str(tmp_path), "--tag", "tiny"])
   saved = json.loads((tmp_path / "tiny.json").read_text())
-  assert "| xla | 1k | 4 | 64 | float32 |" in (tmp_path / "tiny.md").read_text()
+  assert "| xla | 512 | 4 | 64 | float32 |" in (tmp_path / "tiny.md").read_text()
   assert {r["path"] for r in saved["results"]} == {"xla", "pallas"}
   for r in saved["results"]:
     assert r["finite_out"] and r["finite_grads"]
@@ -51,4 +54,4 @@ def test_numerics_bench_runs_end_to_end(tmp_path):
   cases = {c["name"]: c for c in report["overflow_cases"]}
   assert set(cases) == {"A_weight_overflow"}   # the B cases need T >= 4096 to overflow
   for run in cases["A_weight_overflow"]["runs"]:  # an infinite weight: NaN rows
-    assert run["bands"]["over"]["nan"] == run["bands"]["over"]["rows"] == 1024
+    assert run["bands"]["over"]["nan"] == run["bands"]["over"]["rows"] == 512

@@ -56,12 +56,19 @@ def _lengths(block):
 
 def _check_default_lengths(seqs, implementation, interpret=False):
   args_all, _ = _inputs_for_lengths(max(seqs))
+  # The reference is causal with its blocks anchored at token 0, so its output
+  # on the first seq tokens of the longest input is its output on those tokens
+  # alone: one materialised reference, sliced, serves every length (evaluated
+  # op by op at each length it took two thirds of the pallas test's time).
+  reference = jax.jit(ref.polysketch_attention_quadratic)
+  want_all = np.asarray(reference(*args_all))
+  mid = sorted(seqs)[len(seqs) // 2]
+  assert rel_err(want_all[:, :mid], reference(*(x[:, :mid] for x in args_all))) < f32_tol(4, 16)
   for seq in seqs:
     args = tuple(x[:, :seq] for x in args_all)
     got = ps.polysketch_attention(*args, implementation=implementation, interpret=interpret)
-    want = ref.polysketch_attention_quadratic(*args)
     assert got.shape == args[0].shape
-    assert rel_err(got, want) < f32_tol(4, 16), seq
+    assert rel_err(got, want_all[:, :seq]) < f32_tol(4, 16), seq
 
 
 def _inputs_for_lengths(seq):

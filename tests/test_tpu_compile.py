@@ -417,22 +417,28 @@ def test_default_implementation_with_segments_exports_kernel_for_tpu_and_xla_for
 
 
 @pytest.mark.tpu_compile
+@pytest.mark.parametrize("part", ["forward", "gradient", "largest_tiles"])
 @pytest.mark.parametrize("generation", ["v5e", pytest.param("v6e", marks=pytest.mark.slow)])
-def test_libtpu_compiles_segment_kernel(generation):
+def test_libtpu_compiles_segment_kernel(generation, part):
   """Mosaic's own passes (layouts of the int32 label blocks, VMEM) accept the
   segment kernels: forward causal and not, GQA, bf16 and f32, the gradient
-  (dq and dkv kernels), and the largest tile set."""
+  (dq and dkv kernels), and the largest tile set. In three parts, which xdist
+  can run side by side (each compile's time does not depend on T: 2048 and 512
+  took the same)."""
   from jax.sharding import SingleDeviceSharding
   sharding = SingleDeviceSharding(_topology_device(generation))
   config = TileConfig.for_generation(generation)
   ids = _ids_shape(1, 2048, sharding)
-  for dtype in (jnp.bfloat16, jnp.float32):
-    shapes = _shapes(1, 2048, 8, 64, 32, dtype, sharding, kv_heads=2)
-    for causal in (True, False):
-      fwd = functools.partial(_segment_forward, causal=causal, tile_config=config)
-      jax.jit(fwd).lower(*shapes, ids).compile()
-  grad = functools.partial(_segment_grad, tile_config=config)
-  jax.jit(grad).lower(*_shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding), ids).compile()
-  big = _shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding) + [_ids_shape(1, 1024, sharding)]
-  jax.jit(functools.partial(_segment_forward, tile_config=config)).lower(*big).compile()
-  jax.jit(functools.partial(_segment_grad, tile_config=config)).lower(*big).compile()
+  if part == "forward":
+    for dtype in (jnp.bfloat16, jnp.float32):
+      shapes = _shapes(1, 2048, 8, 64, 32, dtype, sharding, kv_heads=2)
+      for causal in (True, False):
+        fwd = functools.partial(_segment_forward, causal=causal, tile_config=config)
+        jax.jit(fwd).lower(*shapes, ids).compile()
+  elif part == "gradient":
+    grad = functools.partial(_segment_grad, tile_config=config)
+    jax.jit(grad).lower(*_shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding), ids).compile()
+  else:
+    big = _shapes(1, 1024, 2, 128, 64, jnp.bfloat16, sharding) + [_ids_shape(1, 1024, sharding)]
+    jax.jit(functools.partial(_segment_forward, tile_config=config)).lower(*big).compile()
+    jax.jit(functools.partial(_segment_grad, tile_config=config)).lower(*big).compile()
