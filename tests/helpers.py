@@ -83,3 +83,22 @@ def load_bench(name):
   sys.modules[spec.name] = mod
   spec.loader.exec_module(mod)
   return mod
+
+
+# libtpu's topologies for compiling on this host (tests/test_tpu_compile.py,
+# tests/test_features_kernels.py).
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+def topology_device(generation):
+  """A device of the generation's libtpu topology; skips the test without libtpu."""
+  import importlib.util
+  import pytest
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install 'pallas_polysketch[tpu]')")
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(TOPOLOGIES[generation], "tpu")
+  except Exception as e:  # pragma: no cover - depends on the host's libtpu
+    pytest.skip(f"libtpu could not describe {generation}: {e}")
+  return topology.devices[0]

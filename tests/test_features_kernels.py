@@ -7,7 +7,6 @@ norm), sketch parameters moved off their initial values so every LayerNorm
 affine and both branches matter.
 """
 import functools
-import importlib.util
 import os
 import re
 
@@ -21,10 +20,9 @@ import pytest
 import pallas_polysketch as ps
 from pallas_polysketch.tpu_config import (GENERATIONS, TileConfig, feature_vmem_estimate,
                                           resolve_feature_tiles)
-from helpers import EPS32, layer_norm, rel_err
+from helpers import EPS32, TOPOLOGIES, layer_norm, rel_err, topology_device
 
 H, R = 64, 32
-TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 # (B, T, N, features_tile): T = 300 pads to 3 grid steps of 128 tokens; the
 # production tiling (1024) at a length that pads its one step.
 INTERPRET_CASES = [(2, 300, 2, 128), (1, 1100, 1, None)]
@@ -91,22 +89,13 @@ def test_bfloat16_kernels_are_no_less_accurate_than_the_xla_path(bf16_gelu):
     assert rel_err(g, e) <= 2 * rel_err(a, e) + floor / 8, (e.shape, rel_err(g, e), rel_err(a, e))
 
 
-def test_padded_tokens_add_nothing_to_the_weight_gradients():
+@pytest.mark.parametrize("t,n,hidden_dim", [(130, 1, None), (200, 2, 2 * R)])
+def test_padding_and_a_narrow_hidden_width(t, n, hidden_dim):
   """T = 130 pads to 256 with zero tokens: the weights' gradients equal those
-  of the 130 tokens alone (their sum over a broken, nonzero padding would
-  differ), and so do the features."""
-  params = _params()
-  x, cot = _inputs(1, 130, 1, jnp.float32)
-  want = _value_and_grads(params, x, cot, implementation="xla")
-  got = _value_and_grads(params, x, cot, **_kernel(128))
-  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-    assert rel_err(a, b) < 1e-4
-
-
-def test_narrow_hidden_width_runs_the_kernels():
-  """hidden_dim = 2r (the cheaper sketch option) through the kernels."""
-  params = _params(hidden_dim=2 * R)
-  x, cot = _inputs(1, 200, 2, jnp.float32)
+  of the real tokens alone (their sum over a broken, nonzero padding would
+  differ); hidden_dim = 2r (the cheaper sketch option) through the kernels."""
+  params = _params(hidden_dim)
+  x, cot = _inputs(1, t, n, jnp.float32)
   want = _value_and_grads(params, x, cot, implementation="xla")
   got = _value_and_grads(params, x, cot, **_kernel(128))
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
@@ -199,20 +188,9 @@ def test_bad_arguments_are_named():
 # and each generation's production tiling.
 # ----------------------------------------------------------------------------
 
-def _topology_device(generation):
-  if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu is not installed (pip install 'pallas_polysketch[tpu]')")
-  from jax.experimental import topologies
-  try:
-    topology = topologies.get_topology_desc(TOPOLOGIES[generation], "tpu")
-  except Exception as e:  # pragma: no cover - depends on the host's libtpu
-    pytest.skip(f"libtpu could not describe {generation}: {e}")
-  return topology.devices[0]
-
-
 def _compile(generation, b, t, n, dtype, tile_config, hidden_dim=None):
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device(generation))
+  sharding = SingleDeviceSharding(topology_device(generation))
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         _params(hidden_dim))
   x = jax.ShapeDtypeStruct((b, t, n, H), dtype, sharding=sharding)
@@ -230,6 +208,7 @@ def test_libtpu_compiles_the_interpret_configurations():
     for dtype, bf16_gelu in ((jnp.float32, None), (jnp.bfloat16, False), (jnp.bfloat16, True)):
       _compile("v5e", b, t, n, dtype,
                TileConfig(generation="v5e", features_tile=tile, bf16_gelu=bf16_gelu))
+  _compile("v5e", 1, 130, 1, jnp.float32, TileConfig(generation="v5e", features_tile=128))
   _compile("v5e", 1, 200, 2, jnp.float32, TileConfig(generation="v5e", features_tile=128),
            hidden_dim=2 * R)
 

@@ -20,9 +20,8 @@ import pytest
 import pallas_polysketch as ps
 from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.tpu_config import TileConfig
-from helpers import CONTEXT_PARALLEL_CASE, PREFILL_GRADIENT_CASES
+from helpers import CONTEXT_PARALLEL_CASE, PREFILL_GRADIENT_CASES, TOPOLOGIES, topology_device
 
-TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 
 def _shapes(b, t, n, h, r, dtype, sharding=None, kv_heads=None):
@@ -200,7 +199,7 @@ def test_libtpu_compiles_state_gradients(generation):
   out of VMEM by 2.5 MiB there)."""
   from jax.experimental import topologies
   from jax.sharding import Mesh, SingleDeviceSharding
-  device = _topology_device(generation)
+  device = topology_device(generation)
   sharding = SingleDeviceSharding(device)
   config = TileConfig.for_generation(generation)
   for case in PREFILL_GRADIENT_CASES.values():
@@ -213,24 +212,13 @@ def test_libtpu_compiles_state_gradients(generation):
   jax.jit(_context_parallel_grad(mesh, config)).lower(*_context_parallel_shapes(mesh)).compile()
 
 
-def _topology_device(generation):
-  if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu is not installed (pip install 'pallas_polysketch[tpu]')")
-  from jax.experimental import topologies
-  try:
-    topology = topologies.get_topology_desc(TOPOLOGIES[generation], "tpu")
-  except Exception as e:  # pragma: no cover - depends on the host's libtpu
-    pytest.skip(f"libtpu could not describe {generation}: {e}")
-  return topology.devices[0]
-
-
 @pytest.mark.tpu_compile
 def test_libtpu_compiles_v6e_stacked_backward_at_the_interpret_shapes():
   """The bf16 gradients the interpret tests run with v6e's tiles (the split
   products stacked, `ResolvedTiles.stack_split_products`): block 128 at
   r = 16 (test_hardening) and block 256 at r = 32 (test_pallas_backward)."""
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device("v6e"))
+  sharding = SingleDeviceSharding(topology_device("v6e"))
   config = TileConfig(generation="v6e")
   for seq, heads, kv_heads, r, block in ((1024, 2, 2, 16, 128), (512, 2, 2, 32, 256)):
     grad = functools.partial(_grad, block_size=block, tile_config=config)
@@ -266,7 +254,7 @@ def test_normaliser_interpret_cases_lower_and_compile(case):
   if importlib.util.find_spec("libtpu") is None:
     return
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device(gen))
+  sharding = SingleDeviceSharding(topology_device(gen))
   grad.lower(*_shapes(1, seq, heads, h, r, dtype, sharding, kv_heads=kv)).compile()
 
 
@@ -274,7 +262,7 @@ def test_normaliser_interpret_cases_lower_and_compile(case):
 @pytest.mark.parametrize("generation", list(TOPOLOGIES))
 def test_libtpu_compiles_forward_and_gradient(generation):
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device(generation))
+  sharding = SingleDeviceSharding(topology_device(generation))
   config = TileConfig.for_generation(generation)
   shapes = _shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding)
   for causal in (True, False):
@@ -314,7 +302,7 @@ def test_libtpu_compiles_float16_features(input_dtype):
   vector type for load") in the gradient and in prefill. Also at
   test_hardening's float16 interpret shape (T = 300, padded; block 128, r = 16)."""
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device("v5e"))
+  sharding = SingleDeviceSharding(topology_device("v5e"))
   for t, r, block_size in ((512, 32, 256), (300, 16, 128)):
     shapes = _shapes(1, t, 2, 64, r, input_dtype, sharding)
     shapes = shapes[:3] + [jax.ShapeDtypeStruct(x.shape, jnp.float16, sharding=sharding)
@@ -341,7 +329,7 @@ def test_compiled_forward_reads_the_public_layout_without_copies(generation):
                                   "bench"))
   import bundles
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device(generation))
+  sharding = SingleDeviceSharding(topology_device(generation))
   config = TileConfig.for_generation(generation)
   for h, r, kv in ((64, 32, None), (128, 64, None), (64, 32, 4)):
     shapes = _shapes(1, 2048, 12, h, r, jnp.bfloat16, sharding, kv_heads=kv)
@@ -426,7 +414,7 @@ def test_libtpu_compiles_segment_kernel(generation, part):
   can run side by side (each compile's time does not depend on T: 2048 and 512
   took the same)."""
   from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(_topology_device(generation))
+  sharding = SingleDeviceSharding(topology_device(generation))
   config = TileConfig.for_generation(generation)
   ids = _ids_shape(1, 2048, sharding)
   if part == "forward":
