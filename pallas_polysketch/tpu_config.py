@@ -59,9 +59,10 @@ class TpuGeneration:
   dkv_local_tile: int | None = None
   # Tokens a grid step of the learned sketch's feature kernels takes
   # (`TileConfig.features_tile`): the larger the tile, the more of the
-  # kernels' long matmul -> GELU -> matmul chain overlaps (static cycles at
-  # 4k on v5e: 128 tokens 3.49 Mcyc, 256 2.34, 512 1.61, 1024 1.46, 2048
-  # 1.52; bench/TPU_SCHEDULE.md). v4 takes 512: its VMEM is 16 MiB.
+  # kernels' long matmul -> GELU -> matmul chain overlaps (features of q and
+  # k at 4k on v5e, an earlier version of the kernels: 128 tokens 3.49 Mcyc,
+  # 256 2.34, 512 1.67, 1024 1.45; bench/TPU_SCHEDULE.md). v4 takes 512:
+  # its VMEM is 16 MiB.
   features_tile: int = 1024
   # Blocks the causal kernels walk per grid step (`TileConfig.blocks_per_step`,
   # `dq_blocks_per_step`, `dkv_blocks_per_step`).
