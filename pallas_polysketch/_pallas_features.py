@@ -65,8 +65,10 @@ def _normalized_rows_vjp(dx_hat, x_hat, inv):
   return inv * (dx_hat - mean_d - x_hat * mean_dx)
 
 
-def _twice_gelu(pre, gelu_dtype, *, slope: bool):
-  """2 gelu(pre) in gelu_dtype, and (when slope) its derivative."""
+def twice_gelu(pre, gelu_dtype, *, slope: bool):
+  """2 gelu(pre) (the tanh form) computed in gelu_dtype, and (when slope) its
+  derivative; None in its place otherwise. Also the xla path's
+  (`sketches._twice_gelu`)."""
   x = pre.astype(gelu_dtype)
   x2 = x * x
   t = jnp.tanh(x * (GELU_C + (GELU_C * GELU_A) * x2))
@@ -95,13 +97,13 @@ def _forward_tile(x_t, w, mm_dtype, gelu_dtype, precision, keep):
   x_hat1, inv1 = _normalized_rows(x_t.astype(jnp.float32))
   x_aug1 = _with_ones_row(x_hat1, mm_dtype)
   pre1 = both(lambda i: _dot(w1_t[i], x_aug1, NN_DIMS, precision))
-  gelu1 = both(lambda i, p: _twice_gelu(p, gelu_dtype, slope=keep), pre1)
+  gelu1 = both(lambda i, p: twice_gelu(p, gelu_dtype, slope=keep), pre1)
   hid1 = tuple(h.astype(mm_dtype) for h, _ in gelu1)
   y = both(lambda i, h: _dot(a_t[i], h, NN_DIMS, precision), hid1)
   norm2 = tuple(_normalized_rows(v) for v in y)
   x_aug2 = tuple(_with_ones_row(xh, mm_dtype) for xh, _ in norm2)
   pre2 = both(lambda i, xa: _dot(w2_t[i], xa, NN_DIMS, precision), x_aug2)
-  gelu2 = both(lambda i, p: _twice_gelu(p, gelu_dtype, slope=keep), pre2)
+  gelu2 = both(lambda i, p: twice_gelu(p, gelu_dtype, slope=keep), pre2)
   hid2 = tuple(h.astype(mm_dtype) for h, _ in gelu2)
   g = both(lambda i, h: _dot(b_t[i], h, NN_DIMS, precision), hid2)
   scale = math.sqrt(g[0].shape[0])

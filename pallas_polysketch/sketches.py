@@ -233,26 +233,15 @@ def _sketch_head_dim(params: dict) -> int:
 # Learned sketch (paper §4).
 # ----------------------------------------------------------------------------
 
-_GELU_C, _GELU_A = _pallas_features.GELU_C, _pallas_features.GELU_A
-
-
-def _twice_gelu_parts(x):
-  """(x, tanh(u), x^2) in float32 for x, u = c x (1 + a x^2):
-  2 gelu(x) = x (1 + tanh(u))."""
-  x32 = x.astype(jnp.float32)
-  x2 = x32 * x32
-  return x32, jnp.tanh(x32 * (_GELU_C + (_GELU_C * _GELU_A) * x2)), x2
-
-
 @jax.custom_vjp
 def _twice_gelu(x):
   """2 jax.nn.gelu(x) (the tanh form) in float32 arithmetic, returned in x's
   dtype; the caller puts the 1/2 in the next Dense kernel (exact: a power of
   two). Its VJP keeps only x and recomputes tanh with the derivative written
   out: fewer vector ops than autodiff's on TPU (BUILD_NOTES, "What the
-  learned sketch costs")."""
-  x32, t, _ = _twice_gelu_parts(x)
-  return (x32 + x32 * t).astype(x.dtype)
+  learned sketch costs"). The formulas are the feature kernels'
+  (`_pallas_features.twice_gelu`)."""
+  return _pallas_features.twice_gelu(x, jnp.float32, slope=False)[0].astype(x.dtype)
 
 
 def _twice_gelu_fwd(x):
@@ -260,10 +249,7 @@ def _twice_gelu_fwd(x):
 
 
 def _twice_gelu_bwd(x, dy):
-  x32, t, x2 = _twice_gelu_parts(x)
-  # d/dx x (1 + t) = (1 + t) + x (1 - t^2) u' = (1 + t) (1 + (1 - t) x u'), u' = c (1 + 3 a x^2)
-  x_du = x32 * (_GELU_C + (3 * _GELU_C * _GELU_A) * x2)
-  slope = (1.0 + t) * (1.0 + (1.0 - t) * x_du)
+  _, slope = _pallas_features.twice_gelu(x, jnp.float32, slope=True)
   return ((slope * dy.astype(jnp.float32)).astype(x.dtype),)
 
 
