@@ -269,13 +269,27 @@ def _kept_rest(args, ver):
 
 def _merged(paths):
   """One doc of several gpt_step JSONs: their generations' rest models, later
-  files winning; refuses files of another libtpu or model."""
-  doc = json.load(open(paths[0]))
-  for path in paths[1:]:
-    other = json.load(open(path))
+  files winning; refuses files of another libtpu or model. A path may name
+  the generations to take from it, `FILE:v5e,v6e` (a run with `--rest-from`
+  holds the generations it copied too); without, all of the file's."""
+  def load(spec):
+    path, _, gens = spec.partition(":")
+    doc = json.load(open(path))
+    if gens:
+      wanted = gens.split(",")
+      missing = [g for g in wanted if g not in doc["generations"]]
+      if missing:
+        raise SystemExit(f"{path} holds no generation {', '.join(missing)} "
+                         f"(it holds {', '.join(doc['generations'])})")
+      doc["generations"] = {g: doc["generations"][g] for g in wanted}
+    return path, doc
+
+  first, doc = load(paths[0])
+  for spec in paths[1:]:
+    path, other = load(spec)
     for key in ("libtpu", *_compiled_with()):
       if other.get(key) != doc.get(key):
-        raise SystemExit(f"{path} has another {key} than {paths[0]}: "
+        raise SystemExit(f"{path} has another {key} than {first}: "
                          f"{other.get(key)!r} against {doc.get(key)!r}")
     for gen, res in other["generations"].items():
       doc["generations"][gen] = dict(rest=res["rest"])
@@ -290,7 +304,8 @@ def main(argv=None):
   p.add_argument("--tag", default="gpt_step")
   p.add_argument("--from-json", nargs="+",
                  help="re-report gpt_step JSONs against --schedule, their generations merged "
-                      "(later files win; same libtpu and model)")
+                      "(later files win; same libtpu and model); FILE:v5e,v6e takes only "
+                      "those generations from FILE")
   p.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                  help="compile only these models' rest; the others' come from the existing "
                       "<tag>.json or --rest-from (same libtpu), e.g. after a change to the "

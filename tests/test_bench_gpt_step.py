@@ -124,6 +124,16 @@ def test_rereport_merges_generations_of_several_files(tmp_path):
                         "--schedule", str(tmp_path / "sched.json"), "--tag", tag]) == 0
   gens = json.loads((tmp_path / "out.json").read_text())["generations"]
   assert {g: gens[g]["rows"][0]["rest_softmax"] for g in gens} == {"v5e": 1024.0, "v4": 2048.0}
+  # FILE:GEN takes only that generation: b2's v5e (copied by --rest-from) does not win.
+  (tmp_path / "b2.json").write_text(json.dumps(dict(
+      head, generations={"v4": dict(rest=rest(3.0)), "v5e": dict(rest=rest(5.0))})))
+  assert gpt_step.main(["--from-json", str(tmp_path / "a.json"), f"{tmp_path / 'b2.json'}:v4",
+                        "--schedule", str(tmp_path / "sched.json"), "--tag", tag]) == 0
+  gens = json.loads((tmp_path / "out.json").read_text())["generations"]
+  assert {g: gens[g]["rows"][0]["rest_softmax"] for g in gens} == {"v5e": 1024.0, "v4": 3072.0}
+  with pytest.raises(SystemExit, match="no generation v6e"):
+    gpt_step.main(["--from-json", str(tmp_path / "a.json"), f"{tmp_path / 'b2.json'}:v6e",
+                   "--schedule", str(tmp_path / "sched.json"), "--tag", tag])
   (tmp_path / "c.json").write_text(json.dumps(dict(head, libtpu="2.0", generations={})))
   with pytest.raises(SystemExit, match="another libtpu"):
     gpt_step.main(["--from-json", str(tmp_path / "a.json"), str(tmp_path / "c.json"),
