@@ -21,6 +21,8 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402  (after JAX_PLATFORMS)
 import jax.numpy as jnp  # noqa: E402
@@ -107,3 +109,34 @@ def _drop_compiled_programs():
   passes alone (BUILD_NOTES, "Tests")."""
   yield
   jax.clear_caches()
+
+
+
+# One persistent compilation cache per test session, shared by its xdist
+# workers and the processes tests start (the benchmarks' parallel jobs): a
+# program compiled again (in another module, after _drop_compiled_programs,
+# by another bench.main call or in another worker) is read back instead.
+# The controller (or the only process, with -n 0) makes an empty directory
+# and removes it when the session ends, so nothing carries over between runs;
+# the workers, started after pytest_configure, inherit it through the
+# environment. The cache's key holds the backend's platform and version, the
+# XLA flags and, for libtpu's compiles, the topology, so a CPU program never
+# answers for a TPU one.
+
+def pytest_configure(config):
+  if not hasattr(config, "workerinput"):  # not an xdist worker
+    cache_dir = tempfile.mkdtemp(prefix="pallas_polysketch-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(cache_dir, ignore_errors=True))
+    # Every program, however quick to compile or small (jax's defaults skip
+    # those under 1 s).
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  # libtpu's compile-only client writes its entries but cannot read them back
+  # (jax warns and compiles again): every libtpu compile test still compiles.
+  config.addinivalue_line(
+      "filterwarnings", "ignore:Error reading persistent compilation cache entry for "
+      ".*PjRtCompiler must be constructed with a Client:UserWarning")

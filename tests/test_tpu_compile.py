@@ -389,10 +389,20 @@ SEGMENT_INTERPRET_CONFIGS = [(440, 128), (128, 128), (1, 256), (72, 128), (200, 
 
 @pytest.mark.parametrize("seq,block", SEGMENT_INTERPRET_CONFIGS)
 def test_every_interpret_segment_block_lowers_for_tpu(seq, block):
-  fn = functools.partial(_segment_grad, block_size=block)
-  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+  """Lowered for TPU always, and compiled by libtpu for v5e (the tiles the
+  interpret tests resolve on CPU) when it is installed."""
+  grad = jax.jit(functools.partial(_segment_grad, block_size=block))
+  exported = jax.export.export(grad, platforms=["tpu"])(
       *_shapes(2, seq, 4, 32, 8, jnp.float32, kv_heads=2), _ids_shape(2, seq))
   assert "polysketch_segment_dkv" in exported.mlir_module()
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  from jax.sharding import SingleDeviceSharding
+  sharding = SingleDeviceSharding(topology_device("v5e"))
+  lowered = grad.lower(*_shapes(2, seq, 4, 32, 8, jnp.float32, sharding, kv_heads=2),
+                       _ids_shape(2, seq, sharding))
+  assert "polysketch_segment_dkv" in lowered.as_text()
+  lowered.compile()
 
 
 def test_default_implementation_with_segments_exports_kernel_for_tpu_and_xla_for_cpu():
