@@ -14,9 +14,6 @@ TPUCompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TP
 # bounds checks); absent in older releases.
 InterpretParams = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams", None)
 
-# pl.reciprocal (jax >= 0.10) vs pltpu.reciprocal (older).
-reciprocal = getattr(pl, "reciprocal", None) or getattr(pltpu, "reciprocal")
-
 CostEstimate = pl.CostEstimate
 
 import jax as _jax

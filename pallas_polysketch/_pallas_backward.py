@@ -204,7 +204,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
   refs = refs[4:]
   d_initial_ref = refs.pop(0) if emit_initial else None
   carry_ref, *buf = refs
-  (d_state_buf,) = buf if inject else (None,)
+  d_state_buf, copy_sem = buf if inject else (None, None)
 
   def prepare(s):
     """The carry's set-up before block s of the step reads it (after the
@@ -224,8 +224,12 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
         pairs, chunk = carry_ref.shape[0], d_state_buf.shape[0]
         for start in range(0, pairs, chunk):
           size = min(chunk, pairs - start)
-          _compat.pltpu.sync_copy(d_state_ref.at[bi, ki, pl.ds(start, size)],
-                                  d_state_buf.at[pl.ds(0, size)])
+          # A DMA on a scratch semaphore, not pltpu.sync_copy: jax >= 0.11
+          # lowers that one's run_scoped only where the default device is a TPU.
+          copy = _compat.pltpu.make_async_copy(d_state_ref.at[bi, ki, pl.ds(start, size)],
+                                               d_state_buf.at[pl.ds(0, size)], copy_sem)
+          copy.start()
+          copy.wait()
           carry_ref[pl.ds(start, size), :] += d_state_buf[pl.ds(0, size), :]
 
   # The token axis of a kv head's (D, b) | (b, D) tile and of a group's.
@@ -578,8 +582,8 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
                      spec((r, b), False, True), spec(lwd, True, True)]
                     + ([whole] if emit_initial else []),
           scratch_shapes=[_compat.pltpu.VMEM((n_sym, rows), f32)]
-                         + ([_compat.pltpu.VMEM((min(n_sym, INJECT_CHUNK), rows), f32)]
-                            if inject else [])),
+                         + ([_compat.pltpu.VMEM((min(n_sym, INJECT_CHUNK), rows), f32),
+                             _compat.pltpu.SemaphoreType.DMA(())] if inject else [])),
       out_shape=outs2,
       compiler_params=params(tiles.dkv_vmem_limit_bytes or tiles.backward_vmem_limit_bytes),
       interpret=interpret,
