@@ -224,7 +224,7 @@ def _dkv_kernel(*refs, degree, causal, local_exact, local_tile, inject,
         pairs, chunk = carry_ref.shape[0], d_state_buf.shape[0]
         for start in range(0, pairs, chunk):
           size = min(chunk, pairs - start)
-          # A DMA on a scratch semaphore, not pltpu.sync_copy: jax >= 0.11
+          # A DMA on a scratch semaphore, not pltpu.sync_copy: jax 0.12
           # lowers that one's run_scoped only where the default device is a TPU.
           copy = _compat.pltpu.make_async_copy(d_state_ref.at[bi, ki, pl.ds(start, size)],
                                                d_state_buf.at[pl.ds(0, size)], copy_sem)
