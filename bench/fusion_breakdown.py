@@ -12,7 +12,8 @@ is then the cycles it needs at full VALU packing with XLA's op count.
 
 Programs:
   features  the learned sketch's features of q and k as the Flax layer
-            computes them (B=1, 12 heads, H=64, r=32, bf16), forward + VJP
+            computes them (B=1, 12 heads, H=64, r=32 unless --head-dim and
+            --sketch-dim say otherwise, bf16), forward + VJP
             into the params, q and k, the features returned too
             (`tpu_schedule._features_fn`); --implementation xla: XLA's fusions
             instead of the package's Pallas kernels
@@ -86,6 +87,8 @@ def main(argv=None):
   p.add_argument("--gen", default="v6e", choices=sorted(tpu_schedule.TOPOLOGIES))
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--program", default="features", choices=("features",))
+  p.add_argument("--head-dim", type=int, default=64, help="H (default 64)")
+  p.add_argument("--sketch-dim", type=int, default=None, help="r (default H / 2)")
   p.add_argument("--sketch-hidden", type=int, default=None,
                  help="the learned sketch's hidden width (default 8r = 256, the paper's)")
   p.add_argument("--implementation", default=None, choices=("pallas", "xla"),
@@ -102,7 +105,9 @@ def main(argv=None):
   if ver is None:
     print("libtpu is not installed: nothing to compile; skipping.")
     return 1
-  job = dict(op="features", sketch="learned", mode="vjp", B=1, N=12, H=64, r=32, T=args.seq,
+  head_dim = args.head_dim
+  sketch_dim = args.sketch_dim or head_dim // 2
+  job = dict(op="features", sketch="learned", mode="vjp", B=1, N=12, H=head_dim, r=sketch_dim, T=args.seq,
              slot_counts=True)
   if args.sketch_hidden is not None:
     job["hidden"] = args.sketch_hidden
@@ -119,7 +124,7 @@ def main(argv=None):
     return 1
   tag = args.tag or f"fusion_breakdown_{args.program}_{args.gen}_{args.seq}"
   impl = args.implementation or "pallas"
-  doc = dict(program="learned sketch features of q and k, fwd + VJP (12 heads, H=64, r=32, "
+  doc = dict(program=f"learned sketch features of q and k, fwd + VJP (12 heads, H={head_dim}, r={sketch_dim}, "
                      f"hidden {hidden}, bf16, {impl})", hidden=hidden, implementation=impl, gen=args.gen, T=args.seq, libtpu=ver,
              command="python bench/fusion_breakdown.py " + " ".join(argv or sys.argv[1:]),
              breakdown=breakdown(rec))

@@ -428,7 +428,7 @@ def compile_for(generation: str, shape: Shape, seq: int, *, grad: bool) -> dict:
   from pallas_polysketch.tpu_config import TileConfig
 
   topo = topologies.get_topology_desc(TOPOLOGIES[generation], "tpu")
-  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
+  sharding = jax.sharding.make_single_device_sharding(topo.devices[0])
   dt = jnp.bfloat16
   s = shape
   x = jax.ShapeDtypeStruct((s.batch, seq, s.heads, s.head_dim), dt, sharding=sharding)

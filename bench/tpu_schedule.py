@@ -80,7 +80,6 @@ def _worker(spec_path: str, out_path: str) -> None:
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  from jax.sharding import SingleDeviceSharding
   from pallas_polysketch import polysketch_attention
   from pallas_polysketch import tpu_config
   from pallas_polysketch.tpu_config import TileConfig, resolve_tiles
@@ -90,7 +89,7 @@ def _worker(spec_path: str, out_path: str) -> None:
   # attached to detect it from.
   tpu_config.DEFAULT_GENERATION = spec["gen"]
   topo = topologies.get_topology_desc(TOPOLOGIES[spec["gen"]], "tpu")
-  sharding = SingleDeviceSharding(topo.devices[0])
+  sharding = jax.sharding.make_single_device_sharding(topo.devices[0])
   arr = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding)
   results = []
   for job in spec["jobs"]:

@@ -65,11 +65,10 @@ def _limited(kernel: str, limit: int):
 
 def compiles(gen, kernel, limit, h, r, b, g) -> bool:
   from jax.experimental import topologies
-  from jax.sharding import SingleDeviceSharding
   device = topologies.get_topology_desc(TOPOLOGIES[gen], "tpu").devices[0]
   kv = 4
   sds = lambda heads, d: jax.ShapeDtypeStruct((1, BLOCKS * b, heads, d), jnp.bfloat16,
-                                              sharding=SingleDeviceSharding(device))
+                                              sharding=jax.sharding.make_single_device_sharding(device))
   args = [sds(kv * g, h), sds(kv, h), sds(kv, h), sds(kv * g, r), sds(kv, r)]
   attend = functools.partial(ps.polysketch_attention, block_size=b, implementation="pallas",
                              tile_config=tpu_config.TileConfig(generation=gen))

@@ -102,3 +102,8 @@ def topology_device(generation):
   except Exception as e:  # pragma: no cover - depends on the host's libtpu
     pytest.skip(f"libtpu could not describe {generation}: {e}")
   return topology.devices[0]
+
+
+def topology_sharding(generation):
+  """A single-device sharding on `topology_device(generation)`."""
+  return jax.sharding.make_single_device_sharding(topology_device(generation))

@@ -20,7 +20,7 @@ import pytest
 import pallas_polysketch as ps
 from pallas_polysketch.tpu_config import (GENERATIONS, TileConfig, feature_vmem_estimate,
                                           resolve_feature_tiles)
-from helpers import EPS32, TOPOLOGIES, layer_norm, rel_err, topology_device
+from helpers import EPS32, TOPOLOGIES, layer_norm, rel_err, topology_sharding
 
 H, R = 64, 32
 # (B, T, N, features_tile): T = 300 pads to 3 grid steps of 128 tokens; the
@@ -189,8 +189,7 @@ def test_bad_arguments_are_named():
 # ----------------------------------------------------------------------------
 
 def _compile(generation, b, t, n, dtype, tile_config, hidden_dim=None):
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device(generation))
+  sharding = topology_sharding(generation)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         _params(hidden_dim))
   x = jax.ShapeDtypeStruct((b, t, n, H), dtype, sharding=sharding)

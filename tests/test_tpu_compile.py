@@ -20,7 +20,7 @@ import pytest
 import pallas_polysketch as ps
 from pallas_polysketch.sharding import sharded_polysketch_attention
 from pallas_polysketch.tpu_config import TileConfig
-from helpers import CONTEXT_PARALLEL_CASE, PREFILL_GRADIENT_CASES, TOPOLOGIES, topology_device
+from helpers import CONTEXT_PARALLEL_CASE, PREFILL_GRADIENT_CASES, TOPOLOGIES, topology_sharding
 
 
 
@@ -198,9 +198,8 @@ def test_libtpu_compiles_state_gradients(generation):
   the returned state's cotangent stays in HBM (a state-sized input block ran
   out of VMEM by 2.5 MiB there)."""
   from jax.experimental import topologies
-  from jax.sharding import Mesh, SingleDeviceSharding
-  device = topology_device(generation)
-  sharding = SingleDeviceSharding(device)
+  from jax.sharding import Mesh
+  sharding = topology_sharding(generation)
   config = TileConfig.for_generation(generation)
   for case in PREFILL_GRADIENT_CASES.values():
     jax.jit(_prefill_grad(case, config)).lower(*_prefill_shapes(case, sharding=sharding)).compile()
@@ -217,8 +216,7 @@ def test_libtpu_compiles_v6e_stacked_backward_at_the_interpret_shapes():
   """The bf16 gradients the interpret tests run with v6e's tiles (the split
   products stacked, `ResolvedTiles.stack_split_products`): block 128 at
   r = 16 (test_hardening) and block 256 at r = 32 (test_pallas_backward)."""
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device("v6e"))
+  sharding = topology_sharding("v6e")
   config = TileConfig(generation="v6e")
   for seq, heads, kv_heads, r, block in ((1024, 2, 2, 16, 128), (512, 2, 2, 32, 256)):
     grad = functools.partial(_grad, block_size=block, tile_config=config)
@@ -253,16 +251,14 @@ def test_normaliser_interpret_cases_lower_and_compile(case):
   assert exported.mlir_module().count("tpu_custom_call") >= 3
   if importlib.util.find_spec("libtpu") is None:
     return
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device(gen))
+  sharding = topology_sharding(gen)
   grad.lower(*_shapes(1, seq, heads, h, r, dtype, sharding, kv_heads=kv)).compile()
 
 
 @pytest.mark.tpu_compile
 @pytest.mark.parametrize("generation", list(TOPOLOGIES))
 def test_libtpu_compiles_forward_and_gradient(generation):
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device(generation))
+  sharding = topology_sharding(generation)
   config = TileConfig.for_generation(generation)
   shapes = _shapes(1, 2048, 4, 64, 32, jnp.bfloat16, sharding)
   for causal in (True, False):
@@ -301,8 +297,7 @@ def test_libtpu_compiles_float16_features(input_dtype):
   float32: as float16 they reached a Mosaic load it cannot compile ("Invalid
   vector type for load") in the gradient and in prefill. Also at
   test_hardening's float16 interpret shape (T = 300, padded; block 128, r = 16)."""
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device("v5e"))
+  sharding = topology_sharding("v5e")
   for t, r, block_size in ((512, 32, 256), (300, 16, 128)):
     shapes = _shapes(1, t, 2, 64, r, input_dtype, sharding)
     shapes = shapes[:3] + [jax.ShapeDtypeStruct(x.shape, jnp.float16, sharding=sharding)
@@ -328,8 +323,7 @@ def test_compiled_forward_reads_the_public_layout_without_copies(generation):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "bench"))
   import bundles
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device(generation))
+  sharding = topology_sharding(generation)
   config = TileConfig.for_generation(generation)
   for h, r, kv in ((64, 32, None), (128, 64, None), (64, 32, 4)):
     shapes = _shapes(1, 2048, 12, h, r, jnp.bfloat16, sharding, kv_heads=kv)
@@ -397,8 +391,7 @@ def test_every_interpret_segment_block_lowers_for_tpu(seq, block):
   assert "polysketch_segment_dkv" in exported.mlir_module()
   if importlib.util.find_spec("libtpu") is None:
     return
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device("v5e"))
+  sharding = topology_sharding("v5e")
   lowered = grad.lower(*_shapes(2, seq, 4, 32, 8, jnp.float32, sharding, kv_heads=2),
                        _ids_shape(2, seq, sharding))
   assert "polysketch_segment_dkv" in lowered.as_text()
@@ -423,8 +416,7 @@ def test_libtpu_compiles_segment_kernel(generation, part):
   (dq and dkv kernels), and the largest tile set. In three parts, which xdist
   can run side by side (each compile's time does not depend on T: 2048 and 512
   took the same)."""
-  from jax.sharding import SingleDeviceSharding
-  sharding = SingleDeviceSharding(topology_device(generation))
+  sharding = topology_sharding(generation)
   config = TileConfig.for_generation(generation)
   ids = _ids_shape(1, 2048, sharding)
   if part == "forward":
