@@ -22,8 +22,9 @@ one), stacked over the two branches and transposed:
   w2_t [2, h, r], c2 [2, h, 1]   second block's input layer
   b_t  [2, r, h]                 second block's output layer
 float32 here; the kernels take them in the matmul dtype (x's), each bias as
-one more column multiplying a row of ones (the MXU adds it), and return
-float32 gradients. The matmuls accumulate in float32; GELU is float32, or bf16 for
+one more column multiplying a row of ones (the MXU adds it) unless that row
+would cost an MXU pass of its own (`bias_on_mxu`: H = 128 on 128-wide MXUs,
+where the VPU adds the bias in float32), and return float32 gradients. The matmuls accumulate in float32; GELU is float32, or bf16 for
 bf16 x where `FeatureTiles.bf16_gelu` (chips with a bf16 VPU). Each stage is
 issued for both branches before the next, so one branch's vector work
 overlaps the other's matmuls.
@@ -87,6 +88,27 @@ def _with_ones_row(x_hat, mm_dtype):
   return jnp.concatenate([x_hat.astype(mm_dtype), (rows == 0).astype(mm_dtype)], axis=0)
 
 
+def bias_on_mxu(rows: int, mxu_width: int) -> bool:
+  """Whether a Dense layer over `rows` inputs adds its bias on the MXU, as a
+  column of its kernel against a row of ones below the input: where the
+  ONES_ROWS fit in the contraction's last MXU pass. Elsewhere (rows a
+  multiple of the MXU width: H = 128 on 128-wide MXUs) they would take a pass
+  of their own in the layer's matmul and both its gradients', and the VPU
+  adds the bias (and sums its gradient) instead."""
+  return -(-(rows + ONES_ROWS) // mxu_width) == -(-rows // mxu_width)
+
+
+def _dense_input(x_hat, mm_dtype, bias):
+  """A Dense layer's matmul input: x_hat, with the ones row where the bias is
+  a column of the kernel (bias None)."""
+  return _with_ones_row(x_hat, mm_dtype) if bias is None else x_hat.astype(mm_dtype)
+
+
+def _dense(w, bias, x_in, precision):
+  out = _dot(w, x_in, NN_DIMS, precision)
+  return out if bias is None else out + bias
+
+
 def _forward_tile(x_t, w, mm_dtype, gelu_dtype, precision, keep):
   """The features of one tile x^T [H, tokens]: f^T [r, tokens] float32, and
   (when keep) the activations the backward needs. Each stage is issued for
@@ -95,16 +117,18 @@ def _forward_tile(x_t, w, mm_dtype, gelu_dtype, precision, keep):
   slopes are not kept: the backward recomputes them from the pre-activations
   (in gelu_dtype, so bit-identical), which keeps fewer [hidden, tokens] arrays
   live across the backward's matmuls (v5e's VJP 8% fewer cycles, v6e's 7%)."""
-  w1_t, a_t, w2_t, b_t = w
+  w1_t, c1, a_t, w2_t, c2, b_t = w
   both = lambda f, *args: tuple(f(i, *(a[i] for a in args)) for i in range(2))
+  branch = lambda c, i: None if c is None else c[i]
   x_hat1, inv1 = _normalized_rows(x_t.astype(jnp.float32))
-  x_aug1 = _with_ones_row(x_hat1, mm_dtype)
-  pre1 = both(lambda i: _dot(w1_t[i], x_aug1, NN_DIMS, precision).astype(gelu_dtype))
+  x_aug1 = _dense_input(x_hat1, mm_dtype, c1)
+  pre1 = both(lambda i: _dense(w1_t[i], branch(c1, i), x_aug1, precision).astype(gelu_dtype))
   hid1 = both(lambda i, p: twice_gelu(p, gelu_dtype, slope=False)[0].astype(mm_dtype), pre1)
   y = both(lambda i, h: _dot(a_t[i], h, NN_DIMS, precision), hid1)
   norm2 = tuple(_normalized_rows(v) for v in y)
-  x_aug2 = tuple(_with_ones_row(xh, mm_dtype) for xh, _ in norm2)
-  pre2 = both(lambda i, xa: _dot(w2_t[i], xa, NN_DIMS, precision).astype(gelu_dtype), x_aug2)
+  x_aug2 = tuple(_dense_input(xh, mm_dtype, c2) for xh, _ in norm2)
+  pre2 = both(lambda i, xa: _dense(w2_t[i], branch(c2, i), xa, precision).astype(gelu_dtype),
+              x_aug2)
   hid2 = both(lambda i, p: twice_gelu(p, gelu_dtype, slope=False)[0].astype(mm_dtype), pre2)
   g = both(lambda i, h: _dot(b_t[i], h, NN_DIMS, precision), hid2)
   scale = math.sqrt(g[0].shape[0])
@@ -114,18 +138,31 @@ def _forward_tile(x_t, w, mm_dtype, gelu_dtype, precision, keep):
   return scale * tanh_p, (x_hat1, inv1, x_aug1, saved, g, tanh_p)
 
 
-def _features_forward_kernel(x_ref, *refs, mm_dtype, gelu_dtype, precision):
-  w_refs, (f_ref,) = refs[:4], refs[4:]
-  w = tuple(r[...] for r in w_refs)
+def _unpack(values, vpu_biases):
+  """(w1, c1, a_t, w2, c2, b_t) from the kernels' weight operands (or their
+  gradients), c None where the bias is a column of w."""
+  values = list(values)
+  take = lambda present: values.pop(0) if present else None
+  return tuple(take(kind != "c" or vpu) for kind, vpu in zip(
+      ("w", "c", "w", "w", "c", "w"), (False, vpu_biases[0], False, False, vpu_biases[1], False)))
+
+
+def _features_forward_kernel(x_ref, *refs, mm_dtype, gelu_dtype, precision, vpu_biases):
+  n_w = len(refs) - 1
+  w_refs, (f_ref,) = refs[:n_w], refs[n_w:]
+  w = _unpack([r[...] for r in w_refs], vpu_biases)
   f, _ = _forward_tile(x_ref[...], w, mm_dtype, gelu_dtype, precision, keep=False)
   f_ref[...] = f.astype(f_ref.dtype)
 
 
-def _features_backward_kernel(x_ref, df_ref, *refs, mm_dtype, gelu_dtype, precision):
-  w_refs, (dx_ref,), dw_refs = refs[:4], refs[4:5], refs[5:]
-  w = tuple(r[...] for r in w_refs)
-  w1_t, a_t, w2_t, b_t = w
-  dw1, da, dw2, db = dw_refs
+def _features_backward_kernel(x_ref, df_ref, *refs, mm_dtype, gelu_dtype, precision,
+                              vpu_biases):
+  n_w = (len(refs) - 1) // 2
+  w_refs, (dx_ref,), dw_refs = refs[:n_w], refs[n_w:n_w + 1], refs[n_w + 1:]
+  w = _unpack([r[...] for r in w_refs], vpu_biases)
+  w1_t, c1, a_t, w2_t, c2, b_t = w
+  dw1, dc1, da, dw2, dc2, db = _unpack(dw_refs, vpu_biases)
+  bias_grad = lambda d: jnp.sum(d.astype(jnp.float32), axis=1, keepdims=True)
   head_dim = x_ref.shape[0]
 
   @pl.when(pl.program_id(2) == 0)
@@ -146,12 +183,16 @@ def _features_backward_kernel(x_ref, df_ref, *refs, mm_dtype, gelu_dtype, precis
     dpre2 = (_dot(b_t[i], dg_mm, TN_DIMS, precision).astype(gelu_dtype)
              * twice_gelu(pre2, gelu_dtype, slope=True)[1]).astype(mm_dtype)
     dw2[i] += _dot(dpre2, x_aug2, NT_DIMS, precision)
+    if dc2 is not None:
+      dc2[i] += bias_grad(dpre2)
     dx_hat2 = _dot(w2_t[i], dpre2, TN_DIMS, precision)[:x_hat2.shape[0]]
     dy = _normalized_rows_vjp(dx_hat2, x_hat2, inv2).astype(mm_dtype)
     da[i] += _dot(dy, hid1, NT_DIMS, precision)
     dpre1 = (_dot(a_t[i], dy, TN_DIMS, precision).astype(gelu_dtype)
              * twice_gelu(pre1, gelu_dtype, slope=True)[1]).astype(mm_dtype)
     dw1[i] += _dot(dpre1, x_aug1, NT_DIMS, precision)
+    if dc1 is not None:
+      dc1[i] += bias_grad(dpre1)
     part = _dot(w1_t[i], dpre1, TN_DIMS, precision)[:head_dim]
     dx_hat1 = part if dx_hat1 is None else dx_hat1 + part
   dx_ref[...] = _normalized_rows_vjp(dx_hat1, x_hat1, inv1).astype(dx_ref.dtype)
@@ -164,22 +205,33 @@ def _specs(weights, head_dim, sketch_dim, tile):
   return token(head_dim), token(sketch_dim), [whole(a) for a in weights], per_head
 
 
-def _matmul_operands(weights, mm_dtype):
-  """The folded weights as the kernels take them, in mm_dtype: each bias as a
-  column after its Dense kernel's (then zeros up to ONES_ROWS):
-  (w1_aug [2, h, H + ONES_ROWS], a_t, w2_aug [2, h, r + ONES_ROWS], b_t)."""
+def _vpu_biases(weights, mxu_width):
+  """Per Dense input layer (first block's, second block's): whether the VPU
+  adds its bias (`bias_on_mxu`)."""
+  head_dim, sketch_dim = weights[0].shape[2], weights[3].shape[2]
+  return tuple(not bias_on_mxu(rows, mxu_width) for rows in (head_dim, sketch_dim))
+
+
+def _matmul_operands(weights, mm_dtype, vpu_biases):
+  """The folded weights as the kernels take them: each input layer's kernel in
+  mm_dtype with its bias as one more column (then zeros up to ONES_ROWS), or,
+  where the VPU adds it, the kernel and the bias [2, h, 1] in float32 after it:
+  (w1 [2, h, H (+ ONES_ROWS)], [c1,] a_t, w2 [2, h, r (+ ONES_ROWS)], [c2,] b_t)."""
   w1_t, c1, a_t, w2_t, c2, b_t = weights
   aug = lambda w, c: jnp.concatenate(
-      [w, c, jnp.zeros(w.shape[:2] + (ONES_ROWS - 1,), w.dtype)], axis=2)
-  return tuple(a.astype(mm_dtype) for a in (aug(w1_t, c1), a_t, aug(w2_t, c2), b_t))
+      [w, c, jnp.zeros(w.shape[:2] + (ONES_ROWS - 1,), w.dtype)], axis=2).astype(mm_dtype)
+  layer = lambda w, c, vpu: [w.astype(mm_dtype), c] if vpu else [aug(w, c)]
+  return tuple(layer(w1_t, c1, vpu_biases[0]) + [a_t.astype(mm_dtype)]
+               + layer(w2_t, c2, vpu_biases[1]) + [b_t.astype(mm_dtype)])
 
 
-def _weight_gradients(d_ops, weights):
+def _weight_gradients(d_ops, weights, vpu_biases):
   """The kernels' gradients of `_matmul_operands` -> those of the folded weights."""
-  dw1, da, dw2, db = d_ops
+  dw1, dc1, da, dw2, dc2, db = _unpack(d_ops, vpu_biases)
   head_dim, sketch_dim = weights[0].shape[2], weights[3].shape[2]
-  return (dw1[..., :head_dim], dw1[..., head_dim:head_dim + 1], da,
-          dw2[..., :sketch_dim], dw2[..., sketch_dim:sketch_dim + 1], db)
+  split = lambda dw, dc, rows: (dw, dc) if dc is not None else (dw[..., :rows],
+                                                               dw[..., rows:rows + 1])
+  return split(dw1, dc1, head_dim) + (da,) + split(dw2, dc2, sketch_dim) + (db,)
 
 
 def _features_flops(b_, n, t, head_dim, hidden, sketch_dim):
@@ -196,12 +248,13 @@ def _forward_call(weights, x_t, tiles: FeatureTiles, interpret):
   b_, n, head_dim, t = x_t.shape
   hidden, sketch_dim = weights[0].shape[1], weights[2].shape[1]
   mm_dtype = x_t.dtype
-  w = _matmul_operands(weights, mm_dtype)
+  vpu_biases = _vpu_biases(weights, tiles.mxu_width)
+  w = _matmul_operands(weights, mm_dtype, vpu_biases)
   x_spec, f_spec, w_specs, _ = _specs(w, head_dim, sketch_dim, tiles.tile)
   return pl.pallas_call(
       functools.partial(_features_forward_kernel, mm_dtype=mm_dtype,
                         gelu_dtype=_gelu_dtype(tiles, mm_dtype),
-                        precision=precision_for(mm_dtype)),
+                        precision=precision_for(mm_dtype), vpu_biases=vpu_biases),
       grid=(b_, n, t // tiles.tile),
       in_specs=[x_spec] + w_specs,
       out_specs=f_spec,
@@ -222,12 +275,13 @@ def _backward_call(weights, x_t, df_t, tiles: FeatureTiles, interpret):
   b_, n, head_dim, t = x_t.shape
   hidden, sketch_dim = weights[0].shape[1], weights[2].shape[1]
   mm_dtype = x_t.dtype
-  w = _matmul_operands(weights, mm_dtype)
+  vpu_biases = _vpu_biases(weights, tiles.mxu_width)
+  w = _matmul_operands(weights, mm_dtype, vpu_biases)
   x_spec, f_spec, w_specs, per_head = _specs(w, head_dim, sketch_dim, tiles.tile)
   outs = pl.pallas_call(
       functools.partial(_features_backward_kernel, mm_dtype=mm_dtype,
                         gelu_dtype=_gelu_dtype(tiles, mm_dtype),
-                        precision=precision_for(mm_dtype)),
+                        precision=precision_for(mm_dtype), vpu_biases=vpu_biases),
       grid=(b_, n, t // tiles.tile),
       in_specs=[x_spec, f_spec] + w_specs,
       out_specs=[x_spec] + [per_head(a) for a in w],
@@ -244,7 +298,8 @@ def _backward_call(weights, x_t, df_t, tiles: FeatureTiles, interpret):
           bytes_accessed=x_t.size * x_t.dtype.itemsize * (2 * head_dim + sketch_dim) // head_dim),
       name="polysketch_learned_features_vjp",
   )(x_t, df_t, *w)
-  return outs[0], _weight_gradients([d.sum(axis=(0, 1)) for d in outs[1:]], weights)
+  return outs[0], _weight_gradients([d.sum(axis=(0, 1)) for d in outs[1:]], weights,
+                                    vpu_biases)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

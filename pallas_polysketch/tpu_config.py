@@ -267,6 +267,7 @@ class FeatureTiles:
   tile: int                       # tokens a grid step
   bf16_gelu: bool
   vmem_limit_bytes: int | None
+  mxu_width: int = 128            # which layers add their bias on the VPU (`_pallas_features.bias_on_mxu`)
 
 
 def feature_vmem_estimate(tile: int, dtype, *, hidden_dim: int, head_dim: int,
@@ -305,7 +306,8 @@ def resolve_feature_tiles(config: TileConfig | None, seq_len: int, dtype, *, hid
   if limit is None and estimate(tile) > gen.default_scoped_vmem_bytes:
     limit = min(int(1.1 * estimate(tile)), gen.vmem_bytes)
   bf16_gelu = gen.bf16_vpu if config.bf16_gelu is None else config.bf16_gelu
-  return FeatureTiles(tile=tile, bf16_gelu=bf16_gelu, vmem_limit_bytes=limit)
+  return FeatureTiles(tile=tile, bf16_gelu=bf16_gelu, vmem_limit_bytes=limit,
+                      mxu_width=gen.mxu_width)
 
 
 def kernel_block_error(block_size: int, padded_len: int) -> str | None:

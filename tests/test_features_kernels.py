@@ -28,17 +28,18 @@ H, R = 64, 32
 INTERPRET_CASES = [(2, 300, 2, 128), (1, 1100, 1, None)]
 
 
-def _params(hidden_dim=None):
-  params = ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=R, hidden_dim=hidden_dim)
+def _params(hidden_dim=None, head_dim=H, sketch_dim=R):
+  params = ps.learned_sketch_init(jax.random.key(0), head_dim, sketch_dim=sketch_dim,
+                                  hidden_dim=hidden_dim)
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree_util.tree_unflatten(
       tree, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
-def _inputs(b, t, n, dtype):
-  x = layer_norm(jax.random.normal(jax.random.key(2), (b, t, n, H)))
-  cot = jax.random.normal(jax.random.key(3), (b, t, n, R))
+def _inputs(b, t, n, dtype, head_dim=H, sketch_dim=R):
+  x = layer_norm(jax.random.normal(jax.random.key(2), (b, t, n, head_dim)))
+  cot = jax.random.normal(jax.random.key(3), (b, t, n, sketch_dim))
   return x.astype(dtype), cot.astype(dtype)
 
 
@@ -102,6 +103,37 @@ def test_padding_and_a_narrow_hidden_width(t, n, hidden_dim):
     assert rel_err(a, b) < 1e-4
 
 
+# (head_dim, sketch_dim, generation): a ones row below H = 128 (or r = 128)
+# inputs would take an MXU pass of its own on 128-wide MXUs, so the VPU adds
+# that layer's bias; on v6e's 256-wide MXU the ones row fits the pass.
+WIDE_HEAD_CASES = [(128, 64, "v5e"), (128, 128, "v5e"), (128, 64, "v6e")]
+
+
+@pytest.mark.parametrize("head_dim,sketch_dim,generation", WIDE_HEAD_CASES)
+def test_wide_heads_add_the_biases_on_the_vpu_where_a_ones_row_costs_a_pass(
+    head_dim, sketch_dim, generation):
+  """Float32 against the xla path, as above (hidden 2r, the sums 2r long), for
+  the features and every gradient; and the TPU lowering takes each input
+  layer's kernel with its bias column (H + 16 wide) only where the ones row
+  fits the MXU pass."""
+  hidden = 2 * sketch_dim
+  params = _params(hidden, head_dim, sketch_dim)
+  x, cot = _inputs(1, 200, 2, jnp.float32, head_dim, sketch_dim)
+  config = TileConfig(generation=generation, features_tile=128)
+  want = _value_and_grads(params, x, cot, implementation="xla")
+  got = _value_and_grads(params, x, cot, implementation="pallas", interpret=True,
+                         tile_config=config)
+  tol = 8 * hidden * EPS32
+  for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))):
+    assert a.shape == b.shape
+    assert rel_err(a, b) < (tol if i == 0 else 4 * tol), (b.shape, rel_err(a, b))
+  text = _exported_text("tpu", (1, 256, 2, head_dim), params=params, tile_config=config)
+  mxu = GENERATIONS[generation].mxu_width
+  for rows in (head_dim, sketch_dim):
+    with_bias_column = f"tensor<2x{hidden}x{rows + 16}xbf16>" in text
+    assert with_bias_column == (rows % mxu != 0), (rows, generation)
+
+
 def test_generation_defaults():
   """1024 tokens a step (512 on v4, whose VMEM is 16 MiB; float32 halves it
   again there), capped at the length rounded up to 128; bf16 GELU where the
@@ -133,8 +165,8 @@ def test_generation_defaults():
 # Which path runs, and errors.
 # ----------------------------------------------------------------------------
 
-def _exported_text(platform, x_shape, dtype=jnp.bfloat16, **kw):
-  params = _params()
+def _exported_text(platform, x_shape, dtype=jnp.bfloat16, params=None, **kw):
+  params = _params() if params is None else params
   fn = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(
       ps.learned_sketch_features(p, x, **kw).astype(jnp.float32)), (0, 1)))
   return jax.export.export(fn, platforms=[platform])(
@@ -188,11 +220,12 @@ def test_bad_arguments_are_named():
 # and each generation's production tiling.
 # ----------------------------------------------------------------------------
 
-def _compile(generation, b, t, n, dtype, tile_config, hidden_dim=None):
+def _compile(generation, b, t, n, dtype, tile_config, hidden_dim=None, head_dim=H,
+             sketch_dim=R):
   sharding = topology_sharding(generation)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        _params(hidden_dim))
-  x = jax.ShapeDtypeStruct((b, t, n, H), dtype, sharding=sharding)
+                        _params(hidden_dim, head_dim, sketch_dim))
+  x = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype, sharding=sharding)
   fn = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(ps.learned_sketch_features(
       p, x, implementation="pallas", tile_config=tile_config).astype(jnp.float32)), (0, 1)))
   lowered = fn.lower(params, x)
@@ -210,6 +243,10 @@ def test_libtpu_compiles_the_interpret_configurations():
   _compile("v5e", 1, 130, 1, jnp.float32, TileConfig(generation="v5e", features_tile=128))
   _compile("v5e", 1, 200, 2, jnp.float32, TileConfig(generation="v5e", features_tile=128),
            hidden_dim=2 * R)
+  for head_dim, sketch_dim, generation in WIDE_HEAD_CASES:
+    _compile(generation, 1, 200, 2, jnp.float32,
+             TileConfig(generation=generation, features_tile=128),
+             hidden_dim=2 * sketch_dim, head_dim=head_dim, sketch_dim=sketch_dim)
 
 
 @pytest.mark.tpu_compile
@@ -218,6 +255,10 @@ def test_libtpu_compiles_each_generations_default_tiling(generation):
   """The default tile (and on v6e bf16 GELU) at 12 heads, bf16: fits the
   generation's VMEM with the limit `resolve_feature_tiles` sets."""
   _compile(generation, 1, 2048, 12, jnp.bfloat16, TileConfig(generation=generation))
+  # H = 128, r = 64, hidden 512 (the bias of the first layers on the VPU on
+  # 128-wide MXUs)
+  _compile(generation, 1, 2048, 12, jnp.bfloat16, TileConfig(generation=generation),
+           head_dim=128, sketch_dim=64)
 
 
 @pytest.mark.parametrize("layer_kw,want", [
