@@ -24,10 +24,11 @@ one), stacked over the two branches and transposed:
 float32 here; the kernels take them in the matmul dtype (x's), each bias as
 one more column multiplying a row of ones (the MXU adds it) unless that row
 would cost an MXU pass of its own (`bias_on_mxu`: H = 128 on 128-wide MXUs,
-where the VPU adds the bias in float32), and return float32 gradients. The matmuls accumulate in float32; GELU is float32, or bf16 for
-bf16 x where `FeatureTiles.bf16_gelu` (chips with a bf16 VPU). Each stage is
-issued for both branches before the next, so one branch's vector work
-overlaps the other's matmuls.
+where the VPU adds the bias in float32), and return float32 gradients. The
+matmuls accumulate in float32; GELU is float32, or bf16 for bf16 x where
+`FeatureTiles.bf16_gelu` (chips with a bf16 VPU). Each stage is issued for
+both branches before the next, so one branch's vector work overlaps the
+other's matmuls.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def _with_ones_row(x_hat, mm_dtype):
 def bias_on_mxu(rows: int, mxu_width: int) -> bool:
   """Whether a Dense layer over `rows` inputs adds its bias on the MXU, as a
   column of its kernel against a row of ones below the input: where the
-  ONES_ROWS fit in the contraction's last MXU pass. Elsewhere (rows a
+  ONES_ROWS fit in the contraction's last MXU pass. Elsewhere (e.g. rows a
   multiple of the MXU width: H = 128 on 128-wide MXUs) they would take a pass
   of their own in the layer's matmul and both its gradients', and the VPU
   adds the bias (and sums its gradient) instead."""
@@ -141,10 +142,12 @@ def _forward_tile(x_t, w, mm_dtype, gelu_dtype, precision, keep):
 def _unpack(values, vpu_biases):
   """(w1, c1, a_t, w2, c2, b_t) from the kernels' weight operands (or their
   gradients), c None where the bias is a column of w."""
-  values = list(values)
-  take = lambda present: values.pop(0) if present else None
-  return tuple(take(kind != "c" or vpu) for kind, vpu in zip(
-      ("w", "c", "w", "w", "c", "w"), (False, vpu_biases[0], False, False, vpu_biases[1], False)))
+  it = iter(values)
+  w1 = next(it)
+  c1 = next(it) if vpu_biases[0] else None
+  a, w2 = next(it), next(it)
+  c2 = next(it) if vpu_biases[1] else None
+  return w1, c1, a, w2, c2, next(it)
 
 
 def _features_forward_kernel(x_ref, *refs, mm_dtype, gelu_dtype, precision, vpu_biases):
