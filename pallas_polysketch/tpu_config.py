@@ -267,7 +267,7 @@ class FeatureTiles:
   tile: int                       # tokens a grid step
   bf16_gelu: bool
   vmem_limit_bytes: int | None
-  mxu_width: int = 128            # which layers add their bias on the VPU (`_pallas_features.bias_on_mxu`)
+  mxu_width: int                  # the generation's: `_pallas_features.bias_on_mxu`
 
 
 def feature_vmem_estimate(tile: int, dtype, *, hidden_dim: int, head_dim: int,
