@@ -241,6 +241,28 @@ def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
   return counts
 
 
+def slots_per_bundle(text: str, sched: Schedule) -> dict[str, dict[int, int]]:
+  """For each issue-slot class (`_SLOT_CLASSES`, "vector_other" for the
+  rest), how many bundles of the first loop's body (a Pallas kernel's grid
+  step) issue 0, 1, 2, ... of its ops: the largest count a class reaches is
+  its slots per bundle (v4 one `vld` and one `vst`, v5e three `vld`), and a
+  class issuing in nearly every bundle at that count bounds the step."""
+  if not sched.loops:
+    raise ValueError(f"{sched.name}: no loop")
+  loop = sched.loops[0]
+  hist: dict[str, dict[int, int]] = {c: {} for c, _ in _SLOT_CLASSES}
+  hist["vector_other"] = {}
+  for addr, _, _, body, _ in _bundles(text, sched.name):
+    if not loop.start <= addr <= min(loop.end, sched.bundles - 1):
+      continue
+    counts = dict.fromkeys(hist, 0)
+    for op in _OP_RE.findall(body):
+      counts[next((c for c, rx in _SLOT_CLASSES if rx.match(op)), "vector_other")] += 1
+    for cls, n in counts.items():
+      hist[cls][n] = hist[cls].get(n, 0) + 1
+  return hist
+
+
 def grid_kernel_cycles(sched: Schedule, *, steps: int, when_fractions,
                        stages: int | None = None) -> dict:
   """Static cycles of a Pallas grid kernel run for `steps` grid steps (one core).

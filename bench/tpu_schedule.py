@@ -173,6 +173,8 @@ def _worker(spec_path: str, out_path: str) -> None:
         rec["schedules"].append(sched.to_json())
         if job.get("slot_counts"):
           rec.setdefault("slots", {})[name] = bundles.slot_counts(text, sched)
+        if job.get("slots_per_bundle") and sched.loops:
+          rec.setdefault("slots_per_bundle", {})[name] = bundles.slots_per_bundle(text, sched)
       except bundles.ScheduleFormatError as e:
         rec["schedules"].append({"name": name, "format_error": str(e)})
       if job.get("keep_excerpt_of") == name:

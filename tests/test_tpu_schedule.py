@@ -121,6 +121,23 @@ def test_slot_counts_classify_ops_and_weight_loop_bodies(sched):
   assert counts["valu"] == body * loop.trips + outside
 
 
+def test_slots_per_bundle_counts_the_grid_loop_body_only():
+  text = ("   0   :  { %1 = vld [vmem:[#a]]  ;;  %2 = vld [vmem:[#a]] }\n"
+          "   0x1   :  { %3 = vld [vmem:[#a]]  ;;  %4 = vadd.f32 %v1, %v2 }\n"
+          "   0x2   :  { %5 = vadd.f32 %v3, %v4  ;;  %6 = vadd.f32 %v3, %v4  ;;  "
+          "vst [vmem:[#b] sm:$0xff] /*vst_source=*/%v6 }\n"
+          "   0x3   :  { %7 = vmul.f32 %v3, %v4 }\n")
+  s = bundles.Schedule("body", 4, (bundles.Loop(1, 2, 7, ()),))
+  hist = bundles.slots_per_bundle(text, s)
+  # bundles 1 and 2 only, each once (not `trips` times)
+  assert hist["load"] == {1: 1, 0: 1}
+  assert hist["valu"] == {1: 1, 2: 1}
+  assert hist["store"] == {0: 1, 1: 1}
+  assert hist["mxu"] == {0: 2}
+  with pytest.raises(ValueError, match="no loop"):
+    bundles.slots_per_bundle(text, bundles.Schedule("flat", 4, ()))
+
+
 def _core0_only_kernel(predicate_source):
   return ("     0   :  { %s1_s2 = sld [smem:[#allocation0]] /* core id */ }\n"
           f"   0x1   :  {{ %p3_p0 = scmp.ne.s32.totalorder %{predicate_source}, 0 }}\n"
