@@ -336,18 +336,43 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
     block_size = min(block_size, padded_len)
   tiles = None
   if implementation != "xla":
-    problem = tpu_config.kernel_block_error(block_size, padded_len)
+    problem = (_kernel_dtype_error(q, q_features)
+               or tpu_config.kernel_block_error(block_size, padded_len))
     if problem and implementation == "pallas":
       raise ValueError(problem)
     if not problem:
-      tiles = tpu_config.resolve_tiles(
-          tile_config, block_size=block_size, head_dim=q.shape[-1],
-          sketch_dim=q_features.shape[-1], dtype=_kernel_dtype(q.dtype),
-          feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2],
-          symmetric=symmetric)
+      try:
+        tiles = tpu_config.resolve_tiles(
+            tile_config, block_size=block_size, head_dim=q.shape[-1],
+            sketch_dim=q_features.shape[-1], dtype=_kernel_dtype(q.dtype),
+            feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2],
+            symmetric=symmetric)
+      except ValueError:
+        # None falls through to the xla path where the default tiling does not
+        # fit the VMEM; "pallas" or a TileConfig given asks for the kernels.
+        if implementation == "pallas" or tile_config is not None:
+          raise
+      # The same where only the backward kernels do not fit: a gradient traces
+      # the TPU branch even where the xla one runs (off TPU too).
+      if (tiles is not None and tiles.backward_error and implementation is None
+          and tile_config is None):
+        tiles = None
   config = Config(degree=degree, block_size=block_size, local_exact=local_exact,
                   bias=bias, interpret=interpret, tiles=tiles)
   return config, implementation
+
+
+KERNEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _kernel_dtype_error(q, q_features) -> str | None:
+  """Why the Pallas kernels cannot take these inputs' dtypes, or None."""
+  for name, x in (("q", q), ("q_features", q_features)):
+    if jnp.dtype(x.dtype).name not in KERNEL_DTYPES:
+      return (f"the Pallas kernels take {name} in {', '.join(KERNEL_DTYPES)} (float16 is "
+              f"computed in float32), got {name} of dtype {jnp.dtype(x.dtype).name}: use "
+              f"implementation=None or 'xla' for it")
+  return None
 
 
 def _kernel_dtype(dtype):
@@ -416,8 +441,11 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
       Only the states cross devices: r^2 (H + 1) floats per kv head.
-    implementation: None (the fastest available for the platform), "xla"
-      (blocked pure JAX) or "pallas" (the fused TPU kernel).
+    implementation: None (the fastest available for the platform: the Pallas
+      kernels when lowering for TPU, where they take the block size, the
+      dtypes (bfloat16, float16, float32) and fit the VMEM with the default
+      tiling, forward and backward; else the xla path), "xla" (blocked pure
+      JAX) or "pallas" (the fused TPU kernel; raises where it cannot run).
     interpret: for "pallas": run the kernel in interpret mode on any backend;
       True or a `pltpu.InterpretParams`. Without it, "pallas" needs a TPU (or
       a lowering for TPU, e.g. `jax.export` from a CPU host).

@@ -329,7 +329,7 @@ def _tile_bytes(shape, dtype) -> int:
   sublane tile (8 rows of 32 bits, so 16 for bf16)."""
   item = jnp.dtype(dtype).itemsize
   *lead, rows, cols = (1,) * (2 - len(shape)) + tuple(shape)
-  sub = 8 * (4 // item)
+  sub = 8 * max(1, 4 // item)
   count = 1
   for d in lead:
     count *= d

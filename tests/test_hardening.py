@@ -123,6 +123,78 @@ def test_default_implementation_falls_through_to_xla_for_untileable_blocks():
   assert "tpu_custom_call" in text
 
 
+def _exports_kernels(fn, *shapes):
+  text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+  return "tpu_custom_call" in text
+
+
+def test_default_implementation_falls_through_to_xla_where_the_tiling_does_not_fit():
+  """sketch_dim=128 with a 1024 block: the forward kernel would need about 168
+  MiB of VMEM (v5e: 128). None runs the xla path (on CPU it raised the TPU's
+  VMEM error), "pallas" or a TileConfig given still raise."""
+  t, h, r = 1024, 64, 128
+  x = jax.random.normal(jax.random.key(0), (1, t, 1, h)) / 8
+  f = jax.random.normal(jax.random.key(1), (1, t, 1, r)) / 8
+  kw = dict(block_size=1024)
+  want = ps.polysketch_attention(x, x, x, f, f, implementation="xla", **kw)
+  np.testing.assert_array_equal(ps.polysketch_attention(x, x, x, f, f, **kw), want)
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x, f, f)]
+  assert not _exports_kernels(lambda *a: ps.polysketch_attention(*a, **kw), *shapes)
+  with pytest.raises(ValueError, match=r"forward kernel needs about .* MiB of VMEM"):
+    ps.polysketch_attention(x, x, x, f, f, implementation="pallas", interpret=True, **kw)
+  with pytest.raises(ValueError, match=r"forward kernel needs about .* MiB of VMEM"):
+    ps.polysketch_attention(x, x, x, f, f, tile_config=ps.TileConfig(generation="v5e"), **kw)
+
+
+def test_default_implementation_falls_through_to_xla_where_the_backward_does_not_fit():
+  """8 query heads per kv head at sketch_dim=128: the forward kernel fits the
+  v5e, the dq kernel does not. A gradient traces the TPU branch even off TPU,
+  so None raised the dq kernel's VMEM error on CPU; it now runs the xla path
+  (forward and backward), and "pallas" raises when the gradient is traced."""
+  t, h, r, block = 512, 64, 128, 256
+  keys = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(keys[0], (1, t, 8, h)) / 8
+  k = jax.random.normal(keys[1], (1, t, 1, h)) / 8
+  fq = jax.random.normal(keys[2], (1, t, 8, r)) / 8
+  fk = jax.random.normal(keys[3], (1, t, 1, r)) / 8
+  tiles = tpu_config.resolve_tiles(None, block_size=block, head_dim=h, sketch_dim=r,
+                                   dtype=jnp.float32, feature_dtype=jnp.float32, group=8)
+  assert tiles.backward_error and "dq kernel" in tiles.backward_error
+  loss = lambda q, impl: jnp.sum(ps.polysketch_attention(q, k, k, fq, fk, block_size=block,
+                                                        implementation=impl) ** 2)
+  np.testing.assert_array_equal(jax.grad(loss)(q, None), jax.grad(loss)(q, "xla"))
+  shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  assert not _exports_kernels(jax.grad(lambda q: loss(q, None)), shape)
+  with pytest.raises(ValueError, match=r"the dq kernel needs about .* MiB of VMEM"):
+    _exports_kernels(jax.grad(lambda q: loss(q, "pallas")), shape)
+
+
+def test_float64_inputs_run_the_xla_path_by_default():
+  """The kernels take bfloat16, float16 and float32; float64 (x64 enabled) ran
+  into the VMEM estimate's tile arithmetic (a ZeroDivisionError) on every path
+  that resolves the kernel tiling: None, prefill, find_nonfinite, "pallas"."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (1, 40, 2, 8), jnp.float64)
+    f = jax.random.normal(jax.random.key(1), (1, 40, 2, 4), jnp.float64)
+    want = ps.polysketch_attention(x, x, x, f, f, implementation="xla")
+    got = ps.polysketch_attention(x, x, x, f, f)
+    assert got.dtype == jnp.float64
+    np.testing.assert_array_equal(got, want)
+    # prefill keeps its DecodeState in float32 (decode.py), so float32's bound
+    out = ps.prefill(x, x, x, f, f)[0]
+    assert out.dtype == jnp.float64 and rel_err(out, want) < f32_tol(4, 8)
+    assert ps.find_nonfinite(x, x, x, f, f) is None
+    x32 = x.astype(jnp.float32)            # float64 features alone
+    np.testing.assert_array_equal(ps.polysketch_attention(x32, x32, x32, f, f),
+                                  ps.polysketch_attention(x32, x32, x32, f, f,
+                                                          implementation="xla"))
+    with pytest.raises(ValueError, match=r"take q in bfloat16, float16, float32 .* got q of "
+                                         r"dtype float64"):
+      ps.polysketch_attention(x, x, x, f, f, implementation="pallas", interpret=True)
+    with pytest.raises(ValueError, match=r"got q_features of dtype float64"):
+      ps.polysketch_attention(x32, x32, x32, f, f, implementation="pallas", interpret=True)
+
+
 # --- float16 ---------------------------------------------------------------------
 
 def _causal_op(op, *args, **kw):
