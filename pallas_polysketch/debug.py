@@ -87,13 +87,16 @@ def _first_nonfinite_entry(name, x):
 
 @functools.partial(jax.jit, static_argnames=("degree", "block_size", "causal", "local_exact",
                                              "normalization_bias"))
-def _weight_checks(q, k, q_features, k_features, *, degree, block_size, causal,
-                   local_exact, normalization_bias):
+def _weight_checks(q, k, q_features, k_features, segment, rel_block, *, degree, block_size,
+                   causal, local_exact, normalization_bias):
   """Per query: the first used weight that is non-finite, and the denominator.
 
-  Returns, each [B, N, T]: for the exact and the sketched weights the first
-  key position j with a non-finite used weight (-1: none) and that weight;
-  then the denominator 1 + sum_j w_ij in the compute dtype.
+  segment, rel_block [B, T]: each token's segment and its block counted from
+  the segment's start (`ref.attention.segment_blocks`; without segments one
+  segment, blocks from 0). Returns, each [B, N, T]: for the exact and the
+  sketched weights the first key position j with a non-finite used weight (-1:
+  none) and that weight; then the denominator bias + sum_j w_ij in the
+  compute dtype.
   """
   from pallas_polysketch.ref import attention as ref  # the materialised weights
 
@@ -101,42 +104,37 @@ def _weight_checks(q, k, q_features, k_features, *, degree, block_size, causal,
   padded = round_up(t, block_size)
   pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
   q, k, fq, fk = (jnp.pad(x, pad) for x in (q, k, q_features, k_features))
+  segment, rel_block = (jnp.pad(x, ((0, 0), (0, padded - t))) for x in (segment, rel_block))
   key_pos = jnp.arange(padded)
   local = jnp.arange(block_size)
 
-  def first_bad(w, used, offset):
+  def first_bad(w, used):
     bad = used & ~jnp.isfinite(w)
     j = jnp.argmax(bad, axis=-1)
     value = jnp.take_along_axis(w, j[..., None], axis=-1)[..., 0]
-    return jnp.where(jnp.any(bad, axis=-1), j + offset, -1), value
+    return jnp.where(jnp.any(bad, axis=-1), j, -1), value
 
   def query_block(start):
-    qb, kb, fqb, fkb = (jax.lax.dynamic_slice_in_dim(x, start, block_size, axis=1)
-                        for x in (q, k, fq, fk))
-    query_pos = start + local
-    # Sketched weights of this block's queries against every key [B, N, b, T'].
-    sketched = ref.polysketch_weights(qb, k, fqb, fk, degree=degree, causal=False)
-    if not causal:
-      used = key_pos[None, :] < t
-    elif local_exact:
-      used = key_pos[None, :] < start
-    else:
-      used = key_pos[None, :] <= query_pos[:, None]
-    used = jnp.broadcast_to(used & (key_pos[None, :] < t), sketched.shape)
-    sk_first, sk_value = first_bad(sketched, used, 0)
-    den = normalization_bias + jnp.sum(jnp.where(used, sketched, 0.0), axis=-1)
+    qb, fqb, seg_q, rel_q = (jax.lax.dynamic_slice_in_dim(x, start, block_size, axis=1)
+                             for x in (q, fq, segment, rel_block))
+    # Both weights of this block's queries against every key [B, N, b, T'].
+    exact, sketched = ref.pair_weights(qb, k, fqb, fk, degree=degree)
+    # Which the op uses, [B, 1, b, T']: keys of the query's own segment (and
+    # not padding), earlier ones when causal; with local_exact the exact
+    # weights inside the query's block of its segment, sketched ones before it.
+    same = (seg_q[:, :, None] == segment[:, None, :]) & (key_pos < t)
+    if causal:
+      same = same & (key_pos[None, :] <= start + local[:, None])
     if causal and local_exact:
-      # The diagonal block: exact weights, zero above the diagonal.
-      exact = ref.polysketch_weights(qb, kb, fqb, fkb, degree=degree,
-                                     block_size=block_size, causal=True,
-                                     local_exact=True)
-      ex_used = ((local[None, :] <= local[:, None])
-                 & (start + local[None, :] < t))
-      ex_used = jnp.broadcast_to(ex_used, exact.shape)
-      ex_first, ex_value = first_bad(exact, ex_used, start)
-      den = den + jnp.sum(jnp.where(ex_used, exact, 0.0), axis=-1)
+      ex_used = same & (rel_q[:, :, None] == rel_block[:, None, :])
+      sk_used = same & ~ex_used
     else:
-      ex_first, ex_value = jnp.full_like(sk_first, -1), jnp.zeros_like(sk_value)
+      ex_used, sk_used = jnp.zeros_like(same), same
+    ex_used, sk_used = (jnp.broadcast_to(m[:, None], exact.shape) for m in (ex_used, sk_used))
+    ex_first, ex_value = first_bad(exact, ex_used)
+    sk_first, sk_value = first_bad(sketched, sk_used)
+    den = (normalization_bias + jnp.sum(jnp.where(sk_used, sketched, 0.0), axis=-1)
+           + jnp.sum(jnp.where(ex_used, exact, 0.0), axis=-1))
     return ex_first, ex_value, sk_first, sk_value, den
 
   outs = jax.lax.map(query_block, jnp.arange(0, padded, block_size))
@@ -147,7 +145,7 @@ def _weight_checks(q, k, q_features, k_features, *, degree, block_size, causal,
 
 def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
                    causal=True, local_exact=True, normalization_bias=1.0,
-                   implementation=None, interpret=False,
+                   segment_ids=None, implementation=None, interpret=False,
                    tile_config=None) -> NonFinite | None:
   """The first input or intermediate of `polysketch_attention` that is not finite.
 
@@ -172,7 +170,9 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
       head_dim], q_features, k_features [batch, seq, num_heads | num_kv_heads,
       sketch_dim]: as for `polysketch_attention`.
     degree, block_size, causal, local_exact, normalization_bias,
-      implementation, interpret, tile_config: as for `polysketch_attention`.
+      segment_ids, implementation, interpret, tile_config: as for
+      `polysketch_attention` (with segment_ids only the weights inside a
+      segment count, blocks counted from its start, as the op uses them).
 
   Returns:
     None when everything is finite, else a `NonFinite` naming the tensor and
@@ -187,6 +187,7 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
   block_size = _validation.check_block_size(block_size)
   causal = _validation.check_bool("causal", causal)
   local_exact = _validation.check_bool("local_exact", local_exact)
+  segment_ids = _validation.check_segment_ids(segment_ids, q)
   inputs = (q, k, v, q_features, k_features)
   for name, x in zip(INPUTS, inputs):
     found = _first_nonfinite_entry(name, x)
@@ -195,9 +196,15 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
 
   # A block longer than the sequence is one block, as in the op.
   block = min(block_size, round_up(q.shape[1], 8))
+  if segment_ids is None:
+    segment = jnp.zeros(q.shape[:2], jnp.int32)
+    rel_block = jnp.broadcast_to(jnp.arange(q.shape[1]) // block, q.shape[:2])
+  else:
+    from pallas_polysketch.ref.attention import segment_blocks
+    segment, rel_block = segment_blocks(segment_ids, block)
   ex_first, ex_value, sk_first, sk_value, den = (
       np.asarray(x) for x in _weight_checks(
-          q, k, q_features, k_features, degree=degree, block_size=block,
+          q, k, q_features, k_features, segment, rel_block, degree=degree, block_size=block,
           causal=causal, local_exact=local_exact, normalization_bias=bias))
   for name, first, value in (("exact_weights", ex_first, ex_value),
                              ("sketched_weights", sk_first, sk_value)):
@@ -214,5 +221,6 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
   out = polysketch_attention(
       q, k, v, q_features, k_features, degree=degree, block_size=block_size,
       causal=causal, local_exact=local_exact, normalization_bias=bias,
-      implementation=implementation, interpret=interpret, tile_config=tile_config)
+      segment_ids=segment_ids, implementation=implementation, interpret=interpret,
+      tile_config=tile_config)
   return _first_nonfinite_entry("output", out)

@@ -5,26 +5,45 @@ enabled) and returns the dtype of q.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_polysketch.polynomial import compute_dtype, normalise_weights, repeat_kv
 from pallas_polysketch.sketches import self_tensor
 
 
-def _segment_masks(segment_ids, block_size):
-  """(same, same_block), each bool [B, 1, T, T], for segment_ids int [B, T].
-
-  A segment is a maximal run of equal ids; same_block: the same segment and the
-  same block counted from the segment's start, (i - start_i) // block_size."""
+def segment_blocks(segment_ids, block_size):
+  """(segment, block), each int [B, T], for segment_ids int [B, T]: the
+  segment of each token (a segment is a maximal run of equal ids, numbered
+  from 1) and its block counted from the segment's start, (i - start_i) //
+  block_size."""
   ids = jnp.asarray(segment_ids)
-  t = ids.shape[1]
+  pos = jnp.arange(ids.shape[1])[None, :]
   change = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-  seg = jnp.cumsum(change, axis=1)                          # segment number of each token
+  start = jax.lax.cummax(jnp.where(change, pos, 0), axis=1)   # first token of i's segment
+  return jnp.cumsum(change, axis=1), (pos - start) // block_size
+
+
+def _segment_masks(segment_ids, block_size):
+  """(same, same_block), each bool [B, 1, T, T], for segment_ids int [B, T]:
+  the same segment, and the same segment and block (`segment_blocks`)."""
+  seg, rel = segment_blocks(segment_ids, block_size)
   same = seg[:, :, None] == seg[:, None, :]                 # [B, T, T]
-  start = jnp.argmax(same, axis=-1)                         # first token of i's segment
-  rel = (jnp.arange(t)[None, :] - start) // block_size      # [B, T]
   same_block = same & (rel[:, :, None] == rel[:, None, :])
   return same[:, None], same_block[:, None]
+
+
+def pair_weights(q, k, q_features, k_features, *, degree=4):
+  """(exact, sketched), each [B, N, Tq, Tk] in the compute dtype: the exact
+  weights (q_i . k_j)^degree and the sketched ones (f_q,i . f_k,j)^2 of every
+  pair, before any mask. k and k_features may have fewer (kv) heads, repeated
+  for the query heads."""
+  dt = compute_dtype(q)
+  k, k_features = repeat_kv(k, q.shape[2]), repeat_kv(k_features, q.shape[2])
+  exact = jnp.einsum("binh,bjnh->bnij", q.astype(dt), k.astype(dt)) ** degree
+  sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
+                        k_features.astype(dt)) ** 2
+  return exact, sketched
 
 
 def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256,
@@ -38,11 +57,7 @@ def polysketch_weights(q, k, q_features, k_features, *, degree=4, block_size=256
   weights it would get alone.
   Returns w [B, N, T, T] in the compute dtype.
   """
-  dt = compute_dtype(q)
-  k, k_features = repeat_kv(k, q.shape[2]), repeat_kv(k_features, q.shape[2])
-  exact = jnp.einsum("binh,bjnh->bnij", q.astype(dt), k.astype(dt)) ** degree
-  sketched = jnp.einsum("binr,bjnr->bnij", q_features.astype(dt),
-                        k_features.astype(dt)) ** 2
+  exact, sketched = pair_weights(q, k, q_features, k_features, degree=degree)
   t = q.shape[1]
   i = jnp.arange(t)[:, None]
   j = jnp.arange(t)[None, :]

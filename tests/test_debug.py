@@ -134,12 +134,57 @@ def test_overflowing_output(implementation):
   assert _where(report) == ("output", (0, 0, 1), 0)
 
 
+def _segments(*lengths):
+  """segment_ids [B, T]: runs of the given lengths in batch row 0, one segment in row 1."""
+  ids = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+  return jnp.asarray(np.stack([ids, np.zeros(T, np.int32)]))
+
+
+def test_with_segments_only_weights_inside_a_segment_count():
+  x = _inputs()
+  _huge_exact_pair(x, query=21, key=18)          # block 1 of the sequence
+  assert _where(_find(x, segment_ids=_segments(10, 30))) == ("exact_weights", (0, 21, 1), 18)
+  assert _find(x, segment_ids=_segments(20, 20)) is None     # key 18 in the first segment
+  x = _inputs()
+  x["q_features"][0, 37, 2] = 1e12
+  x["k_features"][0, 5, 2] = 1e12
+  for causal in (True, False):
+    assert _find(x, causal=causal, segment_ids=_segments(10, 30)) is None
+    assert _find(x, causal=causal, segment_ids=_segments(40)).tensor == "sketched_weights"
+
+
+def test_with_segments_blocks_count_from_the_segment_start():
+  x = _inputs()
+  # A segment from token 4: query 21 and key 18 are in one block of the
+  # sequence but in blocks 1 and 0 of the segment, so the op weighs them with
+  # the (finite) sketched weight.
+  _huge_exact_pair(x, query=21, key=18)
+  assert _find(x) is not None
+  assert _find(x, segment_ids=_segments(4, 36)) is None
+  # A segment from token 10: query 21 and key 14 are in blocks 1 and 0 of the
+  # sequence, in block 0 of the segment: the exact weight is used.
+  x = _inputs()
+  _huge_exact_pair(x, query=21, key=14)
+  assert _find(x) is None
+  assert _where(_find(x, segment_ids=_segments(10, 30))) == ("exact_weights", (0, 21, 1), 14)
+
+
+def test_with_segments_the_output_is_the_ops_with_them():
+  x = _inputs()
+  x["q"][0, 5, 1] = 0.0                  # query 5 gives key 5 weight 0
+  x["v"][0, 5, 1] = 3e38                 # every later query's numerator overflows
+  assert _find(x).tensor == "output"
+  assert _find(x, segment_ids=_segments(6, 34)) is None     # later queries: another segment
+
+
 def test_bad_arguments_raise_naming_them():
   x = _inputs()
   with pytest.raises(ValueError, match="degree"):
     _find(x, degree=3)
   with pytest.raises(ValueError, match="block_size"):
     _find(x, block_size=12)
+  with pytest.raises(ValueError, match=r"segment_ids must be \[batch, seq\] = \(2, 40\)"):
+    _find(x, segment_ids=jnp.zeros((2, 39), jnp.int32))
   x["k_features"] = x["k_features"][:, :, :, :4]
   with pytest.raises(ValueError, match="same sketch_dim"):
     _find(x)
