@@ -33,10 +33,12 @@ step directory per evaluation (the last 2 kept), each holding
   state/   the model (params and the fixed random sketches) and the
            optimizer (AdamW moments, counts, step) as an orbax PyTree
   meta/    JSON: model and train configs, tokenizer, step, val loss, and the
-           loop's own state (data RNG, loss histories, timers)
+           loop's own state (data RNG, loss histories, timers, and what the
+           data was: the text's hash, split and separator, or the recall task)
 
 so `--resume` continues a run exactly where it stopped: the same batches and
-the same losses as an uninterrupted run. Beside the step directories,
+the same losses as an uninterrupted run (it refuses other flags or other
+data, before any work; decoding caches are never saved). Beside the step directories,
 `train_log.json` holds one record per evaluation (step, train_loss, val_loss,
 val_acc, tokens_per_s, elapsed_s, exact_polynomial) and `loss.png` the loss curves (when
 matplotlib is installed; otherwise the script says so and skips the plot).
@@ -46,9 +48,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -93,6 +97,14 @@ class TextData:
       docs = document_index(text, separator)
       self.train_docs, self.val_docs = docs[:split], docs[split:]
       self.num_documents = int(docs[-1]) + 1 if len(docs) else 0
+
+  def signature(self) -> dict:
+    """What a resumed run must train on again (`train`'s resume_from check):
+    the separator, the split's sizes and a hash of the token ids."""
+    digest = hashlib.sha256(np.ascontiguousarray(self.train_ids, np.int64).tobytes())
+    digest.update(np.ascontiguousarray(self.val_ids, np.int64).tobytes())
+    return {"kind": "text", "separator": self.separator, "train_tokens": int(len(self.train_ids)),
+            "val_tokens": int(len(self.val_ids)), "sha256": digest.hexdigest()}
 
   @classmethod
   def from_file(cls, path: str, **kwargs) -> "TextData":
@@ -187,6 +199,13 @@ class RecallData:
       raise ValueError(f"distinct_queries: num_queries={num_queries} must be <= "
                        f"num_pairs={num_pairs} (each query a different key)")
 
+  def signature(self) -> dict:
+    """What a resumed run must train on again (`TextData.signature`)."""
+    return {"kind": "recall", "num_keys": self.num_keys, "num_values": self.num_values,
+            "num_noise": self.num_noise, "num_pairs": self.num_pairs,
+            "num_queries": self.num_queries, "val_seed": self.val_seed,
+            "random_offset": self.random_offset, "distinct_queries": self.distinct_queries}
+
   @property
   def min_context(self) -> int:
     """The shortest context that holds the pairs, their separator and the queries."""
@@ -267,9 +286,27 @@ class TrainConfig:
 
   def __post_init__(self):
     # eval_every=0 failed at the first step (a modulo by zero), eval_batches=0
-    # reported a NaN validation loss, steps=0 was blamed on the warm-up.
+    # reported a NaN validation loss, steps=0 was blamed on the warm-up; a NaN
+    # learning rate failed at the first step, a negative one trained by
+    # gradient ascent, a negative warmup_steps was taken as 1.
     for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "log_every"):
       _validation.check_positive_int(name, getattr(self, name))
+    for name in ("warmup_steps", "polynomial_warmup_steps", "seed"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    for name, low, high, open_low in (("learning_rate", 0.0, None, False),
+                                      ("clip_norm", 0.0, None, True),
+                                      ("weight_decay", 0.0, None, False),
+                                      ("min_lr_ratio", 0.0, 1.0, False)):
+      value = getattr(self, name)
+      ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and np.isfinite(value) and (value > low if open_low else value >= low)
+            and (high is None or value <= high))
+      if not ok:
+        allowed = (f"in [{low}, {high}]" if high is not None else
+                   f"{'>' if open_low else '>='} {low}")
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
 
 
 def loss_fn(model, inputs, targets, mask, segment_ids=None, exact_polynomial=False):
@@ -387,11 +424,12 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     start = 0
     loop = {"history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []},
             "evals": [], "window": [], "eval_window": [], "elapsed_s": 0.0,
-            "train_time": 0.0, "timed_steps": 0}
+            "train_time": 0.0, "timed_steps": 0, "data": _data_signature(data)}
   else:
-    _check_resume(resume_from, model_config, cfg, tokenizer)
+    _check_resume(resume_from, model_config, cfg, tokenizer, _data_signature(data))
     model, optimizer, start = resume_from.model, resume_from.optimizer, resume_from.step
     loop = json.loads(json.dumps(resume_from.loop_state))  # a deep copy
+    loop.setdefault("data", _data_signature(data))
     rng = np.random.default_rng()
     rng.bit_generator.state = loop.pop("data_rng")
   history, evals = loop["history"], loop["evals"]
@@ -519,7 +557,13 @@ def _check_model_config(name: str, ckpt: Checkpoint, model_config: GPTConfig, to
     raise ValueError(f"{name}: the checkpoint's tokenizer differs from the data's")
 
 
-def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, tokenizer):
+def _data_signature(data) -> dict | None:
+  signature = getattr(data, "signature", None)
+  return signature() if callable(signature) else None
+
+
+def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, tokenizer,
+                  data_signature: dict | None = None):
   if ckpt.optimizer is None or ckpt.loop_state is None:
     raise ValueError(f"resume_from: the checkpoint at step {ckpt.step} holds no optimizer state "
                      "or no training-loop state (only checkpoints written by train() resume)")
@@ -530,6 +574,14 @@ def _check_resume(ckpt: Checkpoint, model_config: GPTConfig, cfg: TrainConfig, t
           if f.name not in free and getattr(ckpt.train_config, f.name) != getattr(cfg, f.name)}
   if diff:
     raise ValueError(f"resume_from: the checkpoint's train config differs (checkpoint, given): {diff}")
+  # Checkpoints from before the data was recorded hold none.
+  saved = ckpt.loop_state.get("data")
+  if saved is not None and data_signature is not None and saved != data_signature:
+    diff = {key: (saved.get(key), data_signature.get(key))
+            for key in sorted(set(saved) | set(data_signature))
+            if saved.get(key) != data_signature.get(key)}
+    raise ValueError("resume_from: the checkpointed run trained on other data (checkpoint, "
+                     f"given): {diff}")
 
 
 # ----------------------------------------------------------------------------
@@ -620,9 +672,12 @@ def _manager(directory: str, *, max_to_keep: int | None = None, create: bool = T
 
 
 def _tree(model, optimizer) -> dict:
-  tree = {"model": nnx.to_pure_dict(nnx.state(model))}
+  """The saved arrays: every variable but decoding caches (`GPT.init_cache`),
+  which a model built from its config does not have."""
+  no_cache = nnx.Not(nnx.Cache)
+  tree = {"model": nnx.to_pure_dict(nnx.state(model, no_cache))}
   if optimizer is not None:
-    tree["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer))
+    tree["optimizer"] = nnx.to_pure_dict(nnx.state(optimizer, no_cache))
   return tree
 
 
@@ -834,6 +889,23 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# TrainConfig / GPTConfig fields (and the layer's argument names) -> flags.
+_FLAGS = {"learning_rate": "--lr", "warmup_steps": "--warmup",
+          "polynomial_warmup_steps": "--polynomial-warmup", "num_layers": "--layers",
+          "num_heads": "--heads", "embed_dim": "--dim", "in_features": "--dim",
+          "sketch_hidden_dim": "--sketch-hidden", "hidden_dim": "--sketch-hidden"}
+_FLAG_FIELDS = ("steps", "batch_size", "context", "eval_every", "eval_batches", "weight_decay",
+                "seed", "sketch_dim", "degree", "block_size")
+
+
+def _flag_names(message: str) -> str:
+  """An error of TrainConfig, GPTConfig or the model with its fields named as
+  the command line's flags ("num_heads (3)" -> "--heads (3)")."""
+  names = {**{f: "--" + f.replace("_", "-") for f in _FLAG_FIELDS}, **_FLAGS}
+  return re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b",
+                lambda m: names[m.group(1)], message)
+
+
 def main(argv=None) -> dict:
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -848,8 +920,7 @@ def main(argv=None) -> dict:
                       eval_every=args.eval_every, eval_batches=args.eval_batches,
                       polynomial_warmup_steps=args.polynomial_warmup)
   except ValueError as e:   # "eval_every must be ..." -> "--eval-every must be ..."
-    field, _, rest = str(e).partition(" ")
-    parser.error(f"--{field.replace('_', '-')} {rest}")
+    parser.error(_flag_names(str(e)))
   if args.results and os.path.isdir(args.results):   # it was written after the training
     parser.error(f"--results {args.results} is a directory; give a file name for the JSON")
   if args.polynomial_warmup and args.attention != "polysketch":
@@ -870,13 +941,21 @@ def main(argv=None) -> dict:
     print(f"data: synthetic associative recall, {data.num_pairs} key/value pairs at the start, "
           f"{data.num_queries} queries at the end of each {args.context}-token sequence; "
           f"loss on answers only (chance: {math.log(data.num_values):.3f})")
-  block_size = args.block_size or max(8, (args.context // 4) // 8 * 8)
-  model_config = GPTConfig(
-      vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
-      embed_dim=args.dim, attention=args.attention, sketch=args.sketch,
-      sketch_dim=args.sketch_dim, degree=args.degree, block_size=block_size,
-      local_exact=args.local_exact, implementation=args.implementation,
-      sketch_hidden_dim=args.sketch_hidden)
+  if not args.data and args.context < data.min_context:
+    parser.error(f"--context {args.context} is shorter than the synthetic task's "
+                 f"{data.min_context} tokens (--pairs {args.pairs}, --queries {args.queries})")
+  block_size = (args.block_size if args.block_size is not None
+                else max(8, (args.context // 4) // 8 * 8))
+  try:   # the model's options, checked before any work by building it abstractly
+    model_config = GPTConfig(
+        vocab_size=data.vocab_size, num_layers=args.layers, num_heads=args.heads,
+        embed_dim=args.dim, attention=args.attention, sketch=args.sketch,
+        sketch_dim=args.sketch_dim, degree=args.degree, block_size=block_size,
+        local_exact=args.local_exact, implementation=args.implementation,
+        sketch_hidden_dim=args.sketch_hidden)
+    nnx.eval_shape(lambda: GPT(model_config, rngs=nnx.Rngs(0)))
+  except (ValueError, TypeError) as e:
+    parser.error(_flag_names(str(e)))
   resume_from = None
   saved = checkpoint_steps(args.checkpoint) if args.checkpoint else []
   if saved and not args.resume:
@@ -884,6 +963,10 @@ def main(argv=None) -> dict:
                  "pass --resume to continue from the latest, or pick another directory")
   if args.resume and saved:
     resume_from = load_checkpoint(args.checkpoint)
+    try:   # before any work, with the flags named
+      _check_resume(resume_from, model_config, cfg, tokenizer, _data_signature(data))
+    except ValueError as e:
+      parser.error(f"--resume from {args.checkpoint}: " + _flag_names(str(e)))
   elif args.resume:
     print(f"no checkpoint in {args.checkpoint}: starting from step 0")
   model, results = train(model_config, data, cfg, progress=not args.no_progress, log=print,
@@ -900,7 +983,8 @@ def main(argv=None) -> dict:
                  **results}, f, indent=1)
   if args.data and args.sample > 0:
     from pallas_polysketch.models.gpt import generate
-    prompt = tokenizer.encode("\n")
+    # A new line where the text has one (a line start), else its first character.
+    prompt = tokenizer.encode("\n") if "\n" in tokenizer.chars else data.train_ids[:1]
     out = generate(model, prompt, args.sample, key=jax.random.key(args.seed),
                    temperature=0.8, context=args.context)
     print("sample:\n" + tokenizer.decode(out))

@@ -398,8 +398,40 @@ def test_train_config_sizes_must_be_positive_ints(name, value):
     train_mod.TrainConfig(**{name: value})
 
 
+@pytest.mark.parametrize("name,value,match", [
+    ("learning_rate", float("nan"), r"learning_rate must be a finite number >= 0.0, got nan"),
+    ("learning_rate", -1.0, r"learning_rate must be a finite number >= 0.0"),
+    ("learning_rate", float("inf"), r"learning_rate must be a finite number >= 0.0"),
+    ("clip_norm", 0.0, r"clip_norm must be a finite number > 0.0"),
+    ("weight_decay", -0.1, r"weight_decay must be a finite number >= 0.0"),
+    ("min_lr_ratio", 1.5, r"min_lr_ratio must be a finite number in \[0.0, 1.0\]"),
+    ("warmup_steps", -5, r"warmup_steps must be an int >= 0, got -5"),
+    ("polynomial_warmup_steps", 1.5, r"polynomial_warmup_steps must be an int >= 0"),
+    ("seed", -1, r"seed must be an int >= 0"),
+])
+def test_train_config_checks_its_optimiser_numbers(name, value, match):
+  # a NaN learning rate failed at the first step, a negative one trained by
+  # gradient ascent, a negative warmup_steps was taken as 1.
+  with pytest.raises(ValueError, match=match):
+    train_mod.TrainConfig(**{name: value})
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--steps", "0"], r"--steps must be a positive int, got 0"),   # was blamed on --polynomial-warmup
+    (["--lr", "nan"], r"--lr must be a finite number >= 0.0, got nan"),
+    (["--lr", "-1"], r"--lr must be a finite number >= 0.0, got -1.0"),
+    (["--warmup", "-5"], r"--warmup must be an int >= 0, got -5"),
+    (["--weight-decay", "-1"], r"--weight-decay must be a finite number >= 0.0"),
+    # was replaced by the default (0) or reached the layer (-8)
+    (["--block-size", "0"], r"--block-size must be a positive multiple of 8 .*, got 0"),
+    (["--block-size", "-8"], r"--block-size must be a positive multiple of 8 .*, got -8"),
+    (["--block-size", "12"], r"--block-size must be a positive multiple of 8 .*, got 12"),
+    # the model's options, with the flags named (they failed in train() with field names)
+    (["--heads", "3"], r"--dim \(64\) must be divisible by --heads \(3\)"),
+    (["--degree", "3"], r"--degree must be a positive even integer, got 3"),
+    (["--sketch-dim", "0"], r"--sketch-dim must be a positive int, got 0"),
+    (["--sketch-hidden", "0"], r"--sketch-hidden must be a positive int, got 0"),
+    (["--context", "16"], r"--context 16 is shorter than the synthetic task's 49 tokens"),
     (["--eval-every", "0"], r"--eval-every must be a positive int, got 0"),
     (["--eval-batches", "0"], r"--eval-batches must be a positive int, got 0"),
     (["--batch-size", "0"], r"--batch-size must be a positive int, got 0"),
@@ -410,6 +442,60 @@ def test_cli_rejects_bad_values_before_any_work(argv, match, capsys, monkeypatch
   with pytest.raises(SystemExit):
     train_mod.main(argv)
   assert re.search(match, capsys.readouterr().err)
+
+def _tiny_text_argv(path, *extra):
+  return ["--data", str(path), "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+          "--batch-size", "2", "--context", "32", "--layers", "1", "--dim", "16",
+          "--sketch-dim", "4", "--block-size", "8", "--no-progress", *extra]
+
+
+def test_cli_samples_from_a_text_without_new_lines(tmp_path, capsys):
+  """The sample's prompt was "\n", which a text without one cannot encode: the
+  run failed after training, its checkpoint and results written."""
+  path = tmp_path / "docs.txt"
+  path.write_text("|".join(["the cat sat on a mat"] * 200), encoding="utf-8")
+  train_mod.main(_tiny_text_argv(path, "--sample", "20"))
+  sample = capsys.readouterr().out.split("sample:\n")[1].splitlines()[0]
+  assert len(sample) == 20 and set(sample) <= set("the cat sat on a mat|")
+
+
+def test_resume_refuses_other_data(tmp_path, capsys):
+  """--pack-separator (or another text) was not recorded: a resume with another
+  one continued silently on other batches."""
+  path = tmp_path / "docs.txt"
+  path.write_text("|".join(["the cat sat on a mat"] * 200), encoding="utf-8")
+  run = tmp_path / "run"
+  argv = _tiny_text_argv(path, "--sample", "0", "--checkpoint", str(run))
+  results = train_mod.main(argv + ["--pack-separator", "|"])
+  shutil.rmtree(run / "4")
+  capsys.readouterr()
+  for other in ([], ["--pack-separator", " "]):
+    with pytest.raises(SystemExit):
+      train_mod.main(argv + other + ["--resume"])
+    assert "trained on other data" in capsys.readouterr().err
+  path.write_text("|".join(["the mat sat on a cat"] * 200), encoding="utf-8")   # same characters
+  with pytest.raises(SystemExit):
+    train_mod.main(argv + ["--pack-separator", "|", "--resume"])
+  assert "sha256" in capsys.readouterr().err
+  path.write_text("|".join(["the cat sat on a mat"] * 200), encoding="utf-8")
+  resumed = train_mod.main(argv + ["--pack-separator", "|", "--resume"])
+  assert resumed["val_loss"] == results["val_loss"]
+
+
+def test_generate_leaves_no_cache_and_the_model_saves_and_loads(tmp_path):
+  """generate put its decoding caches on the caller's model, whose checkpoint
+  load_checkpoint then refused ("unexpected ['model/blocks/0/attn/cache/...']")."""
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  first = generate(model, [1, 2, 3], 4, temperature=0.0)
+  assert not jax.tree.leaves(nnx.state(model, nnx.Cache))
+  train_mod.save_checkpoint(str(tmp_path / "ck"), model)
+  loaded = train_mod.load_checkpoint(str(tmp_path / "ck")).model
+  np.testing.assert_array_equal(generate(loaded, [1, 2, 3], 4, temperature=0.0), first)
+  # and a model that does hold caches saves without them
+  model.init_cache(1)
+  train_mod.save_checkpoint(str(tmp_path / "ck2"), model)
+  train_mod.load_checkpoint(str(tmp_path / "ck2"))
+
 
 def test_demo_console_entry_exits_zero(capsys):
   """`polysketch-demo` is `sys.exit(demo.main())`: it must return 0, not a dict."""
@@ -512,8 +598,8 @@ def test_polynomial_warmup_trains_exactly_then_with_the_sketch_and_resumes(tmp_p
 ])
 def test_polynomial_warmup_rejects_bad_steps(kw, match):
   data = train_mod.RecallData(num_pairs=2, num_queries=4)
-  cfg = train_mod.TrainConfig(steps=4, batch_size=2, context=32, **kw)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match):   # TrainConfig (< 0) or train (>= steps)
+    cfg = train_mod.TrainConfig(steps=4, batch_size=2, context=32, **kw)
     train_mod.train(_tiny_config(vocab_size=data.vocab_size), data, cfg, progress=False)
 
 

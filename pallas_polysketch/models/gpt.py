@@ -222,8 +222,9 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
   batch = prompt.shape[0]
   out = []
   if use_cache:
-    model.init_cache(batch)
-    graphdef, state = nnx.split(model)
+    cached = nnx.clone(model)      # the caches go on a copy: the caller's model keeps none
+    cached.init_cache(batch)
+    graphdef, state = nnx.split(cached)
 
     @jax.jit
     def step(state, tokens, key):
