@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_polysketch import _validation
 from pallas_polysketch.attention import polysketch_attention
 from pallas_polysketch.polynomial import polynomial_attention
 from pallas_polysketch.sketches import random_sketch_features, random_sketch_init
@@ -125,7 +126,21 @@ def _parse(argv):
   parser.add_argument("--block-size", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3, help="at most this many timed calls per measurement (default 3)")
   parser.add_argument("--seed", type=int, default=0)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  # Checked before any work, naming the flag (a negative length failed after
+  # the header with numpy's OverflowError; --repeats -1 was taken as 1).
+  if any(n <= 0 for n in args.lengths):
+    parser.error(f"--lengths must be positive ints, got {args.lengths}")
+  for name in ("batch", "heads", "head_dim", "sketch_dim", "repeats"):
+    if getattr(args, name) <= 0:
+      parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
+  if args.seed < 0:
+    parser.error(f"--seed must be an int >= 0, got {args.seed}")
+  if args.block_size <= 0 or args.block_size % 8:
+    parser.error(f"--block-size must be a positive multiple of 8, got {args.block_size}")
+  if args.degree < 2 or not _validation.is_power_of_two(args.degree):
+    parser.error(f"--degree must be a power of two (2, 4, 8, ...), got {args.degree}")
+  return args
 
 
 def main(argv=None) -> int:

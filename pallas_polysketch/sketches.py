@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallas_polysketch import _pallas_features, _validation
 from pallas_polysketch._platform import require_tpu
+from pallas_polysketch.polynomial import compute_dtype
 from pallas_polysketch.tpu_config import TileConfig, resolve_feature_tiles
 
 LAYER_NORM_EPS = _pallas_features.LAYER_NORM_EPS
@@ -201,6 +202,7 @@ def random_sketch_features(params: dict, x: jax.Array, *,
     [..., sketch_dim] features in the promoted dtype of x and the matrices.
   """
   check_sketch_scaling(scaling)
+  x = _check_x(x)
   if params and x.shape[-1] != _sketch_head_dim(params):
     raise ValueError(
         f"x has last dim {x.shape[-1]}, the sketch was drawn for head_dim "
@@ -233,15 +235,25 @@ def _sketch_head_dim(params: dict) -> int:
 # Learned sketch (paper §4).
 # ----------------------------------------------------------------------------
 
+def _check_x(x):
+  """x as an array of rank >= 1 ([..., head_dim]); a list is converted."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    x = jnp.asarray(x)
+  if x.ndim == 0:
+    raise ValueError(f"x must be [..., head_dim] (rank >= 1), got a scalar of shape {x.shape}")
+  return x
+
+
 @jax.custom_vjp
 def _twice_gelu(x):
-  """2 jax.nn.gelu(x) (the tanh form) in float32 arithmetic, returned in x's
+  """2 jax.nn.gelu(x) (the tanh form) in float32 arithmetic (float64 for
+  float64 x), returned in x's
   dtype; the caller puts the 1/2 in the next Dense kernel (exact: a power of
   two). Its VJP keeps only x and recomputes tanh with the derivative written
   out: fewer vector ops than autodiff's on TPU (BUILD_NOTES, "What the
   learned sketch costs"). The formulas are the feature kernels'
   (`_pallas_features.twice_gelu`)."""
-  return _pallas_features.twice_gelu(x, jnp.float32, slope=False)[0].astype(x.dtype)
+  return _pallas_features.twice_gelu(x, compute_dtype(x), slope=False)[0].astype(x.dtype)
 
 
 def _twice_gelu_fwd(x):
@@ -249,16 +261,18 @@ def _twice_gelu_fwd(x):
 
 
 def _twice_gelu_bwd(x, dy):
-  _, slope = _pallas_features.twice_gelu(x, jnp.float32, slope=True)
-  return ((slope * dy.astype(jnp.float32)).astype(x.dtype),)
+  cd = compute_dtype(x)
+  _, slope = _pallas_features.twice_gelu(x, cd, slope=True)
+  return ((slope * dy.astype(cd)).astype(x.dtype),)
 
 
 _twice_gelu.defvjp(_twice_gelu_fwd, _twice_gelu_bwd)
 
 
 def _normalized(x):
-  """LayerNorm without its affine, computed in float32: [..., d] -> float32 [..., d]."""
-  x32 = x.astype(jnp.float32)
+  """LayerNorm without its affine, computed in float32 (float64 for float64
+  x): [..., d] -> that dtype [..., d]."""
+  x32 = x.astype(compute_dtype(x))
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   return (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
@@ -356,6 +370,9 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
     got = sorted(params) if isinstance(params, collections.abc.Mapping) else type(params).__name__
     raise ValueError(f"params is not a learned sketch from learned_sketch_init: got keys {got}, "
                      "expected ['branch1', 'branch2']")
+  x = _check_x(x)
+  # An integer x was rounded to the integers through every layer (zeros out).
+  _validation.check_float_dtype("x", x)
   head_dim = params["branch1"][0]["w_in"].shape[0]
   if x.shape[-1] != head_dim:
     raise ValueError(f"x has last dim {x.shape[-1]}, the sketch was built for head_dim {head_dim}")
@@ -404,20 +421,23 @@ def _features_kernel_problem(x) -> str | None:
   return None
 
 
-def _folded_weights(params: dict) -> tuple:
-  """The learned sketch's weights as the feature kernels take them (float32,
-  stacked over the two branches, transposed): each LayerNorm's affine folded
-  into the Dense kernel after it, GELU's 1/2 into the one after that.
+def _folded_weights(params: dict, dtype=jnp.float32) -> tuple:
+  """The learned sketch's weights as the feature kernels take them (in dtype,
+  float32 for the kernels, stacked over the two branches, transposed): each
+  LayerNorm's affine folded into the Dense kernel after it, GELU's 1/2 into
+  the one after that, the products formed in dtype whatever the parameters'
+  (bf16 parameters folded in bf16 cost float32 inputs 1e-3 of accuracy).
   (w1_t [2, h, H], c1 [2, h, 1], a_t [2, r, h], w2_t [2, h, r], c2 [2, h, 1],
   b_t [2, r, h]); see `_pallas_features`."""
   branches = (params["branch1"], params["branch2"])
 
   def folded(block):
+    block = {name: value.astype(dtype) for name, value in block.items()}
     w_in = (block["ln_scale"][:, None] * block["w_in"]).T
     return w_in, (block["ln_bias"] @ block["w_in"])[:, None], (0.5 * block["w_out"]).T
 
   first, second = ([folded(p[i]) for p in branches] for i in (0, 1))
-  stack = lambda parts, j: jnp.stack([part[j] for part in parts]).astype(jnp.float32)
+  stack = lambda parts, j: jnp.stack([part[j] for part in parts])
   return (stack(first, 0), stack(first, 1), stack(first, 2),
           stack(second, 0), stack(second, 1), stack(second, 2))
 
@@ -427,7 +447,7 @@ def _learned_features(params: dict, x: jax.Array) -> jax.Array:
   b1, b2 = params["branch1"], params["branch2"]
   dt = x.dtype
   x_hat = _normalized(x)
-  w1_t, c1, a_t = _folded_weights(params)[:3]
+  w1_t, c1, a_t = _folded_weights(params, compute_dtype(x))[:3]
   w_in = jnp.concatenate([w1_t[0].T, w1_t[1].T], axis=1)
   c_in = jnp.concatenate([c1[0, :, 0], c1[1, :, 0]])
   hidden = _twice_gelu(x_hat.astype(dt) @ w_in.astype(dt) + c_in.astype(dt))   # [..., 2 * hidden_dim]

@@ -206,10 +206,11 @@ class TileConfig:
 
   @classmethod
   def for_generation(cls, generation: str) -> "TileConfig":
-    """The default tiling for a generation ("v4", "v5e", "v5p", "v6e")."""
-    gen = get_generation(generation)
-    return cls(local_tile=gen.mxu_width, dkv_local_tile=gen.dkv_local_tile or gen.mxu_width,
-               generation=gen.name)
+    """The default tiling for a generation ("v4", "v5e", "v5p", "v6e"): its
+    tiles are left to `resolve_tiles`' defaults, so a block the MXU width does
+    not divide (one block covering a short sequence) takes the block as its
+    tile, as with TileConfig(generation=...). (Explicit tiles there raised.)"""
+    return cls(generation=get_generation(generation).name)
 
 
 def get_generation(name: str | None) -> TpuGeneration:

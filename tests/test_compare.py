@@ -1,5 +1,6 @@
 """`polysketch-compare` runs and prints one row per length with sensible numbers."""
 import math
+import re
 
 import pytest
 
@@ -39,3 +40,17 @@ def test_demo_exact_features_match_polynomial(capsys):
   for r in rows:
     assert r["err_poly"] < 1e-4, r
     assert r["err_soft"] == pytest.approx(r["poly_soft"], abs=2e-4), r
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lengths", "-5"], r"--lengths must be positive ints, got \[-5\]"),
+    (["--degree", "6"], r"--degree must be a power of two \(2, 4, 8, \.\.\.\), got 6"),
+    (["--block-size", "12"], r"--block-size must be a positive multiple of 8, got 12"),
+    (["--heads", "0"], r"--heads must be a positive int, got 0"),
+    (["--repeats", "-1"], r"--repeats must be a positive int, got -1"),   # was taken as 1
+])
+def test_demo_rejects_bad_flags_before_any_work(argv, match, capsys):
+  with pytest.raises(SystemExit):
+    demo.main(argv)
+  captured = capsys.readouterr()
+  assert re.search(match, captured.err) and captured.out == ""

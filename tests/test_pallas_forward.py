@@ -169,6 +169,18 @@ def test_tile_config_errors():
     ps.polysketch_attention(*args, tile_config={"local_tile": 128})
 
 
+@pytest.mark.parametrize("generation", sorted(tpu_config.GENERATIONS))
+def test_for_generation_is_the_generations_defaults(generation):
+  """Its explicit tiles made a block the MXU width does not divide (one block
+  covering a short sequence, e.g. 192) raise "local_tile=128 must divide
+  block_size=192", which TileConfig(generation=...) accepts."""
+  for block in (192, 256, 384):
+    kw = dict(block_size=block, head_dim=64, sketch_dim=16, dtype=jnp.float32,
+              feature_dtype=jnp.float32)
+    assert (tpu_config.resolve_tiles(tpu_config.TileConfig.for_generation(generation), **kw)
+            == tpu_config.resolve_tiles(tpu_config.TileConfig(generation=generation), **kw))
+
+
 def test_vmem_budget_error_names_the_limit():
   # b = 1024 with r = 64 needs phi tiles of 4096 x 1024 floats: too big for v4.
   with pytest.raises(ValueError, match=r"over the v4's 16 MiB of VMEM"):

@@ -189,6 +189,63 @@ def test_learned_sketch_formula(hidden_dim):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _perturbed_learned_params(seed, r=4, hidden_dim=12):
+  params = ps.learned_sketch_init(jax.random.key(seed), H, sketch_dim=r, hidden_dim=hidden_dim)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
+
+
+def test_learned_sketch_of_float64_is_float64_accurate():
+  """float64 x (x64 enabled) computes in float64, as the attention ops do: the
+  LayerNorms and GELUs were float32 (1.9e-7 off a float64 evaluation)."""
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64),
+                                    _perturbed_learned_params(7))
+    x = np.random.default_rng(8).standard_normal((3, 2, H))
+    got = ps.learned_sketch_features(params, jnp.asarray(x))
+    assert got.dtype == jnp.float64
+    from pallas_polysketch import sketches
+    def branch(blocks, z):                # the unfused blocks, each in float64
+      for p in blocks:
+        z = sketches._dense_block(p, z)
+      return z
+    g1, g2 = (np.asarray(branch(params[b], jnp.asarray(x))) for b in ("branch1", "branch2"))
+    want = 2.0 * np.tanh(g1 * g2 / 2.0)   # sqrt(r) = 2
+    # float64 rounding through a few dot products of width <= 12
+    assert np.max(np.abs(np.asarray(got) - want)) < 1e-12 * max(np.max(np.abs(want)), 1.0)
+
+
+def test_learned_sketch_folds_bf16_parameters_in_float32():
+  """bf16-stored parameters (a layer with param_dtype=bfloat16) were folded
+  (LayerNorm scale into the Dense kernel) in bf16: float32 inputs got bf16
+  accuracy (2.6e-3 on the xla path, 3.7e-3 on the kernels, which take the
+  same folded weights). Now the same values stored as float32 give the same
+  features."""
+  from pallas_polysketch import sketches
+  bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), _perturbed_learned_params(9))
+  f32 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), bf16)
+  for got, want in zip(sketches._folded_weights(bf16), sketches._folded_weights(f32)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
+  x = jax.random.normal(jax.random.key(10), (2, 16, 2, H))
+  np.testing.assert_array_equal(ps.learned_sketch_features(bf16, x, implementation="xla"),
+                                ps.learned_sketch_features(f32, x, implementation="xla"))
+
+
+def test_sketch_features_check_x():
+  learned = ps.learned_sketch_init(jax.random.key(0), H, 4)
+  random = ps.random_sketch_init(jax.random.key(0), H, 4, degree=4)
+  # an integer x went through the learned sketch rounded to integers: zeros out
+  with pytest.raises(TypeError, match=r"x must have a floating dtype, got int32"):
+    ps.learned_sketch_features(learned, jnp.ones((2, H), jnp.int32))
+  for fn, params in ((ps.learned_sketch_features, learned), (ps.random_sketch_features, random)):
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., head_dim\] \(rank >= 1\)"):
+      fn(params, jnp.float32(1.0))                 # was an IndexError
+    x = np.random.default_rng(0).standard_normal(H).astype(np.float32)
+    np.testing.assert_array_equal(fn(params, list(x)), fn(params, jnp.asarray(x)))  # was an AttributeError
+
+
 def test_learned_sketch_tpu_form_is_the_same_function():
   """On TPU x keeps its [B, T, N, H] shape (no layout copy); elsewhere it is
   one [M, H] matrix. The two forms are the same function, values and every
