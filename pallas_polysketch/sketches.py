@@ -343,7 +343,10 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
 
   Args:
     params: from `learned_sketch_init`.
-    x: [..., head_dim]; q or k as [B, T, N, head_dim] for the Pallas kernels.
+    x: [..., head_dim], floating; q or k as [B, T, N, head_dim] for the Pallas
+      kernels. LayerNorms and GELUs compute in float32 (float64 for float64
+      x), the matmuls in x's dtype; parameters of any dtype are folded in
+      float32. Returns x's dtype.
     implementation: None (the Pallas kernels when lowering for TPU and x is a
       bfloat16 or float32 [B, T, N, head_dim]; the xla path otherwise),
       "pallas" (the kernels; raises for other inputs), or "xla" (pure JAX).
