@@ -7,10 +7,11 @@ reports the first tensor with a non-finite entry and where it is. Only the
 weights the op uses count (j <= i when causal; exact ones inside the diagonal
 block with local_exact, sketched ones elsewhere).
 
-The weights come from the reference (`pallas_polysketch.ref.attention.pair_weights`,
-masked here as the op uses them, segments included) in the op's float32 arithmetic, one block of queries at a time (memory
-O(batch * heads * block_size * seq)); the output is the op's own, run with
-the arguments given.
+The weights come from the reference (`ref.attention.pair_weights`, masked
+here as the op uses them, segments included) in the op's float32
+arithmetic, one block of queries at a time (memory O(batch * heads *
+block_size * seq)); the output is the op's own, run with the arguments
+given.
 """
 from __future__ import annotations
 
