@@ -222,6 +222,11 @@ _SLOT_CLASSES = (
 _OP_RE = re.compile(r"(?:^|;;|=)\s*(v[a-z][\w.]*)")
 
 
+def _slot_class(op: str) -> str:
+  """The issue-slot class of a vector op's mnemonic (`_SLOT_CLASSES`)."""
+  return next((c for c, rx in _SLOT_CLASSES if rx.match(op)), "vector_other")
+
+
 def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
   """Vector ops of each issue-slot class (`_SLOT_CLASSES`; "vector_other"
   for the rest) over every bundle the static count issues: straight-line
@@ -236,7 +241,7 @@ def slot_counts(text: str, sched: Schedule) -> dict[str, int]:
       weight[a] = loop.trips
   for addr, _, _, body, _ in _bundles(text, sched.name):
     for op in _OP_RE.findall(body):
-      cls = next((c for c, rx in _SLOT_CLASSES if rx.match(op)), "vector_other")
+      cls = _slot_class(op)
       counts[cls] = counts.get(cls, 0) + weight[addr]
   return counts
 
@@ -257,7 +262,7 @@ def slots_per_bundle(text: str, sched: Schedule) -> dict[str, dict[int, int]]:
       continue
     counts = dict.fromkeys(hist, 0)
     for op in _OP_RE.findall(body):
-      counts[next((c for c, rx in _SLOT_CLASSES if rx.match(op)), "vector_other")] += 1
+      counts[_slot_class(op)] += 1
     for cls, n in counts.items():
       hist[cls][n] = hist[cls].get(n, 0) + 1
   return hist
