@@ -341,6 +341,11 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
     if problem and implementation == "pallas":
       raise ValueError(problem)
     if not problem:
+      # None falls through to the xla path where the default tiling does not
+      # fit the VMEM, the forward's or only the backward's (a gradient traces
+      # the TPU branch even where the xla one runs, off TPU too); "pallas" or
+      # a TileConfig given asks for the kernels, and raises.
+      asks_for_kernels = implementation == "pallas" or tile_config is not None
       try:
         tiles = tpu_config.resolve_tiles(
             tile_config, block_size=block_size, head_dim=q.shape[-1],
@@ -348,14 +353,9 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
             feature_dtype=_kernel_dtype(q_features.dtype), group=q.shape[2] // k.shape[2],
             symmetric=symmetric)
       except ValueError:
-        # None falls through to the xla path where the default tiling does not
-        # fit the VMEM; "pallas" or a TileConfig given asks for the kernels.
-        if implementation == "pallas" or tile_config is not None:
+        if asks_for_kernels:
           raise
-      # The same where only the backward kernels do not fit: a gradient traces
-      # the TPU branch even where the xla one runs (off TPU too).
-      if (tiles is not None and tiles.backward_error and implementation is None
-          and tile_config is None):
+      if tiles is not None and tiles.backward_error and not asks_for_kernels:
         tiles = None
   config = Config(degree=degree, block_size=block_size, local_exact=local_exact,
                   bias=bias, interpret=interpret, tiles=tiles)
