@@ -197,12 +197,10 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
 
   # A block longer than the sequence is one block, as in the op.
   block = min(block_size, round_up(q.shape[1], 8))
-  if segment_ids is None:
-    segment = jnp.zeros(q.shape[:2], jnp.int32)
-    rel_block = jnp.broadcast_to(jnp.arange(q.shape[1]) // block, q.shape[:2])
-  else:
-    from pallas_polysketch.ref.attention import segment_blocks
-    segment, rel_block = segment_blocks(segment_ids, block)
+  # Without segments the sequence is one segment.
+  from pallas_polysketch.ref.attention import segment_blocks
+  segment, rel_block = segment_blocks(
+      jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids, block)
   ex_first, ex_value, sk_first, sk_value, den = (
       np.asarray(x) for x in _weight_checks(
           q, k, q_features, k_features, segment, rel_block, degree=degree, block_size=block,

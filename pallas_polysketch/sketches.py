@@ -247,9 +247,8 @@ def _check_x(x):
 @jax.custom_vjp
 def _twice_gelu(x):
   """2 jax.nn.gelu(x) (the tanh form) in float32 arithmetic (float64 for
-  float64 x), returned in x's
-  dtype; the caller puts the 1/2 in the next Dense kernel (exact: a power of
-  two). Its VJP keeps only x and recomputes tanh with the derivative written
+  float64 x), returned in x's dtype; the caller puts the 1/2 in the next
+  Dense kernel (exact: a power of two). Its VJP keeps only x and recomputes tanh with the derivative written
   out: fewer vector ops than autodiff's on TPU (BUILD_NOTES, "What the
   learned sketch costs"). The formulas are the feature kernels'
   (`_pallas_features.twice_gelu`)."""
