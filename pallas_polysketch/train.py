@@ -410,6 +410,7 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
                      f"polynomial attention is what its sketch approximates), got "
                      f"attention={model_config.attention!r}")
   tokenizer = getattr(data, "tokenizer", None)
+  data_signature = _data_signature(data)   # a hash of the whole text: once
   if init_from is not None:
     if resume_from is not None:
       raise ValueError("train: give resume_from (continue a run) or init_from (start a new run "
@@ -424,12 +425,12 @@ def train(model_config: GPTConfig, data, cfg: TrainConfig, *, progress: bool = T
     start = 0
     loop = {"history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_acc": []},
             "evals": [], "window": [], "eval_window": [], "elapsed_s": 0.0,
-            "train_time": 0.0, "timed_steps": 0, "data": _data_signature(data)}
+            "train_time": 0.0, "timed_steps": 0, "data": data_signature}
   else:
-    _check_resume(resume_from, model_config, cfg, tokenizer, _data_signature(data))
+    _check_resume(resume_from, model_config, cfg, tokenizer, data_signature)
     model, optimizer, start = resume_from.model, resume_from.optimizer, resume_from.step
     loop = json.loads(json.dumps(resume_from.loop_state))  # a deep copy
-    loop.setdefault("data", _data_signature(data))
+    loop.setdefault("data", data_signature)
     rng = np.random.default_rng()
     rng.bit_generator.state = loop.pop("data_rng")
   history, evals = loop["history"], loop["evals"]
