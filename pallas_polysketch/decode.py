@@ -161,6 +161,16 @@ def _check_state_matches(state, q, k, q_features, what):
           f"(q {q.shape}, k {k.shape}, q_features {q_features.shape})")
 
 
+def _check_axes(q, allow_empty_seq):
+  """Every axis of q but (for prefill) seq is >= 1: no heads or an empty head_dim
+  failed deep in the xla path (a ZeroDivisionError) or ran silently."""
+  empty = [d for i, d in enumerate(q.shape) if d == 0 and not (allow_empty_seq and i == 1)]
+  if empty:
+    allowed = "every axis but seq" if allow_empty_seq else "every axis"
+    raise ValueError(f"q has an empty axis: shape {tuple(q.shape)} ([batch, seq, num_heads, "
+                     f"head_dim]); {allowed} must be >= 1")
+
+
 def _check_static_matches(state, **given):
   for name, value in given.items():
     if getattr(state, name) != value:
@@ -198,6 +208,7 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
     (out [batch, seq, num_heads, head_dim] in q's dtype, the new DecodeState).
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  _check_axes(q, allow_empty_seq=True)
   if state is None:
     state = init_decode_state(q.shape[0], k.shape[2], q.shape[3], q_features.shape[3],
                               degree=degree, block_size=block_size, local_exact=local_exact,
@@ -273,6 +284,7 @@ def decode_step(state, q, k, v, q_features, k_features):
   it completes its block, the block is folded into (S, z) and the tail emptied.
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
+  _check_axes(q, allow_empty_seq=False)
   if q.shape[1] != 1:
     raise ValueError(f"decode_step takes one token per sequence (seq=1), got q {q.shape}; "
                      "use prefill for longer chunks")

@@ -207,3 +207,22 @@ def test_layer_normalization_bias(attention):
     assert rel_err(got, want) < F32_RTOL
   with pytest.raises(ValueError, match="normalization_bias must be a positive finite number"):
     make(0.0)
+
+
+def test_prefill_and_decode_refuse_empty_axes_but_take_an_empty_chunk():
+  """No query heads (or an empty batch) failed inside the xla path with a bare
+  ZeroDivisionError in prefill and ran silently in decode_step; a chunk of no
+  tokens is a piece of length 0 and leaves the state as it was."""
+  q, k = jnp.ones((1, 10, 0, 8)), jnp.ones((1, 10, 1, 8))
+  fq, fk = jnp.ones((1, 10, 0, 4)), jnp.ones((1, 10, 1, 4))
+  with pytest.raises(ValueError, match=r"q has an empty axis: shape \(1, 10, 0, 8\)"):
+    ps.prefill(q, k, k, fq, fk, block_size=8)
+  state = ps.init_decode_state(1, 1, 8, 4, block_size=8)
+  with pytest.raises(ValueError, match=r"q has an empty axis: shape \(1, 1, 0, 8\)"):
+    ps.decode_step(state, q[:, :1], k[:, :1], k[:, :1], fq[:, :1], fk[:, :1])
+  args, _ = layer_inputs(15, 1, 12, 2, 1, 8, 4)
+  _, state = ps.prefill(*args, block_size=8)
+  out, same = ps.prefill(*(x[:, :0] for x in args), block_size=8, state=state)
+  assert out.shape == (1, 0, 2, 8)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(same)):
+    assert rel_err(b, a) < F32_RTOL        # S, z through the symmetric pairs and back
