@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_polysketch import _validation
 from pallas_polysketch.attention import (
@@ -144,9 +145,17 @@ def _check_state(state):
                       f"{getattr(state, name).dtype}: it would truncate the stored tokens")
   if not jnp.issubdtype(state.fill.dtype, jnp.integer):
     raise TypeError(f"state.fill must have an integer dtype (int32), got {state.fill.dtype}")
+  if not isinstance(state.fill, jax.core.Tracer):
+    fill = np.asarray(state.fill)
+    if fill.size and (fill.min() < 0 or fill.max() >= state.block_size):
+      raise ValueError(f"state.fill must lie in [0, block_size={state.block_size}) (the tokens of "
+                       f"the incomplete block), got {fill.tolist()}")
 
 
 def _check_state_matches(state, q, k, q_features, what):
+  """Checks the state against itself and the inputs; returns it with fill as
+  int32 (a narrower integer wrapped around in the index arithmetic: silently
+  wrong outputs from an int8 or uint8 fill)."""
   if not isinstance(state, DecodeState):
     raise TypeError(f"state must be a DecodeState, got {type(state).__name__}")
   _check_state(state)
@@ -159,6 +168,7 @@ def _check_state_matches(state, q, k, q_features, what):
       raise ValueError(
           f"{what} has {name}={got} but the state was made for {name}={want} "
           f"(q {q.shape}, k {k.shape}, q_features {q_features.shape})")
+  return dataclasses.replace(state, fill=jnp.asarray(state.fill).astype(jnp.int32))
 
 
 def _check_axes(q, allow_empty_seq):
@@ -213,7 +223,7 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
     state = init_decode_state(q.shape[0], k.shape[2], q.shape[3], q_features.shape[3],
                               degree=degree, block_size=block_size, local_exact=local_exact,
                               dtype=k.dtype, normalization_bias=normalization_bias)
-  _check_state_matches(state, q, k, q_features, "prefill's input")
+  state = _check_state_matches(state, q, k, q_features, "prefill's input")
   _check_static_matches(state, degree=degree, block_size=block_size,
                         local_exact=_validation.check_bool("local_exact", local_exact),
                         normalization_bias=_validation.check_normalization_bias(
@@ -288,7 +298,7 @@ def decode_step(state, q, k, v, q_features, k_features):
   if q.shape[1] != 1:
     raise ValueError(f"decode_step takes one token per sequence (seq=1), got q {q.shape}; "
                      "use prefill for longer chunks")
-  _check_state_matches(state, q, k, q_features, "decode_step's token")
+  state = _check_state_matches(state, q, k, q_features, "decode_step's token")
   return _decode_step(state, q, k, v, q_features, k_features)
 
 
