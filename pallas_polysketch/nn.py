@@ -394,7 +394,12 @@ class PolySketchAttention(nnx.Module):
       raise ValueError(
           "decoding with a cache needs attention='polysketch' and causal=True, got "
           f"attention={self.attention!r}, causal={self.causal}")
-    batch = input_shape[0]
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or shape[-1] != self.in_features:
+      raise ValueError(
+          f"input_shape must be the shape of the inputs, [batch, seq, in_features="
+          f"{self.in_features}] (e.g. x.shape), got {input_shape!r}")
+    batch = shape[0]
     state = init_decode_state(batch, self.num_kv_heads, self.head_dim, self.sketch_dim,
                               degree=self.degree, block_size=self.block_size,
                               local_exact=self.local_exact, dtype=dtype,

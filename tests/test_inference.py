@@ -252,3 +252,16 @@ def test_state_fill_of_a_narrow_integer_dtype_or_out_of_range():
       ps.decode_step(bad, *tok)
     with pytest.raises(ValueError, match=r"state.fill must lie in \[0, block_size=256\)"):
       ps.prefill(*rest, block_size=256, state=bad)
+
+
+def test_layer_init_cache_checks_input_shape():
+  """A batch size where the input shape goes (GPT.init_cache takes one) failed
+  with "'int' object is not subscriptable"; a shape of other features or rank
+  was taken silently."""
+  layer = PolySketchAttention(32, 2, block_size=16, sketch_dim=8, rngs=nnx.Rngs(0))
+  for shape in (2, (2, 1, 31), (2,), None):
+    with pytest.raises(ValueError, match=r"input_shape must be the shape of the inputs, "
+                                         r"\[batch, seq, in_features=32\] \(e.g. x.shape\), got "):
+      layer.init_cache(shape)
+  layer.init_cache([2, 5, 32])
+  assert layer.cache_index.shape == (2,)
