@@ -145,9 +145,12 @@ def _check_state(state):
                       f"{getattr(state, name).dtype}: it would truncate the stored tokens")
   if not jnp.issubdtype(state.fill.dtype, jnp.integer):
     raise TypeError(f"state.fill must have an integer dtype (int32), got {state.fill.dtype}")
-  if not isinstance(state.fill, jax.core.Tracer):
+  try:
     fill = np.asarray(state.fill)
-    if fill.size and (fill.min() < 0 or fill.max() >= state.block_size):
+  except jax.errors.TracerArrayConversionError:
+    fill = None                                    # traced (under jit): not checked
+  if fill is not None and fill.size:
+    if fill.min() < 0 or fill.max() >= state.block_size:
       raise ValueError(f"state.fill must lie in [0, block_size={state.block_size}) (the tokens of "
                        f"the incomplete block), got {fill.tolist()}")
 
