@@ -42,6 +42,13 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
                      ("seq_axis", seq_axis)):
     if axis is not None and axis not in mesh.axis_names:
       raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
+  named = [(name, axis) for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis),
+                                          ("seq_axis", seq_axis)) if axis is not None]
+  for i, (name, axis) in enumerate(named):
+    for other, other_axis in named[i + 1:]:
+      if axis == other_axis:
+        raise ValueError(f"{name} and {other} are both {axis!r}: a mesh axis can shard only "
+                         "one of batch, heads and seq")
   if "context_axis_name" in op_kwargs:
     raise ValueError("pass the sequence axis as seq_axis, not context_axis_name")
   spec = PartitionSpec(batch_axis, seq_axis, head_axis, None)

@@ -151,6 +151,16 @@ def test_mesh_argument_errors():
     sharded_polysketch_attention("mesh")
 
 
+def test_one_mesh_axis_shards_one_dimension():
+  """The same mesh axis for two dimensions was refused only at the call, by
+  jax's DuplicateSpecError on P('seq', 'seq', None, None), naming no argument."""
+  mesh = _mesh((8,), ("seq",))
+  with pytest.raises(ValueError, match=r"batch_axis and seq_axis are both 'seq'"):
+    sharded_polysketch_attention(mesh, batch_axis="seq", seq_axis="seq")
+  with pytest.raises(ValueError, match=r"head_axis and seq_axis are both 'seq'"):
+    sharded_polysketch_attention(mesh, head_axis="seq", seq_axis="seq")
+
+
 
 def test_sharded_inputs_are_checked_on_their_global_shapes():
   """The op's checks run before shard_map splits the inputs: a bad rank was
