@@ -51,6 +51,9 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
                          "one of batch, heads and seq")
   if "context_axis_name" in op_kwargs:
     raise ValueError("pass the sequence axis as seq_axis, not context_axis_name")
+  if "segment_ids" in op_kwargs:
+    raise ValueError("pass segment_ids to the returned function (sharded as the inputs), "
+                     "not to sharded_polysketch_attention")
   spec = PartitionSpec(batch_axis, seq_axis, head_axis, None)
   local = functools.partial(polysketch_attention, context_axis_name=seq_axis, **op_kwargs)
   plain = _compat.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)

@@ -161,6 +161,15 @@ def test_one_mesh_axis_shards_one_dimension():
     sharded_polysketch_attention(mesh, head_axis="seq", seq_axis="seq")
 
 
+def test_segment_ids_go_to_the_returned_function():
+  """segment_ids among the op's keyword arguments reached every device whole,
+  beside q's shard: a shape error quoting the shard's (2, 8), not the call's."""
+  mesh = _mesh((8,), ("seq",))
+  with pytest.raises(ValueError, match=r"pass segment_ids to the returned function"):
+    sharded_polysketch_attention(mesh, seq_axis="seq", block_size=8,
+                                 segment_ids=jnp.zeros((2, 64), jnp.int32))
+
+
 
 def test_sharded_inputs_are_checked_on_their_global_shapes():
   """The op's checks run before shard_map splits the inputs: a bad rank was
