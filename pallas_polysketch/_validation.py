@@ -66,6 +66,12 @@ def check_normalization_bias(value, *, name: str = "normalization_bias") -> floa
     raise TypeError(f"{name} must be a positive float, got {value!r} ({type(value).__name__})")
   if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  f32 = np.finfo(np.float32)
+  if not f32.tiny <= value <= f32.max:
+    # Added to the float32 denominator, it would round to inf (every output
+    # NaN) or flush to 0 (0 / 0 where no key has weight).
+    raise ValueError(f"{name} must lie in float32's normal range [{f32.tiny:.4g}, "
+                     f"{f32.max:.4g}] (the denominator is float32), got {value!r}")
   return float(value)
 
 
