@@ -66,6 +66,16 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
     # in_specs, not the argument; a list of ids is converted as by the op).
     _validation.check_attention_inputs(q, k, v, q_features, k_features)
     segment_ids = _validation.check_segment_ids(segment_ids, q)
+    for name, axis, dims in (
+        ("batch_axis", batch_axis, (("batch", q.shape[0]),)),
+        ("seq_axis", seq_axis, (("seq", q.shape[1]),)),
+        ("head_axis", head_axis, (("num_heads", q.shape[2]), ("num_kv_heads", k.shape[2])))):
+      for what, n in dims if axis is not None else ():
+        if n % mesh.shape[axis]:
+          raise ValueError(
+              f"{what}={n} must be divisible by the {mesh.shape[axis]} devices of "
+              f"{name}={axis!r}: each device holds an equal part (q {tuple(q.shape)}, "
+              f"k {tuple(k.shape)})")
     if segment_ids is None:
       return plain(q, k, v, q_features, k_features)
     return packed(q, k, v, q_features, k_features, segment_ids)

@@ -186,6 +186,28 @@ def test_sharded_inputs_are_checked_on_their_global_shapes():
   np.testing.assert_array_equal(fn(*args, segment_ids=ids.tolist()),
                                 fn(*args, segment_ids=jnp.asarray(ids)))
 
+def test_dimensions_must_divide_over_their_mesh_axes():
+  """Checked on the global shapes, naming the dimension and the axis: with
+  segment ids, shard_map's own error named "<lambda>'s varargs parameter 'a'"."""
+  mesh = _mesh((2, 4), ("batch", "seq"))
+  args, _ = layer_inputs(0, 2, 90, 4, 2, 16, 8)
+  ids = jnp.zeros((2, 90), jnp.int32)
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=8, implementation="xla")
+  with pytest.raises(ValueError, match=r"seq=90 must be divisible by the 4 devices of "
+                                       r"seq_axis='seq'"):
+    fn(*args, segment_ids=ids)
+  fn = sharded_polysketch_attention(mesh, head_axis="seq", block_size=8, implementation="xla")
+  with pytest.raises(ValueError, match=r"num_kv_heads=2 must be divisible by the 4 devices of "
+                                       r"head_axis='seq'"):
+    fn(*args, segment_ids=ids)
+  args, _ = layer_inputs(0, 3, 64, 4, 2, 16, 8)
+  fn = sharded_polysketch_attention(mesh, batch_axis="batch", block_size=8,
+                                    implementation="xla")
+  with pytest.raises(ValueError, match=r"batch=3 must be divisible by the 2 devices of "
+                                       r"batch_axis='batch'"):
+    fn(*args)
+
+
 # Packed documents (the default suite's case) shard the segment ids as well.
 @pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_gpt_trains_the_same_with_the_sequence_sharded(packed):
