@@ -67,7 +67,7 @@ def check_normalization_bias(value, *, name: str = "normalization_bias") -> floa
   if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
   f32 = np.finfo(np.float32)
-  if not f32.tiny <= value <= f32.max:
+  if not float(f32.tiny) <= float(value) <= float(f32.max):
     # Added to the float32 denominator, it would round to inf (every output
     # NaN) or flush to 0 (0 / 0 where no key has weight).
     raise ValueError(f"{name} must lie in float32's normal range [{f32.tiny:.4g}, "
