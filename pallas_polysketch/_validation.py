@@ -5,6 +5,7 @@ the argument and the shape or value it got.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,6 +66,12 @@ def check_normalization_bias(value, *, name: str = "normalization_bias") -> floa
     raise TypeError(f"{name} must be a positive float, got {value!r} ({type(value).__name__})")
   if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  f32 = np.finfo(np.float32)
+  if not float(f32.tiny) <= float(value) <= float(f32.max):
+    # Added to the float32 denominator, it would round to inf (every output
+    # NaN) or flush to 0 (0 / 0 where no key has weight).
+    raise ValueError(f"{name} must lie in float32's normal range [{f32.tiny:.4g}, "
+                     f"{f32.max:.4g}] (the denominator is float32), got {value!r}")
   return float(value)
 
 
@@ -128,8 +135,8 @@ def check_segment_ids(segment_ids, q, *, name: str = "segment_ids"):
   array (lists and numpy arrays are converted)."""
   if segment_ids is None:
     return None
-  if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-    segment_ids = jnp.asarray(segment_ids)
+  if not isinstance(segment_ids, jax.Array):
+    segment_ids = _int32_runs(np.asarray(segment_ids))
   if tuple(segment_ids.shape) != tuple(q.shape[:2]):
     raise ValueError(
         f"{name} must be [batch, seq] = {tuple(q.shape[:2])} (the first two axes of q), "
@@ -139,6 +146,21 @@ def check_segment_ids(segment_ids, q, *, name: str = "segment_ids"):
         f"{name} must have an integer dtype (e.g. int32), got {segment_ids.dtype} "
         f"(shape {tuple(segment_ids.shape)})")
   return segment_ids
+
+
+def _int32_runs(ids: np.ndarray) -> np.ndarray:
+  """Host ids (a list or numpy array) whose values do not fit the int32 JAX
+  would convert them to (64-bit ids without jax_enable_x64, e.g. hashes) as
+  int32 labels of the same runs: only where neighbours differ matters, and the
+  truncation merged ids equal modulo 2^32 into one segment."""
+  if (ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0
+      or jnp.dtype(jax.dtypes.canonicalize_dtype(ids.dtype)) == ids.dtype):
+    return ids
+  info = np.iinfo(jax.dtypes.canonicalize_dtype(ids.dtype))
+  if info.min <= ids.min() and ids.max() <= info.max:
+    return ids
+  changes = np.concatenate([np.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+  return np.cumsum(changes, axis=1, dtype=np.int32)
 
 
 def check_choice(name: str, value, allowed: tuple) -> str:

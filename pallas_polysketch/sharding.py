@@ -42,8 +42,18 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
                      ("seq_axis", seq_axis)):
     if axis is not None and axis not in mesh.axis_names:
       raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
+  named = [(name, axis) for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis),
+                                          ("seq_axis", seq_axis)) if axis is not None]
+  for i, (name, axis) in enumerate(named):
+    for other, other_axis in named[i + 1:]:
+      if axis == other_axis:
+        raise ValueError(f"{name} and {other} are both {axis!r}: a mesh axis can shard only "
+                         "one of batch, heads and seq")
   if "context_axis_name" in op_kwargs:
     raise ValueError("pass the sequence axis as seq_axis, not context_axis_name")
+  if "segment_ids" in op_kwargs:
+    raise ValueError("pass segment_ids to the returned function (sharded as the inputs), "
+                     "not to sharded_polysketch_attention")
   spec = PartitionSpec(batch_axis, seq_axis, head_axis, None)
   local = functools.partial(polysketch_attention, context_axis_name=seq_axis, **op_kwargs)
   plain = _compat.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
@@ -56,6 +66,16 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
     # in_specs, not the argument; a list of ids is converted as by the op).
     _validation.check_attention_inputs(q, k, v, q_features, k_features)
     segment_ids = _validation.check_segment_ids(segment_ids, q)
+    for name, axis, dims in (
+        ("batch_axis", batch_axis, (("batch", q.shape[0]),)),
+        ("seq_axis", seq_axis, (("seq", q.shape[1]),)),
+        ("head_axis", head_axis, (("num_heads", q.shape[2]), ("num_kv_heads", k.shape[2])))):
+      for what, n in dims if axis is not None else ():
+        if n % mesh.shape[axis]:
+          raise ValueError(
+              f"{what}={n} must be divisible by the {mesh.shape[axis]} devices of "
+              f"{name}={axis!r}: each device holds an equal part (q {tuple(q.shape)}, "
+              f"k {tuple(k.shape)})")
     if segment_ids is None:
       return plain(q, k, v, q_features, k_features)
     return packed(q, k, v, q_features, k_features, segment_ids)

@@ -286,6 +286,17 @@ def test_bad_normalization_bias(bias):
     ps.polynomial_attention(*_arrays()[:3], normalization_bias=bias)
 
 
+@pytest.mark.parametrize("bias", [1e39, 1e-50])
+def test_normalization_bias_outside_float32(bias):
+  """Finite in Python but inf or 0 in the float32 denominator: 1e39 made every
+  output NaN, 1e-50 a query with no weighted key 0 / 0 = NaN."""
+  msg = rf"normalization_bias must lie in float32's normal range .*got {re.escape(repr(bias))}"
+  with pytest.raises(ValueError, match=msg):
+    attention(normalization_bias=bias)
+  with pytest.raises(ValueError, match=msg):
+    ps.polynomial_attention(*_arrays()[:3], normalization_bias=bias)
+
+
 @pytest.mark.parametrize("bias", ["1", None, True])
 def test_normalization_bias_not_a_number(bias):
   with pytest.raises(TypeError, match=r"normalization_bias must be a positive float"):

@@ -250,6 +250,18 @@ def test_segment_ids_numpy_and_int64_accepted():
   np.testing.assert_array_equal(out, want)
 
 
+def test_segment_ids_beyond_int32_are_not_merged():
+  """64-bit host ids (hashes) equal modulo 2^32 are different segments: JAX's
+  conversion to int32 (x64 off) truncated them into one, silently."""
+  big = np.zeros((2, 16), np.int64)
+  big[:, 9:] = 2 ** 32
+  want = np.repeat(np.array([[0, 1]], np.int32), [9, 7], axis=1).repeat(2, axis=0)
+  for fn in (lambda **kw: ps.polysketch_attention(*_small(), block_size=8, **kw),
+             lambda **kw: ps.polynomial_attention(*_small()[:3], **kw)):
+    np.testing.assert_array_equal(fn(segment_ids=big), fn(segment_ids=want))
+    np.testing.assert_array_equal(fn(segment_ids=big.tolist()), fn(segment_ids=want))
+
+
 @pytest.mark.parametrize("local_exact,strict", [(True, False), (False, True)])
 def test_pallas_walk_state_and_previous_cotangents_match_xla(local_exact, strict):
   """The kernels' VJP against the xla walk's, on a walk that starts mid-segment

@@ -151,6 +151,25 @@ def test_mesh_argument_errors():
     sharded_polysketch_attention("mesh")
 
 
+def test_one_mesh_axis_shards_one_dimension():
+  """The same mesh axis for two dimensions was refused only at the call, by
+  jax's DuplicateSpecError on P('seq', 'seq', None, None), naming no argument."""
+  mesh = _mesh((8,), ("seq",))
+  with pytest.raises(ValueError, match=r"batch_axis and seq_axis are both 'seq'"):
+    sharded_polysketch_attention(mesh, batch_axis="seq", seq_axis="seq")
+  with pytest.raises(ValueError, match=r"head_axis and seq_axis are both 'seq'"):
+    sharded_polysketch_attention(mesh, head_axis="seq", seq_axis="seq")
+
+
+def test_segment_ids_go_to_the_returned_function():
+  """segment_ids among the op's keyword arguments reached every device whole,
+  beside q's shard: a shape error quoting the shard's (2, 8), not the call's."""
+  mesh = _mesh((8,), ("seq",))
+  with pytest.raises(ValueError, match=r"pass segment_ids to the returned function"):
+    sharded_polysketch_attention(mesh, seq_axis="seq", block_size=8,
+                                 segment_ids=jnp.zeros((2, 64), jnp.int32))
+
+
 
 def test_sharded_inputs_are_checked_on_their_global_shapes():
   """The op's checks run before shard_map splits the inputs: a bad rank was
@@ -166,6 +185,28 @@ def test_sharded_inputs_are_checked_on_their_global_shapes():
   ids = np.repeat(np.array([[0, 1], [1, 2]], np.int32), 32, axis=1)
   np.testing.assert_array_equal(fn(*args, segment_ids=ids.tolist()),
                                 fn(*args, segment_ids=jnp.asarray(ids)))
+
+def test_dimensions_must_divide_over_their_mesh_axes():
+  """Checked on the global shapes, naming the dimension and the axis: with
+  segment ids, shard_map's own error named "<lambda>'s varargs parameter 'a'"."""
+  mesh = _mesh((2, 4), ("batch", "seq"))
+  args, _ = layer_inputs(0, 2, 90, 4, 2, 16, 8)
+  ids = jnp.zeros((2, 90), jnp.int32)
+  fn = sharded_polysketch_attention(mesh, seq_axis="seq", block_size=8, implementation="xla")
+  with pytest.raises(ValueError, match=r"seq=90 must be divisible by the 4 devices of "
+                                       r"seq_axis='seq'"):
+    fn(*args, segment_ids=ids)
+  fn = sharded_polysketch_attention(mesh, head_axis="seq", block_size=8, implementation="xla")
+  with pytest.raises(ValueError, match=r"num_kv_heads=2 must be divisible by the 4 devices of "
+                                       r"head_axis='seq'"):
+    fn(*args, segment_ids=ids)
+  args, _ = layer_inputs(0, 3, 64, 4, 2, 16, 8)
+  fn = sharded_polysketch_attention(mesh, batch_axis="batch", block_size=8,
+                                    implementation="xla")
+  with pytest.raises(ValueError, match=r"batch=3 must be divisible by the 2 devices of "
+                                       r"batch_axis='batch'"):
+    fn(*args)
+
 
 # Packed documents (the default suite's case) shard the segment ids as well.
 @pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
