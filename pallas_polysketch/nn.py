@@ -134,7 +134,7 @@ class PolySketchAttention(nnx.Module):
     sketch: "learned" (paper §4, trainable, shared by q and k), "random"
       (Algorithm 1, drawn once from `rngs`, fixed) or "none" (zero features:
       no sketched prefix, the exact local blocks alone; a block-local
-      attention baseline, needs local_exact). Used by "polysketch" only.
+      attention baseline, needs local_exact and causal). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
     sketch_hidden_dim: the learned sketch's hidden width (default 8 *
       sketch_dim, the paper's); narrower is cheaper and a different model,
@@ -179,9 +179,13 @@ class PolySketchAttention(nnx.Module):
       raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if sketch not in SKETCHES:
       raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
-    if attention == "polysketch" and sketch == "none" and not local_exact:
-      raise ValueError("sketch='none' (no sketched prefix) needs local_exact=True, "
-                       "or every weight is zero")
+    local_exact = _validation.check_bool("local_exact", local_exact)
+    causal = _validation.check_bool("causal", causal)
+    if attention == "polysketch" and sketch == "none" and not (local_exact and causal):
+      # non-causal attention has no exact local blocks: every weight is sketched
+      raise ValueError("sketch='none' (no sketched prefix) needs local_exact=True and "
+                       f"causal=True, or every weight is zero; got local_exact={local_exact}, "
+                       f"causal={causal}")
     if head_dim is None:
       if in_features % num_heads:
         raise ValueError(
@@ -224,8 +228,8 @@ class PolySketchAttention(nnx.Module):
     self.sketch_hidden_dim = sketch_hidden_dim
     self.degree = degree
     self.block_size = block_size
-    self.local_exact = _validation.check_bool("local_exact", local_exact)
-    self.causal = _validation.check_bool("causal", causal)
+    self.local_exact = local_exact
+    self.causal = causal
     self.rope = rope
     self.dtype = dtype
     self.param_dtype = param_dtype

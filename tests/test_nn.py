@@ -407,6 +407,10 @@ def test_sketch_none_is_exact_local_blocks_alone():
   assert float(jnp.max(jnp.abs(sketched(x)[:, 8:16] - sketched(x[:, 8:16])))) > 1e-3
   with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True"):
     _layer(sketch="none", local_exact=False)
+  # non-causal attention has no exact local blocks: the layer's attention was all zeros
+  with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True and "
+                                       "causal=True.*got local_exact=True, causal=False"):
+    _layer(sketch="none", causal=False)
 
 
 def _padding_key_mask():
