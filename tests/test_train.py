@@ -341,12 +341,25 @@ def test_gpt_config_sizes_must_be_positive_ints(name, value):
     (dict(num_tokens=0), ValueError, "num_tokens must be a positive int, got 0"),
     (dict(num_tokens=-2, use_cache=False), ValueError, "num_tokens must be a positive int"),
     (dict(context=0, use_cache=False), ValueError, "context must be a positive int, got 0"),
+    # NaN sampled token 0 every step; a string failed comparing with 0; an empty batch in numpy
+    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0 .*got nan"),
+    (dict(temperature="0.5"), TypeError, "temperature must be a number >= 0, got '0.5'"),
+    (dict(prompt=np.zeros((0, 3), np.int32)), ValueError,
+     r"prompt must be \[seq\] or \[batch, seq\] with batch, seq >= 1, got shape \(0, 3\)"),
 ])
 def test_generate_errors(kwargs, error, match):
   model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
   kwargs = {"prompt": [1, 2, 3], "num_tokens": 2, "temperature": 0.0, **kwargs}
   with pytest.raises(error, match=match):
     generate(model, kwargs.pop("prompt"), kwargs.pop("num_tokens"), **kwargs)
+
+
+def test_generate_takes_a_jax_scalar_temperature():
+  """A jnp scalar temperature failed inside jit (TracerBoolConversionError)."""
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  got = generate(model, [1, 2, 3], 3, temperature=jnp.float32(0.5), key=jax.random.key(1))
+  want = generate(model, [1, 2, 3], 3, temperature=0.5, key=jax.random.key(1))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_smoke_training_on_shakespeare_slice(tmp_path):

@@ -195,8 +195,9 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
   prompt = np.asarray(prompt)
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
-  if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"prompt must be [seq] or [batch, seq] with seq >= 1, got {prompt.shape}")
+  if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be [seq] or [batch, seq] with batch, seq >= 1, got "
+                     f"shape {prompt.shape}")
   if not np.issubdtype(prompt.dtype, np.integer):
     raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
   vocab = model.config.vocab_size
@@ -204,8 +205,14 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
     bad = prompt[(prompt < 0) | (prompt >= vocab)][0]
     raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab})")
   prompt = prompt.astype(np.int32)
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  # a real number (a 0-d array too): a jnp scalar failed inside jit, NaN sampled token 0
+  if (isinstance(temperature, bool) or np.ndim(temperature) != 0
+      or not np.issubdtype(np.asarray(temperature).dtype, np.integer)
+      and not np.issubdtype(np.asarray(temperature).dtype, np.floating)):
+    raise TypeError(f"temperature must be a number >= 0, got {temperature!r}")
+  temperature = float(temperature)
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs key")
   key = jax.random.key(0) if key is None else key
