@@ -124,6 +124,16 @@ def test_bad_options_raise(kwargs, match):
     _layer(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(param_dtype=jnp.int8), dict(dtype=jnp.int32),
+                                    dict(dtype=jnp.complex64), dict(dtype="float33")])
+def test_non_float_dtypes_raise_at_construction_naming_the_field(kwargs):
+  """param_dtype=int8 failed in an initialiser ("dtype argument to `uniform`"),
+  dtype=int32 at the first call ("Dtype must be inexact"), complex64 naming x."""
+  (name, value), = kwargs.items()
+  with pytest.raises(TypeError, match=rf"^{name} must be a floating dtype .*got {value!r}"):
+    _layer(**kwargs)
+
+
 def test_bad_in_features_and_input():
   with pytest.raises(ValueError, match="divisible by num_heads"):
     PolySketchAttention(30, 4, rngs=nnx.Rngs(0))
