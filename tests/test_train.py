@@ -324,6 +324,15 @@ def test_generate_compiles_once_and_is_in_vocab():
   assert out.shape == (5,) and out.min() >= 0 and out.max() < 20
 
 
+def test_gpt_checks_its_tokens():
+  """1-D tokens failed in the first layer, naming its x of shape (3, 16)."""
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, seq\] token ids, got shape \(3,\)"):
+    model(jnp.array([1, 2, 3]))
+  with pytest.raises(TypeError, match="tokens must be integer token ids, got dtype float32"):
+    model(jnp.ones((1, 3)))
+
+
 @pytest.mark.parametrize("name,value", [("num_layers", -1), ("num_layers", 0),
                                         ("vocab_size", 0), ("mlp_ratio", 0), ("embed_dim", 8.0)])
 def test_gpt_config_sizes_must_be_positive_ints(name, value):

@@ -118,6 +118,11 @@ class GPT(nnx.Module):
       polynomial attention its sketch approximates, with the same parameters
       (`PolySketchAttention`; the warm-up of `TrainConfig.polynomial_warmup_steps`).
     """
+    # 1-D tokens failed in the first layer, naming its x [batch, seq, embed_dim]
+    if jnp.ndim(tokens) != 2:
+      raise ValueError(f"tokens must be [batch, seq] token ids, got shape {jnp.shape(tokens)}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+      raise TypeError(f"tokens must be integer token ids, got dtype {jnp.result_type(tokens)}")
     x = self.embed(tokens)
     for block in self.blocks:
       x = block(x, key_mask=key_mask, segment_ids=segment_ids, decode=decode,
