@@ -353,6 +353,7 @@ def test_gpt_config_sizes_must_be_positive_ints(name, value):
     # NaN sampled token 0 every step; a string failed comparing with 0; an empty batch in numpy
     (dict(temperature=float("nan")), ValueError, "temperature must be >= 0 .*got nan"),
     (dict(temperature="0.5"), TypeError, "temperature must be a number >= 0, got '0.5'"),
+    (dict(use_cache="no"), TypeError, "use_cache must be a bool, got 'no'"),
     (dict(prompt=np.zeros((0, 3), np.int32)), ValueError,
      r"prompt must be \[seq\] or \[batch, seq\] with batch, seq >= 1, got shape \(0, 3\)"),
 ])

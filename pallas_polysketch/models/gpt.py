@@ -224,6 +224,7 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
   cfg = model.config
   if use_cache is None:
     use_cache = cfg.attention == "polysketch"
+  use_cache = _validation.check_bool("use_cache", use_cache)  # "no" turned the cache on
   graphdef, state = nnx.split(model)
 
   def pick(logits, key):
