@@ -295,6 +295,13 @@ def test_rotary_embedding_errors():
   assert rotary_embedding(two, positions=jnp.arange(16)[None]).shape == two.shape
 
 
+@pytest.mark.parametrize("base", [0.0, -1.0, float("nan")])
+def test_rotary_embedding_base_must_be_positive(base):
+  """base 0, negative or NaN gave NaN angles and a NaN output without an error."""
+  with pytest.raises(ValueError, match=f"base must be a positive finite number, got {base}"):
+    rotary_embedding(jnp.ones((1, 4, 2, 8)), base=base)
+
+
 @pytest.mark.parametrize("sketch,extra", [
     ("random", {}), ("learned", {}),
     ("random", dict(sketch_type="hadamard", sketch_scaling="official")),
