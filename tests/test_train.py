@@ -32,6 +32,11 @@ def test_char_tokenizer_roundtrip():
   assert CharTokenizer.from_json(tok.to_json()).chars == tok.chars
   with pytest.raises(ValueError, match="not in the vocabulary"):
     tok.encode("xyz")
+  # -1 decoded silently as the last character
+  with pytest.raises(ValueError, match=r"id -1 is outside the vocabulary \[0, 9\)"):
+    tok.decode([0, -1])
+  with pytest.raises(ValueError, match=r"id 9 is outside the vocabulary"):
+    tok.decode([9])
 
 
 def test_text_data_split_and_fixed_val():

@@ -166,7 +166,11 @@ class CharTokenizer:
       raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
 
   def decode(self, ids) -> str:
-    return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+    ids = np.asarray(ids).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= len(self.chars))]   # -1 decoded as the last character
+    if bad.size:
+      raise ValueError(f"id {bad[0]} is outside the vocabulary [0, {len(self.chars)})")
+    return "".join(self.chars[int(i)] for i in ids)
 
   def to_json(self) -> str:
     return json.dumps(self.chars)
