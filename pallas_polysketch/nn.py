@@ -296,6 +296,13 @@ class PolySketchAttention(nnx.Module):
     """Sketch features f(x): [..., head_dim] -> [..., sketch_dim] (polysketch only)."""
     if self.attention != "polysketch":
       raise ValueError(f"attention={self.attention!r} has no sketch features")
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)
+    # an integer x cast the random sketch's matrices to integers (garbage features),
+    # and sketch="none" took any last dim
+    _validation.check_float_dtype("x", x)
+    if jnp.ndim(x) == 0 or x.shape[-1] != self.head_dim:
+      raise ValueError(f"x must be [..., head_dim] = [..., {self.head_dim}], got shape "
+                       f"{jnp.shape(x)}")
     if self.sketch_kind == "none":
       return jnp.zeros(x.shape[:-1] + (self.sketch_dim,), x.dtype)
     params = _variables_to_arrays(self.sketch)

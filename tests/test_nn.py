@@ -168,6 +168,19 @@ def test_random_sketch_fixed_and_learned_sketch_trains():
     assert changed(before["query"]["kernel"], after["query"]["kernel"])
 
 
+@pytest.mark.parametrize("sketch", ["learned", "random", "none"])
+def test_features_check_x(sketch):
+  """An integer x cast the random sketch's matrices to integers (garbage integer
+  features); sketch="none" returned zeros for any last dim."""
+  layer = _layer(sketch=sketch)
+  with pytest.raises(TypeError, match=r"x must have a floating dtype, got int32"):
+    layer.features(jnp.ones((5, D // N), jnp.int32))
+  with pytest.raises(ValueError, match=rf"x must be \[..., head_dim\] = \[..., {D // N}\], "
+                                       r"got shape \(5, 6\)"):
+    layer.features(jnp.ones((5, 6)))
+  assert layer.features(jnp.ones((5, D // N))).shape == (5, layer.sketch_dim)
+
+
 def test_random_sketch_differs_per_layer_seed():
   a, b = _layer(sketch="random", seed=0), _layer(sketch="random", seed=1)
   assert not np.allclose(a.sketch["g1"][...], b.sketch["g1"][...])
