@@ -337,6 +337,11 @@ class PolySketchAttention(nnx.Module):
     if key_mask is not None and tuple(key_mask.shape) != tuple(x.shape[:2]):
       raise ValueError(
           f"key_mask must be [batch, seq] = {tuple(x.shape[:2])}, got shape {key_mask.shape}")
+    if key_mask is not None and not (jnp.issubdtype(key_mask.dtype, jnp.bool_)
+                                     or jnp.issubdtype(key_mask.dtype, jnp.integer)):
+      # a float mask was cast to bool: an additive one (0 keep, -inf drop) inverted
+      raise TypeError(f"key_mask must be bool (True for real tokens) or integer 0/1, got "
+                      f"dtype {key_mask.dtype}")
     segment_ids = _validation.check_segment_ids(segment_ids, x)
     if segment_ids is not None and decode:
       raise ValueError("segment_ids is not supported with decode=True (a cache holds one "
@@ -351,7 +356,8 @@ class PolySketchAttention(nnx.Module):
                exact_polynomial: bool = False) -> jax.Array:
     """[batch, seq, in_features] -> [batch, seq, in_features].
 
-    key_mask: None or bool [batch, seq], False for padding keys (never seen).
+    key_mask: None or bool [batch, seq] (or integer 0/1; not float), False for
+      padding keys (never seen).
     segment_ids: None or int32 [batch, seq]: packed sequences. A segment is a
       maximal run of equal ids; tokens attend only within their segment, and
       rotary positions count from each segment's start, so every segment gets
@@ -365,6 +371,7 @@ class PolySketchAttention(nnx.Module):
       sketch's error on a trained layer.
     """
     decode = _validation.check_bool("decode", decode)
+    key_mask = None if key_mask is None else jnp.asarray(key_mask)   # a list failed on .shape
     segment_ids = self._check_x(x, key_mask, segment_ids, decode)
     exact_polynomial = _validation.check_bool("exact_polynomial", exact_polynomial)
     if exact_polynomial and (self.attention != "polysketch" or decode):

@@ -443,6 +443,19 @@ def test_sketch_none_is_exact_local_blocks_alone():
     _layer(sketch="none", causal=False)
 
 
+def test_key_mask_must_be_bool_or_int():
+  """A float key_mask was cast to bool: an additive one (0 keep, -inf drop)
+  masked the real tokens and kept the padding, without an error; a list failed
+  with "'list' object has no attribute 'shape'"."""
+  layer = _layer()
+  keep = _padding_key_mask()
+  with pytest.raises(TypeError, match="key_mask must be bool .* got dtype float32"):
+    layer(_x(), key_mask=jnp.where(keep, 0.0, -jnp.inf))
+  want = layer(_x(), key_mask=keep)
+  np.testing.assert_array_equal(layer(_x(), key_mask=keep.astype(jnp.int32)), want)
+  np.testing.assert_array_equal(layer(_x(), key_mask=np.asarray(keep).tolist()), want)
+
+
 def _padding_key_mask():
   return jnp.arange(T)[None, :] < jnp.array([[T], [T - 5]])
 
