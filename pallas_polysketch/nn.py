@@ -87,6 +87,7 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   segments: counted from each segment's start). Computed in float32.
   """
   _validation.check_rank("x", x, 4, "[batch, seq, heads, head_dim]")
+  base = _validation.check_normalization_bias(base, name="base")  # 0, < 0, NaN: NaN angles
   b, t, _, h = x.shape
   if h % 2:
     raise ValueError(f"rotary_embedding needs an even head_dim, got x of shape {x.shape}")
@@ -114,6 +115,20 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   return out.astype(x.dtype)
 
 
+def _check_float_dtype(name, dtype):
+  """None or a real floating dtype: an integer one failed in an initialiser or at
+  the first call ("Dtype must be inexact"), a complex one inside the sketch."""
+  if dtype is None:
+    return
+  try:
+    ok = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(f"{name} must be a floating dtype (e.g. jnp.float32, jnp.bfloat16) or "
+                    f"None, got {dtype!r}")
+
+
 def _variables_to_arrays(tree):
   return jax.tree.map(lambda v: v[...], tree,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -134,7 +149,7 @@ class PolySketchAttention(nnx.Module):
     sketch: "learned" (paper §4, trainable, shared by q and k), "random"
       (Algorithm 1, drawn once from `rngs`, fixed) or "none" (zero features:
       no sketched prefix, the exact local blocks alone; a block-local
-      attention baseline, needs local_exact). Used by "polysketch" only.
+      attention baseline, needs local_exact and causal). Used by "polysketch" only.
     sketch_dim: r, the sketch feature size.
     sketch_hidden_dim: the learned sketch's hidden width (default 8 *
       sketch_dim, the paper's); narrower is cheaper and a different model,
@@ -179,9 +194,13 @@ class PolySketchAttention(nnx.Module):
       raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if sketch not in SKETCHES:
       raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
-    if attention == "polysketch" and sketch == "none" and not local_exact:
-      raise ValueError("sketch='none' (no sketched prefix) needs local_exact=True, "
-                       "or every weight is zero")
+    local_exact = _validation.check_bool("local_exact", local_exact)
+    causal = _validation.check_bool("causal", causal)
+    if attention == "polysketch" and sketch == "none" and not (local_exact and causal):
+      # non-causal attention has no exact local blocks: every weight is sketched
+      raise ValueError("sketch='none' (no sketched prefix) needs local_exact=True and "
+                       f"causal=True, or every weight is zero; got local_exact={local_exact}, "
+                       f"causal={causal}")
     if head_dim is None:
       if in_features % num_heads:
         raise ValueError(
@@ -211,6 +230,8 @@ class PolySketchAttention(nnx.Module):
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    _check_float_dtype("dtype", dtype)
+    _check_float_dtype("param_dtype", param_dtype)
 
     self.in_features = in_features
     self.num_heads = num_heads
@@ -224,8 +245,8 @@ class PolySketchAttention(nnx.Module):
     self.sketch_hidden_dim = sketch_hidden_dim
     self.degree = degree
     self.block_size = block_size
-    self.local_exact = _validation.check_bool("local_exact", local_exact)
-    self.causal = _validation.check_bool("causal", causal)
+    self.local_exact = local_exact
+    self.causal = causal
     self.rope = rope
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -275,6 +296,13 @@ class PolySketchAttention(nnx.Module):
     """Sketch features f(x): [..., head_dim] -> [..., sketch_dim] (polysketch only)."""
     if self.attention != "polysketch":
       raise ValueError(f"attention={self.attention!r} has no sketch features")
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)
+    # an integer x cast the random sketch's matrices to integers (garbage features),
+    # and sketch="none" took any last dim
+    _validation.check_float_dtype("x", x)
+    if jnp.ndim(x) == 0 or x.shape[-1] != self.head_dim:
+      raise ValueError(f"x must be [..., head_dim] = [..., {self.head_dim}], got shape "
+                       f"{jnp.shape(x)}")
     if self.sketch_kind == "none":
       return jnp.zeros(x.shape[:-1] + (self.sketch_dim,), x.dtype)
     params = _variables_to_arrays(self.sketch)
@@ -309,6 +337,11 @@ class PolySketchAttention(nnx.Module):
     if key_mask is not None and tuple(key_mask.shape) != tuple(x.shape[:2]):
       raise ValueError(
           f"key_mask must be [batch, seq] = {tuple(x.shape[:2])}, got shape {key_mask.shape}")
+    if key_mask is not None and not (jnp.issubdtype(key_mask.dtype, jnp.bool_)
+                                     or jnp.issubdtype(key_mask.dtype, jnp.integer)):
+      # a float mask was cast to bool: an additive one (0 keep, -inf drop) inverted
+      raise TypeError(f"key_mask must be bool (True for real tokens) or integer 0/1, got "
+                      f"dtype {key_mask.dtype}")
     segment_ids = _validation.check_segment_ids(segment_ids, x)
     if segment_ids is not None and decode:
       raise ValueError("segment_ids is not supported with decode=True (a cache holds one "
@@ -323,7 +356,8 @@ class PolySketchAttention(nnx.Module):
                exact_polynomial: bool = False) -> jax.Array:
     """[batch, seq, in_features] -> [batch, seq, in_features].
 
-    key_mask: None or bool [batch, seq], False for padding keys (never seen).
+    key_mask: None or bool [batch, seq] (or integer 0/1; not float), False for
+      padding keys (never seen).
     segment_ids: None or int32 [batch, seq]: packed sequences. A segment is a
       maximal run of equal ids; tokens attend only within their segment, and
       rotary positions count from each segment's start, so every segment gets
@@ -337,6 +371,7 @@ class PolySketchAttention(nnx.Module):
       sketch's error on a trained layer.
     """
     decode = _validation.check_bool("decode", decode)
+    key_mask = None if key_mask is None else jnp.asarray(key_mask)   # a list failed on .shape
     segment_ids = self._check_x(x, key_mask, segment_ids, decode)
     exact_polynomial = _validation.check_bool("exact_polynomial", exact_polynomial)
     if exact_polynomial and (self.attention != "polysketch" or decode):

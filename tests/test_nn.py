@@ -124,6 +124,16 @@ def test_bad_options_raise(kwargs, match):
     _layer(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(param_dtype=jnp.int8), dict(dtype=jnp.int32),
+                                    dict(dtype=jnp.complex64), dict(dtype="float33")])
+def test_non_float_dtypes_raise_at_construction_naming_the_field(kwargs):
+  """param_dtype=int8 failed in an initialiser ("dtype argument to `uniform`"),
+  dtype=int32 at the first call ("Dtype must be inexact"), complex64 naming x."""
+  (name, value), = kwargs.items()
+  with pytest.raises(TypeError, match=rf"^{name} must be a floating dtype .*got {value!r}"):
+    _layer(**kwargs)
+
+
 def test_bad_in_features_and_input():
   with pytest.raises(ValueError, match="divisible by num_heads"):
     PolySketchAttention(30, 4, rngs=nnx.Rngs(0))
@@ -156,6 +166,19 @@ def test_random_sketch_fixed_and_learned_sketch_trains():
     else:
       assert all(sketch_changed), "every learned-sketch param should move in one Adam step"
     assert changed(before["query"]["kernel"], after["query"]["kernel"])
+
+
+@pytest.mark.parametrize("sketch", ["learned", "random", "none"])
+def test_features_check_x(sketch):
+  """An integer x cast the random sketch's matrices to integers (garbage integer
+  features); sketch="none" returned zeros for any last dim."""
+  layer = _layer(sketch=sketch)
+  with pytest.raises(TypeError, match=r"x must have a floating dtype, got int32"):
+    layer.features(jnp.ones((5, D // N), jnp.int32))
+  with pytest.raises(ValueError, match=rf"x must be \[..., head_dim\] = \[..., {D // N}\], "
+                                       r"got shape \(5, 6\)"):
+    layer.features(jnp.ones((5, 6)))
+  assert layer.features(jnp.ones((5, D // N))).shape == (5, layer.sketch_dim)
 
 
 def test_random_sketch_differs_per_layer_seed():
@@ -285,6 +308,13 @@ def test_rotary_embedding_errors():
   assert rotary_embedding(two, positions=jnp.arange(16)[None]).shape == two.shape
 
 
+@pytest.mark.parametrize("base", [0.0, -1.0, float("nan")])
+def test_rotary_embedding_base_must_be_positive(base):
+  """base 0, negative or NaN gave NaN angles and a NaN output without an error."""
+  with pytest.raises(ValueError, match=f"base must be a positive finite number, got {base}"):
+    rotary_embedding(jnp.ones((1, 4, 2, 8)), base=base)
+
+
 @pytest.mark.parametrize("sketch,extra", [
     ("random", {}), ("learned", {}),
     ("random", dict(sketch_type="hadamard", sketch_scaling="official")),
@@ -407,6 +437,23 @@ def test_sketch_none_is_exact_local_blocks_alone():
   assert float(jnp.max(jnp.abs(sketched(x)[:, 8:16] - sketched(x[:, 8:16])))) > 1e-3
   with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True"):
     _layer(sketch="none", local_exact=False)
+  # non-causal attention has no exact local blocks: the layer's attention was all zeros
+  with pytest.raises(ValueError, match="sketch='none' .* needs local_exact=True and "
+                                       "causal=True.*got local_exact=True, causal=False"):
+    _layer(sketch="none", causal=False)
+
+
+def test_key_mask_must_be_bool_or_int():
+  """A float key_mask was cast to bool: an additive one (0 keep, -inf drop)
+  masked the real tokens and kept the padding, without an error; a list failed
+  with "'list' object has no attribute 'shape'"."""
+  layer = _layer()
+  keep = _padding_key_mask()
+  with pytest.raises(TypeError, match="key_mask must be bool .* got dtype float32"):
+    layer(_x(), key_mask=jnp.where(keep, 0.0, -jnp.inf))
+  want = layer(_x(), key_mask=keep)
+  np.testing.assert_array_equal(layer(_x(), key_mask=keep.astype(jnp.int32)), want)
+  np.testing.assert_array_equal(layer(_x(), key_mask=np.asarray(keep).tolist()), want)
 
 
 def _padding_key_mask():

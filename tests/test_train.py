@@ -32,6 +32,11 @@ def test_char_tokenizer_roundtrip():
   assert CharTokenizer.from_json(tok.to_json()).chars == tok.chars
   with pytest.raises(ValueError, match="not in the vocabulary"):
     tok.encode("xyz")
+  # -1 decoded silently as the last character
+  with pytest.raises(ValueError, match=r"id -1 is outside the vocabulary \[0, 9\)"):
+    tok.decode([0, -1])
+  with pytest.raises(ValueError, match=r"id 9 is outside the vocabulary"):
+    tok.decode([9])
 
 
 def test_text_data_split_and_fixed_val():
@@ -324,6 +329,15 @@ def test_generate_compiles_once_and_is_in_vocab():
   assert out.shape == (5,) and out.min() >= 0 and out.max() < 20
 
 
+def test_gpt_checks_its_tokens():
+  """1-D tokens failed in the first layer, naming its x of shape (3, 16)."""
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, seq\] token ids, got shape \(3,\)"):
+    model(jnp.array([1, 2, 3]))
+  with pytest.raises(TypeError, match="tokens must be integer token ids, got dtype float32"):
+    model(jnp.ones((1, 3)))
+
+
 @pytest.mark.parametrize("name,value", [("num_layers", -1), ("num_layers", 0),
                                         ("vocab_size", 0), ("mlp_ratio", 0), ("embed_dim", 8.0)])
 def test_gpt_config_sizes_must_be_positive_ints(name, value):
@@ -341,12 +355,26 @@ def test_gpt_config_sizes_must_be_positive_ints(name, value):
     (dict(num_tokens=0), ValueError, "num_tokens must be a positive int, got 0"),
     (dict(num_tokens=-2, use_cache=False), ValueError, "num_tokens must be a positive int"),
     (dict(context=0, use_cache=False), ValueError, "context must be a positive int, got 0"),
+    # NaN sampled token 0 every step; a string failed comparing with 0; an empty batch in numpy
+    (dict(temperature=float("nan")), ValueError, "temperature must be >= 0 .*got nan"),
+    (dict(temperature="0.5"), TypeError, "temperature must be a number >= 0, got '0.5'"),
+    (dict(use_cache="no"), TypeError, "use_cache must be a bool, got 'no'"),
+    (dict(prompt=np.zeros((0, 3), np.int32)), ValueError,
+     r"prompt must be \[seq\] or \[batch, seq\] with batch, seq >= 1, got shape \(0, 3\)"),
 ])
 def test_generate_errors(kwargs, error, match):
   model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
   kwargs = {"prompt": [1, 2, 3], "num_tokens": 2, "temperature": 0.0, **kwargs}
   with pytest.raises(error, match=match):
     generate(model, kwargs.pop("prompt"), kwargs.pop("num_tokens"), **kwargs)
+
+
+def test_generate_takes_a_jax_scalar_temperature():
+  """A jnp scalar temperature failed inside jit (TracerBoolConversionError)."""
+  model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
+  got = generate(model, [1, 2, 3], 3, temperature=jnp.float32(0.5), key=jax.random.key(1))
+  want = generate(model, [1, 2, 3], 3, temperature=0.5, key=jax.random.key(1))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_smoke_training_on_shakespeare_slice(tmp_path):

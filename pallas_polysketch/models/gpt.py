@@ -118,6 +118,11 @@ class GPT(nnx.Module):
       polynomial attention its sketch approximates, with the same parameters
       (`PolySketchAttention`; the warm-up of `TrainConfig.polynomial_warmup_steps`).
     """
+    # 1-D tokens failed in the first layer, naming its x [batch, seq, embed_dim]
+    if jnp.ndim(tokens) != 2:
+      raise ValueError(f"tokens must be [batch, seq] token ids, got shape {jnp.shape(tokens)}")
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+      raise TypeError(f"tokens must be integer token ids, got dtype {jnp.result_type(tokens)}")
     x = self.embed(tokens)
     for block in self.blocks:
       x = block(x, key_mask=key_mask, segment_ids=segment_ids, decode=decode,
@@ -161,7 +166,11 @@ class CharTokenizer:
       raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
 
   def decode(self, ids) -> str:
-    return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+    ids = np.asarray(ids).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= len(self.chars))]   # -1 decoded as the last character
+    if bad.size:
+      raise ValueError(f"id {bad[0]} is outside the vocabulary [0, {len(self.chars)})")
+    return "".join(self.chars[int(i)] for i in ids)
 
   def to_json(self) -> str:
     return json.dumps(self.chars)
@@ -195,8 +204,9 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
   prompt = np.asarray(prompt)
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
-  if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"prompt must be [seq] or [batch, seq] with seq >= 1, got {prompt.shape}")
+  if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be [seq] or [batch, seq] with batch, seq >= 1, got "
+                     f"shape {prompt.shape}")
   if not np.issubdtype(prompt.dtype, np.integer):
     raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
   vocab = model.config.vocab_size
@@ -204,14 +214,21 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
     bad = prompt[(prompt < 0) | (prompt >= vocab)][0]
     raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab})")
   prompt = prompt.astype(np.int32)
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  # a real number (a 0-d array too): a jnp scalar failed inside jit, NaN sampled token 0
+  if (isinstance(temperature, bool) or np.ndim(temperature) != 0
+      or not np.issubdtype(np.asarray(temperature).dtype, np.integer)
+      and not np.issubdtype(np.asarray(temperature).dtype, np.floating)):
+    raise TypeError(f"temperature must be a number >= 0, got {temperature!r}")
+  temperature = float(temperature)
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs key")
   key = jax.random.key(0) if key is None else key
   cfg = model.config
   if use_cache is None:
     use_cache = cfg.attention == "polysketch"
+  use_cache = _validation.check_bool("use_cache", use_cache)  # "no" turned the cache on
   graphdef, state = nnx.split(model)
 
   def pick(logits, key):
