@@ -60,19 +60,26 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
         f"{name} must have rank {rank} ({layout}), got shape {getattr(x, 'shape', None)}")
 
 
-def check_normalization_bias(value, *, name: str = "normalization_bias") -> float:
-  """A positive finite number: the constant that keeps the denominator > 0."""
+def check_positive_finite(name: str, value) -> float:
+  """A positive finite real number, returned as a Python float."""
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
     raise TypeError(f"{name} must be a positive float, got {value!r} ({type(value).__name__})")
   if not np.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  return float(value)
+
+
+def check_normalization_bias(value, *, name: str = "normalization_bias") -> float:
+  """A positive number in float32's normal range: the constant that keeps the
+  (float32) denominator > 0."""
+  value = check_positive_finite(name, value)
   f32 = np.finfo(np.float32)
-  if not float(f32.tiny) <= float(value) <= float(f32.max):
+  if not float(f32.tiny) <= value <= float(f32.max):
     # Added to the float32 denominator, it would round to inf (every output
     # NaN) or flush to 0 (0 / 0 where no key has weight).
     raise ValueError(f"{name} must lie in float32's normal range [{f32.tiny:.4g}, "
                      f"{f32.max:.4g}] (the denominator is float32), got {value!r}")
-  return float(value)
+  return value
 
 
 def check_qkv(q, k, v) -> None:

@@ -87,7 +87,7 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   segments: counted from each segment's start). Computed in float32.
   """
   _validation.check_rank("x", x, 4, "[batch, seq, heads, head_dim]")
-  base = _validation.check_normalization_bias(base, name="base")  # 0, < 0, NaN: NaN angles
+  base = _validation.check_positive_finite("base", base)  # 0, < 0, NaN: NaN angles
   b, t, _, h = x.shape
   if h % 2:
     raise ValueError(f"rotary_embedding needs an even head_dim, got x of shape {x.shape}")
