@@ -10,7 +10,7 @@ from helpers import load_bench
 def test_recall_benchmark_runs_end_to_end_and_resumes(tmp_path):
   bench = load_bench("recall")
   argv = ["--seqs", "64", "--pairs", "2", "--steps", "3", "--batch-size", "4",
-          "--lrs", "1e-3", "3e-3", "--variants", "softmax,local", "--dim", "16",
+          "--lrs", "1e-3", "3e-3", "--variants", "softmax,local", "--dim", "16", "--layers", "1",
           "--sketch-dim", "4", "--block-size", "16", "--eval-batches", "1",
           "--out-dir", str(tmp_path), "--tag", "tiny"]
   runs = bench.main(argv)
@@ -27,7 +27,7 @@ def test_recall_benchmark_runs_end_to_end_and_resumes(tmp_path):
 
   # a second process's runs merge into one table
   other = bench.main(argv[:argv.index("--variants")] + [
-      "--variants", "polynomial", "--lrs", "1e-3", "--dim", "16", "--sketch-dim", "4",
+      "--variants", "polynomial", "--lrs", "1e-3", "--dim", "16", "--layers", "1", "--sketch-dim", "4",
       "--block-size", "16", "--eval-batches", "1", "--out-dir", str(tmp_path), "--tag", "other"])
   merged = bench.main(["--merge", str(tmp_path / "recall-tiny.json"),
                        str(tmp_path / "recall-other.json"), "--out-dir", str(tmp_path),
@@ -44,7 +44,7 @@ def test_recall_curve_and_distinct_queries_at_short_context(tmp_path, capsys):
   bench = load_bench("recall")
   runs = bench.main(["--seqs", "16", "--pairs", "2", "--distinct-queries", "--queries", "16",
                      "--steps", "3", "--eval-every", "2", "--batch-size", "4",
-                     "--variants", "softmax", "--dim", "16", "--block-size", "8",
+                     "--variants", "softmax", "--dim", "16", "--layers", "1", "--block-size", "8",
                      "--eval-batches", "1", "--out-dir", str(tmp_path), "--tag", "curve"])
   assert len(runs) == 1
   curve = runs[0]["curve"]
@@ -67,7 +67,7 @@ def test_recall_state_sizes():
 def test_merged_runs_of_one_variant_with_other_sketch_dims_or_steps_get_their_own_rows(tmp_path):
   bench = load_bench("recall")
   common = ["--seqs", "16", "--pairs", "2", "--distinct-queries", "--batch-size", "4",
-            "--variants", "random+local", "--dim", "16", "--block-size", "8",
+            "--variants", "random+local", "--dim", "16", "--layers", "1", "--block-size", "8",
             "--eval-batches", "1", "--out-dir", str(tmp_path)]
   a = bench.main(common + ["--steps", "2", "--eval-every", "1", "--sketch-dim", "4", "--tag", "a"])
   b = bench.main(common + ["--steps", "3", "--sketch-dim", "8", "--tag", "b"])
@@ -236,7 +236,7 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
 def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_path):
   bench = load_bench("recall")
   common = ["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "2", "--batch-size", "4",
-            "--dim", "16", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--dim", "16", "--layers", "1", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
             "--out-dir", str(tmp_path)]
   warm = bench.main(common + ["--variants", "softmax,learned+local", "--polynomial-warmup", "1",
                               "--save-models", str(tmp_path / "models"), "--tag", "warm"])
@@ -286,7 +286,7 @@ def test_init_from_with_more_keys_grows_the_key_vocabulary(tmp_path, capsys):
   import jax.numpy as jnp
   import numpy as np
   bench = load_bench("recall")
-  common = ["--seqs", "32", "--queries", "4", "--batch-size", "4", "--dim", "16",
+  common = ["--seqs", "32", "--queries", "4", "--batch-size", "4", "--dim", "16", "--layers", "1",
             "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
             "--variants", "learned+local", "--out-dir", str(tmp_path)]
   bench.main(common + ["--pairs", "2", "--keys", "4", "--steps", "2",
@@ -337,7 +337,7 @@ def test_a_narrower_learned_sketch_gets_its_own_row_model_name_and_chain(tmp_pat
   default width's run, and --init-from continues it only with the same width."""
   bench = load_bench("recall")
   common = ["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "1", "--batch-size", "4",
-            "--dim", "16", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
+            "--dim", "16", "--layers", "1", "--sketch-dim", "4", "--block-size", "8", "--eval-batches", "1",
             "--variants", "learned+local", "--out-dir", str(tmp_path)]
   narrow = bench.main(common + ["--sketch-hidden", "8", "--save-models", str(tmp_path / "m"),
                                 "--tag", "narrow"])

@@ -216,7 +216,7 @@ def test_gpt_trains_the_same_with_the_sequence_sharded(packed):
   import optax
   from flax import nnx
   from pallas_polysketch.models.gpt import GPT, GPTConfig
-  cfg = GPTConfig(vocab_size=17, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+  cfg = GPTConfig(vocab_size=17, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=32,
                   block_size=16, sketch_dim=8, implementation="xla")
   mesh = _mesh((8,), ("seq",))
   tokens = jax.random.randint(jax.random.key(0), (2, 8 * 16 + 1), 0, 17)
