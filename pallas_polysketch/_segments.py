@@ -40,7 +40,10 @@ anyway for the window: with L the last token of block t-1,
 
 (the state keeps running if L's segment started before block t-1, else it
 restarts inside it). The masks are applied with `jnp.where`, never as a 0/1
-product, so an overflow (inf) in one segment cannot reach another as 0 * inf.
+product, so an overflow (inf) in one segment cannot reach another's outputs as
+0 * inf. Gradients are not so kept apart: where one segment's weights overflow
+(q, k far beyond LayerNorm'd magnitudes, ~1e5), the gradient of a loss over
+the other segments is NaN too, as for any `jnp.where` over an overflowed value.
 
 A walk starts from a given S(-1) and a given block -1 (`previous`): zeros and
 NO_SEGMENT labels at a sequence's start; the shard before this one's state and

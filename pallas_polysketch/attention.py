@@ -315,10 +315,12 @@ def _polysketch_attention(q, k, v, q_features, k_features, segment_ids, *, confi
 
 def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
                    normalization_bias, implementation, interpret, tile_config,
-                   padded_len=None, symmetric=True):
+                   padded_len=None, symmetric=True, block_may_cover=True):
   """Checks the static arguments and fixes the block and the kernel tiling.
 
-  The block is clamped to the 8-rounded sequence; the kernel tiling is resolved
+  The block is clamped to the 8-rounded sequence; `block_may_cover` False:
+  no block covers the padded sequence (prefill's chunk follows the state's
+  incomplete block), so b must tile it; the kernel tiling is resolved
   only where the Pallas kernels may run; `symmetric`: whether the kernels that
   run keep only the symmetric feature pairs (causal, no segments), which sets
   their VMEM estimate. Returns (Config, implementation)."""
@@ -337,7 +339,8 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
   tiles = None
   if implementation != "xla":
     problem = (_kernel_dtype_error(q, q_features)
-               or tpu_config.kernel_block_error(block_size, padded_len))
+               or tpu_config.kernel_block_error(block_size,
+                                                padded_len if block_may_cover else None))
     if problem and implementation == "pallas":
       raise ValueError(problem)
     if not problem:

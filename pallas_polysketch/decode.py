@@ -238,7 +238,8 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
   config, implementation = resolve_config(
       q, k, q_features, degree=state.degree, block_size=b, local_exact=state.local_exact,
       normalization_bias=state.normalization_bias, implementation=implementation,
-      interpret=interpret, tile_config=tile_config, padded_len=aligned_len)
+      interpret=interpret, tile_config=tile_config, padded_len=aligned_len,
+      block_may_cover=False)
   out, state = _prefill(*upcast_float16(q, k, v, q_features, k_features), state, config=config,
                         implementation=implementation)
   return out.astype(q.dtype), state

@@ -422,7 +422,7 @@ class PolySketchAttention(nnx.Module):
   def init_cache(self, input_shape, dtype: Any = jnp.float32) -> None:
     """Allocates an empty decoding cache for inputs of shape [batch, ., in_features].
 
-    The cache is a `DecodeState` (r^2 H + b (2H + r) numbers per sequence and
+    The cache is a `DecodeState` (r^2 (H + 1) + b (2H + r) numbers per sequence and
     kv head, whatever the context) and the count of tokens seen, in
     `nnx.Cache` variables; dtype is that of the cached block of k, v."""
     if self.attention != "polysketch" or not self.causal:

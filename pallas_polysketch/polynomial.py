@@ -89,9 +89,9 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
 
   s_ij = (q_i . k_j)^degree over j <= i (causal) or all j, with no 1/sqrt(H)
   scaling. degree must be even so every s_ij >= 0. Normalise q and k first
-  (e.g. LayerNorm) or the power overflows. Computes in float32 and
-  materialises the [B, N, T, T] weights: use it as a quality reference and for
-  short sequences.
+  (e.g. LayerNorm) or the power overflows. Computes in float32 (float64 for
+  float64 inputs with x64 enabled) and materialises the [B, N, T, T] weights:
+  use it as a quality reference and for short sequences.
 
   Args:
     q: [batch, seq, num_heads, head_dim].

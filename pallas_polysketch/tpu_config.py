@@ -311,18 +311,22 @@ def resolve_feature_tiles(config: TileConfig | None, seq_len: int, dtype, *, hid
                       mxu_width=gen.mxu_width)
 
 
-def kernel_block_error(block_size: int, padded_len: int) -> str | None:
+def kernel_block_error(block_size: int, padded_len: int | None) -> str | None:
   """Why the TPU kernels cannot tile this block, or None if they can.
 
   Feature and value blocks put the b tokens on the 128 lanes, and Mosaic needs
   a block's last dim to be a multiple of 128 or the whole array dim: so b must
   be a multiple of 128, or one block must cover the (8-padded) sequence.
+  padded_len None: no block covers the sequence (prefill's chunk follows the
+  state's incomplete block).
   """
-  if block_size % 128 == 0 or block_size >= padded_len:
+  if block_size % 128 == 0 or padded_len is not None and block_size >= padded_len:
     return None
+  cover = ("" if padded_len is None
+           else f", or cover the whole sequence (>= {padded_len})")
   return (f"block_size={block_size} cannot be tiled by the TPU kernel: it must be a "
-          f"multiple of 128 (the lane width), or cover the whole sequence "
-          f"(>= {padded_len}); use implementation='xla' for other multiples of 8")
+          f"multiple of 128 (the lane width){cover}; use implementation='xla' for other "
+          "multiples of 8")
 
 
 def _tile_bytes(shape, dtype) -> int:

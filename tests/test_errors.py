@@ -315,6 +315,18 @@ def test_pallas_rejects_blocks_it_cannot_tile(block_size):
                             interpret=True)
 
 
+def test_prefill_names_the_multiple_of_128_alone():
+  """prefill lays its chunk after the state's incomplete block, so no block
+  covers it: the error offered "or cover the whole sequence (>= 128)" for a
+  10-token chunk at block 64, which no block size can do."""
+  q, fq = jnp.ones((1, 10, 2, 64)), jnp.ones((1, 10, 2, 16))
+  with pytest.raises(ValueError, match=r"block_size=64 cannot be tiled by the TPU kernel: it "
+                                       r"must be a multiple of 128 \(the lane width\); use "):
+    ps.prefill(q, q, q, fq, fq, block_size=64, implementation="pallas", interpret=True)
+  out, _ = ps.prefill(q, q, q, fq, fq, block_size=64)        # the default runs the xla path
+  assert out.shape == q.shape
+
+
 # --- found by an independent cross-check (2026-12-05) ---------------------------
 
 @pytest.mark.parametrize("arg,value", [("causal", "no"), ("local_exact", "no"),

@@ -346,6 +346,13 @@ def test_gpt_config_sizes_must_be_positive_ints(name, value):
     _tiny_config(**{name: value})
 
 
+def test_gpt_config_embed_dim_must_divide_over_the_heads():
+  """Accepted before, then refused by the first layer naming its own fields
+  (in_features, head_dim), which GPTConfig does not have."""
+  with pytest.raises(ValueError, match=r"embed_dim \(30\) must be divisible by num_heads \(4\)"):
+    _tiny_config(embed_dim=30, num_heads=4)
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     # a float prompt was truncated to ints, an out-of-vocabulary id gave NaN logits
     (dict(prompt=[1.5, 2.0]), TypeError, "prompt must hold integer token ids, got dtype float64"),
@@ -361,6 +368,9 @@ def test_gpt_config_sizes_must_be_positive_ints(name, value):
     (dict(use_cache="no"), TypeError, "use_cache must be a bool, got 'no'"),
     (dict(prompt=np.zeros((0, 3), np.int32)), ValueError,
      r"prompt must be \[seq\] or \[batch, seq\] with batch, seq >= 1, got shape \(0, 3\)"),
+    # an int seed failed in JAX ("invalid PRNG key data"), not naming key
+    (dict(temperature=1.0, key=0), TypeError, r"key must be a PRNG key \(jax.random.key\(seed\)\), got 0"),
+    (dict(temperature=1.0, key=jnp.zeros(3, jnp.uint32)), TypeError, "key must be a PRNG key"),
 ])
 def test_generate_errors(kwargs, error, match):
   model = GPT(_tiny_config(), rngs=nnx.Rngs(0))
@@ -375,6 +385,8 @@ def test_generate_takes_a_jax_scalar_temperature():
   got = generate(model, [1, 2, 3], 3, temperature=jnp.float32(0.5), key=jax.random.key(1))
   want = generate(model, [1, 2, 3], 3, temperature=0.5, key=jax.random.key(1))
   np.testing.assert_array_equal(got, want)
+  legacy = generate(model, [1, 2, 3], 3, temperature=0.5, key=jax.random.PRNGKey(1))
+  assert legacy.shape == want.shape          # a legacy uint32[2] key is taken too
 
 
 def test_smoke_training_on_shakespeare_slice(tmp_path):

@@ -43,6 +43,9 @@ class GPTConfig:
     # (num_layers=-1 built a model without layers).
     for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_ratio"):
       _validation.check_positive_int(name, getattr(self, name))
+    if self.embed_dim % self.num_heads:   # the layer's error named its own fields
+      raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads "
+                       f"({self.num_heads}): each head gets embed_dim / num_heads features")
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -224,6 +227,11 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
     raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs key")
+  if key is not None and not (
+      isinstance(key, jax.Array) and key.ndim == 0 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      or isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)):
+    # an int seed failed in JAX with "invalid PRNG key data", not naming key
+    raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}")
   key = jax.random.key(0) if key is None else key
   cfg = model.config
   if use_cache is None:
