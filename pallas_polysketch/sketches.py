@@ -114,6 +114,7 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     f32[d_in], "cols2": i32[r], "left": ..., "right": ...}, with d_in =
     head_dim at the innermost level and r above it.
   """
+  _validation.check_prng_key("key", key)
   degree = check_random_degree(degree)
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
@@ -303,6 +304,7 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     {"ln_scale": [d_in], "ln_bias": [d_in], "w_in": [d_in, hidden_dim],
      "w_out": [hidden_dim, r]}.
   """
+  _validation.check_prng_key("key", key)
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
   hidden = 8 * sketch_dim if hidden_dim is None else _validation.check_positive_int(
