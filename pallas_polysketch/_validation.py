@@ -170,6 +170,19 @@ def _int32_runs(ids: np.ndarray) -> np.ndarray:
   return np.cumsum(changes, axis=1, dtype=np.int32)
 
 
+def check_prng_key(name: str, key) -> None:
+  """One PRNG key: a typed key (`jax.random.key`, shape ()) or legacy raw key
+  data (`jax.random.PRNGKey`, uint32 [n]). An int seed failed inside JAX with
+  "invalid PRNG key data", naming no argument."""
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    ok = shape == ()
+  else:
+    ok = dtype == np.uint32 and shape is not None and len(shape) == 1
+  if not ok:
+    raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got {key!r}")
+
+
 def check_choice(name: str, value, allowed: tuple) -> str:
   """One of a few allowed strings; the error lists them."""
   if not isinstance(value, str) or value not in allowed:

@@ -429,7 +429,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       xla path on every platform.
     causal: causal (block-causal) attention or full attention.
     local_exact: exact (q.k)^p weights inside each diagonal block.
-    normalization_bias: the positive constant in the denominator.
+    normalization_bias: the positive constant in the denominator, in
+      float32's normal range.
     segment_ids: None, or int32 [batch, seq]: packed sequences (DESIGN §1.5).
       A segment is a maximal run of equal ids ([0, 0, 1, 1, 0, 0] is three
       segments); a token attends only to tokens of its own segment (earlier
@@ -443,7 +444,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
-      Only the states cross devices: r^2 (H + 1) floats per kv head.
+      Only the states cross devices: r^2 (H + 1) floats per kv head (with
+      segment_ids also the previous shard's last block of k, v, k_features).
     implementation: None (the fastest available for the platform: the Pallas
       kernels when lowering for TPU, where they take the block size, the
       dtypes (bfloat16, float16, float32) and fit the VMEM with the default

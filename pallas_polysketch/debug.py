@@ -2,8 +2,9 @@
 
 `find_nonfinite` walks the computation of DESIGN §1.3 in order: the inputs,
 the exact local weights (q_i . k_j)^p, the sketched weights
-(f_q,i . f_k,j)^2, the denominator 1 + sum_j w_ij and the op's output, and
-reports the first tensor with a non-finite entry and where it is. Only the
+(f_q,i . f_k,j)^2, the denominator normalization_bias + sum_j w_ij and the
+op's output, and reports the first tensor with a non-finite entry and where
+it is. Only the
 weights the op uses count (j <= i when causal; exact ones inside the diagonal
 block with local_exact, sketched ones elsewhere).
 
@@ -34,7 +35,7 @@ _DESCRIPTIONS = {
     "k_features": "input k_features",
     "exact_weights": "exact local weight (q_i . k_j)^p",
     "sketched_weights": "sketched weight (f_q,i . f_k,j)^2",
-    "denominator": "denominator 1 + sum_j w_ij",
+    "denominator": "denominator normalization_bias + sum_j w_ij",
     "output": "output",
 }
 

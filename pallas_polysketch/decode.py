@@ -59,18 +59,22 @@ class DecodeState:
 
   @property
   def batch(self) -> int:
+    """batch, from the stored tail's shape."""
     return self.tail_k.shape[0]
 
   @property
   def num_kv_heads(self) -> int:
+    """num_kv_heads, from the stored tail's shape."""
     return self.tail_k.shape[2]
 
   @property
   def head_dim(self) -> int:
+    """head_dim, from the stored tail's shape."""
     return self.tail_k.shape[3]
 
   @property
   def sketch_dim(self) -> int:
+    """sketch_dim, from the stored tail's shape."""
     return self.tail_k_features.shape[3]
 
   def nbytes(self) -> int:
@@ -215,7 +219,9 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
     degree, block_size, local_exact, normalization_bias: as there; with
       `state` they must equal the state's.
     state: a `DecodeState` to continue, or None (an empty prefix).
-    implementation, interpret, tile_config: as for `polysketch_attention`.
+    implementation, interpret, tile_config: as for `polysketch_attention`,
+      but the kernels need a block_size that is a multiple of 128 here (no
+      block covers a chunk that follows the state's incomplete block).
 
   Returns:
     (out [batch, seq, num_heads, head_dim] in q's dtype, the new DecodeState).

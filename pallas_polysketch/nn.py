@@ -83,7 +83,7 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   Dimension i of the first half is rotated with dimension i + head_dim/2 by the
   angle t * base^(-2i/head_dim) at position t = offset + index. offset: an int
   or int32 [batch] (decoding: the tokens already seen). positions: None, or
-  int [batch, seq], the positions themselves (offset is then ignored; packed
+  int [batch, seq] (or [1, seq]), the positions themselves (offset is then ignored; packed
   segments: counted from each segment's start). Computed in float32.
   """
   _validation.check_rank("x", x, 4, "[batch, seq, heads, head_dim]")
@@ -357,11 +357,11 @@ class PolySketchAttention(nnx.Module):
     """[batch, seq, in_features] -> [batch, seq, in_features].
 
     key_mask: None or bool [batch, seq] (or integer 0/1; not float), False for
-      padding keys (never seen).
+      padding keys (never seen). Not with decode.
     segment_ids: None or int32 [batch, seq]: packed sequences. A segment is a
       maximal run of equal ids; tokens attend only within their segment, and
       rotary positions count from each segment's start, so every segment gets
-      the output of running it alone (all three attentions).
+      the output of running it alone (all three attentions). Not with decode.
     decode: continue the cache from `init_cache` by x's tokens (causal
       "polysketch" only); positions continue from the tokens already cached.
     exact_polynomial: ("polysketch" only) compute the exact polynomial
@@ -472,7 +472,11 @@ _STATE_FIELDS = ("prefix_state", "normalizer", "tail_k", "tail_v", "tail_k_featu
 
 
 class PolySketchAttentionLinen(linen.Module):
-  """Linen version of `PolySketchAttention` (same fields; built with nnx.bridge).
+  """Linen version of `PolySketchAttention` (built with nnx.bridge).
+
+  The fields are the NNX layer's arguments but `mesh` and `mesh_axes`; the
+  call takes x, key_mask and segment_ids (no decoding cache, no
+  exact_polynomial).
 
   Parameters live in the "params" collection, the fixed random sketch in the
   "sketch" collection, both under the submodule name "attention":
@@ -503,6 +507,8 @@ class PolySketchAttentionLinen(linen.Module):
 
   @linen.compact
   def __call__(self, x, key_mask=None, segment_ids=None):
+    """[batch, seq, in_features] -> [batch, seq, in_features]; key_mask and
+    segment_ids as for `PolySketchAttention.__call__`."""
     kwargs = dict(
         attention=self.attention, head_dim=self.head_dim,
         num_kv_heads=self.num_kv_heads, sketch=self.sketch,

@@ -99,7 +99,8 @@ def polynomial_attention(q, k, v, *, degree=4, causal=True, normalization_bias=1
       num_heads: grouped-query attention), one floating dtype with q.
     degree: p, a positive even int.
     causal: attend to j <= i only.
-    normalization_bias: the positive constant in the denominator.
+    normalization_bias: the positive constant in the denominator, in
+      float32's normal range.
     segment_ids: None or int32 [batch, seq]: packed sequences. s_ij = 0 unless
       i and j lie in one segment (a maximal run of equal ids), so each segment
       gets the result of running it alone.

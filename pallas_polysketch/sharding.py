@@ -28,7 +28,9 @@ def sharded_polysketch_attention(mesh: Mesh, *, batch_axis=None, head_axis=None,
       batch, the heads (query and kv heads alike: the kv heads must divide
       evenly too, so each device keeps whole groups) and the sequence
       (contiguously; each device's shard must be a multiple of block_size).
-    **op_kwargs: the keyword arguments of `polysketch_attention`.
+    **op_kwargs: the keyword arguments of `polysketch_attention` but
+      context_axis_name (seq_axis sets it) and segment_ids (an argument of the
+      returned function); either raises a ValueError.
 
   Returns:
     fn(q, k, v, q_features, k_features, segment_ids=None) -> out, all

@@ -101,7 +101,8 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
   Args:
     key: a PRNG key.
     head_dim: H, the size of the vectors the sketch maps.
-    sketch_dim: r, the feature size (ignored for degree 2).
+    sketch_dim: r, the feature size (unused for degree 2, but still checked to
+      be a positive int).
     degree: p, a power of two >= 2. degree=2 gives the identity map f(x) = x
       (exact features of size head_dim).
     sketch_type: "gaussian" (default) or "hadamard".
@@ -113,6 +114,7 @@ def random_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     f32[d_in], "cols2": i32[r], "left": ..., "right": ...}, with d_in =
     head_dim at the innermost level and r above it.
   """
+  _validation.check_prng_key("key", key)
   degree = check_random_degree(degree)
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
@@ -289,6 +291,9 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
   GELU -> Dense(r, no bias); the first maps head_dim -> r, the second r -> r.
   Dense kernels use LeCun-normal initialisation.
 
+  Args: key, a PRNG key; head_dim, H; sketch_dim, r; hidden_dim (positive
+  ints).
+
   hidden_dim defaults to 8r, the paper's width. A narrower one is a cheaper,
   different model: on TPU the features' cost is the GELU's vector work on the
   hidden units, about proportional to hidden_dim (bench/TPU_SCHEDULE.md,
@@ -299,6 +304,7 @@ def learned_sketch_init(key: jax.Array, head_dim: int, sketch_dim: int = 32,
     {"ln_scale": [d_in], "ln_bias": [d_in], "w_in": [d_in, hidden_dim],
      "w_out": [hidden_dim, r]}.
   """
+  _validation.check_prng_key("key", key)
   _validation.check_positive_int("head_dim", head_dim)
   _validation.check_positive_int("sketch_dim", sketch_dim)
   hidden = 8 * sketch_dim if hidden_dim is None else _validation.check_positive_int(
@@ -347,7 +353,8 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
       x), the matmuls in x's dtype; parameters of any dtype are folded in
       float32. Returns x's dtype.
     implementation: None (the Pallas kernels when lowering for TPU and x is a
-      bfloat16 or float32 [B, T, N, head_dim]; the xla path otherwise),
+      non-empty bfloat16 or float32 [B, T, N, head_dim] with head_dim a
+      multiple of 8; the xla path otherwise),
       "pallas" (the kernels; raises for other inputs), or "xla" (pure JAX).
     interpret: for "pallas": run the kernels in interpret mode on any backend.
     tile_config: the kernels' `TileConfig` (its `features_tile`, `bf16_gelu`,

@@ -108,6 +108,7 @@ class TextData:
 
   @classmethod
   def from_file(cls, path: str, **kwargs) -> "TextData":
+    """TextData of a UTF-8 text file; kwargs as for the constructor."""
     with open(path, encoding="utf-8") as f:
       return cls(f.read(), **kwargs)
 
@@ -310,6 +311,9 @@ class TrainConfig:
 
 
 def loss_fn(model, inputs, targets, mask, segment_ids=None, exact_polynomial=False):
+  """(mean cross-entropy, accuracy) over the targets mask keeps: inputs and
+  targets int [batch, context], mask float [batch, context], segment_ids None
+  or int32 [batch, context]."""
   logits = model(inputs, segment_ids=segment_ids, exact_polynomial=exact_polynomial)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   denom = jnp.maximum(jnp.sum(mask), 1.0)
@@ -319,6 +323,8 @@ def loss_fn(model, inputs, targets, mask, segment_ids=None, exact_polynomial=Fal
 
 
 def make_optimizer(model, cfg: TrainConfig):
+  """AdamW (b2 0.95) after global-norm clipping, with linear warm-up and cosine
+  decay to learning_rate * min_lr_ratio, over the model's `nnx.Param`s."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate,
       warmup_steps=max(1, min(cfg.warmup_steps, cfg.steps - 1)),
@@ -362,6 +368,7 @@ def make_steps(model, optimizer):
 
 
 def evaluate(eval_step, state, batches, exact_polynomial=False):
+  """(mean loss, mean accuracy) of eval_step (`make_steps`) over batches."""
   losses, accs = [], []
   for batch in batches:
     loss, acc = eval_step(state, *batch, exact_polynomial=exact_polynomial)
@@ -908,6 +915,8 @@ def _flag_names(message: str) -> str:
 
 
 def main(argv=None) -> dict:
+  """`python -m pallas_polysketch.train`: parses argv (None: sys.argv), trains
+  and returns the results dict of `train`."""
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.resume and not args.checkpoint:

@@ -246,6 +246,17 @@ def test_sketch_features_check_x():
     np.testing.assert_array_equal(fn(params, list(x)), fn(params, jnp.asarray(x)))  # was an AttributeError
 
 
+def test_sketch_inits_check_the_key():
+  """An int seed in place of the key failed inside JAX ("invalid PRNG key data"),
+  naming no argument; typed and legacy uint32[2] keys are taken."""
+  for init in (ps.random_sketch_init, ps.learned_sketch_init):
+    for bad in (0, None, jax.random.split(jax.random.key(0), 2)):
+      with pytest.raises(TypeError, match=r"key must be a PRNG key \(jax\.random\.key\(seed\)\)"):
+        init(bad, H, 4)
+    jax.tree.map(np.testing.assert_array_equal, init(jax.random.PRNGKey(3), H, 4),
+                 init(jax.random.wrap_key_data(jax.random.PRNGKey(3)), H, 4))
+
+
 def test_learned_sketch_tpu_form_is_the_same_function():
   """On TPU x keeps its [B, T, N, H] shape (no layout copy); elsewhere it is
   one [M, H] matrix. The two forms are the same function, values and every

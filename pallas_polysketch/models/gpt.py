@@ -21,7 +21,9 @@ from pallas_polysketch.nn import PolySketchAttention
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-  """Model hyperparameters; `attention` ... `implementation` go to the layer."""
+  """Model hyperparameters; `num_heads`, `num_kv_heads` and `attention` ...
+  `sketch_hidden_dim` go to every `PolySketchAttention` layer (causal; its
+  other arguments at their defaults)."""
   vocab_size: int
   num_layers: int = 4
   num_heads: int = 4
@@ -56,6 +58,8 @@ class GPTConfig:
 
 
 class MLP(nnx.Module):
+  """Linear(dim -> hidden) -> GELU -> Linear(hidden -> dim), with biases:
+  [..., dim] -> [..., dim]."""
 
   def __init__(self, dim: int, hidden: int, *, dtype=None, rngs: nnx.Rngs):
     self.up = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
@@ -93,6 +97,8 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
   """Decoder-only language model: tokens [batch, seq] -> logits [batch, seq, vocab].
 
+  config: a `GPTConfig`. dtype: the computation dtype (None: from inputs and
+  params; parameters are float32). rngs: `nnx.Rngs` for initialisation.
   mesh, mesh_axes: optional; every attention layer then runs sharded over the
   mesh's (batch, heads, seq) axes (see `PolySketchAttention`).
   """
@@ -134,7 +140,8 @@ class GPT(nnx.Module):
     return self.embed.attend(x).astype(jnp.float32)  # tied output embedding
 
   def init_cache(self, batch: int, dtype=jnp.float32) -> None:
-    """Empty decoding caches in every layer (constant size in the context)."""
+    """Empty decoding caches in every layer for `batch` sequences (constant size
+    in the context); dtype: that of the cached incomplete block of k and v."""
     for block in self.blocks:
       block.attn.init_cache((batch, 1, self.config.embed_dim), dtype)
 
@@ -154,6 +161,7 @@ class CharTokenizer:
 
   @classmethod
   def from_text(cls, text: str) -> "CharTokenizer":
+    """The tokenizer of text's distinct characters; raises on empty text."""
     if not text:
       raise ValueError("cannot build a tokenizer from empty text")
     return cls(sorted(set(text)))
@@ -163,12 +171,15 @@ class CharTokenizer:
     return len(self.chars)
 
   def encode(self, text: str) -> np.ndarray:
+    """int32 [len(text)] ids; raises on a character outside the vocabulary."""
     try:
       return np.fromiter((self._index[c] for c in text), np.int32, len(text))
     except KeyError as e:
       raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
 
   def decode(self, ids) -> str:
+    """The text of ids (any shape, flattened); raises on an id outside
+    [0, vocab_size)."""
     ids = np.asarray(ids).reshape(-1)
     bad = ids[(ids < 0) | (ids >= len(self.chars))]   # -1 decoded as the last character
     if bad.size:
@@ -184,6 +195,8 @@ class CharTokenizer:
 
 
 def param_count(model: nnx.Module) -> int:
+  """Number of trainable parameters (`nnx.Param` entries; the fixed random
+  sketches and caches are not counted)."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
