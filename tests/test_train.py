@@ -370,7 +370,8 @@ def test_gpt_config_embed_dim_must_divide_over_the_heads():
      r"prompt must be \[seq\] or \[batch, seq\] with batch, seq >= 1, got shape \(0, 3\)"),
     # an int seed failed in JAX ("invalid PRNG key data"), not naming key
     (dict(temperature=1.0, key=0), TypeError, r"key must be a PRNG key \(jax.random.key\(seed\)\), got 0"),
-    (dict(temperature=1.0, key=jnp.zeros(3, jnp.uint32)), TypeError, "key must be a PRNG key"),
+    (dict(temperature=1.0, key=jax.random.split(jax.random.key(0))), TypeError,
+     "key must be a PRNG key"),                              # a batch of keys
 ])
 def test_generate_errors(kwargs, error, match):
   model = GPT(_tiny_config(), rngs=nnx.Rngs(0))

@@ -240,11 +240,8 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
     raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs key")
-  if key is not None and not (
-      isinstance(key, jax.Array) and key.ndim == 0 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-      or isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)):
-    # an int seed failed in JAX with "invalid PRNG key data", not naming key
-    raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}")
+  if key is not None:
+    _validation.check_prng_key("key", key)
   key = jax.random.key(0) if key is None else key
   cfg = model.config
   if use_cache is None:
