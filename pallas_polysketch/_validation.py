@@ -55,9 +55,11 @@ def check_float_dtype(name: str, x) -> None:
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
+  if not hasattr(x, "shape"):   # a list reported "got shape None"
+    raise TypeError(f"{name} must be an array of rank {rank} ({layout}), got a "
+                    f"{type(x).__name__}")
   if getattr(x, "ndim", None) != rank:
-    raise ValueError(
-        f"{name} must have rank {rank} ({layout}), got shape {getattr(x, 'shape', None)}")
+    raise ValueError(f"{name} must have rank {rank} ({layout}), got shape {x.shape}")
 
 
 def check_positive_finite(name: str, value) -> float:

@@ -429,3 +429,10 @@ def test_prefill_normalization_bias_is_checked_with_a_state():
   q, f = jnp.ones((1, 3, 2, 8)), jnp.ones((1, 3, 2, 4))
   with pytest.raises(TypeError, match="normalization_bias must be a positive float, got 'x'"):
     ps.prefill(q, q, q, f, f, state=state, block_size=8, normalization_bias="x")
+
+
+def test_a_list_for_an_array_is_named_as_such():
+  """A nested list reached the rank check as "got shape None"."""
+  q = jnp.ones((1, 16, 2, 8))
+  with pytest.raises(TypeError, match=r"q must be an array of rank 4 .*got a list"):
+    ps.polysketch_attention(q.tolist(), q, q, q, q, block_size=8)
