@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_polysketch._compat import InterpretParams
+
 
 def check_degree(degree, *, name: str = "degree") -> int:
   """An even positive integer: every weight (x·y)^p is then >= 0."""
@@ -41,6 +43,18 @@ def check_bool(name: str, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
   return bool(value)
+
+
+def check_interpret(interpret, *, name: str = "interpret"):
+  """A bool or the TPU interpreter's parameters (`pltpu.InterpretParams`),
+  returned as it was given (a NumPy bool as a Python bool): a truthy string
+  such as "no" would silently run the kernels in interpret mode."""
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret)
+  if InterpretParams is not None and isinstance(interpret, InterpretParams):
+    return interpret
+  raise TypeError(f"{name} must be a bool or a pltpu.InterpretParams, got {interpret!r} "
+                  f"({type(interpret).__name__})")
 
 
 def check_nonempty(name: str, x, layout: str) -> None:

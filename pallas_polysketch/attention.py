@@ -328,6 +328,7 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
   block_size = _validation.check_block_size(block_size)
   bias = _validation.check_normalization_bias(normalization_bias)
   local_exact = _validation.check_bool("local_exact", local_exact)
+  interpret = _validation.check_interpret(interpret)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

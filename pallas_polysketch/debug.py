@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_polysketch import _validation
-from pallas_polysketch.attention import polysketch_attention, round_up
+from pallas_polysketch.attention import polysketch_attention, resolve_config, round_up
 
 INPUTS = ("q", "k", "v", "q_features", "k_features")
 _DESCRIPTIONS = {
@@ -190,6 +190,12 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
   causal = _validation.check_bool("causal", causal)
   local_exact = _validation.check_bool("local_exact", local_exact)
   segment_ids = _validation.check_segment_ids(segment_ids, q)
+  # The op's own arguments too, before any result: a bad implementation,
+  # interpret or tile_config must not hide behind a non-finite input.
+  resolve_config(q, k, q_features, degree=degree, block_size=block_size,
+                 local_exact=local_exact, normalization_bias=bias,
+                 implementation=implementation, interpret=interpret,
+                 tile_config=tile_config, symmetric=causal and segment_ids is None)
   inputs = (q, k, v, q_features, k_features)
   for name, x in zip(INPUTS, inputs):
     found = _first_nonfinite_entry(name, x)

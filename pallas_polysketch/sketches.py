@@ -388,6 +388,7 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
   if implementation not in (None, "xla", "pallas"):
     raise ValueError(
         f"implementation must be one of (None, 'xla', 'pallas'), got {implementation!r}")
+  interpret = _validation.check_interpret(interpret)
   if tile_config is not None and not isinstance(tile_config, TileConfig):
     raise ValueError(f"tile_config must be a TileConfig or None, got {type(tile_config).__name__}")
   lead = x.shape[:-1]

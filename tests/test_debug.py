@@ -190,6 +190,20 @@ def test_bad_arguments_raise_naming_them():
     _find(x)
 
 
+def test_the_ops_arguments_are_checked_before_any_report():
+  """A bad implementation, interpret or tile_config was only refused by the op
+  at the end: with a non-finite input it was ignored and the input reported."""
+  x = _inputs()
+  x["q"][0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match=r"implementation must be one of .*'triton'"):
+    _find(x, implementation="triton")
+  with pytest.raises(TypeError, match=r"interpret must be a bool.*'no'"):
+    _find(x, interpret="no")
+  with pytest.raises(TypeError, match=r"tile_config must be a TileConfig, got dict"):
+    _find(x, tile_config={})
+  assert _find(x).tensor == "q"
+
+
 def test_empty_sequence_raises_naming_q():
   """Was numpy's "attempt to get argmax of an empty sequence"."""
   x = {name: a[:, :0] for name, a in _inputs().items()}

@@ -338,6 +338,22 @@ def test_flags_must_be_bools(arg, value):
   assert attention(block_size=8, **{arg: np.bool_(True)}).shape == (B, T, N, H)
 
 
+@pytest.mark.parametrize("value", ["no", None, 0, []])
+def test_interpret_must_be_a_bool_or_interpret_params(value):
+  """interpret="no" ran the kernels in interpret mode (a truthy string), and a
+  list failed in jit with "Non-hashable static arguments" naming Config."""
+  match = rf"interpret must be a bool or a pltpu.InterpretParams, got {re.escape(repr(value))}"
+  with pytest.raises(TypeError, match=match):
+    attention(block_size=8, implementation="pallas", interpret=value)
+  q, k, v, fq, fk = _arrays()
+  with pytest.raises(TypeError, match=match):
+    ps.prefill(q, k, v, fq, fk, block_size=8, implementation="pallas", interpret=value)
+  params = ps.learned_sketch_init(jax.random.key(0), H, R)
+  with pytest.raises(TypeError, match=match):
+    ps.learned_sketch_features(params, q, implementation="pallas", interpret=value)
+  assert attention(block_size=8, interpret=np.bool_(True)).shape == (B, T, N, H)
+
+
 @pytest.mark.parametrize("shape", [(B, 0, N, H), (0, T, N, H)])
 def test_empty_batch_or_sequence(shape):
   q = jnp.ones(shape)

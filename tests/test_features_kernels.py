@@ -190,6 +190,13 @@ def test_pallas_without_interpret_names_the_function_off_tpu():
   with pytest.raises(ValueError, match=r"learned_sketch_features\(implementation='pallas'\).*"
                                        r"cpu.*interpret=True"):
     jax.jit(functools.partial(ps.learned_sketch_features, implementation="pallas"))(_params(), x)
+  # Called eagerly too: jax's "Only interpret mode is supported on CPU
+  # backend." named neither the function nor the way out.
+  with pytest.raises(ValueError, match=r"learned_sketch_features\(implementation='pallas'\).*"
+                                       r"cpu.*interpret=True"):
+    ps.learned_sketch_features(_params(), x, implementation="pallas")
+  with jax.disable_jit(), pytest.raises(ValueError, match=r"learned_sketch_features.*cpu"):
+    ps.learned_sketch_features(_params(), x, implementation="pallas")
 
 
 @pytest.mark.parametrize("shape,dtype,match", [
