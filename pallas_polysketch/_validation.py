@@ -68,6 +68,20 @@ def check_float_dtype(name: str, x) -> None:
     raise TypeError(f"{name} must have a floating dtype, got {x.dtype} (shape {x.shape})")
 
 
+def check_float_dtype_arg(name: str, dtype) -> None:
+  """A dtype argument: None or a real floating dtype (an integer one failed in
+  an initialiser or at the first call, a complex one inside the sketch)."""
+  if dtype is None:
+    return
+  try:
+    ok = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(f"{name} must be a floating dtype (e.g. jnp.float32, jnp.bfloat16) or "
+                    f"None, got {dtype!r}")
+
+
 def check_rank(name: str, x, rank: int, layout: str) -> None:
   if not hasattr(x, "shape"):   # a list reported "got shape None"
     raise TypeError(f"{name} must be an array of rank {rank} ({layout}), got a "
@@ -176,11 +190,11 @@ def _int32_runs(ids: np.ndarray) -> np.ndarray:
   would convert them to (64-bit ids without jax_enable_x64, e.g. hashes) as
   int32 labels of the same runs: only where neighbours differ matters, and the
   truncation merged ids equal modulo 2^32 into one segment."""
-  if (ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0
-      or jnp.dtype(jax.dtypes.canonicalize_dtype(ids.dtype)) == ids.dtype):
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
     return ids
-  info = np.iinfo(jax.dtypes.canonicalize_dtype(ids.dtype))
-  if info.min <= ids.min() and ids.max() <= info.max:
+  target = jax.dtypes.canonicalize_dtype(ids.dtype)
+  info = np.iinfo(target)
+  if target == ids.dtype or info.min <= ids.min() and ids.max() <= info.max:
     return ids
   changes = np.concatenate([np.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
   return np.cumsum(changes, axis=1, dtype=np.int32)

@@ -96,9 +96,7 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
   block_size = _validation.check_block_size(block_size)
   bias = _validation.check_normalization_bias(normalization_bias)
   local_exact = _validation.check_bool("local_exact", local_exact)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"dtype must be a floating dtype (that of the stored keys, values and key "
-                    f"features), got {jnp.dtype(dtype)}")
+  _validation.check_float_dtype_arg("dtype", dtype)
   r2 = sketch_dim * sketch_dim
   tail = lambda d: jnp.zeros((batch, block_size, num_kv_heads, d), dtype)
   return DecodeState(

@@ -115,20 +115,6 @@ def rotary_embedding(x: jax.Array, base: float = ROPE_BASE, offset=0,
   return out.astype(x.dtype)
 
 
-def _check_float_dtype(name, dtype):
-  """None or a real floating dtype: an integer one failed in an initialiser or at
-  the first call ("Dtype must be inexact"), a complex one inside the sketch."""
-  if dtype is None:
-    return
-  try:
-    ok = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError:
-    ok = False
-  if not ok:
-    raise TypeError(f"{name} must be a floating dtype (e.g. jnp.float32, jnp.bfloat16) or "
-                    f"None, got {dtype!r}")
-
-
 def _variables_to_arrays(tree):
   return jax.tree.map(lambda v: v[...], tree,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -230,8 +216,8 @@ class PolySketchAttention(nnx.Module):
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    _check_float_dtype("dtype", dtype)
-    _check_float_dtype("param_dtype", param_dtype)
+    _validation.check_float_dtype_arg("dtype", dtype)
+    _validation.check_float_dtype_arg("param_dtype", param_dtype)
 
     self.in_features = in_features
     self.num_heads = num_heads

@@ -231,9 +231,8 @@ def generate(model: GPT, prompt, num_tokens: int, *, key: jax.Array | None = Non
     raise ValueError(f"prompt holds token id {bad}, outside the vocabulary [0, {vocab})")
   prompt = prompt.astype(np.int32)
   # a real number (a 0-d array too): a jnp scalar failed inside jit, NaN sampled token 0
-  if (isinstance(temperature, bool) or np.ndim(temperature) != 0
-      or not np.issubdtype(np.asarray(temperature).dtype, np.integer)
-      and not np.issubdtype(np.asarray(temperature).dtype, np.floating)):
+  as_array = np.asarray(temperature)
+  if as_array.ndim != 0 or as_array.dtype.kind not in "iuf":   # not bool, str, None
     raise TypeError(f"temperature must be a number >= 0, got {temperature!r}")
   temperature = float(temperature)
   if not temperature >= 0:
