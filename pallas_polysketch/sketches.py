@@ -171,6 +171,16 @@ def _check_level(params) -> None:
         f"keys {sorted(keys) if keys is not None else type(params).__name__}, "
         f"expected {sorted(_GAUSSIAN_KEYS)} (gaussian) or "
         f"{sorted(_HADAMARD_KEYS)} (hadamard)")
+  for name in ("cols1", "cols2"):
+    cols = params.get(name)
+    dtype = getattr(cols, "dtype", None)
+    if cols is not None and (dtype is None or not jnp.issubdtype(dtype, jnp.integer)):
+      # a params tree cast to bf16 rounded the column indices above 256 (and a
+      # float32 one truncated fractions) into other Hadamard columns, silently
+      raise TypeError(
+          f"params {name} (the sampled Hadamard column indices) must have an integer "
+          f"dtype (int32, as random_sketch_init makes them), got {dtype or type(cols).__name__}; "
+          f"cast only the floating leaves of the sketch's params")
 
 
 def _level_matrices(params: dict, x_dtype):

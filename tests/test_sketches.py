@@ -455,3 +455,19 @@ def test_official_scaling_constant(degree, sketch_type):
     assert not np.allclose(official, unbiased)
   explicit = ps.random_sketch_features(params, x, scaling="unbiased")
   np.testing.assert_array_equal(explicit, unbiased.astype(np.float32))
+
+
+def test_hadamard_sketch_refuses_float_column_indices():
+  """A params tree cast whole to bfloat16 rounded the odd column indices above
+  256 to other Hadamard columns (features 600 off at head_dim 512, silently);
+  the indices must stay integers."""
+  params = ps.random_sketch_init(jax.random.key(0), 512, sketch_dim=16, degree=4,
+                                 sketch_type="hadamard")
+  x = jnp.ones((2, 512), jnp.float32)
+  cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  with pytest.raises(TypeError, match=r"params cols1 .* integer dtype.*got bfloat16"):
+    ps.random_sketch_features(cast, x)
+  floating = jax.tree.map(
+      lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+  np.testing.assert_allclose(ps.random_sketch_features(floating, x),
+                             ps.random_sketch_features(params, x), rtol=1e-6)
