@@ -400,7 +400,9 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
         f"implementation must be one of (None, 'xla', 'pallas'), got {implementation!r}")
   interpret = _validation.check_interpret(interpret)
   if tile_config is not None and not isinstance(tile_config, TileConfig):
-    raise ValueError(f"tile_config must be a TileConfig or None, got {type(tile_config).__name__}")
+    # a TypeError, as polysketch_attention's and prefill's for the same argument
+    raise TypeError(f"tile_config must be a TileConfig or None, got {tile_config!r} "
+                    f"({type(tile_config).__name__})")
   lead = x.shape[:-1]
   sketch_dim = params["branch1"][-1]["w_out"].shape[1]
   kernel_problem = _features_kernel_problem(x)

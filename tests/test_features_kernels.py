@@ -214,8 +214,12 @@ def test_bad_arguments_are_named():
   x = jnp.zeros((1, 128, 1, H))
   with pytest.raises(ValueError, match=r"implementation must be one of.*'triton'"):
     ps.learned_sketch_features(_params(), x, implementation="triton")
-  with pytest.raises(ValueError, match=r"tile_config must be a TileConfig.*dict"):
-    ps.learned_sketch_features(_params(), x, tile_config={"features_tile": 128})
+  # a TypeError, as polysketch_attention raises for it (this raised a ValueError)
+  for bad in ({"features_tile": 128}, "v5e"):
+    with pytest.raises(TypeError, match=rf"tile_config must be a TileConfig.*{type(bad).__name__}"):
+      ps.learned_sketch_features(_params(), x, tile_config=bad)
+    with pytest.raises(TypeError, match=rf"tile_config must be a TileConfig.*{type(bad).__name__}"):
+      ps.polysketch_attention(x, x, x, x, x, tile_config=bad)
   with pytest.raises(ValueError, match=r"features_tile must be a positive multiple of 128.*200"):
     TileConfig(features_tile=200)
   with pytest.raises(TypeError, match=r"bf16_gelu must be a bool"):
