@@ -279,7 +279,8 @@ class PolySketchAttention(nnx.Module):
       self.sketch = None
 
   def features(self, x: jax.Array) -> jax.Array:
-    """Sketch features f(x): [..., head_dim] -> [..., sketch_dim] (polysketch only)."""
+    """Sketch features f(x): [..., head_dim] -> [..., feature_dim] (polysketch only):
+    sketch_dim, but head_dim for sketch="random" at degree 2 (the identity)."""
     if self.attention != "polysketch":
       raise ValueError(f"attention={self.attention!r} has no sketch features")
     x = x if hasattr(x, "dtype") else jnp.asarray(x)
@@ -421,7 +422,10 @@ class PolySketchAttention(nnx.Module):
           f"input_shape must be the shape of the inputs, [batch, seq, in_features="
           f"{self.in_features}] (e.g. x.shape), got {input_shape!r}")
     batch = shape[0]
-    state = init_decode_state(batch, self.num_kv_heads, self.head_dim, self.sketch_dim,
+    # the size of `features`: the degree-2 random sketch is the identity (head_dim)
+    feature_dim = (self.head_dim if self.sketch_kind == "random" and self.degree == 2
+                   else self.sketch_dim)
+    state = init_decode_state(batch, self.num_kv_heads, self.head_dim, feature_dim,
                               degree=self.degree, block_size=self.block_size,
                               local_exact=self.local_exact, dtype=dtype,
                               normalization_bias=self.normalization_bias)

@@ -167,6 +167,20 @@ def test_layer_decode_equals_full_call(local_exact):
   assert np.asarray(layer.cache_index[...]).tolist() == [45, 45]
 
 
+def test_layer_decode_with_the_degree2_random_sketch():
+  """sketch="random" at degree 2 is the identity, features of size head_dim:
+  init_cache made a state of sketch_dim (default 32), so decoding failed with
+  "sketch_dim=16 but the state was made for sketch_dim=8"."""
+  layer = PolySketchAttention(32, 2, sketch="random", degree=2, sketch_dim=8, block_size=8,
+                              rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 11, 32))
+  want = layer(x)
+  layer.init_cache(x.shape)
+  outs = [layer(x[:, :5], decode=True)] + [layer(x[:, i:i + 1], decode=True)
+                                           for i in range(5, 11)]
+  assert rel_err(jnp.concatenate(outs, 1), want) < F32_RTOL
+
+
 def test_layer_cache_needs_polysketch_causal():
   for kw in (dict(attention="softmax"), dict(causal=False)):
     layer = PolySketchAttention(32, 2, rngs=nnx.Rngs(0), **kw)
