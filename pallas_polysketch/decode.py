@@ -88,7 +88,8 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
   """The state of an empty prefix: zeros, fill 0.
 
   dtype is that of the stored keys, values and key features of the incomplete
-  block (the prefix state is always float32)."""
+  block, a floating dtype; None means float32, the default (the prefix state
+  is always float32)."""
   for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads),
                       ("head_dim", head_dim), ("sketch_dim", sketch_dim)):
     _validation.check_positive_int(name, value)
@@ -97,6 +98,8 @@ def init_decode_state(batch, num_kv_heads, head_dim, sketch_dim, *, degree=4,
   bias = _validation.check_normalization_bias(normalization_bias)
   local_exact = _validation.check_bool("local_exact", local_exact)
   _validation.check_float_dtype_arg("dtype", dtype)
+  if dtype is None:          # jnp.zeros' None: float64 with jax_enable_x64
+    dtype = jnp.float32
   r2 = sketch_dim * sketch_dim
   tail = lambda d: jnp.zeros((batch, block_size, num_kv_heads, d), dtype)
   return DecodeState(

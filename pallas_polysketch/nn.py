@@ -411,7 +411,8 @@ class PolySketchAttention(nnx.Module):
 
     The cache is a `DecodeState` (r^2 (H + 1) + b (2H + r) numbers per sequence and
     kv head, whatever the context) and the count of tokens seen, in
-    `nnx.Cache` variables; dtype is that of the cached block of k, v."""
+    `nnx.Cache` variables; dtype is that of the cached block of k, v (None:
+    float32)."""
     if self.attention != "polysketch" or not self.causal:
       raise ValueError(
           "decoding with a cache needs attention='polysketch' and causal=True, got "

@@ -367,6 +367,14 @@ def test_context_axis_name_outside_shard_map():
     attention(block_size=8, context_axis_name="x")
 
 
+def test_decode_state_dtype_none_is_float32():
+  """dtype=None (accepted) gave jnp.zeros' default: float64 tails with x64 on."""
+  with jax.enable_x64(True):
+    state = ps.init_decode_state(1, 2, 8, 4, block_size=8, dtype=None)
+  for x in (state.tail_k, state.tail_v, state.tail_k_features, state.prefix_state):
+    assert x.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
 def test_decode_state_dtype_must_be_floating(dtype):
   """An integer tail would truncate the stored keys and values silently."""
