@@ -23,9 +23,10 @@ LAYER_NORM_EPS = _pallas_features.LAYER_NORM_EPS
 
 def self_tensor(features: jax.Array) -> jax.Array:
   """phi = f (x) f, flattened: [..., r] -> [..., r*r], phi[a*r + b] = f[a] f[b]."""
-  if getattr(features, "ndim", 0) < 1:
-    raise ValueError(f"features must have rank >= 1 ([..., r]), got shape "
-                     f"{getattr(features, 'shape', None)}")
+  if not hasattr(features, "shape") or not hasattr(features, "dtype"):
+    features = jnp.asarray(features)   # a list or a Python scalar (as `_check_x` does)
+  if features.ndim < 1:
+    raise ValueError(f"features must have rank >= 1 ([..., r]), got shape {features.shape}")
   r = features.shape[-1]
   outer = features[..., :, None] * features[..., None, :]
   return outer.reshape(*features.shape[:-1], r * r)

@@ -126,6 +126,13 @@ def test_self_tensor():
   assert ref.self_tensor is ps.self_tensor
 
 
+def test_self_tensor_converts_a_list_and_names_a_scalars_shape():
+  """A list was refused as "features must have rank >= 1 ..., got shape None"."""
+  np.testing.assert_array_equal(ps.self_tensor([1.0, 2.0]), [1.0, 2.0, 2.0, 4.0])
+  with pytest.raises(ValueError, match=r"rank >= 1 \(\[\.\.\., r\]\), got shape \(\)"):
+    ps.self_tensor(3.0)
+
+
 def test_learned_sketch_shapes_and_bounds():
   r = 4
   params = ps.learned_sketch_init(jax.random.key(0), H, sketch_dim=r)
