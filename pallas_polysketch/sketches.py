@@ -214,6 +214,10 @@ def random_sketch_features(params: dict, x: jax.Array, *,
   Returns:
     [..., sketch_dim] features in the promoted dtype of x and the matrices.
   """
+  if not isinstance(params, collections.abc.Mapping):
+    # None, [] or () was taken as degree 2's {}: the identity, silently
+    raise ValueError(f"params is not a random sketch from random_sketch_init: got "
+                     f"{type(params).__name__}, expected a dict ({{}} for degree 2)")
   check_sketch_scaling(scaling)
   x = _check_x(x)
   if params and x.shape[-1] != _sketch_head_dim(params):

@@ -126,6 +126,13 @@ def test_self_tensor():
   assert ref.self_tensor is ps.self_tensor
 
 
+@pytest.mark.parametrize("params", [None, [], ()])
+def test_random_sketch_features_refuses_params_that_are_not_a_dict(params):
+  """None, [] or () were taken as degree 2's {}: x came back as its features."""
+  with pytest.raises(ValueError, match=r"params is not a random sketch.*got " + type(params).__name__):
+    ps.random_sketch_features(params, jnp.ones((2, H)))
+
+
 def test_self_tensor_converts_a_list_and_names_a_scalars_shape():
   """A list was refused as "features must have rank >= 1 ..., got shape None"."""
   np.testing.assert_array_equal(ps.self_tensor([1.0, 2.0]), [1.0, 2.0, 2.0, 4.0])
