@@ -336,7 +336,9 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
     raise TypeError(f"tile_config must be a TileConfig, got {type(tile_config).__name__}")
   if padded_len is None:
     padded_len = round_up(q.shape[1], 8)
-    block_size = min(block_size, padded_len)
+    if block_size > padded_len:
+      block_size = padded_len
+      tile_config = _tiles_for_clamped_block(tile_config, block_size)
   tiles = None
   if implementation != "xla":
     problem = (_kernel_dtype_error(q, q_features)
@@ -364,6 +366,18 @@ def resolve_config(q, k, q_features, *, degree, block_size, local_exact,
   config = Config(degree=degree, block_size=block_size, local_exact=local_exact,
                   bias=bias, interpret=interpret, tiles=tiles)
   return config, implementation
+
+
+def _tiles_for_clamped_block(tile_config, block_size):
+  """tile_config for one block clamped to a short sequence: an explicit local
+  tile that does not divide it tiles it whole (a tile that fits the block the
+  caller asked for raised "must divide block_size=<the clamped block>")."""
+  if tile_config is None:
+    return None
+  fields = {name: block_size for name in ("local_tile", "dkv_local_tile")
+            if getattr(tile_config, name) is not None
+            and block_size % min(getattr(tile_config, name), block_size)}
+  return dataclasses.replace(tile_config, **fields) if fields else tile_config
 
 
 KERNEL_DTYPES = ("bfloat16", "float16", "float32")

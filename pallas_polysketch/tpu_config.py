@@ -140,8 +140,9 @@ class TileConfig:
       in; tiles above the diagonal are skipped, so a block of b = 2 * local_tile
       does 3/4 of the b x b work. Must divide block_size and be a multiple of
       128 (the lane width) or equal block_size; a larger one is capped at
-      block_size (which a short sequence clamps). None: the MXU width, capped
-      at block_size.
+      block_size (which a short sequence clamps; one that does not divide the
+      clamped block takes the whole block). None: the MXU width, capped at
+      block_size.
     vmem_limit_bytes: scoped VMEM the kernel may use. None: the generation's
       default when the estimate fits in it, else the estimate plus headroom.
     generation: the TPU generation the defaults and VMEM checks are for ("v4",

@@ -195,6 +195,32 @@ def test_float64_inputs_run_the_xla_path_by_default():
       ps.polysketch_attention(x32, x32, x32, f, f, implementation="pallas", interpret=True)
 
 
+@pytest.mark.parametrize("causal,segments", [(False, False), (True, True)])
+def test_pallas_float32_inputs_with_x64_enabled(causal, segments):
+  """With x64 enabled, float32 inputs on the Pallas path: the non-causal kernels
+  and the segment kernels failed while tracing their index maps (`lax.div` /
+  `lax.max` of the int32 grid index and a Python int, then int64: "requires
+  arguments to have the same dtypes, got int32, int64"); causal worked."""
+  if segments:      # tests/test_segments.py's Pallas geometry
+    args, cot = make_layer_inputs(0, 2, 440, 4, 2, 32, 8)
+    lengths = ([150, 1, 200, 20, 69], [5, 1, 1, 280, 153])
+    ids = jnp.asarray(np.stack([np.repeat(np.arange(5), n) for n in lengths]), jnp.int32)
+  else:             # tests/test_pallas_forward.py's non-causal case
+    args, cot = make_layer_inputs(0, 2, 300, 2, 2, 64, 16)
+    ids = None
+  kw = dict(block_size=128, causal=causal, segment_ids=ids)
+
+  def value_and_grads(impl):
+    loss = lambda *a: jnp.sum(ps.polysketch_attention(*a, **kw, **BACKENDS[impl]) * cot)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+
+  with jax.enable_x64(True):
+    (got, got_grads), (want, want_grads) = value_and_grads("pallas"), value_and_grads("xla")
+  assert rel_err(got, want) < f32_tol(4, args[0].shape[-1])
+  for g, w in zip(got_grads, want_grads):
+    assert rel_err(g, w) < f32_tol(4, args[0].shape[-1], grad=True)
+
+
 # --- float16 ---------------------------------------------------------------------
 
 def _causal_op(op, *args, **kw):

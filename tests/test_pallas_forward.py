@@ -169,6 +169,19 @@ def test_tile_config_errors():
     ps.polysketch_attention(*args, tile_config={"local_tile": 128})
 
 
+def test_explicit_local_tile_with_a_block_clamped_to_a_short_sequence():
+  """block_size=256 with TileConfig(local_tile=128) on a sequence shorter than
+  the block (one block, clamped to the 8-rounded seq, 136): it raised "local_tile=128
+  must divide block_size=136", a block the caller never passed, on every
+  implementation but "xla" (None too, off TPU); the block is now its own tile."""
+  args = _inputs(jax.random.PRNGKey(3), 1, 130, 1, 64, 16)
+  want = ref.polysketch_attention_quadratic(*args, block_size=256)
+  tc = tpu_config.TileConfig(local_tile=128, dkv_local_tile=128)
+  for kw in (dict(implementation="pallas", interpret=True), dict(implementation=None)):
+    got = ps.polysketch_attention(*args, block_size=256, tile_config=tc, **kw)
+    assert _rel_err(got, want) < F32_RTOL
+
+
 @pytest.mark.parametrize("generation", sorted(tpu_config.GENERATIONS))
 def test_for_generation_is_the_generations_defaults(generation):
   """Its explicit tiles made a block the MXU width does not divide (one block
