@@ -70,8 +70,8 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, full_state, group_view,
-    kernel_view, nbytes, outer_sum, phi_rot_t, phi_rot_vjp, phi_t, phi_t_vjp, precision_for,
-    public_view, rot_pairs, split_dot, split_operand, sub_block, sym_state)
+    kernel_view, nbytes, outer_sum, pallas_call, phi_rot_t, phi_rot_vjp, phi_t, phi_t_vjp,
+    precision_for, public_view, rot_pairs, split_dot, split_operand, sub_block, sym_state)
 from pallas_polysketch._pallas_forward import blocks_per_step, tokens_on_lanes
 from pallas_polysketch.polynomial import reciprocal_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -543,7 +543,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   ins1 = (v_v, fq_t, fk_t, g_v, scal_t)
   ins1 += (initial_state,) if has_initial else ()
   out1 = sds((b_, kv, group, r, t), f32)
-  dfq_t = pl.pallas_call(
+  dfq_t = pallas_call(
       functools.partial(_dq_kernel, causal=True, has_initial=has_initial,
                         split=_splits(mm_dtype), stack=tiles.stack_split_products,
                         apart=tiles.normaliser_apart, merged=tiles.merged_rotations,
@@ -568,7 +568,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   outs2 = [sds(shape_of(lw, False), local_dtype), sds(shape_of(h, False), k.dtype),
            sds((b_, kv, r, t), f32), sds(shape_of(lw, True), local_dtype)] + (
                [sds((b_, kv, n_sym, rows), f32)] if emit_initial else [])
-  outs = pl.pallas_call(
+  outs = pallas_call(
       functools.partial(_dkv_kernel, inject=inject, emit_initial=emit_initial,
                         local_tile=dkv_tile, block=block_size, sub_blocks=dkv_sub, **kw),
       grid_spec=_compat.pltpu.PrefetchScalarGridSpec(
@@ -622,7 +622,7 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   row = pl.BlockSpec((None, None, block_size, h), lambda bi, ni, ti: (bi, ni, ti, 0))
   _, flops2 = backward_flops(b_, kv, t, h, r, block_size, causal=False)
-  dv_r, dfk_t = pl.pallas_call(
+  dv_r, dfk_t = pallas_call(
       functools.partial(_dkv_kernel, degree=2, causal=False, local_exact=False,
                         local_tile=tiles.local_tile, inject=False, emit_initial=False,
                         split=_splits(v.dtype)),
@@ -663,7 +663,7 @@ def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
   fq_t = kernel_view(q_features, on_lanes=True)                    # [B, N, r, T]
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
   flops1, _ = backward_flops(b_, n, t, h, r, block_size, causal=False)
-  dfq_t = pl.pallas_call(
+  dfq_t = pallas_call(
       functools.partial(_dq_kernel, causal=False, has_initial=False, split=_splits(do.dtype)),
       grid=(b_, n, nb),
       in_specs=[pl.BlockSpec((None, None, r * r, h + NORMALISER_ROWS),

@@ -27,6 +27,19 @@ NN_DIMS = (((1,), (0,)), ((), ()))   # a @ b
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def pallas_call(kernel, **kwargs):
+  """`pl.pallas_call`, with the kernel and its index maps traced with 32-bit
+  defaults: under `jax_enable_x64` a Python int or float in them becomes a
+  64-bit value (a roll's shift, an index, a `where`'s 0.0), which Mosaic cannot
+  lower, although interpret mode runs it."""
+  call = pl.pallas_call(kernel, **kwargs)
+
+  def run(*args):
+    with jax.enable_x64(False):
+      return call(*args)
+  return run
+
+
 def precision_for(dtype):
   """Full f32 products for f32 operands (Mosaic's default may use bf16 passes)."""
   return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -506,7 +519,7 @@ def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, inte
   ins = (rows_t, f_t) if extra_row is None else (rows_t, extra_row, f_t)
   in_specs = [col(d), col(r)] if extra_row is None else [col(d), col(1), col(r)]
   group = lead[0] if lead else 1
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_outer_sum_kernel, kind=kind),
       grid=(b_, kv, t // block_size),
       in_specs=in_specs,

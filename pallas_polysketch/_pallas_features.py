@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
-from pallas_polysketch._pallas_common import NN_DIMS, NT_DIMS, TN_DIMS, precision_for
+from pallas_polysketch._pallas_common import NN_DIMS, NT_DIMS, TN_DIMS, pallas_call, precision_for
 from pallas_polysketch.tpu_config import FeatureTiles
 
 LAYER_NORM_EPS = 1e-5   # the learned sketch's LayerNorms (and the Flax layer's q, k norm)
@@ -254,7 +254,7 @@ def _forward_call(weights, x_t, tiles: FeatureTiles, interpret):
   vpu_biases = _vpu_biases(weights, tiles.mxu_width)
   w = _matmul_operands(weights, mm_dtype, vpu_biases)
   x_spec, f_spec, w_specs, _ = _specs(w, head_dim, sketch_dim, tiles.tile)
-  return pl.pallas_call(
+  return pallas_call(
       functools.partial(_features_forward_kernel, mm_dtype=mm_dtype,
                         gelu_dtype=_gelu_dtype(tiles, mm_dtype),
                         precision=precision_for(mm_dtype), vpu_biases=vpu_biases),
@@ -281,7 +281,7 @@ def _backward_call(weights, x_t, df_t, tiles: FeatureTiles, interpret):
   vpu_biases = _vpu_biases(weights, tiles.mxu_width)
   w = _matmul_operands(weights, mm_dtype, vpu_biases)
   x_spec, f_spec, w_specs, per_head = _specs(w, head_dim, sketch_dim, tiles.tile)
-  outs = pl.pallas_call(
+  outs = pallas_call(
       functools.partial(_features_backward_kernel, mm_dtype=mm_dtype,
                         gelu_dtype=_gelu_dtype(tiles, mm_dtype),
                         precision=precision_for(mm_dtype), vpu_biases=vpu_biases),

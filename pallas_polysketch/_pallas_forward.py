@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from pallas_polysketch import _compat
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
-    phi_rot_t, phi_t, precision_for, public_view,
+    pallas_call, phi_rot_t, phi_t, precision_for, public_view,
     full_state, rot_packed, rot_pairs, sub_block, sym_state)
 from pallas_polysketch.polynomial import divide_by_denominator
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
@@ -306,7 +306,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
       form_dtype=form_dtype, packed=packed, tokens_on_lanes=on_lanes, block=block_size,
       sub_blocks=sub_blocks)
   ins = (q_v, k_v, v_v, fq_t, fk_t) + ((initial_state,) if has_initial else ())
-  outs = pl.pallas_call(
+  outs = pallas_call(
       kernel,
       grid_spec=grid_spec,
       out_shape=out_shape,
@@ -344,7 +344,7 @@ def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, b
   o_shape = jax.ShapeDtypeStruct((b_, n, h, t), out_dtype)
   den_shape = jax.ShapeDtypeStruct((b_, n, 1, t), jnp.float32)
   col = lambda d: pl.BlockSpec((None, None, d, block_size), lambda bi, ni, ti: (bi, ni, 0, ti))
-  o_t, den = pl.pallas_call(
+  o_t, den = pallas_call(
       functools.partial(_state_apply_kernel, bias=bias, bf16_phi=tiles.bf16_phi,
                         mm_dtype=jnp.dtype(mm_dtype)),
       grid=(b_, n, nb),

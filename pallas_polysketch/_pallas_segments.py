@@ -59,7 +59,8 @@ from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat, _segments
 from pallas_polysketch._pallas_common import (
-    HIGHEST, NT_DIMS, TN_DIMS, augment_v_t, nbytes, phi_t, phi_t_vjp, precision_for)
+    HIGHEST, NT_DIMS, TN_DIMS, augment_v_t, nbytes, pallas_call, phi_t, phi_t_vjp,
+    precision_for)
 from pallas_polysketch._pallas_forward import to_kernel_layout
 from pallas_polysketch.tpu_config import NORMALISER_ROWS, ResolvedTiles
 
@@ -222,7 +223,7 @@ def segment_forward(q, k, v, q_features, k_features, starts, rel_block, state, p
                              strict=strict, bf16_phi=tiles.bf16_phi)
   ins = (q_r, k_r, v_t, fq_t, fk_t, lab_row, lab_col, k_r, v_t, fk_t, lab_row, lab_col,
          k0, v0_t, fk0_t, lab0_row, lab0_col, init)
-  num_t, wsum = pl.pallas_call(
+  num_t, wsum = pallas_call(
       kernel,
       grid_spec=grid_spec,
       out_shape=[num_shape, wsum_shape],
@@ -455,7 +456,7 @@ def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, 
       vmem_limit_bytes=tiles.backward_vmem_limit_bytes)
   kernel_kw = dict(degree=degree, local_exact=local_exact, strict=strict)
 
-  dq, dfq_t = pl.pallas_call(
+  dq, dfq_t = pallas_call(
       functools.partial(_segment_dq_kernel, **kernel_kw),
       grid_spec=_compat.pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b_, kv, nb),
@@ -478,7 +479,7 @@ def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, 
   rev_next = lambda ti: jax.lax.min(nb - ti, jnp.int32(nb - 1))
   const = lambda shape: pl.BlockSpec((None, None) + shape,
                                      lambda bi, ni, ti, *_: (bi, ni) + (0,) * len(shape))
-  dk, dv_t, dfk_t, dk0, dv0_t, dfk0_t, d_state = pl.pallas_call(
+  dk, dv_t, dfk_t, dk0, dv0_t, dfk0_t, d_state = pallas_call(
       functools.partial(_segment_dkv_kernel, **kernel_kw),
       grid_spec=_compat.pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b_, kv, nb),

@@ -7,6 +7,7 @@ host. §3.4: with libtpu installed (the optional `tpu` extra), compiling for a
 import functools
 import importlib.util
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Other processes on a shared host may hold libtpu's lock file.
@@ -175,6 +176,64 @@ def test_context_parallel_gradient_lowers_for_tpu():
   exported = jax.export.export(jax.jit(_context_parallel_grad(mesh)), platforms=["tpu"])(
       *_context_parallel_shapes(mesh))
   assert exported.mlir_module().count("tpu_custom_call") >= 5  # fwd, dq, dkv, state sum, its VJP
+
+
+def _learned_features_grad(x):
+  params = ps.learned_sketch_init(jax.random.key(0), head_dim=x.shape[-1], sketch_dim=16)
+  features = lambda x: ps.learned_sketch_features(params, x, implementation="pallas")
+  return jax.grad(lambda x: jnp.sum(features(x)))(x)
+
+
+def _x64_cases():
+  from jax.sharding import Mesh
+  shapes = _shapes(1, 512, 4, 64, 16, jnp.float32, kv_heads=2)
+  prefill = PREFILL_GRADIENT_CASES["sketched_gqa"]
+  mesh = Mesh(np.array(jax.devices()[:CONTEXT_PARALLEL_CASE["devices"]]), ("seq",))
+  return {
+      "causal": (_grad, shapes),
+      "causal_bf16": (_grad, _shapes(1, 512, 4, 64, 16, jnp.bfloat16, kv_heads=2)),
+      "non_causal": (functools.partial(_grad, causal=False), shapes),
+      "segments": (_segment_grad, shapes + [_ids_shape(1, 512)]),
+      "segments_non_causal": (functools.partial(_segment_grad, causal=False),
+                              shapes + [_ids_shape(1, 512)]),
+      "prefill_gradient": (_prefill_grad(prefill), _prefill_shapes(prefill)),
+      "context_parallel": (_context_parallel_grad(mesh), _context_parallel_shapes(mesh)),
+      "learned_features": (_learned_features_grad,
+                           [jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.float32)]),
+  }
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_bf16", "non_causal", "segments",
+                                  "segments_non_causal", "prefill_gradient", "context_parallel",
+                                  "learned_features"])
+def test_x64_lowers_the_same_kernels_for_tpu(case):
+  """With jax_enable_x64 the kernels (every pass, gradients included) lower to
+  the same Mosaic modules as without: a Python int or float in a kernel or an
+  index map had become a 64-bit value there (a roll's shift: "'tpu.dynamic_rotate'
+  op operand #1 must be 32-bit signless integer, but got 'i64'"; a `where`'s 0.0:
+  a libtpu abort), which interpret mode runs."""
+  fn, shapes = _x64_cases()[case]
+  kernels = lambda: re.findall(r'@tpu_custom_call\([^\n]*?backend_config = "([^"]*)"',
+                               jax.export.export(jax.jit(fn), platforms=["tpu"])(
+                                   *shapes).mlir_module())
+  plain = kernels()
+  with jax.enable_x64(True):
+    with_x64 = kernels()
+  assert len(plain) >= 1 and with_x64 == plain
+
+
+@pytest.mark.tpu_compile
+def test_libtpu_compiles_with_x64():
+  """The XLA around the kernels is 64-bit with jax_enable_x64; libtpu compiles
+  it with the kernels (v5e: a gradient and a prefill)."""
+  sharding = topology_sharding("v5e")
+  config = TileConfig.for_generation("v5e")
+  shapes = _shapes(1, 512, 4, 64, 16, jnp.float32, sharding, kv_heads=2)
+  prefill = lambda *a: ps.prefill(*a, block_size=256, implementation="pallas",
+                                  tile_config=config)
+  with jax.enable_x64(True):
+    for fn in (functools.partial(_grad, tile_config=config), prefill):
+      jax.jit(fn).lower(*shapes).compile()
 
 
 def test_prefill_gradient_over_vmem_says_why_before_lowering():
