@@ -23,14 +23,32 @@ _DENOMINATOR_SCALE = 2.0 ** -64
 RECIPROCAL_LIMIT = 2.0 ** 126
 
 
+@jax.custom_jvp
 def divide_by_denominator(num, den):
   """num / den, den > 0 broadcastable to num; exact for den up to float32's max,
   NaN (never a silent 0) where den overflowed to inf. num must be finite: a
   numerator that overflowed (|sum_j w_ij v_j| past float32's max, e.g.
-  |q.k| ~ 5e7 at p = 4, far beyond LayerNorm'd inputs) stays +-inf."""
+  |q.k| ~ 5e7 at p = 4, far beyond LayerNorm'd inputs) stays +-inf.
+
+  Differentiated as (dnum - out dden) / den (`_divide_jvp`): the derivative of
+  a plain division takes 1 / den^2, which is 0 in float32 for den > 2^64 (den
+  ~ 1e20 at LayerNorm'd magnitudes), so the gradient through the denominator
+  was silently dropped."""
   scale = jnp.where(den > _LARGE_DENOMINATOR, _DENOMINATOR_SCALE, 1.0).astype(den.dtype)
   out = (num * scale) / (den * scale)
   return jnp.where(jnp.isfinite(den), out, jnp.nan)
+
+
+@divide_by_denominator.defjvp
+def _divide_jvp(primals, tangents):
+  """d(num / den) = (dnum - out dden) / den, with 1 / den from
+  `reciprocal_denominator` (float32: NaN where den >= 2^126, as the custom
+  backward passes)."""
+  num, den = primals
+  dnum, dden = tangents
+  out = divide_by_denominator(num, den)
+  inv = 1.0 / den if den.dtype == jnp.float64 else reciprocal_denominator(den)
+  return out, (dnum - out * dden) * inv
 
 
 def reciprocal_denominator(den):

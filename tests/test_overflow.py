@@ -113,3 +113,74 @@ def test_gradients_with_large_and_small_dens_in_one_block(generation):
     for head in range(a.shape[2] if name == "fq" else 1):
       err = np.max(np.abs(a[:, :, head] - w[:, :, head])) / np.max(np.abs(w[:, :, head]))
       assert err < 1e-5, (name, head, err)
+
+
+def _large_den_inputs(h, seq=256):
+  """LayerNorm'd q, k scaled by 100: |q.k| up to ~1e4 and denominators past 2^64
+  (~1e20), far inside float32's range, where d(1 / den) = -1 / den^2 is 0."""
+  from helpers import layer_inputs
+  (q, k, v, fq, fk), cot = layer_inputs(0, 1, seq, 2, 1, h, 8)
+  sketch = ps.random_sketch_init(jax.random.key(3), h, 8, 4)
+  q, k = 100.0 * q, 100.0 * k
+  return (q, k, v, ps.random_sketch_features(sketch, q),
+          ps.random_sketch_features(sketch, k)), cot
+
+
+_LARGE_DEN_IDS = jnp.asarray(np.repeat([0, 1, 2], [100, 128, 28])[None].astype(np.int32))
+_LARGE_DEN_CASES = {
+    # The paths whose final division was differentiated by autodiff.
+    "polynomial": None,
+    "segments_xla": dict(segment_ids=_LARGE_DEN_IDS, implementation="xla"),
+    "segments_pallas": dict(segment_ids=_LARGE_DEN_IDS, implementation="pallas",
+                            interpret=True),
+    "non_causal_xla": dict(causal=False, implementation="xla"),
+}
+
+
+@pytest.mark.parametrize("case", list(_LARGE_DEN_CASES))
+def test_gradients_with_denominators_past_two_to_64(case):
+  """den ~ 1e20 (finite, 1 / den normal): the gradients through the final
+  division were silently wrong (the denominator's term dropped, dq and dk 2.5-3.2
+  off) on the paths that differentiate it by autodiff. Against float64."""
+  from helpers import f32_tol, rel_err
+  from pallas_polysketch import ref
+  h = 128 if case == "segments_pallas" else 64
+  args, cot = _large_den_inputs(h)
+  spec = _LARGE_DEN_CASES[case]
+  if spec is None:   # in float64 with x64 the reference is the function itself
+    fn = want_fn = lambda q, k, v: ps.polynomial_attention(q, k, v, segment_ids=_LARGE_DEN_IDS)
+    args = args[:3]
+  else:
+    kw = dict(spec, block_size=128)
+    fn = lambda *a: ps.polysketch_attention(*a, **kw)
+    want_fn = lambda *a: ref.polysketch_attention_quadratic(
+        *a, block_size=128, causal=kw.get("causal", True), segment_ids=kw.get("segment_ids"))
+  got = jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=tuple(range(len(args))))(*args)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(x, jnp.float64)
+    want = jax.grad(lambda *a: jnp.sum(want_fn(*a) * f64(cot)),
+                    argnums=tuple(range(len(args))))(*(f64(x) for x in args))
+  for i, (a, w) in enumerate(zip(got, want)):
+    assert rel_err(a, w) < 2 * f32_tol(4, h, grad=True), (case, i, rel_err(a, w))
+
+
+def test_prefill_and_decode_gradients_with_denominators_past_two_to_64():
+  """As above for the xla prefill (its scan differentiated by autodiff) of 135
+  tokens then one `decode_step`: dq was 1.7 off (relative)."""
+  from helpers import f32_tol, rel_err
+  from pallas_polysketch import ref
+  (q, k, v, fq, fk), cot = _large_den_inputs(64, seq=136)
+
+  def loss(q, k):
+    args = (q, k, v, fq, fk)
+    o1, state = ps.prefill(*(x[:, :135] for x in args), block_size=128, implementation="xla")
+    o2, _ = ps.decode_step(state, *(x[:, 135:] for x in args))
+    return jnp.sum(jnp.concatenate([o1, o2], axis=1) * cot)
+
+  got = jax.grad(loss, argnums=(0, 1))(q, k)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(x, jnp.float64)
+    want = jax.grad(lambda q, k: jnp.sum(ref.polysketch_attention_quadratic(
+        q, k, f64(v), f64(fq), f64(fk), block_size=128) * f64(cot)), argnums=(0, 1))(f64(q), f64(k))
+  for i, (a, w) in enumerate(zip(got, want)):
+    assert rel_err(a, w) < 2 * f32_tol(4, 64, grad=True), (i, rel_err(a, w))
