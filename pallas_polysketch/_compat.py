@@ -24,3 +24,18 @@ def shard_map(f, *, mesh, in_specs, out_specs):
   replication rule."""
   return _jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                         check_vma=False)
+
+
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes x varies over inside a `jax.shard_map` that checks
+  them (check_vma=True, its default): `aval.vma` in newer releases,
+  `aval.mat.varying` in jax 0.10. Empty outside shard_map, with
+  check_vma=False, and for anything that is not an array."""
+  try:
+    aval = _jax.typeof(x)
+  except TypeError:
+    return frozenset()
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "mat", None), "varying", None)
+  return frozenset(vma or ())

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_polysketch._compat import InterpretParams
+from pallas_polysketch._compat import InterpretParams, varying_axes
 
 
 def check_degree(degree, *, name: str = "degree") -> int:
@@ -165,6 +165,26 @@ def check_features(q, k, q_features, k_features) -> None:
 def check_attention_inputs(q, k, v, q_features, k_features) -> None:
   check_qkv(q, k, v)
   check_features(q, k, q_features, k_features)
+
+
+def check_unchecked_shard_map(fn: str, arrays: dict, context_axis_name=None) -> None:
+  """The op's scans, custom VJPs and Pallas calls do not track which manual mesh
+  axes a value varies over: inside a `jax.shard_map` that checks them
+  (check_vma=True, its default) they failed deep in JAX ("scan body function
+  carry input and carry output must have equal types", "manual_axis_type on
+  jax.ShapeDtypeStruct must not be None"). Refuse that with the way out."""
+  varying = {name: axes for name, x in arrays.items() if (axes := varying_axes(x))}
+  if context_axis_name is not None:
+    axes = varying_axes(jax.lax.axis_index(context_axis_name))
+    if axes:
+      varying.setdefault("context_axis_name", axes)
+  if varying:
+    name, axes = next(iter(varying.items()))
+    raise ValueError(
+        f"{fn} runs inside a jax.shard_map with check_vma=True (its default; {name} varies "
+        f"over mesh axes {tuple(sorted(axes))}), which its scans and Pallas kernels do not "
+        f"support: build that shard_map with check_vma=False, or use "
+        f"sharded_polysketch_attention")
 
 
 def check_segment_ids(segment_ids, q, *, name: str = "segment_ids"):

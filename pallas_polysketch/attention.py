@@ -459,6 +459,8 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
     context_axis_name: inside `shard_map` with seq sharded contiguously over
       this mesh axis: every device holds a block-aligned shard (its length a
       multiple of block_size) and the result is that of the whole sequence.
+      The shard_map must be built with check_vma=False (so must any shard_map
+      around the op): with jax's default, check_vma=True, the op raises.
       Only the states cross devices: r^2 (H + 1) floats per kv head (with
       segment_ids also the previous shard's last block of k, v, k_features).
     implementation: None (the fastest available for the platform: the Pallas
@@ -494,6 +496,10 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
           f"context_axis_name={context_axis_name!r} is not a mesh axis of an enclosing "
           "shard_map; call polysketch_attention inside jax.shard_map over that axis "
           "(or use sharded_polysketch_attention)") from e
+  _validation.check_unchecked_shard_map(
+      "polysketch_attention", dict(q=q, k=k, v=v, q_features=q_features,
+                                   k_features=k_features, segment_ids=segment_ids),
+      context_axis_name)
   config, implementation = resolve_config(
       q, k, q_features, degree=degree, block_size=block_size, local_exact=local_exact,
       normalization_bias=normalization_bias, implementation=implementation,

@@ -229,6 +229,9 @@ def prefill(q, k, v, q_features, k_features, *, degree=4, block_size=256, local_
   """
   _validation.check_attention_inputs(q, k, v, q_features, k_features)
   _check_axes(q, allow_empty_seq=True)
+  _validation.check_unchecked_shard_map(
+      "prefill", dict(q=q, k=k, v=v, q_features=q_features, k_features=k_features,
+                      state=state))
   if state is None:
     state = init_decode_state(q.shape[0], k.shape[2], q.shape[3], q_features.shape[3],
                               degree=degree, block_size=block_size, local_exact=local_exact,

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_polysketch import _pallas_features, _validation
+from pallas_polysketch import _compat, _pallas_features, _validation
 from pallas_polysketch._platform import require_tpu
 from pallas_polysketch.polynomial import compute_dtype
 from pallas_polysketch.tpu_config import TileConfig, resolve_feature_tiles
@@ -369,7 +369,8 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
       float32. Returns x's dtype.
     implementation: None (the Pallas kernels when lowering for TPU and x is a
       non-empty bfloat16 or float32 [B, T, N, head_dim] with head_dim a
-      multiple of 8; the xla path otherwise),
+      multiple of 8, not inside a `jax.shard_map` with check_vma=True; the
+      xla path otherwise),
       "pallas" (the kernels; raises for other inputs), or "xla" (pure JAX).
     interpret: for "pallas": run the kernels in interpret mode on any backend.
     tile_config: the kernels' `TileConfig` (its `features_tile`, `bf16_gelu`,
@@ -377,8 +378,8 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
 
   Under automatic sharding (jit over arrays sharded across devices) XLA
   cannot split the Pallas kernels: it gathers x onto every device. There,
-  call this inside `shard_map` or pass implementation="xla" (the Flax layer
-  does the latter when given a mesh).
+  call this inside `shard_map` (check_vma=False for the kernels) or pass
+  implementation="xla" (the Flax layer does the latter when given a mesh).
 
   The xla path views x off TPU as one [M, head_dim] matrix (M = the product
   of the leading dims): XLA on CPU contracts the weight gradients of a 2-D
@@ -445,6 +446,12 @@ def _features_kernel_problem(x) -> str | None:
     return f"head_dim must be a multiple of 8 for the kernels, got {x.shape[-1]}"
   if 0 in x.shape:
     return f"x is empty: shape {x.shape}"
+  if axes := _compat.varying_axes(x):
+    # pallas_call's outputs carry no varying axes: "manual_axis_type on
+    # jax.ShapeDtypeStruct must not be None" from inside jax
+    return (f"x varies over mesh axes {tuple(sorted(axes))} of a jax.shard_map with "
+            "check_vma=True (its default), which the kernels do not support; build "
+            "the shard_map with check_vma=False")
   return None
 
 

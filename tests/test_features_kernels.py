@@ -210,6 +210,25 @@ def test_pallas_rejects_inputs_the_kernels_cannot_take(shape, dtype, match):
                                interpret=True)
 
 
+def test_kernels_refuse_a_shard_map_that_checks_varying_axes():
+  """Inside jax.shard_map with its default check_vma=True (the docstring says to
+  call it inside shard_map under sharding), the kernels failed in jax with
+  "`manual_axis_type` on `jax.ShapeDtypeStruct` must not be `None`"; they now
+  say to build it with check_vma=False, and the default path runs there."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
+  x, _ = _inputs(2, 128, 1, jnp.float32)
+  params = _params()
+  run = lambda **kw: jax.shard_map(
+      lambda x: ps.learned_sketch_features(params, x, **kw), mesh=mesh,
+      in_specs=P("batch"), out_specs=P("batch"))(x)
+  with pytest.raises(ValueError, match=r"learned_sketch_features\(implementation='pallas'\): "
+                                       r"x varies over mesh axes \('batch',\).*check_vma=False"):
+    run(implementation="pallas", interpret=True)
+  want = ps.learned_sketch_features(params, x, implementation="xla")
+  assert rel_err(run(), want) < 4 * EPS32 * H
+
+
 def test_bad_arguments_are_named():
   x = jnp.zeros((1, 128, 1, H))
   with pytest.raises(ValueError, match=r"implementation must be one of.*'triton'"):

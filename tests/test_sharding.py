@@ -143,6 +143,36 @@ def test_shard_length_must_be_a_multiple_of_the_block():
     fn(*args)
 
 
+def test_own_shard_map_must_not_check_vma():
+  """Inside the user's own jax.shard_map (check_vma=True by default), the op
+  with context_axis_name (README) and the op or prefill on batch shards failed
+  deep in JAX ("scan body function carry input and carry output must have equal
+  types"); they now say to build the shard_map with check_vma=False, and
+  run with it."""
+  mesh = _mesh((8,), ("seq",))
+  args, _ = layer_inputs(0, 1, 8 * 16, 2, 2, 16, 8)
+  spec = P(None, "seq")
+  op = functools.partial(ps.polysketch_attention, block_size=16, implementation="xla",
+                         context_axis_name="seq")
+  with pytest.raises(ValueError, match=r"check_vma=True .*q varies over mesh axes "
+                                       r"\('seq',\).*check_vma=False"):
+    jax.shard_map(op, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)(*args)
+  # Replicated inputs: the device prefix is what varies.
+  with pytest.raises(ValueError, match=r"context_axis_name varies over mesh axes"):
+    jax.shard_map(op, mesh=mesh, in_specs=(P(),) * 5, out_specs=P())(
+        *(x[:, :16] for x in args))
+  out = jax.shard_map(op, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec,
+                      check_vma=False)(*args)
+  want = ps.polysketch_attention(*args, block_size=16, implementation="xla")
+  assert rel_err(out, want) < 1e-5
+  batch = _mesh((2,), ("batch",))
+  args, _ = layer_inputs(0, 2, 16, 2, 2, 16, 8)
+  for fn in (ps.polysketch_attention, lambda *a, **kw: ps.prefill(*a, **kw)[0]):
+    with pytest.raises(ValueError, match=r"check_vma=True .*\('batch',\)"):
+      jax.shard_map(lambda *a: fn(*a, block_size=16), mesh=batch,
+                    in_specs=(P("batch"),) * 5, out_specs=P("batch"))(*args)
+
+
 def test_mesh_argument_errors():
   mesh = _mesh((8,), ("seq",))
   with pytest.raises(ValueError, match=r"seq_axis='sequence' is not an axis of the mesh"):
