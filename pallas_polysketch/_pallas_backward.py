@@ -68,6 +68,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
+from pallas_polysketch._partitioning import batch_partitioned
 from pallas_polysketch._pallas_common import (
     NN_DIMS, NT_DIMS, TN_DIMS, augment_g_t, augment_v_t, causal_mask, full_state, group_view,
     kernel_view, nbytes, outer_sum, pallas_call, phi_rot_t, phi_rot_vjp, phi_t, phi_t_vjp,
@@ -442,6 +443,7 @@ def _splits(dtype):
 INJECT_CHUNK = 128
 
 
+@batch_partitioned()
 def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, block_size,
                     local_exact, tiles: ResolvedTiles, interpret=False,
                     initial_state=None, d_final_state=None, state_block=None):
@@ -612,6 +614,7 @@ def causal_backward(q, k, v, q_features, k_features, o, den, do, *, degree, bloc
   return grads, d_initial
 
 
+@batch_partitioned()
 def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=False):
   """VJP of `state_sum`: d_state [B, K, r^2, H + 16] -> (dv, dk_features)."""
   b_, t, kv, h = v.shape
@@ -644,6 +647,7 @@ def state_sum_backward(v, k_features, d_state, *, block_size, tiles, interpret=F
           public_view(dfk_t, on_lanes=True).astype(k_features.dtype))
 
 
+@batch_partitioned()
 def apply_state_backward(q_features, state, o, den, do, *, block_size, tiles,
                          interpret=False):
   """VJP of `apply_state`: -> (dq_features [B, T, N, r], d_state [B, K, r^2, H + 16]).

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
+from pallas_polysketch._partitioning import batch_partitioned
 from pallas_polysketch.tpu_config import NORMALISER_ROWS
 
 NT_DIMS = (((1,), (1,)), ((), ()))   # a @ b^T
@@ -498,6 +499,7 @@ def _outer_sum_kernel(*refs, kind):
                                         precision=precision_for(rows.dtype))
 
 
+@batch_partitioned()
 def outer_sum(rows_t, f_t, extra_row=None, *, block_size, vmem_limit_bytes, interpret):
   """Whole-sequence [S, z] (rows_t = V^T) or [R, rho] (rows_t = dnum^T, extra_row = dden).
 

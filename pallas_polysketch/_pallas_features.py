@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
+from pallas_polysketch._partitioning import batch_partitioned
 from pallas_polysketch._pallas_common import NN_DIMS, NT_DIMS, TN_DIMS, pallas_call, precision_for
 from pallas_polysketch.tpu_config import FeatureTiles
 
@@ -247,6 +248,7 @@ def _gelu_dtype(tiles: FeatureTiles, mm_dtype):
                    else jnp.float32)
 
 
+@batch_partitioned(unbatched=("weights",))
 def _forward_call(weights, x_t, tiles: FeatureTiles, interpret):
   b_, n, head_dim, t = x_t.shape
   hidden, sketch_dim = weights[0].shape[1], weights[2].shape[1]
@@ -274,6 +276,7 @@ def _forward_call(weights, x_t, tiles: FeatureTiles, interpret):
   )(x_t, *w)
 
 
+@batch_partitioned(unbatched=("weights",), summed=(1,))
 def _backward_call(weights, x_t, df_t, tiles: FeatureTiles, interpret):
   b_, n, head_dim, t = x_t.shape
   hidden, sketch_dim = weights[0].shape[1], weights[2].shape[1]

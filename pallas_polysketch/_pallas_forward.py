@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat
+from pallas_polysketch._partitioning import batch_partitioned
 from pallas_polysketch._pallas_common import (
     NT_DIMS, augment_v_t, kernel_view, local_weights_t, nbytes, phi_form_dtype,
     pallas_call, phi_rot_t, phi_t, precision_for, public_view,
@@ -232,6 +233,7 @@ def tokens_on_lanes(head_dim: int) -> bool:
   return head_dim % 128 != 0
 
 
+@batch_partitioned()
 def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local_exact,
                    bias, tiles: ResolvedTiles, interpret=False, initial_state=None,
                    state_block=None, out_dtype=None):
@@ -324,6 +326,7 @@ def causal_forward(q, k, v, q_features, k_features, *, degree, block_size, local
   return (o, den, full_state(outs[2], r, axis=-1, pairs=pairs)) if emit else (o, den)
 
 
+@batch_partitioned()
 def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, bias,
                         tiles: ResolvedTiles, interpret=False, mm_dtype=None):
   """Non-causal read of a whole-sequence state.

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_polysketch import _compat, _segments
+from pallas_polysketch._partitioning import batch_partitioned
 from pallas_polysketch._pallas_common import (
     HIGHEST, NT_DIMS, TN_DIMS, augment_v_t, nbytes, pallas_call, phi_t, phi_t_vjp,
     precision_for)
@@ -174,6 +175,7 @@ def _walk_edges(previous, starts, k_dtype, v_dtype, fk_dtype, block_size):
   return k0, v0_t, fk0_t, lab0_row, lab0_col, s_last.astype(jnp.int32).reshape(-1)
 
 
+@batch_partitioned()
 def segment_forward(q, k, v, q_features, k_features, starts, rel_block, state, previous, *,
                     degree, block_size, local_exact, strict, tiles: ResolvedTiles,
                     interpret=False):
@@ -425,6 +427,7 @@ def _specs(b, group, h, r, rows):
       state=pl.BlockSpec((None, None, rows, r * r), lambda bi, ni, ti, *_: (bi, ni, 0, 0)))
 
 
+@batch_partitioned()
 def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, previous,
                      d_acc, *, degree, block_size, local_exact, strict, tiles: ResolvedTiles,
                      interpret=False):

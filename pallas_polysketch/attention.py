@@ -468,6 +468,11 @@ def polysketch_attention(q, k, v, q_features, k_features, *, degree=4,
       dtypes (bfloat16, float16, float32) and fit the VMEM with the default
       tiling, forward and backward; else the xla path), "xla" (blocked pure
       JAX) or "pallas" (the fused TPU kernel; raises where it cannot run).
+      Under jax.jit with the inputs sharded over the batch, each device runs
+      the kernels on its own rows (XLA cannot partition a Mosaic kernel, so
+      each carries its own rule); inputs sharded over another axis are
+      gathered first: shard heads and the sequence with
+      `sharded_polysketch_attention`.
     interpret: for "pallas": run the kernel in interpret mode on any backend;
       True or a `pltpu.InterpretParams`. Without it, "pallas" needs a TPU (or
       a lowering for TPU, e.g. `jax.export` from a CPU host).
