@@ -864,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--block-size", type=int, default=None,
                  help="polysketch block size (default: context/4, at least 8)")
   p.add_argument("--local-exact", type=_bool, default=True)
-  p.add_argument("--implementation", default=None, choices=[None, "xla", "pallas"])
+  p.add_argument("--implementation", default=None, choices=["xla", "pallas"],
+                 help="the attention's implementation (default: the platform's fastest)")
   p.add_argument("--pairs", type=int, default=8,
                  help="synthetic task: key/value pairs at the start of each sequence")
   p.add_argument("--queries", type=int, default=16,

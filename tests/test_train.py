@@ -426,6 +426,10 @@ def test_cli_rejects_bad_flags():
     train_mod.build_parser().parse_args(["--attention", "flash"])
   with pytest.raises(SystemExit):
     train_mod.build_parser().parse_args(["--local-exact", "maybe"])
+  # --implementation offered None among its choices, which no flag value can be
+  assert "None" not in train_mod.build_parser().format_help().split("--implementation")[1][:40]
+  assert train_mod.build_parser().parse_args([]).implementation is None
+  assert train_mod.build_parser().parse_args(["--implementation", "xla"]).implementation == "xla"
 
 
 
