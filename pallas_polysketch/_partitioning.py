@@ -7,8 +7,9 @@ partitioning rule instead (`custom_partitioning`): every device runs it on its
 own rows of the batch, with everything else of the arguments whole (an input
 sharded over another axis is gathered first; `sharded_polysketch_attention`
 shards heads and the sequence without that). On one device, and inside a
-shard_map, the function runs as it is. Under `vmap` the function is vmapped as
-it is (`custom_partitioning` has no batching rule).
+shard_map, the function runs as it is, and so does one with effects (the TPU
+interpreter's callbacks). Under `vmap` the function is vmapped as it is
+(`custom_partitioning` has no batching rule).
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def batch_partitioned(*, unbatched: tuple[str, ...] = (), summed: tuple[int, ...
       # as fn's numpy index arrays: they become operands of their own, whole on
       # every device (the partitioned function traces fn again and ignores them).
       closed, result_shape = jax.make_jaxpr(call, return_shape=True)(*arrays)
+      if closed.effects:
+        # the TPU interpreter's ordered callbacks, which custom_partitioning
+        # cannot lower (and a test tool needs no partitioning)
+        return fn(*args, **kwargs)
       consts = [jnp.asarray(c) for c in closed.consts]
       operands = consts + arrays
       operand_batched = [False] * len(consts) + batched
