@@ -181,6 +181,9 @@ def test_lm_quality_stacked_seeds_equal_separate_runs(tmp_path):
   assert [r["seed"] for r in more] == [0, 1, 2] and more[2]["stacked_seeds"] == 1
 
 
+# The benchmark's bookkeeping for one kind of rerun (rows, model names, merges):
+# slow, to keep the default suite near 15 minutes.
+@pytest.mark.slow
 def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
   """--polynomial-warmup 0 2 gives a PolySketch variant a row per value (softmax
   one), the warm-up run's first evaluation in the exact mode; --merge joins
@@ -243,6 +246,9 @@ def test_lm_quality_polynomial_warmup_rows_and_merge(tmp_path, capsys):
   assert "c.json differs from" in err and "['--context', '--eval-every', 'train.context', 'train.eval_every']" in err
 
 
+# The benchmark's bookkeeping for one kind of rerun (rows, model names, merges):
+# slow, to keep the default suite near 15 minutes.
+@pytest.mark.slow
 def test_lm_quality_narrower_sketch_gets_its_own_row_and_merges(tmp_path):
   """--sketch-hidden: the learned variants' model is built with it (fewer
   parameters), their runs record it (softmax's do not), and --merge joins it

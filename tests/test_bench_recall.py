@@ -233,6 +233,9 @@ def test_probe_records_every_layer_and_restores_the_ops(tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+# The benchmark's bookkeeping for one kind of rerun (rows, model names, merges):
+# slow, to keep the default suite near 15 minutes.
+@pytest.mark.slow
 def test_polynomial_warmup_runs_get_their_own_row_model_name_and_reprobe(tmp_path):
   bench = load_bench("recall")
   common = ["--seqs", "32", "--pairs", "2", "--queries", "4", "--steps", "2", "--batch-size", "4",
@@ -280,6 +283,9 @@ def test_merged_chains_of_other_seeds_get_their_own_rows():
   assert bench.model_key(roots[0]) != bench.model_key(roots[1])
 
 
+# The benchmark's bookkeeping for one kind of rerun (rows, model names, merges):
+# slow, to keep the default suite near 15 minutes.
+@pytest.mark.slow
 def test_init_from_with_more_keys_grows_the_key_vocabulary(tmp_path, capsys):
   import dataclasses
 
@@ -331,6 +337,9 @@ def test_init_from_with_more_keys_grows_the_key_vocabulary(tmp_path, capsys):
       capsys.readouterr().err)
 
 
+# The benchmark's bookkeeping for one kind of rerun (rows, model names, merges):
+# slow, to keep the default suite near 15 minutes.
+@pytest.mark.slow
 def test_a_narrower_learned_sketch_gets_its_own_row_model_name_and_chain(tmp_path):
   """--sketch-hidden: the model is built with it (its weights' shape), the run
   and its saved model's name record it, a merge keeps it apart from the
