@@ -376,10 +376,12 @@ def learned_sketch_features(params: dict, x: jax.Array, *, implementation: str |
     tile_config: the kernels' `TileConfig` (its `features_tile`, `bf16_gelu`,
       `vmem_limit_bytes` and `generation`); None: the local TPU's defaults.
 
-  Under automatic sharding (jit over arrays sharded across devices) XLA
-  cannot split the Pallas kernels: it gathers x onto every device. There,
-  call this inside `shard_map` (check_vma=False for the kernels) or pass
-  implementation="xla" (the Flax layer does the latter when given a mesh).
+  Under automatic sharding (jit over arrays sharded across devices) the
+  Pallas kernels split x over its first axis (each device its own rows, the
+  weights' gradients summed over them); x sharded over another axis is
+  gathered first. There, call this inside `shard_map` (check_vma=False for
+  the kernels) or pass implementation="xla" (the Flax layer does the latter
+  when given a mesh).
 
   The xla path views x off TPU as one [M, head_dim] matrix (M = the product
   of the leading dims): XLA on CPU contracts the weight gradients of a 2-D
