@@ -295,8 +295,8 @@ class PolySketchAttention(nnx.Module):
     params = _variables_to_arrays(self.sketch)
     if self.sketch_kind == "learned":
       # The Pallas feature kernels on TPU, unless the layer asks for pure JAX
-      # or shards over a mesh: XLA cannot split a Pallas call over devices (it
-      # would gather q and k onto every device).
+      # or shards over a mesh: the kernels split only the batch over devices
+      # (heads or the sequence sharded would gather q and k onto every device).
       pure_jax = self.implementation == "xla" or self.sharded_op is not None
       return learned_sketch_features(params, x, implementation="xla" if pure_jax else None)
     # float matrices and signs in the compute dtype; hadamard column indices stay int32
