@@ -166,6 +166,9 @@ def find_nonfinite(q, k, v, q_features, k_features, *, degree=4, block_size=256,
 
   A debugging aid: it runs eagerly and returns a Python value, so call it
   outside `jax.jit`, e.g. when a loss turns NaN, on the offending batch.
+  It checks the forward only: a finite output still has NaN gradients on
+  rows whose denominator is at least 2^126, where 1/den is not a normal
+  float32 (reported as NaN rather than flushed to a silent 0).
 
   Args:
     q [batch, seq, num_heads, head_dim], k, v [batch, seq, num_kv_heads,
