@@ -76,39 +76,31 @@ def batch_partitioned(*, unbatched: tuple[str, ...] = (), summed: tuple[int, ...
         out = jax.core.eval_jaxpr(closed.jaxpr, values[:len(consts)], *values[len(consts):])
         return jax.tree_util.tree_unflatten(out_tree, out)
 
-      multiple = isinstance(result_shape, tuple)
-      parts = result_shape if multiple else (result_shape,)
-      part_leaves = [jax.tree_util.tree_leaves(p) for p in parts]
-      batch_axes = lambda spec: spec[0] if len(spec) else None
+      # a leaf of a result in `summed` holds no batch axis
+      parts = result_shape if isinstance(result_shape, tuple) else (result_shape,)
+      flat_results = [(leaf, i not in summed) for i, part in enumerate(parts)
+                      for leaf in jax.tree_util.tree_leaves(part)]
 
       def specs(mesh_axes, shapes):
         return [PartitionSpec(mesh_axes if is_batched else None, *(None,) * (s.ndim - 1))
                 if s.ndim else PartitionSpec() for s, is_batched in shapes]
 
-      flat_results = [(leaf, i not in summed) for i, leaves in enumerate(part_leaves)
-                      for leaf in leaves]
-      result_specs = lambda mesh_axes: specs(mesh_axes, flat_results)
+      def result_shardings(mesh, mesh_axes):
+        return jax.tree_util.tree_unflatten(
+            out_tree, [NamedSharding(mesh, s) for s in specs(mesh_axes, flat_results)])
 
       def first_batch_axes(arg_shapes):
         for shape, is_batched in zip(arg_shapes, operand_batched):
           if is_batched and shape.sharding is not None:
-            return batch_axes(shape.sharding.spec)
+            spec = shape.sharding.spec
+            return spec[0] if len(spec) else None
         return None
-
-      def unflatten_results(leaves):
-        out, i = [], 0
-        for p, leaves_p in zip(parts, part_leaves):
-          treedef = jax.tree_util.tree_structure(p)
-          out.append(jax.tree_util.tree_unflatten(treedef, leaves[i:i + len(leaves_p)]))
-          i += len(leaves_p)
-        return tuple(out) if multiple else out[0]
 
       def partition(mesh, arg_shapes, result_shape_):
         del result_shape_
         mesh_axes = first_batch_axes(arg_shapes)
         arg_shardings = tuple(NamedSharding(mesh, s) for s in specs(
             mesh_axes, list(zip(operands, operand_batched))))
-        result_shardings = [NamedSharding(mesh, s) for s in result_specs(mesh_axes)]
 
         def lower(*values):
           out = call(*values[len(consts):])
@@ -116,12 +108,11 @@ def batch_partitioned(*, unbatched: tuple[str, ...] = (), summed: tuple[int, ...
             out = tuple(jax.tree_util.tree_map(lambda x: jax.lax.psum(x, mesh_axes), o)
                         if i in summed else o for i, o in enumerate(out))
           return out
-        return mesh, lower, unflatten_results(result_shardings), arg_shardings
+        return mesh, lower, result_shardings(mesh, mesh_axes), arg_shardings
 
       def infer(mesh, arg_shapes, result_shape_):
         del result_shape_
-        return unflatten_results([NamedSharding(mesh, s)
-                                  for s in result_specs(first_batch_axes(arg_shapes))])
+        return result_shardings(mesh, first_batch_axes(arg_shapes))
 
       operand_factors = ", ".join(" ".join(_factors(f"a{i}_", a.ndim, b)) for i, (a, b)
                                   in enumerate(zip(operands, operand_batched)))
