@@ -353,7 +353,7 @@ def apply_state_forward(q_features, state, *, head_dim, out_dtype, block_size, b
       grid=(b_, n, nb),
       # Grid over query heads; the index map picks the kv head's state.
       in_specs=[pl.BlockSpec((None, None, rows, r * r),
-                             lambda bi, ni, ti: (bi, jax.lax.div(ni, jnp.int32(group)), 0, 0)), col(r)],
+                             lambda bi, ni, ti: (bi, jax.lax.div(ni, group), 0, 0)), col(r)],
       out_specs=[col(h), col(1)],
       out_shape=[o_shape, den_shape],
       compiler_params=_compat.TPUCompilerParams(

@@ -197,7 +197,7 @@ def segment_forward(q, k, v, q_features, k_features, starts, rel_block, state, p
       previous, starts, k.dtype, v.dtype, k_features.dtype, b)
   init = jnp.swapaxes(state.astype(jnp.float32), -1, -2)                 # [B, K, H + 16, r^2]
 
-  prev_t = lambda ti: jax.lax.max(ti - 1, jnp.int32(0))
+  prev_t = lambda ti: jax.lax.max(ti - 1, 0)
   q_rows = pl.BlockSpec((None, None, group, b, h), lambda bi, ni, ti, *_: (bi, ni, 0, ti, 0))
   q_cols = lambda d: pl.BlockSpec((None, None, group, d, b),
                                   lambda bi, ni, ti, *_: (bi, ni, 0, 0, ti))
@@ -385,7 +385,7 @@ def _segment_dkv_kernel(s_last_ref, k_ref, v_t_ref, fk_t_ref, lab_row_ref, lab_c
       r_sum += _f32dot(jnp.where(use, g_ref_[g], 0.0), phi_t(fq_t_ref_[g]), NT_DIMS)
     carry_ref[...] = r_sum + jnp.where(keep_flag, carry_ref[...], 0.0)
 
-  s_next = s_last_ref[bi * nb + jax.lax.min(u + 1, jnp.int32(nb - 1))]   # last start of block u
+  s_next = s_last_ref[bi * nb + jax.lax.min(u + 1, nb - 1)]   # last start of block u
   cur = (q_ref, fq_t_ref, g_ref, qlab_row_ref[...], True)
   nxt = (qn_ref, fqn_t_ref, gn_ref, qnlab_row_ref[...], False)
 
@@ -453,7 +453,7 @@ def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, 
   init = jnp.swapaxes(state.astype(f32), -1, -2)
   sp = _specs(b, group, h, r, rows)
   same, zero = (lambda ti: ti), (lambda ti: 0)
-  prev_t = lambda ti: jax.lax.max(ti - 1, jnp.int32(0))
+  prev_t = lambda ti: jax.lax.max(ti - 1, 0)
   params = _compat.TPUCompilerParams(
       dimension_semantics=("parallel", "parallel", "arbitrary"),
       vmem_limit_bytes=tiles.backward_vmem_limit_bytes)
@@ -479,7 +479,7 @@ def segment_backward(q, k, v, q_features, k_features, starts, rel_block, state, 
     k0, v0_t, fk0_t, lab0_row, lab0_col, init)
 
   rev = lambda ti: nb - 1 - ti
-  rev_next = lambda ti: jax.lax.min(nb - ti, jnp.int32(nb - 1))
+  rev_next = lambda ti: jax.lax.min(nb - ti, nb - 1)
   const = lambda shape: pl.BlockSpec((None, None) + shape,
                                      lambda bi, ni, ti, *_: (bi, ni) + (0,) * len(shape))
   dk, dv_t, dfk_t, dk0, dv0_t, dfk0_t, d_state = pallas_call(
