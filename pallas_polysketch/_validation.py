@@ -172,8 +172,10 @@ def check_unchecked_shard_map(fn: str, arrays: dict, context_axis_name=None) -> 
   axes a value varies over: inside a `jax.shard_map` that checks them
   (check_vma=True, its default) they failed deep in JAX ("scan body function
   carry input and carry output must have equal types", "manual_axis_type on
-  jax.ShapeDtypeStruct must not be None"). Refuse that with the way out."""
-  varying = {name: axes for name, x in arrays.items() if (axes := varying_axes(x))}
+  jax.ShapeDtypeStruct must not be None"). Refuse that with the way out.
+  arrays: name -> an array or a pytree of them (prefill's DecodeState)."""
+  varying = {name: axes for name, tree in arrays.items()
+             if (axes := frozenset().union(*map(varying_axes, jax.tree.leaves(tree))))}
   if context_axis_name is not None:
     axes = varying_axes(jax.lax.axis_index(context_axis_name))
     if axes:

@@ -171,6 +171,13 @@ def test_own_shard_map_must_not_check_vma():
     with pytest.raises(ValueError, match=r"check_vma=True .*\('batch',\)"):
       jax.shard_map(lambda *a: fn(*a, block_size=16), mesh=batch,
                     in_specs=(P("batch"),) * 5, out_specs=P("batch"))(*args)
+  # prefill with replicated tokens and a batch-sharded state: the state (a
+  # DecodeState, a pytree) is what varies
+  state = ps.init_decode_state(2, 2, 16, 8, block_size=16)
+  with pytest.raises(ValueError, match=r"check_vma=True \(its default; state varies over "
+                                       r"mesh axes \('batch',\)"):
+    jax.shard_map(lambda s: ps.prefill(*(x[:1] for x in args), state=s, block_size=16)[0],
+                  mesh=batch, in_specs=P("batch"), out_specs=P("batch"))(state)
 
 
 def test_mesh_argument_errors():
