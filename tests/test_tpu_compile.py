@@ -488,21 +488,25 @@ def test_segment_gradient_exports_for_tpu(causal):
 
 # Every (seq, block) tests/test_segments.py and test_sharding.py (per shard) run
 # the segment kernel on in interpret mode, and one block covering a short seq.
-SEGMENT_INTERPRET_CONFIGS = [(440, 128), (128, 128), (1, 256), (72, 128), (200, 256)]
+# (heads, kv heads, H, r): (4, 2, 32, 8) unless given; test_overflow.py's
+# segments at H = 128 are the last.
+SEGMENT_INTERPRET_CONFIGS = [(440, 128), (128, 128), (1, 256), (72, 128), (200, 256),
+                             (256, 128, (2, 1, 128, 8))]
 
 
-@pytest.mark.parametrize("seq,block", SEGMENT_INTERPRET_CONFIGS)
-def test_every_interpret_segment_block_lowers_for_tpu(seq, block):
+@pytest.mark.parametrize("config", SEGMENT_INTERPRET_CONFIGS, ids=str)
+def test_every_interpret_segment_block_lowers_for_tpu(config):
   """Lowered for TPU always, and compiled by libtpu for v5e (the tiles the
   interpret tests resolve on CPU) when it is installed."""
+  seq, block, (heads, kv, h, r) = (*config, (4, 2, 32, 8))[:3]
   grad = jax.jit(functools.partial(_segment_grad, block_size=block))
   exported = jax.export.export(grad, platforms=["tpu"])(
-      *_shapes(2, seq, 4, 32, 8, jnp.float32, kv_heads=2), _ids_shape(2, seq))
+      *_shapes(2, seq, heads, h, r, jnp.float32, kv_heads=kv), _ids_shape(2, seq))
   assert "polysketch_segment_dkv" in exported.mlir_module()
   if importlib.util.find_spec("libtpu") is None:
     return
   sharding = topology_sharding("v5e")
-  lowered = grad.lower(*_shapes(2, seq, 4, 32, 8, jnp.float32, sharding, kv_heads=2),
+  lowered = grad.lower(*_shapes(2, seq, heads, h, r, jnp.float32, sharding, kv_heads=kv),
                        _ids_shape(2, seq, sharding))
   assert "polysketch_segment_dkv" in lowered.as_text()
   lowered.compile()
